@@ -1,0 +1,144 @@
+"""The shared base of every adapter: it hooks one frozen Linear/Conv2d and adds `multiplier · Δ(x)` to its output."""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be built for this module or from these tensors; the message says which and why."""
+
+
+class Adapter(nn.Module):
+    """Base of LoRA, DoRA, LoHa and LoKr.
+
+    The base module is never replaced: a forward hook adds the adapter's output, so the model's module tree and
+    state dict stay as they were and `detach()` restores the exact original. Parameters and `alpha` are fp32 whatever
+    the base dtype; the state dict's keys are the kohya/LyCORIS suffixes (`lora_down.weight`, `hada_w1_a`, `alpha`…).
+    """
+
+    algorithm: ClassVar[str]
+    file_keys: ClassVar[frozenset[str]]
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float | None) -> None:
+        super().__init__()
+        check_supported(base)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"rank must be a whole number ≥ 1, got {rank!r}")
+        alpha = float(rank if alpha is None else alpha)
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise AdapterError(f"alpha must be a number > 0 (kohya's default is alpha = rank), got {alpha!r}")
+        self.rank = rank
+        self.multiplier = 1.0
+        self.weight_shape = base.weight.shape
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=base.weight.device))
+        self._base = [base]  # in a list, so the base stays out of this module's parameters and state dict
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._weight_backup: torch.Tensor | None = None
+
+    @property
+    def base(self) -> nn.Module:
+        return self._base[0]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in fp32, the base weight's shape, scale included and multiplier not."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """What this adapter adds to the base output for input `x`, multiplier included."""
+        return self.apply_weight(x, self.delta_weight()) * self.multiplier
+
+    def merged_weight(self, strength: float) -> torch.Tensor:
+        """The base weight with ΔW merged at `strength`, in fp32."""
+        return self.base.weight.float() + strength * self.delta_weight()
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base module's operation with another weight and no bias."""
+        x = x.to(weight.dtype)
+        if self.is_conv:
+            base = self.base
+            return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)
+        return F.linear(x, weight)
+
+    # -- attaching and merging -------------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    @property
+    def merged(self) -> bool:
+        return self._weight_backup is not None
+
+    def attach(self) -> None:
+        if self._hook is None:
+            self._hook = self.base.register_forward_hook(self._add_to_output)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 0:
+            return output
+        return output + self(args[0], output).to(output.dtype)
+
+    @torch.no_grad()
+    def merge(self, strength: float) -> None:
+        """Write ΔW at `strength` into the base weight; `unmerge()` restores the exact original."""
+        if self.merged:
+            raise AdapterError("this adapter is merged already; unmerge it first")
+        weight = self.base.weight
+        self._weight_backup = weight.detach().clone()
+        weight.copy_(self.merged_weight(strength).to(weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._weight_backup is not None:
+            self.base.weight.copy_(self._weight_backup)
+            self._weight_backup = None
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(cls, base: nn.Module, tensors: dict[str, torch.Tensor]) -> Adapter:
+        """An adapter for `base` holding `tensors` (kohya suffix → tensor), shapes checked against the base."""
+        raise NotImplementedError
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        for key, value in tensors.items():
+            if key not in own:
+                raise AdapterError(f"unexpected key {key!r} for a {self.algorithm} adapter")
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise AdapterError(
+                    f"{key!r} has shape {tuple(value.shape)}, but a {self.algorithm} adapter of rank {self.rank} "
+                    f"on a weight of shape {tuple(self.weight_shape)} needs {tuple(own[key].shape)}"
+                )
+        self.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=False)
+
+
+def check_supported(module: nn.Module) -> None:
+    """Raise AdapterError unless `module` is a Linear or a plain (zero-padded, ungrouped) Conv2d."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise AdapterError("adapters support Conv2d with groups=1 and zero padding only")
+    elif not isinstance(module, nn.Linear):
+        raise AdapterError(f"adapters support nn.Linear and nn.Conv2d, not {type(module).__name__}")
+
+
+def fp32_parameter(*shape: int, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=torch.float32, device=device))
