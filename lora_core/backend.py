@@ -1,0 +1,49 @@
+"""The small interface through which the trainer talks to a model (diffusers here, ComfyUI in `nodes/`)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class TrainingBackend(ABC):
+    """A diffusion model seen by the trainer: encoders, the denoiser, its noise schedule and its layers."""
+
+    prediction_type: str = "epsilon"
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t of the model's own schedule, one fp32 entry per training timestep."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents as the denoiser sees them (scaled) for `pixels` [B, 3, H, W] in [-1, 1]."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> Any:
+        """The denoiser's conditioning for `captions`; runs with gradients when a text-encoder LoRA trains."""
+
+    @abstractmethod
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        """The denoiser's output (ε or v, per `prediction_type`) for latents noised to `timesteps`."""
+
+    @abstractmethod
+    def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
+        """kohya name → layer for a target preset of the denoiser, plus the text encoder's layers if asked."""
+
+    @abstractmethod
+    def loadable_modules(self) -> dict[str, nn.Module]:
+        """kohya name → layer for every layer a LoRA file may name."""
+
+    @abstractmethod
+    def frozen_modules(self) -> list[nn.Module]:
+        """The base models, whose own parameters must get no gradients while the LoRA trains."""
+
+    def model_info(self) -> dict[str, str]:
+        """What the file's metadata says about the base: `name`, `hash`, `version` (kohya's `sd_v1`…)."""
+        return {}

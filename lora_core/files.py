@@ -1,0 +1,135 @@
+"""LoRA files: kohya-format safetensors, written atomically and deterministically, read without unpickling."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LoRAFileError(ValueError):
+    """A LoRA file cannot be read or written; the message names the file and what to do."""
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[bytes]]:
+    """The safetensors header and the data blocks, keys sorted so that equal inputs give equal bytes.
+
+    (safetensors' own writer orders metadata by a per-process hash, so two identical saves differ.)
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    blocks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise LoRAFileError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        data = tensor_bytes(tensor)
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]
+        }
+        blocks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded, blocks
+
+
+def data_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensor data as stored, without the header: kohya's `sshs_model_hash`."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(tensor_bytes(tensors[name]))
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, chunks: list[bytes], overwrite: bool) -> None:
+    """Write to a temporary file beside `path`, fsync, then move it into place in one step.
+
+    A crash leaves either the old file or the new one, never a partial file under `path`. Without `overwrite`
+    an existing file is never replaced (the final link fails instead).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise LoRAFileError(f"{path} exists already; choose another name or allow overwriting")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            for chunk in chunks:
+                stream.write(chunk)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise LoRAFileError(f"{path} was created by someone else meanwhile; nothing was overwritten") from None
+            os.unlink(temporary)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def save_file(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False
+) -> Path:
+    """Save `tensors` with string `metadata` as safetensors at `path`, atomically; returns the path."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise LoRAFileError(f"{path}: LoRA files are saved as .safetensors; use that extension")
+    bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
+    if bad:
+        raise LoRAFileError(f"metadata values must be strings; not so for {bad}")
+    header, blocks = serialize(tensors, metadata)
+    write_atomic(path, [header, *blocks], overwrite)
+    return path
+
+
+def refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as stream:
+        start = stream.read(2)
+    if path.suffix.lower() in PICKLE_SUFFIXES or start in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise LoRAFileError(
+            f"{path} is a pickled PyTorch file. LoRA Lab never unpickles files, because unpickling can run "
+            "arbitrary code; use the .safetensors version of this LoRA, or convert it on a machine you trust"
+        )
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors LoRA file. Pickles are refused, never opened."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAFileError(f"{path}: no such LoRA file")
+    refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as stream:
+            metadata = stream.metadata() or {}
+            tensors = {key: stream.get_tensor(key) for key in stream.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoRAFileError(f"{path} is not a valid safetensors file ({error}); the file is damaged or not a LoRA") from error
+    malformed = [key for key in tensors if "." not in key]
+    if malformed:
+        raise LoRAFileError(f"{path} has keys without a module name, for example {malformed[:3]}: not a LoRA file")
+    if not any(key.startswith(("lora_unet_", "lora_te")) for key in tensors):
+        raise LoRAFileError(
+            f"{path} is not in kohya format (no `lora_unet_…`/`lora_te_…` keys; first key {next(iter(tensors), None)!r}); "
+            "LoRA Lab reads the kohya format that ComfyUI, A1111 and kohya sd-scripts write"
+        )
+    return tensors, metadata

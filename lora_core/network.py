@@ -1,0 +1,160 @@
+"""A set of adapters over a model, addressed by kohya module names: inject, remove, merge, save tensors, load."""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import ALGORITHMS, Adapter, AdapterError, algorithm_of
+from .targets import TEXT_ENCODER_PREFIX
+
+
+class NetworkError(ValueError):
+    """The network cannot be built or loaded as asked; the message names the modules or keys."""
+
+
+class LoRANetwork(nn.Module):
+    """Adapters keyed by kohya name (`lora_unet_…`, `lora_te_…`). Nothing changes in the model until `attach()`."""
+
+    def __init__(self, adapters: dict[str, Adapter]) -> None:
+        super().__init__()
+        if not adapters:
+            raise NetworkError("the network has no modules: the target preset matched no layer of this model")
+        self.adapters = nn.ModuleDict(adapters)
+
+    @classmethod
+    def create(
+        cls,
+        targets: dict[str, nn.Module],
+        algorithm: str = "lora",
+        rank: int = 8,
+        alpha: float | None = None,
+        seed: int = 0,
+        **algorithm_options,
+    ) -> LoRANetwork:
+        """New adapters (ΔW = 0) on `targets` (kohya name → layer), initialised from `seed`."""
+        if algorithm not in ALGORITHMS:
+            raise NetworkError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        generator = torch.Generator().manual_seed(seed)
+        adapter_cls = ALGORITHMS[algorithm]
+        return cls({
+            name: adapter_cls(module, rank=rank, alpha=alpha, generator=generator, **algorithm_options)
+            for name, module in targets.items()
+        })
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], candidates: dict[str, nn.Module], strict: bool = True
+    ) -> tuple[LoRANetwork, list[str]]:
+        """Adapters rebuilt from kohya-format `tensors` on `candidates` (kohya name → layer).
+
+        Returns the network and the module names that matched no candidate; with `strict` those are an error.
+        """
+        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, value in tensors.items():
+            name, _, suffix = key.partition(".")
+            grouped[name][suffix] = value
+        unmatched = sorted(name for name in grouped if name not in candidates)
+        if unmatched and strict:
+            raise NetworkError(
+                f"{len(unmatched)} of {len(grouped)} modules in the file match no layer of this model, "
+                f"for example {unmatched[:3]}; the LoRA was trained for another architecture "
+                "(load it non-strictly to skip them)"
+            )
+        adapters = {}
+        for name, module_tensors in grouped.items():
+            if name in candidates:
+                try:
+                    adapter_cls = algorithm_of(set(module_tensors))
+                    adapters[name] = adapter_cls.from_tensors(candidates[name], module_tensors)
+                except AdapterError as error:
+                    raise NetworkError(f"module {name}: {error}") from error
+        return cls(adapters), unmatched
+
+    # -- what it holds ---------------------------------------------------------------------------------------
+
+    def items(self) -> Iterator[tuple[str, Adapter]]:
+        return iter(self.adapters.items())
+
+    @property
+    def algorithm(self) -> str:
+        return next(iter(self.adapters.values())).algorithm
+
+    @property
+    def rank(self) -> int:
+        return max(adapter.rank for adapter in self.adapters.values())
+
+    @property
+    def alpha(self) -> float:
+        return float(next(iter(self.adapters.values())).alpha)
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.adapters)
+
+    def kohya_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """`<kohya name>.<suffix>` → tensor on the CPU, as LoRA files store them (alpha stays fp32)."""
+        return {
+            f"{name}.{suffix}": value.detach().to("cpu", torch.float32 if suffix == "alpha" else dtype).contiguous()
+            for name, adapter in self.adapters.items()
+            for suffix, value in adapter.state_dict().items()
+        }
+
+    def load_kohya_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` (same names and shapes as `kohya_tensors()`) into the adapters."""
+        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        for key, value in tensors.items():
+            name, _, suffix = key.partition(".")
+            grouped[name][suffix] = value
+        for name, adapter in self.adapters.items():
+            adapter.load_tensors(grouped[name])
+
+    # -- applying it -----------------------------------------------------------------------------------------
+
+    @property
+    def multiplier(self) -> float:
+        return next(iter(self.adapters.values())).multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        for adapter in self.adapters.values():
+            adapter.multiplier = float(value)
+
+    def attach(self) -> None:
+        """Hook every adapter into its layer; the layers themselves are not replaced."""
+        for adapter in self.adapters.values():
+            adapter.attach()
+
+    def detach(self) -> None:
+        """Remove every hook: the model computes exactly what it did before `attach()`."""
+        for adapter in self.adapters.values():
+            adapter.detach()
+
+    @contextmanager
+    def applied(self, multiplier: float = 1.0) -> Iterator[LoRANetwork]:
+        """Attached at `multiplier` inside the block, restored to its previous state after it."""
+        was_attached = [adapter.attached for adapter in self.adapters.values()]
+        previous = self.multiplier
+        self.multiplier = multiplier
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.multiplier = previous
+            for attached, adapter in zip(was_attached, self.adapters.values()):
+                if not attached:
+                    adapter.detach()
+
+    def merge(self, strength: float = 1.0) -> None:
+        """Write ΔW at `strength` into the model's weights (no cost at inference); `unmerge()` restores them."""
+        if any(adapter.attached for adapter in self.adapters.values()):
+            raise NetworkError("detach the network before merging it, or it would be applied twice")
+        for adapter in self.adapters.values():
+            adapter.merge(strength)
+
+    def unmerge(self) -> None:
+        for adapter in self.adapters.values():
+            adapter.unmerge()
