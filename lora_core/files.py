@@ -5,10 +5,13 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .network import LoRANetwork, NetworkError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 SAFETENSORS_DTYPES = {
@@ -133,3 +136,36 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
             "LoRA Lab reads the kohya format that ComfyUI, A1111 and kohya sd-scripts write"
         )
     return tensors, metadata
+
+
+def save_lora(
+    path: str | os.PathLike,
+    network: LoRANetwork,
+    metadata: dict[str, str],
+    dtype: str = "float16",
+    overwrite: bool = False,
+) -> Path:
+    """Save `network` in kohya format with `metadata` plus kohya's `sshs_model_hash` of the tensors."""
+    if dtype not in SAVE_DTYPES:
+        raise LoRAFileError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
+    tensors = network.kohya_tensors(SAVE_DTYPES[dtype])
+    return save_file(path, tensors, {**metadata, "sshs_model_hash": data_hash(tensors)}, overwrite)
+
+
+def load_lora(
+    path: str | os.PathLike, modules: dict[str, torch.nn.Module], strict: bool = True
+) -> tuple[LoRANetwork, dict[str, str]]:
+    """A network rebuilt from the LoRA file at `path` on `modules` (kohya name → layer), and the file's metadata.
+
+    With `strict`, modules of the file that match no layer are an error; otherwise they are skipped with a
+    warning that counts them.
+    """
+    tensors, metadata = load_file(path)
+    try:
+        network, unmatched = LoRANetwork.from_tensors(tensors, modules, strict)
+    except NetworkError as error:
+        raise LoRAFileError(f"{path}: {error}") from error
+    if unmatched:
+        warnings.warn(f"{path}: {len(unmatched)} modules match no layer of this model and were skipped, "
+                      f"for example {unmatched[:3]}", stacklevel=2)
+    return network, metadata

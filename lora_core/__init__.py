@@ -1,0 +1,19 @@
+"""LoRA Lab's engine: adapters (LoRA, DoRA, LoHa, LoKr), injection, kohya-format files, datasets and training.
+
+Imports nothing from ComfyUI; the diffusers backend and the demo import diffusers only when used.
+"""
+from .adapters import ALGORITHMS, Adapter, AdapterError
+from .backend import TrainingBackend
+from .dataset import DatasetConfig, DatasetError, ImageFolderDataset
+from .files import LoRAFileError, load_file, load_lora, save_file, save_lora
+from .metadata import kohya_metadata
+from .network import LoRANetwork, NetworkError
+from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, UNET_PRESETS, find_targets, kohya_name
+from .training import StepReport, TrainingConfig, TrainingDiverged, TrainingError, TrainingResult, train
+
+__all__ = [
+    "ALGORITHMS", "Adapter", "AdapterError", "DatasetConfig", "DatasetError", "ImageFolderDataset", "LoRAFileError",
+    "LoRANetwork", "NetworkError", "StepReport", "TEXT_ENCODER_PREFIX", "TrainingBackend", "TrainingConfig",
+    "TrainingDiverged", "TrainingError", "TrainingResult", "UNET_PREFIX", "UNET_PRESETS", "find_targets",
+    "kohya_metadata", "kohya_name", "load_file", "load_lora", "save_file", "save_lora", "train",
+]

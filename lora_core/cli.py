@@ -1,0 +1,197 @@
+"""`python -m lora_core train | generate | demo`: the engine from a shell, on a diffusers pipeline folder."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .adapters import ALGORITHMS
+from .optim import SCHEDULERS
+from .targets import UNET_PRESETS
+from .training import TrainingConfig
+
+DEFAULTS = TrainingConfig()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_pipeline(base: Path, device: str):
+    """A StableDiffusionPipeline from a local diffusers folder (nothing is downloaded)."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (base / "model_index.json").is_file():
+        raise SystemExit(f"error: {base} is not a diffusers pipeline folder (no model_index.json); "
+                         "point --base at a folder written by save_pretrained, such as the demo's out/base")
+    pipeline = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def unet_hash(base: Path) -> str:
+    weights = sorted((base / "unet").glob("*.safetensors"))
+    return file_sha256(weights[0]) if weights else ""
+
+
+def command_train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .dataset import DatasetConfig, ImageFolderDataset
+    from .diffusers_backend import DiffusersBackend
+    from .files import load_lora, save_lora
+    from .metadata import kohya_metadata
+    from .network import LoRANetwork
+    from .training import TrainingDiverged, train
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
+    pipeline = load_pipeline(Path(args.base), args.device)
+    backend = DiffusersBackend(pipeline, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
+    dataset = ImageFolderDataset(args.data, DatasetConfig(
+        resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
+        token=args.token, repeats=args.repeats, flip=args.flip,
+    ))
+    if args.resume_from:
+        network, _ = load_lora(args.resume_from, backend.loadable_modules())
+    else:
+        network = LoRANetwork.create(
+            backend.adapter_targets(args.preset, args.text_encoder), args.algorithm, args.rank, args.alpha, args.seed
+        )
+    network.to(backend.device)
+    config = TrainingConfig(
+        steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+        gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+        seed=args.seed, early_stopping_patience=args.early_stopping_patience,
+    )
+    print(f"{len(dataset)} examples from {dataset.num_images} images; {len(network.adapters)} {network.algorithm} modules")
+    with tqdm(total=config.steps, desc="training", unit="step") as bar:
+        def show(report) -> None:
+            bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
+            bar.update(1)
+
+        try:
+            result = train(backend, network, dataset, config, callback=show)
+        except TrainingDiverged as error:
+            result = error.result
+            out = out.with_name(out.stem + "-last-good.safetensors")
+            print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
+    metadata = kohya_metadata(
+        network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
+        dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+        title=out.stem, resolution=args.resolution, prediction_type=backend.prediction_type,
+    )
+    save_lora(out, network, metadata, dtype=args.save_dtype, overwrite=args.overwrite)
+    print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in ("losses", "learning_rates")}}))
+    if result.stop_reason == "diverged":
+        raise SystemExit(1)
+
+
+def command_generate(args: argparse.Namespace) -> None:
+    from .diffusers_backend import DiffusersBackend, generate
+    from .files import load_lora
+    from .plots import image_grid
+
+    pipeline = load_pipeline(Path(args.base), args.device)
+    network = None
+    if args.lora:
+        network, _ = load_lora(args.lora, DiffusersBackend(pipeline).loadable_modules(), strict=not args.non_strict)
+        network.to(pipeline.unet.device)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
+    images = [
+        generate(pipeline, network, args.prompt, strength, args.seed, args.steps, args.guidance, args.size,
+                 negative_prompt=args.negative_prompt)
+        for strength in args.strength
+    ]
+    picture = images[0] if len(images) == 1 else image_grid(images, [f"strength {s:g}" for s in args.strength])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    print(out)
+
+
+def command_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {args.out}/: base/ (pipeline), lora.safetensors, strength_*.png, grid.png, loss.png, report.json")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m lora_core", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a LoRA on an image folder")
+    train.add_argument("--base", required=True, help="diffusers pipeline folder (model_index.json inside)")
+    train.add_argument("--data", required=True, help="image folder with same-stem .txt captions; N_name subfolders repeat N times")
+    train.add_argument("--out", required=True, help="the .safetensors file to write")
+    train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="lora")
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=None, help="default: the rank")
+    train.add_argument("--preset", choices=sorted(UNET_PRESETS), default="attention")
+    train.add_argument("--text-encoder", action="store_true", help="also adapt the CLIP text encoder")
+    train.add_argument("--resume-from", help="a LoRA file to continue training")
+    train.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    train.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation)
+    train.add_argument("--optimizer", default=DEFAULTS.optimizer, help="a torch.optim class, AdamW8bit, Lion or Prodigy")
+    train.add_argument("--lr-scheduler", choices=SCHEDULERS, default=DEFAULTS.lr_scheduler)
+    train.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS.lr_warmup_steps)
+    train.add_argument("--min-snr-gamma", type=float, default=DEFAULTS.min_snr_gamma)
+    train.add_argument("--noise-offset", type=float, default=DEFAULTS.noise_offset)
+    train.add_argument("--early-stopping-patience", type=int, default=DEFAULTS.early_stopping_patience)
+    train.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    train.add_argument("--resolution", type=int, default=512)
+    train.add_argument("--caption-extension", default=".txt")
+    train.add_argument("--default-caption", default="a photo of {token}")
+    train.add_argument("--token", default="sks")
+    train.add_argument("--repeats", type=int, default=1)
+    train.add_argument("--flip", action="store_true")
+    train.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--overwrite", action="store_true")
+    train.set_defaults(run=command_train)
+
+    generate = commands.add_parser("generate", help="generate an image with a LoRA at one or more strengths")
+    generate.add_argument("--base", required=True, help="diffusers pipeline folder")
+    generate.add_argument("--lora", help="kohya-format .safetensors LoRA (none: the base model)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--strength", type=float, nargs="+", default=[1.0], help="several give a grid")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, default=25)
+    generate.add_argument("--guidance", type=float, default=7.5)
+    generate.add_argument("--size", type=int, default=None, help="default: the model's own")
+    generate.add_argument("--non-strict", action="store_true", help="skip LoRA modules that match no layer")
+    generate.add_argument("--out", required=True, help="PNG file to write")
+    generate.add_argument("--device", default="cpu")
+    generate.add_argument("--overwrite", action="store_true")
+    generate.set_defaults(run=command_generate)
+
+    demo = commands.add_parser("demo", help="the offline demo: tiny random SD1.x model learns a synthetic concept")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(run=command_demo)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileExistsError) as error:
+        raise SystemExit(f"error: {error}") from error

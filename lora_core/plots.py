@@ -1,0 +1,62 @@
+"""Pictures of a run: the loss curve and a labelled grid of images, drawn with Pillow (no plotting library)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 28, 36
+
+
+def smooth(values: Sequence[float], factor: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction, as training dashboards draw it."""
+    smoothed, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = factor * average + (1 - factor) * value
+        smoothed.append(average / (1 - factor**count))
+    return smoothed
+
+
+def loss_curve(losses: Sequence[float], width: int = 640, height: int = 360, title: str = "training loss") -> Image.Image:
+    """Raw loss (light) and its smoothed line (dark) against the step, with labelled axes."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    left, top, right, bottom = MARGIN_LEFT, MARGIN_TOP, width - MARGIN_RIGHT, height - MARGIN_BOTTOM
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    draw.text((left, 8), f"{title} ({len(losses)} steps)", fill="black", font=font)
+    if not losses:
+        draw.text((left + 8, top + 8), "no steps yet", fill="gray", font=font)
+        return image
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+
+    def point(index: int, value: float) -> tuple[float, float]:
+        x = left + (right - left) * (index / max(1, len(losses) - 1))
+        return x, bottom - (bottom - top) * (value - low) / span
+
+    for fraction in (0.0, 0.5, 1.0):
+        y = bottom - (bottom - top) * fraction
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((4, y - 6), f"{low + span * fraction:.4g}", fill="black", font=font)
+    draw.text((left, bottom + 8), "1", fill="black", font=font)
+    draw.text((right - 24, bottom + 8), str(len(losses)), fill="black", font=font)
+    draw.text(((left + right) // 2 - 12, bottom + 8), "step", fill="black", font=font)
+    if len(losses) == 1:
+        x, y = point(0, losses[0])
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(30, 90, 200))
+        return image
+    draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 200, 240), width=1)
+    draw.line([point(i, v) for i, v in enumerate(smooth(losses))], fill=(30, 90, 200), width=2)
+    return image
+
+
+def image_grid(images: Sequence[Image.Image], labels: Sequence[str], label_height: int = 16) -> Image.Image:
+    """Images side by side, each with its label underneath."""
+    width, height = images[0].size
+    grid = Image.new("RGB", (width * len(images), height + label_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, (image, label) in enumerate(zip(images, labels)):
+        grid.paste(image.convert("RGB").resize((width, height)), (column * width, 0))
+        draw.text((column * width + 2, height + 2), label, fill="black", font=ImageFont.load_default())
+    return grid
