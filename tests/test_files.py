@@ -1,0 +1,142 @@
+"""kohya-format files: read back, opened by diffusers with the same outputs, deterministic, atomic, safe."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from lora_core import LoRAFileError, LoRANetwork, kohya_metadata, load_file, load_lora, save_lora
+from lora_core.diffusers_backend import DiffusersBackend
+from lora_core.tiny_model import build_tiny_pipeline
+
+
+def trained_looking(network: LoRANetwork, seed: int = 3) -> LoRANetwork:
+    """Random non-zero adapter weights, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return network
+
+
+def outputs(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNet and text-encoder outputs on fixed inputs."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    ids = pipeline.tokenizer(["a photo of sks"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipeline.text_encoder(ids)[0]
+        unet = pipeline.unet(latents, torch.tensor([300]), encoder_hidden_states=text).sample
+    return unet, text
+
+
+def test_diffusers_load_lora_weights_gives_the_same_outputs(tmp_path) -> None:
+    """(diffusers drops `dora_scale` from kohya files with a warning, so DoRA is checked against PEFT instead.)"""
+    algorithm = "lora"
+    ours = build_tiny_pipeline(seed=0)
+    backend = DiffusersBackend(ours)
+    network = trained_looking(LoRANetwork.create(backend.adapter_targets("transformer", True), algorithm, rank=4, alpha=2))
+    path = save_lora(tmp_path / "lora.safetensors", network, kohya_metadata(network), dtype="float32")
+
+    theirs = build_tiny_pipeline(seed=0)
+    theirs.load_lora_weights(str(path), adapter_name="lab")
+    loaded, _ = load_lora(path, backend.loadable_modules())
+    for strength in (1.0, 0.5):
+        theirs.set_adapters(["lab"], adapter_weights=[strength])
+        with loaded.applied(strength):
+            expected_unet, expected_text = outputs(ours)
+        unet, text = outputs(theirs)
+        torch.testing.assert_close(text, expected_text, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(unet, expected_unet, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected_unet, outputs(ours)[0], atol=1e-4), "the LoRA must change the output"
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "dora", "loha", "lokr"])
+def test_round_trip_keeps_every_tensor_and_the_metadata(tmp_path, pipeline, algorithm: str) -> None:
+    backend = DiffusersBackend(pipeline)
+    network = trained_looking(LoRANetwork.create(backend.adapter_targets("full", False), algorithm, rank=4))
+    metadata = kohya_metadata(network, training={"steps": 12, "seed": 5}, model={"name": "tiny", "hash": "ab" * 32},
+                              dataset={"tag_frequency": {"10_sks": {"sks": 3}}}, title="t", resolution=64)
+    path = save_lora(tmp_path / "x.safetensors", network, metadata, dtype="float32")
+    tensors, read_metadata = load_file(path)
+    for key, value in network.kohya_tensors().items():
+        assert torch.equal(tensors[key], value), key
+    assert read_metadata["ss_network_dim"] == "4" and read_metadata["ss_steps"] == "12"
+    assert read_metadata["ss_sd_model_hash"] == "abababab" and json.loads(read_metadata["ss_tag_frequency"]) == {"10_sks": {"sks": 3}}
+    assert read_metadata["ss_network_module"] == ("networks.lora" if algorithm == "lora" else "lycoris.kohya")
+    assert read_metadata["modelspec.resolution"] == "64x64"
+    assert len(read_metadata["sshs_model_hash"]) == 64
+    loaded, _ = load_lora(path, backend.loadable_modules())
+    assert loaded.algorithm == algorithm
+    for name, adapter in network.items():
+        torch.testing.assert_close(loaded.adapters[name].delta_weight(), adapter.delta_weight(), rtol=0, atol=0)
+
+
+def test_suffixes_are_kohya_and_lycoris_names(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    targets = backend.adapter_targets("attention", False)
+    expected = {
+        "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+        "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    }
+    for algorithm, suffixes in expected.items():
+        keys = LoRANetwork.create(targets, algorithm, rank=4).kohya_tensors()
+        assert {key.split(".", 1)[1] for key in keys} == suffixes
+
+
+def test_same_network_gives_byte_identical_files(tmp_path, pipeline, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    targets = DiffusersBackend(pipeline).adapter_targets("attention", False)
+    paths = []
+    for index in range(2):
+        network = trained_looking(LoRANetwork.create(targets, rank=4, seed=1))
+        metadata = kohya_metadata(network, training={"seed": 1}, title="same")
+        paths.append(save_lora(tmp_path / f"{index}.safetensors", network, metadata))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_fp16_file_size_is_parameters_times_two_plus_header(tmp_path, pipeline) -> None:
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=4)
+    path = save_lora(tmp_path / "half.safetensors", network, kohya_metadata(network))
+    weights = sum(p.numel() for p in network.parameters()) * 2 + 4 * len(network.adapters)  # alphas stay fp32
+    header = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert path.stat().st_size == 8 + header + weights
+
+
+def test_existing_file_is_not_overwritten_unless_asked(tmp_path, pipeline) -> None:
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=4)
+    path = tmp_path / "keep.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(LoRAFileError, match="exists already"):
+        save_lora(path, network, {})
+    assert path.read_bytes() == b"precious"
+    save_lora(path, network, {}, overwrite=True)
+    assert load_file(path)[0]
+    assert sorted(os.listdir(tmp_path)) == ["keep.safetensors"], "no temporary file may stay behind"
+
+
+def test_pickles_are_refused_unopened(tmp_path) -> None:
+    for name in ("lora.pt", "lora.ckpt", "disguised.safetensors"):
+        torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1)}, tmp_path / name)
+        with pytest.raises(LoRAFileError, match="pickled PyTorch file.*never unpickles"):
+            load_file(tmp_path / name)
+
+
+def test_broken_and_foreign_files_are_clear_errors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    truncated = tmp_path / "truncated.safetensors"
+    save_file({"lora_unet_a.lora_down.weight": torch.zeros(64, 64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(LoRAFileError, match="truncated.safetensors is not a valid safetensors file"):
+        load_file(truncated)
+    peft_style = tmp_path / "peft.safetensors"
+    save_file({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 2)}, peft_style)
+    with pytest.raises(LoRAFileError, match="not in kohya format"):
+        load_file(peft_style)
+    with pytest.raises(LoRAFileError, match="no such LoRA file"):
+        load_file(tmp_path / "missing.safetensors")

@@ -1,0 +1,101 @@
+"""Injection into real diffusers/transformers modules: kohya names, exact removal, loading files' tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_core import LoRANetwork, NetworkError
+from lora_core.diffusers_backend import DiffusersBackend
+from lora_core.targets import TargetError, find_targets
+
+
+def kohya_rule(prefix: str, root: torch.nn.Module, blocks: list[str], conv3x3: bool) -> set[str]:
+    """kohya sd-scripts' `create_modules` naming loop (networks/lora.py), transcribed as the oracle."""
+    names = set()
+    for name, module in root.named_modules():
+        if module.__class__.__name__ in blocks:
+            for child_name, child in module.named_modules():
+                is_linear = child.__class__.__name__ in ("Linear", "LoRACompatibleLinear")
+                is_conv2d = child.__class__.__name__ in ("Conv2d", "LoRACompatibleConv")
+                is_conv2d_1x1 = is_conv2d and child.kernel_size == (1, 1)
+                if is_linear or is_conv2d_1x1 or (is_conv2d and conv3x3):
+                    names.add((prefix + "." + name + "." + child_name).replace(".", "_"))
+    return names
+
+
+def unet_outputs(pipeline, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        return pipeline.unet(latents, torch.tensor([10, 500]), encoder_hidden_states=context).sample
+
+
+def test_names_equal_kohya_for_every_preset(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    transformer = kohya_rule("lora_unet", pipeline.unet, ["Transformer2DModel"], conv3x3=False)
+    full = kohya_rule("lora_unet", pipeline.unet, ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], True)
+    text = kohya_rule("lora_te", pipeline.text_encoder, ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"], False)
+    assert set(backend.adapter_targets("transformer", False)) == transformer
+    assert set(backend.adapter_targets("full", False)) == full
+    assert set(backend.adapter_targets("transformer", True)) == transformer | text
+    attention = set(backend.adapter_targets("attention", False))
+    transformers = sum(type(m).__name__ == "Transformer2DModel" for m in pipeline.unet.modules())
+    assert attention < transformer and len(attention) == 4 * 2 * transformers  # q/k/v/out × attn1/attn2
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in attention
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in text
+
+
+def test_unknown_preset_is_a_clear_error(pipeline) -> None:
+    with pytest.raises(TargetError, match="choose one of"):
+        find_targets(pipeline.unet, "everything")
+    with pytest.raises(NetworkError, match="no modules"):
+        LoRANetwork.create({})
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "dora", "loha", "lokr"])
+def test_attach_then_detach_restores_exact_outputs_and_modules(pipeline, algorithm: str) -> None:
+    modules_before = dict(pipeline.unet.named_modules())
+    state_before = {k: v.clone() for k, v in pipeline.unet.state_dict().items()}
+    base = unet_outputs(pipeline)
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("full", False), algorithm, rank=4)
+    for adapter in network.adapters.values():
+        for parameter in adapter.parameters():
+            torch.nn.init.normal_(parameter, std=0.05)
+    network.attach()
+    changed = unet_outputs(pipeline)
+    assert not torch.allclose(changed, base, atol=1e-4)
+    network.multiplier = 0.0
+    assert torch.equal(unet_outputs(pipeline), base)
+    network.multiplier = 1.0
+    network.detach()
+    assert torch.equal(unet_outputs(pipeline), base)
+    assert all(module is modules_before[name] for name, module in pipeline.unet.named_modules())
+    assert all(torch.equal(v, state_before[k]) for k, v in pipeline.unet.state_dict().items())
+
+    network.merge(1.0)
+    torch.testing.assert_close(unet_outputs(pipeline), changed, rtol=1e-4, atol=1e-5)
+    network.unmerge()
+    assert torch.equal(unet_outputs(pipeline), base)
+
+
+def test_from_tensors_strict_and_lenient(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    network = LoRANetwork.create(backend.adapter_targets("attention", True), rank=4)
+    tensors = network.kohya_tensors()
+    tensors["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(4, 32)
+    tensors["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(32, 4)
+    with pytest.raises(NetworkError, match="1 of .* modules in the file match no layer.*no_such_block"):
+        LoRANetwork.from_tensors(tensors, backend.loadable_modules())
+    rebuilt, unmatched = LoRANetwork.from_tensors(tensors, backend.loadable_modules(), strict=False)
+    assert unmatched == ["lora_unet_no_such_block_to_q"]
+    assert set(rebuilt.adapters) == set(network.adapters)
+    assert rebuilt.has_text_encoder
+
+
+def test_wrong_shapes_name_the_module(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{name}.lora_down.weight": torch.zeros(4, 99), f"{name}.lora_up.weight": torch.zeros(32, 4)}
+    with pytest.raises(NetworkError, match=f"{name}.*shape"):
+        LoRANetwork.from_tensors(tensors, backend.loadable_modules())
