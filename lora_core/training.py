@@ -129,6 +129,22 @@ def frozen(modules: list[nn.Module]) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
+def noised_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = √ᾱ·x0 + √(1−ᾱ)·ε and the target: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (DDPM's `add_noise`, `get_velocity`)."""
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    if prediction_type == "epsilon":
+        return noisy, noise
+    return noisy, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+
+
 def diffusion_loss(
     backend: TrainingBackend,
     batch: Batch,
@@ -147,20 +163,13 @@ def diffusion_loss(
     if config.noise_offset:
         noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(latents.device)
     timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(latents.device)
-
-    alpha_bar = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1)
-    noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-    if backend.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    alpha_bar = alphas_cumprod[timesteps]
+    noisy_latents, target = noised_and_target(latents, noise, alpha_bar.reshape(-1, 1, 1, 1), backend.prediction_type)
 
     prediction = backend.predict(noisy_latents, timesteps, conditioning)
     loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if config.min_snr_gamma:
-        snr = (alpha_bar / (1 - alpha_bar)).flatten()
-        weight = snr.clamp(max=config.min_snr_gamma) / (snr if backend.prediction_type == "epsilon" else snr + 1)
-        loss = loss * weight
+        loss = loss * min_snr_weight(alpha_bar, config.min_snr_gamma, backend.prediction_type)
     return loss.mean()
 
 

@@ -1,0 +1,87 @@
+"""The project's main job as a user runs it: `python -m lora_core demo`, then `generate` and `train` on its output."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lora_core import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_core", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=check, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    run("demo", "--out", str(out))
+    return out
+
+
+def test_demo_learns_the_concept(demo: Path) -> None:
+    report = json.loads((demo / "report.json").read_text())
+    assert report["steps"] == 200
+    assert report["best_loss"] < 0.8 * report["first_loss"], "the loss must fall"
+    distance = report["concept_distance"]
+    assert distance["0"] > distance["0.5"] > distance["1"], "generations must move toward the concept as strength rises"
+    tensors, metadata = load_file(demo / "lora.safetensors")
+    assert report["file_bytes"] == (demo / "lora.safetensors").stat().st_size
+    assert metadata["ss_steps"] == "200" and metadata["ss_network_module"] == "networks.lora"
+    assert json.loads(metadata["ss_tag_frequency"])["dataset"]["red circle"] == 4
+    for name in ("grid.png", "loss.png", "strength_0.png", "strength_0.5.png", "strength_1.png", "base/model_index.json"):
+        assert (demo / name).is_file(), name
+
+
+def test_strength_zero_is_the_base_model_and_generate_reproduces_the_demo(demo: Path, tmp_path) -> None:
+    base = tmp_path / "base.png"
+    run("generate", "--base", str(demo / "base"), "--prompt", "a photo of sks", "--steps", "20", "--size", "64",
+        "--out", str(base))
+    assert np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(demo / "strength_0.png")))
+    full = tmp_path / "full.png"
+    run("generate", "--base", str(demo / "base"), "--lora", str(demo / "lora.safetensors"), "--prompt", "a photo of sks",
+        "--steps", "20", "--size", "64", "--out", str(full))
+    assert np.array_equal(np.asarray(Image.open(full)), np.asarray(Image.open(demo / "strength_1.png")))
+    assert not np.array_equal(np.asarray(Image.open(full)), np.asarray(Image.open(base)))
+
+
+def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) -> None:
+    out = tmp_path / "mine.safetensors"
+    args = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out", str(out), "--steps", "3",
+            "--resolution", "64", "--algorithm", "loha", "--rank", "4", "--preset", "transformer", "--text-encoder"]
+    result = run(*args)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 3
+    tensors, metadata = load_file(out)
+    assert any(key.startswith("lora_te_") for key in tensors) and any(key.endswith("hada_w1_a") for key in tensors)
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "loha"}
+    again = run(*args, check=False)
+    assert again.returncode != 0 and "exists; choose another --out or pass --overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("problem, args, message", [
+    ("empty folder", ["--data", "{empty}"], "No usable images"),
+    ("missing folder", ["--data", "{tmp}/nowhere"], "nowhere"),
+    ("rank 0", ["--rank", "0"], "rank must be a whole number ≥ 1"),
+    ("not a pipeline", ["--base", "{tmp}"], "not a diffusers pipeline folder"),
+])
+def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, args: list[str], message: str) -> None:
+    (tmp_path / "empty").mkdir()
+    base = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out", str(tmp_path / "x.safetensors"),
+            "--steps", "1", "--resolution", "64"]
+    for flag, value in zip(args[::2], args[1::2]):
+        value = value.format(empty=tmp_path / "empty", tmp=tmp_path)
+        if flag in base:
+            base[base.index(flag) + 1] = value
+        else:
+            base += [flag, value]
+    result = run(*base, check=False)
+    assert result.returncode != 0, problem
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
