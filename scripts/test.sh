@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set up, then run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q tests "$@"
