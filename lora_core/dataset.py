@@ -66,11 +66,14 @@ class Example:
 
 @dataclass(frozen=True)
 class Batch:
-    """A training batch: pixels float32 [B, 3, R, R] in [-1, 1], captions and dataset indices."""
+    """A training batch: pixels float32 [B, 3, R, R] in [-1, 1], captions, dataset indices, and for each item the
+    distinct image it shows and whether it is mirrored (what a latent cache is keyed by)."""
 
     pixels: torch.Tensor
     captions: list[str]
     indices: list[int]
+    images: list[int]
+    flipped: list[bool]
 
 
 class ImageFolderDataset:
@@ -133,7 +136,11 @@ class ImageFolderDataset:
 
     def pixel_values(self, index: int, flip: bool = False) -> torch.Tensor:
         """Float32 [3, R, R] pixels in [-1, 1] for a repeat-expanded index, optionally mirrored."""
-        pixels = self.examples[self._expanded[index]].pixels.float() / 127.5 - 1.0
+        return self.image_pixels(self._expanded[index], flip)
+
+    def image_pixels(self, image: int, flip: bool = False) -> torch.Tensor:
+        """Float32 [3, R, R] pixels in [-1, 1] of distinct image `image`, optionally mirrored."""
+        pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
     def caption(self, index: int) -> str:
@@ -163,6 +170,8 @@ class ImageFolderDataset:
             pixels=torch.stack([self.pixel_values(index, flip) for index, flip in zip(indices, flips)]),
             captions=[self.caption(index) for index in indices],
             indices=indices,
+            images=[self._expanded[index] for index in indices],
+            flipped=flips,
         )
 
     def _image_folders(self) -> list[tuple[Path, str, int]]:

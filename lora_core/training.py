@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,20 +146,44 @@ def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) 
     return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
+class EncodedDataset:
+    """Latents of every (image, flip) and the conditioning of every caption, encoded once before the first step.
+
+    Later epochs never run the VAE, nor the text encoder while it is frozen (kohya's `cache_latents`, in memory).
+    """
+
+    def __init__(self, backend: TrainingBackend, dataset: ImageFolderDataset, seed: int, cache_text: bool) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        flips = (False, True) if dataset.config.flip else (False,)
+        with torch.no_grad():
+            self.latents = {
+                (image, flip): backend.encode_images(
+                    dataset.image_pixels(image, flip)[None].to(backend.device), generator
+                )[0].float()
+                for image in range(dataset.num_images)
+                for flip in flips
+            }
+            captions = sorted({example.caption for example in dataset.examples}) if cache_text else []
+            self.conditioning = {caption: backend.encode_text([caption]) for caption in captions}
+
+    def batch_latents(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([self.latents[key] for key in zip(batch.images, batch.flipped)])
+
+    def batch_conditioning(self, batch: Batch, backend: TrainingBackend) -> Any:
+        if self.conditioning:
+            return torch.cat([self.conditioning[caption] for caption in batch.captions])
+        return backend.encode_text(batch.captions)
+
+
 def diffusion_loss(
     backend: TrainingBackend,
-    batch: Batch,
+    latents: torch.Tensor,
+    conditioning: Any,
     alphas_cumprod: torch.Tensor,
     config: TrainingConfig,
     generator: torch.Generator,
-    train_text_encoder: bool,
 ) -> torch.Tensor:
     """MSE between the denoiser's prediction and the ε (or v) target of the model's own schedule."""
-    with torch.no_grad():
-        latents = backend.encode_images(batch.pixels.to(backend.device), generator).float()
-    with torch.set_grad_enabled(train_text_encoder):
-        conditioning = backend.encode_text(batch.captions)
-
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     if config.noise_offset:
         noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(latents.device)
@@ -193,11 +218,14 @@ def train(
     optimizer = make_optimizer(config.optimizer, parameters, config.learning_rate, **config.optimizer_options)
     scheduler = make_scheduler(config.lr_scheduler, optimizer, config.steps, config.lr_warmup_steps)
     alphas_cumprod = backend.alphas_cumprod().to(backend.device, torch.float32)
-    batches = dataset.batches(config.batch_size, generator)
     result = TrainingResult()
     best_weights: dict[str, torch.Tensor] | None = None
     smoothed, steps_without_improvement = 0.0, 0
     started = time.perf_counter()
+
+    with torch.inference_mode(False), frozen(backend.frozen_modules()):
+        encoded = EncodedDataset(backend, dataset, config.seed, cache_text=not network.has_text_encoder)
+    batches = dataset.batches(config.batch_size, generator)
 
     with torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()), network.applied(1.0):
         network.train()
@@ -206,8 +234,10 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _ in range(config.gradient_accumulation):
+                batch = next(batches)
                 loss = diffusion_loss(
-                    backend, next(batches), alphas_cumprod, config, generator, network.has_text_encoder
+                    backend, encoded.batch_latents(batch), encoded.batch_conditioning(batch, backend),
+                    alphas_cumprod, config, generator,
                 )
                 if not torch.isfinite(loss):
                     raise diverged(result, step, "loss", started)

@@ -12,7 +12,7 @@ from lora_core import (
 )
 from lora_core.diffusers_backend import DiffusersBackend
 from lora_core.optim import OptimizerError, make_optimizer, make_scheduler
-from lora_core.training import diffusion_loss, min_snr_weight, noised_and_target
+from lora_core.training import EncodedDataset, diffusion_loss, min_snr_weight, noised_and_target
 
 
 def setup(pipeline, concept_dir, **network_options):
@@ -57,13 +57,16 @@ def test_accumulated_step_applies_the_mean_gradient(pipeline, concept_dir) -> No
     before = snapshot(network)
 
     expected_grads = []
+    encoded = EncodedDataset(backend, dataset, config.seed, cache_text=True)
     generator = torch.Generator().manual_seed(config.seed)
     batches = dataset.batches(1, generator)
     alphas = backend.alphas_cumprod()
     with network.applied(1.0):
         for _ in range(3):
             network.zero_grad()
-            diffusion_loss(backend, next(batches), alphas, config, generator, False).backward()
+            batch = next(batches)
+            latents, conditioning = encoded.batch_latents(batch), encoded.batch_conditioning(batch, backend)
+            diffusion_loss(backend, latents, conditioning, alphas, config, generator).backward()
             expected_grads.append({k: p.grad.clone() for k, p in network.named_parameters()})
     network.zero_grad()
     train(backend, network, dataset, config)
@@ -168,3 +171,29 @@ def test_schedules_warm_up_linearly_then_follow_their_shape(name: str) -> None:
         assert rates[5:] == pytest.approx([1.0] * 5)
     else:
         assert all(later < earlier for earlier, later in zip(rates[4:], rates[5:]))
+
+
+class CountingBackend(DiffusersBackend):
+    """The real backend, counting VAE and text-encoder calls."""
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self.image_calls = self.text_calls = 0
+
+    def encode_images(self, pixels, generator):
+        self.image_calls += 1
+        return super().encode_images(pixels, generator)
+
+    def encode_text(self, captions):
+        self.text_calls += 1
+        return super().encode_text(captions)
+
+
+def test_vae_and_frozen_text_encoder_run_once_per_image_and_caption(pipeline, concept_dir) -> None:
+    backend = CountingBackend(pipeline)
+    dataset = ImageFolderDataset(concept_dir, DatasetConfig(resolution=64, flip=True))
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), rank=4)
+    train(backend, network, dataset, TrainingConfig(steps=6, batch_size=2, gradient_accumulation=2))
+    captions = {example.caption for example in dataset.examples}
+    assert backend.image_calls == 2 * dataset.num_images  # each image, plain and mirrored, over 24 drawn examples
+    assert backend.text_calls == len(captions) == 2
