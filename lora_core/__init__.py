@@ -5,7 +5,7 @@ Imports nothing from ComfyUI; the diffusers backend and the demo import diffuser
 from .adapters import ALGORITHMS, Adapter, AdapterError
 from .backend import TrainingBackend
 from .dataset import DatasetConfig, DatasetError, ImageFolderDataset
-from .files import LoRAFileError, load_file, load_lora, save_file, save_lora
+from .files import LoRAFileError, LoRAWeights, load_file, load_lora, save_file, save_lora
 from .metadata import kohya_metadata
 from .network import LoRANetwork, NetworkError
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, UNET_PRESETS, find_targets, kohya_name
@@ -13,7 +13,7 @@ from .training import StepReport, TrainingConfig, TrainingDiverged, TrainingErro
 
 __all__ = [
     "ALGORITHMS", "Adapter", "AdapterError", "DatasetConfig", "DatasetError", "ImageFolderDataset", "LoRAFileError",
-    "LoRANetwork", "NetworkError", "StepReport", "TEXT_ENCODER_PREFIX", "TrainingBackend", "TrainingConfig",
+    "LoRANetwork", "LoRAWeights", "NetworkError", "StepReport", "TEXT_ENCODER_PREFIX", "TrainingBackend", "TrainingConfig",
     "TrainingDiverged", "TrainingError", "TrainingResult", "UNET_PREFIX", "UNET_PRESETS", "find_targets",
     "kohya_metadata", "kohya_name", "load_file", "load_lora", "save_file", "save_lora", "train",
 ]

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -138,6 +139,40 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
+@dataclass
+class LoRAWeights:
+    """A LoRA as a file holds it: kohya-named CPU tensors and string metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_network(cls, network: LoRANetwork, metadata: dict[str, str], dtype: str = "float32") -> LoRAWeights:
+        if dtype not in SAVE_DTYPES:
+            raise LoRAFileError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
+        return cls(network.kohya_tensors(SAVE_DTYPES[dtype]), dict(metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LoRAWeights:
+        return cls(*load_file(path))
+
+    @property
+    def module_names(self) -> set[str]:
+        return {key.partition(".")[0] for key in self.tensors}
+
+    def converted(self, dtype: str) -> LoRAWeights:
+        """The same LoRA stored as `dtype` (alphas stay fp32)."""
+        if dtype not in SAVE_DTYPES:
+            raise LoRAFileError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
+        return LoRAWeights(
+            {k: v if k.endswith(".alpha") else v.to(SAVE_DTYPES[dtype]) for k, v in self.tensors.items()}, self.metadata
+        )
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the file atomically, adding kohya's `sshs_model_hash` of the tensors to the metadata."""
+        return save_file(path, self.tensors, {**self.metadata, "sshs_model_hash": data_hash(self.tensors)}, overwrite)
+
+
 def save_lora(
     path: str | os.PathLike,
     network: LoRANetwork,
@@ -145,11 +180,8 @@ def save_lora(
     dtype: str = "float16",
     overwrite: bool = False,
 ) -> Path:
-    """Save `network` in kohya format with `metadata` plus kohya's `sshs_model_hash` of the tensors."""
-    if dtype not in SAVE_DTYPES:
-        raise LoRAFileError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
-    tensors = network.kohya_tensors(SAVE_DTYPES[dtype])
-    return save_file(path, tensors, {**metadata, "sshs_model_hash": data_hash(tensors)}, overwrite)
+    """Save `network` in kohya format with `metadata`; see `LoRAWeights.save`."""
+    return LoRAWeights.from_network(network, metadata, dtype).save(path, overwrite)
 
 
 def load_lora(

@@ -118,8 +118,11 @@ ProgressCallback = Callable[[StepReport], bool | None]
 
 @contextmanager
 def frozen(modules: list[nn.Module]) -> Iterator[None]:
-    """Base parameters get no gradients inside the block; their `requires_grad` flags are restored after it."""
-    parameters = [p for module in modules for p in module.parameters()]
+    """Base parameters get no gradients inside the block; their `requires_grad` flags are restored after it.
+
+    (Inference tensors are left alone: autograd cannot use them, and their flag cannot be set back to True.)
+    """
+    parameters = [p for module in modules for p in module.parameters() if not p.is_inference()]
     flags = [p.requires_grad for p in parameters]
     for parameter in parameters:
         parameter.requires_grad_(False)
