@@ -1,0 +1,20 @@
+"""LoRA Lab's ComfyUI nodes (V1 API): thin adapters over `lora_core`."""
+from .lora_nodes import ApplyLoRA, LoadLoRA, SaveLoRA
+from .train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+
+NODE_CLASS_MAPPINGS = {
+    "LoraLab_LoadDataset": LoadDataset,
+    "LoraLab_InjectLoRA": InjectLoRA,
+    "LoraLab_TrainLoRA": TrainLoRA,
+    "LoraLab_SaveLoRA": SaveLoRA,
+    "LoraLab_LoadLoRA": LoadLoRA,
+    "LoraLab_ApplyLoRA": ApplyLoRA,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraLab_LoadDataset": "Load Dataset (LoRA Lab)",
+    "LoraLab_InjectLoRA": "Inject LoRA (LoRA Lab)",
+    "LoraLab_TrainLoRA": "Train LoRA (LoRA Lab)",
+    "LoraLab_SaveLoRA": "Save LoRA (LoRA Lab)",
+    "LoraLab_LoadLoRA": "Load LoRA (LoRA Lab)",
+    "LoraLab_ApplyLoRA": "Apply LoRA (LoRA Lab)",
+}

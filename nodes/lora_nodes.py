@@ -1,0 +1,80 @@
+"""Save LoRA, Load LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
+from __future__ import annotations
+
+from ..lora_core.files import SAVE_DTYPES, LoRAFileError, LoRAWeights
+from .patches import apply_lora
+from .paths import loras_root, lora_files, next_lora_path, resolve_lora
+
+CATEGORY = "LoRA Lab"
+SAVE_ATTEMPTS = 100
+
+
+class SaveLoRA:
+    DESCRIPTION = "Writes the LoRA to models/loras in kohya format, so ComfyUI's Load LoRA, A1111 and diffusers read it."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora": ("LORA", {"tooltip": "From Train LoRA or Load LoRA."}),
+            "filename_prefix": ("STRING", {"default": "lora_lab", "tooltip": "Saved as models/loras/<prefix>_00001_.safetensors with the next free number; 'folder/name' saves in a subfolder."}),
+            "precision": (list(SAVE_DTYPES), {"default": "float16", "tooltip": "float16 halves the file; float32 keeps every bit of the trained weights."}),
+        }}
+
+    def save(self, lora: LoRAWeights, filename_prefix: str, precision: str):
+        weights = lora.converted(precision)
+        for _ in range(SAVE_ATTEMPTS):  # another prompt may take the same number meanwhile: take the next one
+            path = next_lora_path(filename_prefix)
+            try:
+                weights.save(path)
+                break
+            except LoRAFileError:
+                if not path.exists():
+                    raise
+        else:
+            raise LoRAFileError(f"could not find a free file name for {filename_prefix!r} in {loras_root()}")
+        name = path.relative_to(loras_root()).as_posix()
+        saved = {"filename": name, "bytes": path.stat().st_size}
+        return {"ui": {"text": [f"{name} ({saved['bytes'] / 1e6:.2f} MB)"], "lora_lab_saved": [saved]}}
+
+
+class LoadLoRA:
+    DESCRIPTION = "Reads a kohya-format LoRA (.safetensors) from models/loras, without unpickling anything."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA",)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("The LoRA, for Apply LoRA or to continue training in Inject LoRA.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "lora_name": (lora_files(), {"tooltip": "A .safetensors file in models/loras."}),
+        }}
+
+    def load(self, lora_name: str):
+        return (LoRAWeights.load(resolve_lora(lora_name)),)
+
+
+class ApplyLoRA:
+    DESCRIPTION = "Applies a LoRA to MODEL and CLIP through ComfyUI's patches; the inputs stay unpatched for other branches."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("MODEL with the LoRA.", "CLIP with the LoRA.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRA to."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder to apply the LoRA to."}),
+            "lora": ("LORA", {"tooltip": "From Load LoRA or Train LoRA."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How strongly the LoRA changes the diffusion model; 0 leaves it as it is."}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How strongly the LoRA changes the text encoder."}),
+        }}
+
+    def apply(self, model, clip, lora: LoRAWeights, strength_model: float, strength_clip: float):
+        return apply_lora(model, clip, lora, strength_model, strength_clip)

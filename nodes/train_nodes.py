@@ -1,0 +1,203 @@
+"""Load Dataset, Inject LoRA and Train LoRA: thin ComfyUI nodes over `lora_core`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management
+import comfy.utils
+import numpy as np
+import torch
+
+from ..lora_core.adapters import ALGORITHMS
+from ..lora_core.dataset import DatasetConfig, ImageFolderDataset
+from ..lora_core.files import LoRAWeights
+from ..lora_core.metadata import kohya_metadata
+from ..lora_core.network import LoRANetwork
+from ..lora_core.optim import EXTRA_OPTIMIZERS, SCHEDULERS
+from ..lora_core.plots import loss_curve
+from ..lora_core.targets import UNET_PRESETS
+from ..lora_core.training import StepReport, TrainingConfig, train
+from .comfy_backend import ComfyBackend, ComfyBackendError
+from .patches import apply_lora
+from .paths import list_dataset_folders, resolve_dataset
+from .progress import send_event
+
+CATEGORY = "LoRA Lab"
+PREVIEW_IMAGES = 16
+PREVIEW_SECONDS = 1.0
+OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", *(name for _, name in EXTRA_OPTIMIZERS.values())]
+DEFAULTS = TrainingConfig()
+
+
+def to_image_batch(pictures: list) -> torch.Tensor:
+    """PIL images → ComfyUI IMAGE [B, H, W, 3] floats in 0..1."""
+    return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pictures])
+
+
+class LoadDataset:
+    DESCRIPTION = "A folder of images with same-stem .txt captions, ready for Train LoRA."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_DATASET", "IMAGE")
+    RETURN_NAMES = ("dataset", "preview")
+    OUTPUT_TOOLTIPS = ("The dataset for Train LoRA.", f"Up to {PREVIEW_IMAGES} images as they will be trained on.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": (list_dataset_folders(), {"tooltip": "A subfolder of ComfyUI's input folder holding images and same-stem caption files; kohya-style N_name subfolders repeat their images N times."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Images are resized (short side) and centre-cropped to this square size."}),
+            "caption_extension": ("STRING", {"default": ".txt", "tooltip": "Extension of the caption file next to each image."}),
+            "default_caption": ("STRING", {"default": "a photo of {token}", "tooltip": "Caption for images without a caption file; {token} is replaced by the token."}),
+            "token": ("STRING", {"default": "sks", "tooltip": "The placeholder word for your concept, substituted for {token} in every caption."}),
+            "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "How often each image is seen per epoch, on top of N_name folder repeats."}),
+            "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror images left-right while training."}),
+        }}
+
+    def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip):
+        dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(
+            resolution=resolution, caption_extension=caption_extension, default_caption=default_caption,
+            token=token, repeats=repeats, flip=flip,
+        ))
+        preview = torch.stack([
+            dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5 for index in range(min(PREVIEW_IMAGES, dataset.num_images))
+        ])
+        summary = {"images": dataset.num_images, "captioned": dataset.captioned_count,
+                   "defaulted": dataset.defaulted_count, "examples": len(dataset), "skipped": len(dataset.skipped)}
+        text = (f"{dataset.num_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
+                f"default caption), {len(dataset)} per epoch" + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
+        return {"ui": {"text": [text], "lora_lab_dataset": [summary]}, "result": (dataset, preview)}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What Inject LoRA decided; Train LoRA builds the adapters from it on every run, so a re-run starts fresh."""
+
+    model: Any
+    clip: Any
+    algorithm: str
+    rank: int
+    alpha: float
+    preset: str
+    text_encoder: bool
+    start: LoRAWeights | None
+
+    def build(self, backend: ComfyBackend, seed: int) -> LoRANetwork:
+        if self.start is not None:
+            network, _ = LoRANetwork.from_tensors(self.start.tensors, backend.loadable_modules(), strict=True)
+            return network
+        return LoRANetwork.create(
+            backend.adapter_targets(self.preset, self.text_encoder), self.algorithm, self.rank, self.alpha, seed
+        )
+
+
+class InjectLoRA:
+    DESCRIPTION = "Chooses which layers of MODEL (and CLIP) get a LoRA and of what kind. MODEL and CLIP stay unchanged."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_NETWORK",)
+    RETURN_NAMES = ("network",)
+    OUTPUT_TOOLTIPS = ("The adapter layout to train with Train LoRA.",)
+    FUNCTION = "inject"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/SD2.x) from Load Checkpoint."}),
+                "algorithm": (sorted(ALGORITHMS), {"default": "lora", "tooltip": "lora: low-rank ΔW; dora: LoRA plus a learned magnitude; loha: Hadamard product; lokr: Kronecker product."}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
+                "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
+                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items())}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoder (q/k/v/out_proj, fc1/fc2). Needs CLIP."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The text encoder; needed to train it and to continue a LoRA that adapts it."}),
+                "lora": ("LORA", {"tooltip": "Continue training this LoRA instead of starting from zero."}),
+            },
+        }
+
+    def inject(self, model, algorithm, rank, alpha, target, train_text_encoder, clip=None, lora=None):
+        if train_text_encoder and clip is None:
+            raise ComfyBackendError("train_text_encoder is on but no CLIP is connected; connect Load Checkpoint's CLIP")
+        backend = ComfyBackend(model, clip)
+        if lora is not None:
+            LoRANetwork.from_tensors(lora.tensors, backend.loadable_modules(), strict=True)
+        elif not backend.adapter_targets(target, train_text_encoder):
+            raise ComfyBackendError(f"the target {target!r} matches no layer of this model")
+        return (NetworkSpec(model, clip, algorithm, rank, alpha, target, train_text_encoder, lora),)
+
+
+class TrainLoRA:
+    DESCRIPTION = "Trains the LoRA on the dataset with the model's own noise schedule. The base model is left as it was."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE")
+    RETURN_NAMES = ("lora", "model", "clip", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
+                       "CLIP with the LoRA applied at strength 1.", "The training loss per step.")
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "network": ("LORA_NETWORK", {"tooltip": "From Inject LoRA."}),
+                "dataset": ("LORA_DATASET", {"tooltip": "From Load Dataset."}),
+                "vae": ("VAE", {"tooltip": "Encodes the images to latents (once, before the first step)."}),
+                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 100000, "tooltip": "Optimizer steps; each sees batch_size × gradient_accumulation images."}),
+                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 0.000001, "max": 0.1, "step": 0.000001, "tooltip": "Peak learning rate (1e-4 is a common start for LoRA)."}),
+                "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per forward pass."}),
+                "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step."}),
+                "optimizer": (OPTIMIZERS, {"default": "AdamW", "tooltip": "AdamW8bit, Lion and Prodigy need their packages installed."}),
+                "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
+                "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
+                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Min-SNR-γ loss weighting; 0 is off, 5 is usual."}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed and settings give the same LoRA."}),
+                "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many steps without a better smoothed loss and keep the best weights; 0 is off."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train(self, network, dataset, vae, steps, learning_rate, batch_size, gradient_accumulation, optimizer,
+              lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience, unique_id=None):
+        config = TrainingConfig(
+            steps=steps, learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
+            min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, seed=seed % 2**63,
+            early_stopping_patience=early_stopping_patience,
+        )
+        backend = ComfyBackend(network.model, network.clip, vae)
+        bar = comfy.utils.ProgressBar(steps)
+        losses: list[float] = []
+        last_preview = [0.0]
+
+        def on_step(report: StepReport) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            losses.append(report.loss)
+            preview = None
+            if time.monotonic() - last_preview[0] > PREVIEW_SECONDS or report.step == report.total_steps:
+                preview, last_preview[0] = ("PNG", loss_curve(losses), 512), time.monotonic()
+            bar.update_absolute(report.step, report.total_steps, preview)
+            send_event("lora_lab.train.step", {
+                "node": unique_id, "step": report.step, "total": report.total_steps, "loss": report.loss,
+                "smoothed": report.smoothed_loss, "lr": report.learning_rate, "elapsed": report.elapsed,
+            })
+
+        with backend.loaded(network.text_encoder):
+            lora_network = network.build(backend, config.seed)
+            lora_network.to(backend.device)
+            result = train(backend, lora_network, dataset, config, callback=on_step)
+        metadata = kohya_metadata(
+            lora_network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
+            dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+            resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
+        )
+        weights = LoRAWeights.from_network(lora_network, metadata)
+        model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
+        summary = {"steps": result.steps, "losses": result.losses, "best_step": result.best_step,
+                   "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds}
+        send_event("lora_lab.train.done", {"node": unique_id, **summary})
+        curve = to_image_batch([loss_curve(result.losses)])
+        return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve)}
