@@ -65,6 +65,26 @@ def trainable_copies(modules: list[nn.Module]) -> Iterator[None]:
                 module._buffers[name] = original
 
 
+IN_PLACE_RESIDUAL_BLOCKS = frozenset({"BasicTransformerBlock", "CLIPLayer"})
+
+
+@contextmanager
+def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
+    """Older ComfyUI adds attention outputs in place (`x += n`) into the tensor its LayerNorms saved for backward;
+    feeding each such block's norms a copy keeps autograd's saved input intact. Outputs are unchanged."""
+    handles = [
+        module.register_forward_pre_hook(lambda _, args: (args[0].clone(), *args[1:]))
+        for root in roots
+        for block in root.modules() if type(block).__name__ in IN_PLACE_RESIDUAL_BLOCKS
+        for module in block.modules() if isinstance(module, nn.LayerNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class ComfyBackend(TrainingBackend):
     """Trains through MODEL's diffusion model and its own `model_sampling`; encodes with the given VAE and CLIP."""
 
@@ -87,7 +107,7 @@ class ComfyBackend(TrainingBackend):
         patchers = [self.model] + ([self.clip.patcher] if train_text_encoder else [])
         comfy.model_management.load_models_gpu(patchers)
         modules = [self.unet] + ([self.clip.cond_stage_model] if train_text_encoder else [])
-        with trainable_copies(modules):
+        with trainable_copies(modules), copied_norm_inputs(modules):
             yield
 
     def alphas_cumprod(self) -> torch.Tensor:

@@ -186,8 +186,8 @@ class TrainLoRA:
             })
 
         with backend.loaded(network.text_encoder):
-            lora_network = network.build(backend, config.seed)
-            lora_network.to(backend.device)
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
+                lora_network = network.build(backend, config.seed).to(backend.device)
             result = train(backend, lora_network, dataset, config, callback=on_step)
         metadata = kohya_metadata(
             lora_network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
