@@ -8,4 +8,3 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch 2.14.1 + torchvision 0.29.1: the pair ComfyUI needs (torchvision is imported at its start-up)
 .venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 -r requirements-dev.txt
-bash scripts/setup_comfyui.sh  # a real ComfyUI and a test checkpoint for tests/comfyui

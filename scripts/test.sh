@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_comfyui.sh  # a real ComfyUI and a test checkpoint for tests/comfyui
 exec .venv/bin/python -m pytest -q -c tests/pytest.ini "$@"
