@@ -1,0 +1,212 @@
+"""LoRA Lab's nodes in a real ComfyUI server: listing, training, saving, applying, isolation, cancel, errors."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from lora_core.demo import make_concept_images
+
+from .harness import TEST_CHECKPOINT, ComfyError, ComfyServer, output_images, prompt_status
+
+NODES = ["LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_TrainLoRA", "LoraLab_SaveLoRA", "LoraLab_LoadLoRA",
+         "LoraLab_ApplyLoRA"]
+DATASET = "lora_lab_concept"
+
+
+@pytest.fixture(scope="module")
+def dataset(comfy: ComfyServer) -> str:
+    make_concept_images(comfy.input_dir / DATASET, count=4, resolution=64)
+    return DATASET
+
+
+@pytest.fixture(scope="module")
+def new_loras(comfy: ComfyServer):
+    """Names of the LoRA files this module's prompts wrote; they are deleted afterwards."""
+    before = set(comfy.loras_dir.glob("**/*.safetensors"))
+    created: list[Path] = []
+
+    def collect() -> list[Path]:
+        created[:] = sorted(set(comfy.loras_dir.glob("**/*.safetensors")) - before)
+        return created
+
+    yield collect
+    for path in collect():
+        path.unlink()
+
+
+def training_graph(dataset: str, steps: int = 4, prefix: str = "lora_lab_test", algorithm: str = "lora",
+                   learning_rate: float = 1e-3, target: str = "attention", train_text_encoder: bool = False) -> dict:
+    """Checkpoint → Load Dataset → Inject → Train → Save, node ids "1" to "5"."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
+        "2": {"class_type": "LoraLab_LoadDataset", "inputs": {
+            "folder": dataset, "resolution": 64, "caption_extension": ".txt", "default_caption": "a photo of {token}",
+            "token": "sks", "repeats": 1, "flip": False}},
+        "3": {"class_type": "LoraLab_InjectLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "algorithm": algorithm, "rank": 8, "alpha": 8.0, "target": target,
+            "train_text_encoder": train_text_encoder}},
+        "4": {"class_type": "LoraLab_TrainLoRA", "inputs": {
+            "network": ["3", 0], "dataset": ["2", 0], "vae": ["1", 2], "steps": steps, "learning_rate": learning_rate,
+            "batch_size": 2, "gradient_accumulation": 1, "optimizer": "AdamW", "lr_scheduler": "constant",
+            "lr_warmup_steps": 0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "seed": 3, "early_stopping_patience": 0}},
+        "5": {"class_type": "LoraLab_SaveLoRA", "inputs": {"lora": ["4", 0], "filename_prefix": prefix,
+                                                            "precision": "float32"}},
+    }
+
+
+def sampling_nodes(first_id: int, model: list, clip: list, vae: list, seed: int, prefix: str,
+                   save: str = "SaveImage") -> dict:
+    """Prompt → KSampler (64 px, 4 steps) → save an image (or with save="SaveLatent", the latent)."""
+    i = first_id
+    nodes = {
+        str(i): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": "a photo of sks"}},
+        str(i + 1): {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": ""}},
+        str(i + 2): {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        str(i + 3): {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": [str(i), 0], "negative": [str(i + 1), 0], "latent_image": [str(i + 2), 0],
+            "seed": seed, "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    }
+    if save == "SaveLatent":
+        nodes[str(i + 4)] = {"class_type": "SaveLatent", "inputs": {"samples": [str(i + 3), 0], "filename_prefix": prefix}}
+    else:
+        nodes[str(i + 4)] = {"class_type": "VAEDecode", "inputs": {"samples": [str(i + 3), 0], "vae": vae}}
+        nodes[str(i + 5)] = {"class_type": "SaveImage", "inputs": {"images": [str(i + 4), 0], "filename_prefix": prefix}}
+    return nodes
+
+
+def pixels(comfy: ComfyServer, entry: dict, node_id: str) -> np.ndarray:
+    """The saved image's pixels (its PNG bytes also hold the prompt, which differs between graphs)."""
+    [image] = output_images(entry, node_id)
+    return np.asarray(comfy.fetch_image(image))
+
+
+def saved_name(entry: dict, node_id: str = "5") -> str:
+    return entry["outputs"][node_id]["lora_lab_saved"][0]["filename"]
+
+
+def test_six_nodes_are_listed_with_tooltips_and_the_extension_is_served(comfy: ComfyServer, comfy_object_info) -> None:
+    for name in NODES:
+        info = comfy_object_info[name]
+        assert info["category"] == "LoRA Lab" and info["description"]
+        inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
+        assert inputs and all(options.get("tooltip") for _, options in inputs.values()), name
+    assert "/extensions/comfyui-lora-lab/lora_lab.js" in comfy.extensions()
+
+
+def test_trained_lora_is_read_by_comfys_own_loraloader_like_apply_lora(comfy: ComfyServer, dataset, new_loras) -> None:
+    entry = comfy.run(training_graph(dataset, prefix="lora_lab_loader"), timeout=300)
+    name = saved_name(entry)
+    assert re.fullmatch(r"lora_lab_loader_\d{5}_\.safetensors", name)
+    tensors = load_file(comfy.loras_dir / name)
+    modules = {key.partition(".")[0] for key in tensors}
+    assert all(re.fullmatch(r"lora_unet_(down|mid|up)_blocks?_.*_attn[12]_to_(q|k|v|out_0)", m) for m in modules)
+    assert len(tensors) == 3 * len(modules) and len(modules) % 8 == 0  # down, up, alpha; q/k/v/out × attn1/attn2
+
+    log_before = len(comfy.log_text())
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                     "strength_model": 0.8, "strength_clip": 0.8}},
+        "3": {"class_type": "LoraLab_LoadLoRA", "inputs": {"lora_name": name}},
+        "4": {"class_type": "LoraLab_ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["3", 0],
+                                                            "strength_model": 0.8, "strength_clip": 0.8}},
+        **sampling_nodes(10, ["2", 0], ["2", 1], ["1", 2], seed=5, prefix="loraloader"),
+        **sampling_nodes(20, ["4", 0], ["4", 1], ["1", 2], seed=5, prefix="applylora"),
+        **sampling_nodes(30, ["1", 0], ["1", 1], ["1", 2], seed=5, prefix="base"),
+    }
+    entry = comfy.run(graph)
+    assert "lora key not loaded" not in comfy.log_text()[log_before:]
+    assert np.array_equal(pixels(comfy, entry, "15"), pixels(comfy, entry, "25"))
+    assert not np.array_equal(pixels(comfy, entry, "15"), pixels(comfy, entry, "35")), "the LoRA must change the image"
+
+
+def test_strength_zero_is_the_base_and_the_shared_model_stays_unchanged(comfy: ComfyServer, dataset, new_loras) -> None:
+    loader = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}}}
+    before = comfy.run({**loader, **sampling_nodes(40, ["1", 0], ["1", 1], ["1", 2], seed=9, prefix="before")})
+
+    # node "1" is cached, so the same MODEL object trains, gets a LoRA applied, and then samples again
+    graph = training_graph(dataset, steps=3, prefix="lora_lab_isolation")
+    for strength, first in ((0.0, 50), (1.0, 60)):
+        graph[str(first)] = {"class_type": "LoraLab_ApplyLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora": ["4", 0], "strength_model": strength, "strength_clip": strength}}
+        graph.update(sampling_nodes(first + 1, [str(first), 0], [str(first), 1], ["1", 2], seed=9, prefix=f"s{strength:g}"))
+    graph.update(sampling_nodes(70, ["1", 0], ["1", 1], ["1", 2], seed=9, prefix="after"))
+    after = comfy.run(graph, timeout=300)
+
+    base = pixels(comfy, before, "45")
+    assert np.array_equal(pixels(comfy, after, "56"), base), "strength 0 must give the base image, pixel for pixel"
+    assert np.array_equal(pixels(comfy, after, "75"), base), "the base MODEL must be unchanged after training and applying"
+    assert not np.array_equal(pixels(comfy, after, "66"), base), "strength 1 must differ"
+
+
+def test_training_in_comfy_learns_the_concept(comfy: ComfyServer, dataset, new_loras) -> None:
+    graph = training_graph(dataset, steps=60, prefix="lora_lab_learns", target="transformer")
+    graph["6"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 1], "vae": ["1", 2]}}
+    graph["7"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "train"}}
+    for strength, first in ((0.0, 10), (1.0, 20)):
+        graph[str(first)] = {"class_type": "LoraLab_ApplyLoRA", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora": ["4", 0], "strength_model": strength, "strength_clip": strength}}
+        for seed in range(3):
+            graph.update(sampling_nodes(first * 10 + seed * 5, [str(first), 0], [str(first), 1], ["1", 2], seed=seed,
+                                        prefix=f"learn_{strength:g}_{seed}", save="SaveLatent"))
+    entry = comfy.run(graph, timeout=600)
+
+    losses = entry["outputs"]["4"]["lora_lab_training"][0]["losses"]
+    assert len(losses) == 60 and np.mean(losses[-15:]) < 0.8 * np.mean(losses[:15]), losses
+
+    def latents(node_id: str):
+        [latent] = entry["outputs"][node_id]["latents"]
+        return load_file(comfy.output_dir / latent["subfolder"] / latent["filename"])["latent_tensor"]
+
+    training = latents("7")
+
+    def distance(strength_first: int) -> float:
+        samples = [latents(str(strength_first * 10 + seed * 5 + 4))[0] for seed in range(3)]
+        return float(np.mean([((training - s[None]) ** 2).mean(dim=(1, 2, 3)).sqrt().min() for s in samples]))
+
+    assert distance(20) < 0.9 * distance(10), "samples at strength 1 must move toward the training latents"
+
+
+def test_cancel_ends_training_quickly_without_a_file_and_the_next_prompt_works(comfy: ComfyServer, dataset,
+                                                                                new_loras) -> None:
+    files_before = set(new_loras())
+    prompt_id = comfy.queue_prompt(training_graph(dataset, steps=5000, prefix="lora_lab_cancelled"))
+    comfy.wait_until_running(prompt_id)
+    time.sleep(3)  # well inside the training loop
+    started = time.monotonic()
+    entry = comfy.cancel(prompt_id, timeout=30)
+    assert time.monotonic() - started < 5
+    status = prompt_status(entry)
+    assert status.state == "interrupted" and status.node_type == "LoraLab_TrainLoRA"
+    assert set(new_loras()) == files_before, "a cancelled run writes no file"
+    assert not list(comfy.loras_dir.glob(".*.tmp")), "no temporary file is left behind"
+    assert prompt_status(comfy.run(training_graph(dataset, steps=1, prefix="lora_lab_after_cancel"))).ok
+
+
+def test_bad_inputs_are_clear_node_errors_and_the_server_stays_up(comfy: ComfyServer, dataset, new_loras) -> None:
+    for folder in ("../" + DATASET, "/etc", DATASET + "/../../.."):
+        with pytest.raises(ComfyError, match="LoraLab_LoadDataset.*Value not in list"):
+            comfy.queue_prompt(training_graph(folder))
+    with pytest.raises(ComfyError, match="LoraLab_LoadLoRA.*Value not in list"):
+        comfy.queue_prompt({"1": {"class_type": "LoraLab_LoadLoRA", "inputs": {"lora_name": "missing.safetensors"}},
+                            "2": {"class_type": "LoraLab_SaveLoRA", "inputs": {
+                                "lora": ["1", 0], "filename_prefix": "x", "precision": "float16"}}})
+
+    broken = comfy.input_dir / "lora_lab_broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "noise.png").write_bytes(b"not an image at all")
+    entry = comfy.wait(comfy.queue_prompt(training_graph("lora_lab_broken")))
+    status = prompt_status(entry)
+    assert status.state == "error" and status.node_type == "LoraLab_LoadDataset"
+    assert "No usable images" in status.message and "lora_lab_broken" in status.message
+
+    for prefix in ("../escape", "/tmp/escape", "a\\b"):
+        graph = training_graph(dataset, steps=1, prefix=prefix)
+        status = prompt_status(comfy.wait(comfy.queue_prompt(graph), timeout=120))
+        assert status.state == "error" and status.node_type == "LoraLab_SaveLoRA" and "filename prefix" in status.message
+    assert comfy.object_info()["LoraLab_TrainLoRA"]
