@@ -90,7 +90,8 @@ def free_port() -> int:
 class ComfyServer:
     """One ComfyUI process on the CPU, with its own input, output and temp folders under `run_dir`.
 
-    Models come from `comfy_dir/models` (`loras_dir` is where LoraLoader and the pack look for LoRAs).
+    Models come from `comfy_dir/models` (`loras_dir` is where LoraLoader and the pack look for LoRAs);
+    `datasets_dir` is configured as an extra `lora_datasets` folder through an extra_model_paths file.
     """
 
     def __init__(self, run_dir: Path | None = None, comfy_dir: Path = COMFY_DIR, python: Path = VENV_PYTHON):
@@ -99,6 +100,7 @@ class ComfyServer:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="comfyui-run-"))
         self.input_dir = self.run_dir / "input"
         self.output_dir = self.run_dir / "output"
+        self.datasets_dir = self.run_dir / "datasets"
         self.loras_dir = comfy_dir / "models" / "loras"
         self.log_path = self.run_dir / "comfyui.log"
         self.client_id = uuid.uuid4().hex
@@ -118,12 +120,14 @@ class ComfyServer:
         if self._process is not None:
             raise ComfyError("the server is already running")
         self._link_pack(pack_dir)
-        for folder in (self.input_dir, self.output_dir):
+        for folder in (self.input_dir, self.output_dir, self.datasets_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        extra_paths = self.run_dir / "extra_model_paths.yaml"
+        extra_paths.write_text(f"lora_lab_tests:\n    base_path: {self.run_dir}\n    lora_datasets: datasets\n")
         self.port = free_port()
         command = [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
-                   "--temp-directory", str(self.run_dir)]
+                   "--temp-directory", str(self.run_dir), "--extra-model-paths-config", str(extra_paths)]
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(command, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,

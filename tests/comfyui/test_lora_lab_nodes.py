@@ -210,3 +210,28 @@ def test_bad_inputs_are_clear_node_errors_and_the_server_stays_up(comfy: ComfySe
         status = prompt_status(comfy.wait(comfy.queue_prompt(graph), timeout=120))
         assert status.state == "error" and status.node_type == "LoraLab_SaveLoRA" and "filename prefix" in status.message
     assert comfy.object_info()["LoraLab_TrainLoRA"]
+
+
+def test_extra_dataset_roots_are_offered_and_other_folders_are_not(comfy: ComfyServer) -> None:
+    make_concept_images(comfy.datasets_dir / "from_extra_root", count=2, resolution=64)
+    make_concept_images(comfy.run_dir / "elsewhere" / "not_offered", count=2, resolution=64)
+    offered = comfy.object_info()["LoraLab_LoadDataset"]["input"]["required"]["folder"][0]
+    assert "from_extra_root" in offered and "not_offered" not in offered
+    graph = {"1": {"class_type": "LoraLab_LoadDataset", "inputs": {
+        "folder": "from_extra_root", "resolution": 64, "caption_extension": ".txt", "default_caption": "a {token}",
+        "token": "sks", "repeats": 3, "flip": True}}, "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 1]}}}
+    entry = comfy.run(graph)
+    assert entry["outputs"]["1"]["lora_lab_dataset"] == [
+        {"images": 2, "captioned": 1, "defaulted": 1, "examples": 6, "skipped": 0}]
+
+
+def test_inject_continues_training_from_a_loaded_lora(comfy: ComfyServer, dataset, new_loras) -> None:
+    first = saved_name(comfy.run(training_graph(dataset, steps=2, prefix="lora_lab_first"), timeout=300))
+    graph = training_graph(dataset, steps=2, prefix="lora_lab_continued", learning_rate=5e-3)
+    graph["6"] = {"class_type": "LoraLab_LoadLoRA", "inputs": {"lora_name": first}}
+    graph["3"]["inputs"].update(lora=["6", 0], target="full", rank=2)  # layout and rank come from the file
+    continued = saved_name(comfy.run(graph, timeout=300))
+    before, after = load_file(comfy.loras_dir / first), load_file(comfy.loras_dir / continued)
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == after[k].shape for k in before)
+    assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before if k.endswith("lora_up.weight"))
