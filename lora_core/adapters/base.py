@@ -142,3 +142,17 @@ def check_supported(module: nn.Module) -> None:
 
 def fp32_parameter(*shape: int, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=torch.float32, device=device))
+
+
+@torch.no_grad()
+def kaiming_uniform(parameter: torch.Tensor, generator: torch.Generator | None) -> None:
+    """torch's default layer init (Kaiming-uniform, a = √5), drawn on the CPU: every device gets the same values."""
+    values = torch.empty(parameter.shape)
+    nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+    parameter.copy_(values)
+
+
+@torch.no_grad()
+def normal(parameter: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """N(0, std²) values drawn on the CPU, so that every device gets the same values."""
+    parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)

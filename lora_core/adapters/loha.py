@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..functional import loha
-from .base import Adapter, AdapterError, fp32_parameter
+from .base import Adapter, AdapterError, fp32_parameter, normal
 
 
 class LoHaAdapter(Adapter):
@@ -24,9 +24,9 @@ class LoHaAdapter(Adapter):
         self.hada_w1_b = fp32_parameter(rank, in_dim, device=device)
         self.hada_w2_a = fp32_parameter(out_dim, rank, device=device)
         self.hada_w2_b = fp32_parameter(rank, in_dim, device=device)
-        nn.init.normal_(self.hada_w1_b, std=1, generator=generator)
-        nn.init.normal_(self.hada_w1_a, std=0.1, generator=generator)
-        nn.init.normal_(self.hada_w2_b, std=1, generator=generator)
+        normal(self.hada_w1_b, 1.0, generator)
+        normal(self.hada_w1_a, 0.1, generator)
+        normal(self.hada_w2_b, 1.0, generator)
         nn.init.zeros_(self.hada_w2_a)
 
     def delta_weight(self) -> torch.Tensor:

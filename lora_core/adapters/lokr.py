@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..functional import lokr
-from .base import Adapter, AdapterError, fp32_parameter
+from .base import Adapter, AdapterError, fp32_parameter, kaiming_uniform
 
 
 class LoKrAdapter(Adapter):
@@ -36,7 +36,7 @@ class LoKrAdapter(Adapter):
             full_w2 = rank >= max(out_k, in_n) / 2
         device = base.weight.device
         self.lokr_w1 = fp32_parameter(*w1_shape, device=device)
-        nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5), generator=generator)
+        kaiming_uniform(self.lokr_w1, generator)
         if full_w2:
             self.alpha.fill_(rank)  # a full w2 has no rank to scale by: LyCORIS and ComfyUI use scale 1
             self.lokr_w2 = fp32_parameter(out_k, in_n, *kernel, device=device)
@@ -44,7 +44,7 @@ class LoKrAdapter(Adapter):
         else:
             self.lokr_w2_a = fp32_parameter(out_k, rank, device=device)
             self.lokr_w2_b = fp32_parameter(rank, in_n * math.prod(kernel), device=device)
-            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5), generator=generator)
+            kaiming_uniform(self.lokr_w2_a, generator)
             nn.init.zeros_(self.lokr_w2_b)
 
     def delta_weight(self) -> torch.Tensor:

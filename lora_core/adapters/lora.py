@@ -1,13 +1,11 @@
 """LoRA (and LoCon on convolutions): down Kaiming-uniform, up zero, scale α/r, applied on activations."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..functional import lora
-from .base import Adapter, AdapterError
+from .base import Adapter, AdapterError, kaiming_uniform
 
 
 class LoRAAdapter(Adapter):
@@ -28,7 +26,7 @@ class LoRAAdapter(Adapter):
         else:
             self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=torch.float32)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5), generator=generator)
+        kaiming_uniform(self.lora_down.weight, generator)
         nn.init.zeros_(self.lora_up.weight)
 
     def delta_weight(self) -> torch.Tensor:
