@@ -44,6 +44,18 @@ class TrainingBackend(ABC):
     def frozen_modules(self) -> list[nn.Module]:
         """The base models, whose own parameters must get no gradients while the LoRA trains."""
 
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """The denoiser's blocks to recompute in backward when gradient checkpointing is on."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def vae_fingerprint(self) -> str:
+        """A string that changes with the VAE's weights: part of the key of latents cached on disk."""
+        raise NotImplementedError(f"{type(self).__name__} cannot key a latent cache on disk")
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        """One image per prompt from the model as it is now (LoRA attached), each from noise of `seed`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate sample images")
+
     def model_info(self) -> dict[str, str]:
         """What the file's metadata says about the base: `name`, `hash`, `version` (kohya's `sd_v1`…)."""
         return {}

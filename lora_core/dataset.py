@@ -7,7 +7,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,6 +36,18 @@ class DatasetConfig:
     repeats: int = 1
     flip: bool = False
     max_image_pixels: int = 64_000_000
+    bucketing: bool = False  # kohya aspect-ratio buckets of about resolution² pixels, instead of square crops
+    min_bucket_size: int = 256
+    max_bucket_size: int = 1024
+    bucket_step: int = 64
+    shuffle_tags: bool = False  # shuffle comma-separated tags on every draw...
+    keep_tokens: int = 0  # ...keeping this many leading tags in place
+    caption_dropout: float = 0.0  # chance that a drawn caption is empty (unconditional)
+    tag_dropout: float = 0.0  # chance that each shuffled tag is left out
+
+    @property
+    def augments_captions(self) -> bool:
+        return self.shuffle_tags or self.caption_dropout > 0 or self.tag_dropout > 0
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
@@ -47,6 +58,18 @@ class DatasetConfig:
             raise DatasetError(f"repeats={self.repeats} is invalid; use an integer >= 1.")
         if self.max_image_pixels < 1:
             raise DatasetError(f"max_image_pixels={self.max_image_pixels} is invalid; use an integer >= 1.")
+        if self.bucketing and not (
+            self.bucket_step > 0 and self.bucket_step % 8 == 0 and 0 < self.min_bucket_size <= self.max_bucket_size
+        ):
+            raise DatasetError(
+                f"buckets from {self.min_bucket_size} to {self.max_bucket_size} px in steps of {self.bucket_step} are "
+                "invalid; use a step that is a multiple of 8 and 0 < min_bucket_size <= max_bucket_size."
+            )
+        for name in ("caption_dropout", "tag_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DatasetError(f"{name}={getattr(self, name)} is invalid; use a probability from 0 to 1.")
+        if self.keep_tokens < 0:
+            raise DatasetError(f"keep_tokens={self.keep_tokens} is invalid; use 0 or more leading tags.")
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise DatasetError(
                 f"caption_extension={self.caption_extension!r} is invalid; use a dotted extension such as '.txt'."
@@ -59,9 +82,14 @@ class Example:
 
     path: Path
     caption: str
-    pixels: torch.Tensor  # uint8 [3, R, R]
+    pixels: torch.Tensor  # uint8 [3, H, W]: R×R, or the bucket's size with bucketing
     repeats: int
     captioned: bool
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """(width, height) of the training image; batches only mix images of one bucket."""
+        return self.pixels.shape[2], self.pixels.shape[1]
 
 
 @dataclass(frozen=True)
@@ -77,7 +105,7 @@ class Batch:
 
 
 class ImageFolderDataset:
-    """Images in `root` and its `N_name` subfolders, square-cropped, with captions and repeats."""
+    """Images in `root` and its `N_name` subfolders, square-cropped or bucketed, with captions and repeats."""
 
     def __init__(self, root: str | os.PathLike, config: DatasetConfig = DatasetConfig()) -> None:
         self.root = Path(root)
@@ -89,6 +117,7 @@ class ImageFolderDataset:
                 f"Dataset path {self.root} is not a folder; point it at the folder that holds the images."
             )
         self.skipped: list[tuple[Path, str]] = []
+        self.buckets = bucket_sizes(config) if config.bucketing else []
         self.examples: list[Example] = []
         self._folder_names: list[str] = []
         for folder, folder_name, repeats in self._image_folders():
@@ -135,11 +164,11 @@ class ImageFolderDataset:
         return {folder_name: dict(counts) for folder_name, counts in frequency.items()}
 
     def pixel_values(self, index: int, flip: bool = False) -> torch.Tensor:
-        """Float32 [3, R, R] pixels in [-1, 1] for a repeat-expanded index, optionally mirrored."""
+        """Float32 [3, H, W] pixels in [-1, 1] for a repeat-expanded index, optionally mirrored."""
         return self.image_pixels(self._expanded[index], flip)
 
     def image_pixels(self, image: int, flip: bool = False) -> torch.Tensor:
-        """Float32 [3, R, R] pixels in [-1, 1] of distinct image `image`, optionally mirrored."""
+        """Float32 [3, H, W] pixels in [-1, 1] of distinct image `image`, optionally mirrored."""
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
@@ -147,28 +176,26 @@ class ImageFolderDataset:
         """Caption for a repeat-expanded index."""
         return self.examples[self._expanded[index]].caption
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        """Endless full batches over shuffled epochs; leftovers carry into the next epoch."""
-        if batch_size < 1:
-            raise DatasetError(f"batch_size={batch_size} is invalid for dataset {self.root}; use an integer >= 1.")
-        return self._iterate_batches(batch_size, generator)
+    def bucket(self, index: int) -> tuple[int, int]:
+        """(width, height) of a repeat-expanded index's image."""
+        return self.examples[self._expanded[index]].bucket
 
-    def _iterate_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        pending: list[int] = []
-        while True:
-            pending.extend(torch.randperm(len(self), generator=generator).tolist())
-            while len(pending) >= batch_size:
-                indices, pending = pending[:batch_size], pending[batch_size:]
-                yield self._make_batch(indices, generator)
+    def batches(self, batch_size: int, generator: torch.Generator) -> BatchSampler:
+        """Endless full batches over shuffled epochs, drawn with `generator`; see BatchSampler."""
+        return BatchSampler(self, batch_size, generator)
 
-    def _make_batch(self, indices: list[int], generator: torch.Generator) -> Batch:
+    def make_batch(self, indices: list[int], generator: torch.Generator) -> Batch:
+        """The batch of these repeat-expanded indices, with random flips and caption augmentation from `generator`."""
         if self.config.flip:
             flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
         else:
             flips = [False] * len(indices)
+        captions = [self.caption(index) for index in indices]
+        if self.config.augments_captions:
+            captions = [augment_caption(caption, self.config, generator) for caption in captions]
         return Batch(
             pixels=torch.stack([self.pixel_values(index, flip) for index, flip in zip(indices, flips)]),
-            captions=[self.caption(index) for index in indices],
+            captions=captions,
             indices=indices,
             images=[self._expanded[index] for index in indices],
             flipped=flips,
@@ -190,7 +217,7 @@ class ImageFolderDataset:
         except (OSError, UnicodeDecodeError) as error:
             return self._skip(path, f"caption file {caption_path} is unreadable or not UTF-8 ({error})")
         try:
-            pixels = _load_square_pixels(path, self.config.resolution, self.config.max_image_pixels)
+            pixels = _load_pixels(path, self.config.resolution, self.config.max_image_pixels, self.buckets)
         except Exception as error:  # PIL raises many exception types for broken files
             return self._skip(path, str(error) or type(error).__name__)
         captioned = bool(caption_text)
@@ -225,8 +252,86 @@ def _read_caption(caption_path: Path) -> str:
     return " ".join(caption_path.read_text(encoding="utf-8-sig").split())
 
 
-def _load_square_pixels(path: Path, resolution: int, max_image_pixels: int) -> torch.Tensor:
-    """Decode to RGB, scale the short side to `resolution`, center-crop; uint8 [3, R, R]."""
+def bucket_sizes(config: DatasetConfig) -> list[tuple[int, int]]:
+    """kohya's buckets: (width, height) in steps of `bucket_step`, at most resolution² pixels, sides within
+    [min_bucket_size, max_bucket_size], plus the square; sorted by aspect ratio."""
+    area, step = config.resolution**2, config.bucket_step
+    sizes = {(config.resolution // step * step,) * 2}
+    for width in range(config.min_bucket_size, config.max_bucket_size + 1, step):
+        height = min(config.max_bucket_size, area // width // step * step)
+        if height >= config.min_bucket_size:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes, key=lambda size: size[0] / size[1])
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (kohya's rule)."""
+    ratio = width / height
+    return min(buckets, key=lambda size: abs(size[0] / size[1] - ratio))
+
+
+def augment_caption(caption: str, config: DatasetConfig, generator: torch.Generator) -> str:
+    """kohya's caption augmentation: dropout of the whole caption, then tag dropout and shuffling after the first
+    `keep_tokens` comma-separated tags."""
+    if config.caption_dropout and torch.rand(1, generator=generator).item() < config.caption_dropout:
+        return ""
+    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
+    kept, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
+    if config.tag_dropout:
+        rest = [tag for tag, draw in zip(rest, torch.rand(len(rest), generator=generator).tolist())
+                if draw >= config.tag_dropout]
+    if config.shuffle_tags:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    return ", ".join(kept + rest)
+
+
+class BatchSampler:
+    """Endless full batches: shuffled epochs whose indices queue up per bucket, a batch taken whenever a bucket's
+    queue fills (leftovers carry into the next epoch), random flips and caption augmentation.
+
+    All randomness comes from one generator, and `state_dict()` holds it with the queues, so a run resumed from a
+    checkpoint draws exactly the batches an uninterrupted run draws.
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, batch_size: int, generator: torch.Generator) -> None:
+        if batch_size < 1:
+            raise DatasetError(f"batch_size={batch_size} is invalid for dataset {dataset.root}; use an integer >= 1.")
+        self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
+        self.waiting: dict[str, list[int]] = {}  # per bucket "WxH": indices not yet in a batch
+        self.ready: list[list[int]] = []  # full batches of this epoch, in drawing order
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        while not self.ready:
+            self._queue_epoch()
+        return self.dataset.make_batch(self.ready.pop(0), self.generator)
+
+    def _queue_epoch(self) -> None:
+        for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
+            queue = self.waiting.setdefault("{}x{}".format(*self.dataset.bucket(index)), [])
+            queue.append(index)
+            if len(queue) == self.batch_size:
+                self.ready.append(queue[:])
+                queue.clear()
+        if len(self.waiting) > 1:  # batches of several buckets: mix them, so no bucket trains in a long run
+            self.ready = [self.ready[i] for i in torch.randperm(len(self.ready), generator=self.generator).tolist()]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "waiting": self.waiting, "ready": self.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.waiting = {key: list(value) for key, value in state["waiting"].items()}
+        self.ready = [list(batch) for batch in state["ready"]]
+
+
+def _load_pixels(
+    path: Path, resolution: int, max_image_pixels: int, buckets: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Decode to RGB; resize to the nearest bucket, or scale the short side to `resolution` and center-crop.
+    uint8 [3, H, W]."""
     with Image.open(path) as image:
         if image.width * image.height > max_image_pixels:
             raise DatasetError(
@@ -237,6 +342,15 @@ def _load_square_pixels(path: Path, resolution: int, max_image_pixels: int) -> t
     if image.has_transparency_data:
         image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA"))
     image = image.convert("RGB")
+    if buckets:
+        resized = image.resize(nearest_bucket(image.width, image.height, buckets), Image.Resampling.LANCZOS)
+    else:
+        resized = _square(image, resolution)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+
+
+def _square(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale the short side to `resolution` and center-crop to resolution × resolution."""
     scale = resolution / min(image.size)
     scaled_width = max(resolution, round(image.width * scale))
     scaled_height = max(resolution, round(image.height * scale))
@@ -246,5 +360,4 @@ def _load_square_pixels(path: Path, resolution: int, max_image_pixels: int) -> t
     scale_y = scaled_height / image.height
     # Resizing only the source region under the crop equals resize-then-crop without the large intermediate.
     source_box = (left / scale_x, top / scale_y, (left + resolution) / scale_x, (top + resolution) / scale_y)
-    square = image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=source_box)
-    return torch.from_numpy(np.asarray(square).copy()).permute(2, 0, 1).contiguous()
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=source_box)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backend import TrainingBackend
+from .files import data_hash
 from .network import LoRANetwork
 from .targets import (
     TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, named_for_kohya,
@@ -59,6 +60,17 @@ class DiffusersBackend(TrainingBackend):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
+    def vae_fingerprint(self) -> str:
+        if not hasattr(self, "_vae_fingerprint"):
+            self._vae_fingerprint = data_hash(self.vae.state_dict())
+        return self._vae_fingerprint
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        return [generate(self.pipeline, None, prompt, seed=seed, steps=steps) for prompt in prompts]
 
     def model_info(self) -> dict[str, str]:
         version = "sd_v1" if self.unet.config.cross_attention_dim == 768 else "sd_v2"

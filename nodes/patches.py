@@ -29,7 +29,7 @@ def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: f
     network, _ = LoRANetwork.from_tensors(weights.tensors, backend.loadable_modules(), strict=False)
     unet_patches, clip_patches = {}, {}
     for name, adapter in network.items():
-        diff = (adapter.merged_weight(1.0) - adapter.base.weight.float()).to(adapter.base.weight.dtype)
+        diff = (adapter.merged_weight(1.0) - adapter.base_weight()).to(adapter.base.weight.dtype)
         key, patches = backend.weight_key(name)
         (clip_patches if patches == "clip" else unet_patches)[key] = (diff,)
     new_model, new_clip = model.clone(), clip.clone() if clip is not None else None

@@ -59,7 +59,7 @@ def test_accumulated_step_applies_the_mean_gradient(pipeline, concept_dir) -> No
     expected_grads = []
     encoded = EncodedDataset(backend, dataset, config.seed, cache_text=True)
     generator = torch.Generator().manual_seed(config.seed)
-    batches = dataset.batches(1, generator)
+    batches = dataset.batches(1, torch.Generator().manual_seed(config.seed + 1))
     alphas = backend.alphas_cumprod()
     with network.applied(1.0):
         for _ in range(3):

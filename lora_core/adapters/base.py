@@ -34,7 +34,9 @@ class Adapter(nn.Module):
             raise AdapterError(f"alpha must be a number > 0 (kohya's default is alpha = rank), got {alpha!r}")
         self.rank = rank
         self.multiplier = 1.0
-        self.weight_shape = base.weight.shape
+        self.weight_shape = (
+            base.weight.shape if isinstance(base, nn.Conv2d) else torch.Size((base.out_features, base.in_features))
+        )
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=base.weight.device))
         self._base = [base]  # in a list, so the base stays out of this module's parameters and state dict
         self._hook: torch.utils.hooks.RemovableHandle | None = None
@@ -60,9 +62,13 @@ class Adapter(nn.Module):
         """What this adapter adds to the base output for input `x`, multiplier included."""
         return self.apply_weight(x, self.delta_weight()) * self.multiplier
 
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in fp32, dequantized if the layer holds it in 4 bits (QLoRA)."""
+        return dense_weight(self.base)
+
     def merged_weight(self, strength: float) -> torch.Tensor:
         """The base weight with ΔW merged at `strength`, in fp32."""
-        return self.base.weight.float() + strength * self.delta_weight()
+        return self.base_weight() + strength * self.delta_weight()
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base module's operation with another weight and no bias."""
@@ -101,6 +107,8 @@ class Adapter(nn.Module):
         """Write ΔW at `strength` into the base weight; `unmerge()` restores the exact original."""
         if self.merged:
             raise AdapterError("this adapter is merged already; unmerge it first")
+        if is_quantized(self.base):
+            raise AdapterError("a LoRA cannot be merged into a 4-bit quantized layer; apply it attached instead")
         weight = self.base.weight
         self._weight_backup = weight.detach().clone()
         weight.copy_(self.merged_weight(strength).to(weight.dtype))
@@ -138,6 +146,19 @@ def check_supported(module: nn.Module) -> None:
             raise AdapterError("adapters support Conv2d with groups=1 and zero padding only")
     elif not isinstance(module, nn.Linear):
         raise AdapterError(f"adapters support nn.Linear and nn.Conv2d, not {type(module).__name__}")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return getattr(module.weight, "quant_state", None) is not None
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight` in fp32; a bitsandbytes 4-bit weight is dequantized."""
+    if is_quantized(module):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    return module.weight.float()
 
 
 def fp32_parameter(*shape: int, device: torch.device) -> nn.Parameter:

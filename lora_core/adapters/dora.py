@@ -16,11 +16,11 @@ class DoRAAdapter(LoRAAdapter):
         self, base: nn.Module, rank: int = 8, alpha: float | None = None, generator: torch.Generator | None = None
     ) -> None:
         super().__init__(base, rank, alpha, generator)
-        self.dora_scale = nn.Parameter(dora.output_norm(base.weight.detach().float()))
+        self.dora_scale = nn.Parameter(dora.output_norm(self.base_weight().detach()))
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """multiplier · (DoRA output − base output), from the base output: W itself is never multiplied again."""
-        weight = self.base.weight.float()
+        weight = self.base_weight()
         magnitude = self.per_channel(dora.magnitude_scale(weight, self.delta_weight(), self.dora_scale))
         plain = base_output.float()
         if self.base.bias is not None:
@@ -32,4 +32,4 @@ class DoRAAdapter(LoRAAdapter):
         return values.reshape(1, -1, 1, 1) if self.is_conv else values.reshape(-1)
 
     def merged_weight(self, strength: float) -> torch.Tensor:
-        return dora.merged_weight(self.base.weight.float(), self.delta_weight(), self.dora_scale, strength)
+        return dora.merged_weight(self.base_weight(), self.delta_weight(), self.dora_scale, strength)
