@@ -219,11 +219,13 @@ class EncodedDataset:
 
     @staticmethod
     def encode(backend: TrainingBackend, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None) -> torch.Tensor:
-        key = hashlib.sha256(f"{seed}:{vae}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
-        cached = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
-        if cached is not None and cached.is_file():
-            return load_tensors(cached)["latent"].to(backend.device)
-        generator = torch.Generator().manual_seed(int(key[:15], 16))
+        image_key = hashlib.sha256(f"{seed}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
+        cached = None
+        if cache_dir:
+            cached = Path(cache_dir) / f"{hashlib.sha256(f'{image_key}:{vae}'.encode()).hexdigest()}.safetensors"
+            if cached.is_file():
+                return load_tensors(cached)["latent"].to(backend.device)
+        generator = torch.Generator().manual_seed(int(image_key[:15], 16))
         latent = backend.encode_images(pixels[None].to(backend.device), generator)[0].float()
         if cached is not None:
             save_file(cached, {"latent": latent}, {"lora_lab": "cached latent"}, overwrite=True)
