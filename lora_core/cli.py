@@ -44,6 +44,7 @@ def unet_hash(base: Path) -> str:
 def command_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
+    from .checkpoints import Checkpointer, load_state
     from .dataset import DatasetConfig, ImageFolderDataset
     from .diffusers_backend import DiffusersBackend
     from .files import load_lora, save_lora
@@ -55,10 +56,16 @@ def command_train(args: argparse.Namespace) -> None:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
     pipeline = load_pipeline(Path(args.base), args.device)
+    if args.qlora:
+        from .quantize import quantize_linear_layers
+
+        quantize_linear_layers(pipeline.unet)
     backend = DiffusersBackend(pipeline, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(
         resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
-        token=args.token, repeats=args.repeats, flip=args.flip,
+        token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing,
+        min_bucket_size=args.min_bucket_size, max_bucket_size=args.max_bucket_size, shuffle_tags=args.shuffle_tags,
+        keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
     ))
     if args.resume_from:
         network, _ = load_lora(args.resume_from, backend.loadable_modules())
@@ -71,26 +78,40 @@ def command_train(args: argparse.Namespace) -> None:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
         lr_warmup_steps=args.lr_warmup_steps, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-        seed=args.seed, early_stopping_patience=args.early_stopping_patience,
+        seed=args.seed, early_stopping_patience=args.early_stopping_patience, text_encoder_lr=args.text_encoder_lr,
+        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
+        latent_cache_dir=args.latent_cache_dir,
     )
+
+    def metadata(steps: int) -> dict[str, str]:
+        return kohya_metadata(
+            network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
+            dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+            title=out.stem, resolution=args.resolution, prediction_type=backend.prediction_type,
+        )
+
+    checkpointer = None
+    if args.save_every:
+        checkpointer = Checkpointer(out.parent, args.save_every, args.keep_checkpoints, out.stem, metadata,
+                                    args.save_dtype)
+    resume_state = load_state(args.resume) if args.resume else None
     print(f"{len(dataset)} examples from {dataset.num_images} images; {len(network.adapters)} {network.algorithm} modules")
-    with tqdm(total=config.steps, desc="training", unit="step") as bar:
+    with tqdm(total=config.steps, initial=resume_state["step"] if resume_state else 0, desc="training", unit="step") as bar:
         def show(report) -> None:
             bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
             bar.update(1)
+            for index, image in enumerate(report.samples or []):
+                image.save(out.parent / f"{out.stem}-sample-step{report.step:08d}-{index}.png")
 
         try:
-            result = train(backend, network, dataset, config, callback=show)
+            result = train(backend, network, dataset, config, callback=show, checkpointer=checkpointer,
+                           resume_state=resume_state)
         except TrainingDiverged as error:
             result = error.result
             out = out.with_name(out.stem + "-last-good.safetensors")
             print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
-    metadata = kohya_metadata(
-        network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
-        dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
-        title=out.stem, resolution=args.resolution, prediction_type=backend.prediction_type,
-    )
-    save_lora(out, network, metadata, dtype=args.save_dtype, overwrite=args.overwrite)
+    save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite)
     print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in ("losses", "learning_rates")}}))
     if result.stop_reason == "diverged":
         raise SystemExit(1)
@@ -141,9 +162,20 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=None, help="default: the rank")
     train.add_argument("--preset", choices=sorted(UNET_PRESETS), default="attention")
     train.add_argument("--text-encoder", action="store_true", help="also adapt the CLIP text encoder")
-    train.add_argument("--resume-from", help="a LoRA file to continue training")
+    train.add_argument("--resume-from", help="a LoRA file to continue training from (a new run on its weights)")
+    train.add_argument("--resume", help="a checkpoint's .state.safetensors: continue that run exactly where it stopped")
+    train.add_argument("--save-every", type=int, default=0, help="save a checkpoint (LoRA + state) every N steps")
+    train.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
+    train.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
+    train.add_argument("--sample-prompt", action="append", default=[], help="a prompt for samples (repeatable)")
+    train.add_argument("--sample-steps", type=int, default=20)
     train.add_argument("--steps", type=int, default=DEFAULTS.steps)
     train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
+    train.add_argument("--text-encoder-lr", type=float, default=None, help="default: --lr")
+    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes)")
+    train.add_argument("--latent-cache-dir", help="keep encoded latents on disk for later runs")
     train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     train.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation)
     train.add_argument("--optimizer", default=DEFAULTS.optimizer, help="a torch.optim class, AdamW8bit, Lion or Prodigy")
@@ -159,6 +191,13 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--token", default="sks")
     train.add_argument("--repeats", type=int, default=1)
     train.add_argument("--flip", action="store_true")
+    train.add_argument("--bucketing", action="store_true", help="aspect-ratio buckets instead of square crops")
+    train.add_argument("--min-bucket-size", type=int, default=256)
+    train.add_argument("--max-bucket-size", type=int, default=1024)
+    train.add_argument("--shuffle-tags", action="store_true")
+    train.add_argument("--keep-tokens", type=int, default=0)
+    train.add_argument("--caption-dropout", type=float, default=0.0)
+    train.add_argument("--tag-dropout", type=float, default=0.0)
     train.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     train.add_argument("--device", default="cpu")
     train.add_argument("--overwrite", action="store_true")

@@ -85,3 +85,19 @@ def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, arg
     result = run(*base, check=False)
     assert result.returncode != 0, problem
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_cli_resume_continues_a_checkpointed_run_to_the_same_lora(demo: Path, tmp_path) -> None:
+    common = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--resolution", "64",
+              "--rank", "4", "--flip", "--shuffle-tags", "--save-dtype", "float32", "--lr", "0.005"]
+    run(*common, "--out", str(tmp_path / "whole.safetensors"), "--steps", "4")
+    run(*common, "--out", str(tmp_path / "part.safetensors"), "--steps", "2", "--save-every", "2",
+        "--sample-every", "2", "--sample-steps", "2")
+    assert (tmp_path / "part-sample-step00000002-0.png").is_file()
+    state = tmp_path / "part-step00000002.state.safetensors"
+    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--steps", "4", "--resume", str(state))
+    whole, _ = load_file(tmp_path / "whole.safetensors")
+    resumed, _ = load_file(tmp_path / "resumed.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert np.allclose(whole[key].numpy(), resumed[key].numpy(), rtol=1e-5, atol=1e-7), key
