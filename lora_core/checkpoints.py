@@ -66,8 +66,8 @@ def load_state(path: str | Path) -> dict:
     if not path.name.endswith(STATE_SUFFIX):
         raise LoRAFileError(f"{path} is not a training-state file; resume from the `{STATE_SUFFIX}` file saved "
                             "beside a checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as stream:
+    try:  # outside inference mode, so that the optimizer may update the tensors in place (ComfyUI runs in it)
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as stream:
             encoded = (stream.metadata() or {})[STATE_KEY]
             tensors = {key: stream.get_tensor(key) for key in stream.keys()}
     except (OSError, KeyError, ValueError) as error:
@@ -91,6 +91,12 @@ class Checkpointer:
         self.directory = Path(self.directory)
         if self.every < 1 or self.keep < 0:
             raise ValueError(f"checkpoints every {self.every} steps keeping {self.keep}: use every ≥ 1 and keep ≥ 0")
+
+    def check_fresh(self) -> None:
+        """A new run never overwrites another run's checkpoints (a resumed run continues its own)."""
+        if self.saved():
+            raise LoRAFileError(f"{self.directory} already holds checkpoints named {self.name}-step…; choose another "
+                                "name (prefix), delete them, or resume from their .state file")
 
     def due(self, step: int) -> bool:
         return step % self.every == 0

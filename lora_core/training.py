@@ -306,6 +306,8 @@ def train(
     result = TrainingResult()
     progress = {"smoothed": 0.0, "steps_without_improvement": 0, "best_weights": None}
     first_step = 1
+    if checkpointer is not None and resume_state is None:
+        checkpointer.check_fresh()
     if resume_state is not None:
         first_step = resume(resume_state, config, network, optimizer, scheduler, scaler, noise_generator, batches,
                             result, progress)

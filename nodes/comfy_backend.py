@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..lora_core.backend import TrainingBackend
+from ..lora_core.files import data_hash
 from ..lora_core.targets import (
     TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name,
 )
@@ -88,8 +89,8 @@ def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
 class ComfyBackend(TrainingBackend):
     """Trains through MODEL's diffusion model and its own `model_sampling`; encodes with the given VAE and CLIP."""
 
-    def __init__(self, model: Any, clip: Any, vae: Any = None) -> None:
-        self.model, self.clip, self.vae = model, clip, vae
+    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512) -> None:
+        self.model, self.clip, self.vae, self.sample_size = model, clip, vae, sample_size
         self.base_model = model.model
         self.unet = model.model.diffusion_model
         model_type = getattr(model.model, "model_type", None)
@@ -168,6 +169,32 @@ class ComfyBackend(TrainingBackend):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet] + ([self.clip.cond_stage_model] if self.clip is not None else [])
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return [*self.unet.input_blocks, self.unet.middle_block, *self.unet.output_blocks]
+
+    def vae_fingerprint(self) -> str:
+        return data_hash(self.vae.first_stage_model.state_dict())
+
+    def conditioning(self, text: str) -> list:
+        """ComfyUI's CONDITIONING for `text`, as CLIPTextEncode makes it."""
+        cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        """KSampler (euler, cfg 7) and VAE Decode, as the core nodes do it, with the LoRA attached."""
+        import nodes as comfy_nodes  # ComfyUI's own nodes module
+        from PIL import Image
+
+        size = self.sample_size // 8
+        images = []
+        for prompt in prompts:
+            latent = {"samples": torch.zeros(1, 4, size, size)}
+            (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, 7.0, "euler", "normal",
+                                                     self.conditioning(prompt), self.conditioning(""), latent)
+            pixels = self.vae.decode(sampled["samples"])[0]
+            images.append(Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().cpu().numpy()))
+        return images
 
     def model_info(self) -> dict[str, str]:
         context_dim = self.base_model.model_config.unet_config.get("context_dim")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import folder_paths
 
+from ..lora_core.checkpoints import STATE_SUFFIX
 from ..lora_core.dataset import IMAGE_EXTENSIONS
 
 DATASET_FOLDER_TYPE = "lora_datasets"
@@ -104,8 +105,14 @@ def next_lora_path(prefix: str) -> Path:
 
 
 def lora_files() -> list[str]:
-    """The `.safetensors` files of ComfyUI's `loras` list (pickled formats are never offered)."""
-    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
+    """The `.safetensors` LoRAs of ComfyUI's `loras` list (pickled formats and training states are never offered)."""
+    return [name for name in folder_paths.get_filename_list("loras")
+            if name.lower().endswith(".safetensors") and not name.endswith(STATE_SUFFIX)]
+
+
+def training_states() -> list[str]:
+    """Checkpoint sidecars in the `loras` folders, to resume a run from."""
+    return [name for name in folder_paths.get_filename_list("loras") if name.endswith(STATE_SUFFIX)]
 
 
 def resolve_lora(name: str) -> Path:

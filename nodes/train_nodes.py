@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import comfy.model_management
@@ -18,10 +19,11 @@ from ..lora_core.network import LoRANetwork
 from ..lora_core.optim import EXTRA_OPTIMIZERS, SCHEDULERS
 from ..lora_core.plots import loss_curve
 from ..lora_core.targets import UNET_PRESETS
-from ..lora_core.training import StepReport, TrainingConfig, train
+from ..lora_core.checkpoints import Checkpointer, load_state
+from ..lora_core.training import AUTOCAST_DTYPES, StepReport, TrainingConfig, train
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
-from .paths import list_dataset_folders, resolve_dataset
+from .paths import check_name, list_dataset_folders, next_lora_path, resolve_dataset, resolve_lora, training_states
 from .progress import send_event
 
 CATEGORY = "LoRA Lab"
@@ -54,16 +56,30 @@ class LoadDataset:
             "token": ("STRING", {"default": "sks", "tooltip": "The placeholder word for your concept, substituted for {token} in every caption."}),
             "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "How often each image is seen per epoch, on top of N_name folder repeats."}),
             "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror images left-right while training."}),
+        }, "optional": {
+            "bucketing": ("BOOLEAN", {"default": False, "tooltip": "Aspect-ratio buckets (kohya): each image is resized to the bucket of about resolution² pixels nearest its shape, instead of a square crop."}),
+            "min_bucket_size": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 64, "tooltip": "Shortest bucket side."}),
+            "max_bucket_size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 64, "tooltip": "Longest bucket side."}),
+            "shuffle_tags": ("BOOLEAN", {"default": False, "tooltip": "Shuffle the comma-separated tags of each caption every time it is drawn."}),
+            "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "How many leading tags stay in place when shuffling or dropping."}),
+            "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that an image is trained with an empty caption."}),
+            "tag_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that each tag after keep_tokens is left out."}),
         }}
 
-    def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip):
+    def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip, bucketing=False,
+             min_bucket_size=256, max_bucket_size=1024, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0,
+             tag_dropout=0.0):
         dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(
             resolution=resolution, caption_extension=caption_extension, default_caption=default_caption,
-            token=token, repeats=repeats, flip=flip,
+            token=token, repeats=repeats, flip=flip, bucketing=bucketing, min_bucket_size=min_bucket_size,
+            max_bucket_size=max_bucket_size, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
+            caption_dropout=caption_dropout, tag_dropout=tag_dropout,
         ))
+        size = dataset.examples[0].bucket  # a batch holds one size: the preview shows the images of the first one
         preview = torch.stack([
-            dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5 for index in range(min(PREVIEW_IMAGES, dataset.num_images))
-        ])
+            dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5
+            for index in range(dataset.num_images) if dataset.examples[index].bucket == size
+        ][:PREVIEW_IMAGES])
         summary = {"images": dataset.num_images, "captioned": dataset.captioned_count,
                    "defaulted": dataset.defaulted_count, "examples": len(dataset), "skipped": len(dataset.skipped)}
         text = (f"{dataset.num_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
@@ -132,10 +148,11 @@ class InjectLoRA:
 class TrainLoRA:
     DESCRIPTION = "Trains the LoRA on the dataset with the model's own noise schedule. The base model is left as it was."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE")
-    RETURN_NAMES = ("lora", "model", "clip", "loss_curve")
+    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples")
     OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
-                       "CLIP with the LoRA applied at strength 1.", "The training loss per step.")
+                       "CLIP with the LoRA applied at strength 1.", "The training loss per step.",
+                       "The sample images of every sample step, in order (one black image when sampling is off).")
     FUNCTION = "train"
 
     @classmethod
@@ -157,18 +174,37 @@ class TrainLoRA:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed and settings give the same LoRA."}),
                 "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many steps without a better smoothed loss and keep the best weights; 0 is off."}),
             },
+            "optional": {
+                "text_encoder_lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.1, "step": 0.000001, "tooltip": "Learning rate of a text-encoder LoRA; -1 uses learning_rate, 0 keeps it fixed."}),
+                "mixed_precision": (list(AUTOCAST_DTYPES), {"default": "no", "tooltip": "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays fp32. fp16 adds a gradient scaler."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in backward: much less memory, about a third slower."}),
+                "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Generate sample images every N steps (0: none); they come out as the samples IMAGE and as previews."}),
+                "sample_prompts": ("STRING", {"default": "a photo of sks", "multiline": True, "tooltip": "One prompt per line for the samples; the seed is fixed, so samples show only the LoRA changing."}),
+                "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps for each sample image."}),
+                "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
+                "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
+                "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
+                "resume_from": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings."}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, network, dataset, vae, steps, learning_rate, batch_size, gradient_accumulation, optimizer,
-              lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience, unique_id=None):
+              lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience,
+              text_encoder_lr=-1.0, mixed_precision="no", gradient_checkpointing=False, sample_every=0,
+              sample_prompts="a photo of sks", sample_steps=20, checkpoint_every=0,
+              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_from="none", unique_id=None):
         config = TrainingConfig(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, seed=seed % 2**63,
             early_stopping_patience=early_stopping_patience,
+            text_encoder_lr=None if text_encoder_lr < 0 else text_encoder_lr, mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing, sample_every=sample_every, sample_steps=sample_steps,
+            sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
         )
-        backend = ComfyBackend(network.model, network.clip, vae)
+        backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
+        resume_state = load_state(resolve_lora(resume_from)) if resume_from != "none" else None
         bar = comfy.utils.ProgressBar(steps)
         losses: list[float] = []
         last_preview = [0.0]
@@ -177,7 +213,9 @@ class TrainLoRA:
             comfy.model_management.throw_exception_if_processing_interrupted()
             losses.append(report.loss)
             preview = None
-            if time.monotonic() - last_preview[0] > PREVIEW_SECONDS or report.step == report.total_steps:
+            if report.samples:
+                preview, last_preview[0] = ("PNG", report.samples[0], 512), time.monotonic()
+            elif time.monotonic() - last_preview[0] > PREVIEW_SECONDS or report.step == report.total_steps:
                 preview, last_preview[0] = ("PNG", loss_curve(losses), 512), time.monotonic()
             bar.update_absolute(report.step, report.total_steps, preview)
             send_event("lora_lab.train.step", {
@@ -185,19 +223,30 @@ class TrainLoRA:
                 "smoothed": report.smoothed_loss, "lr": report.learning_rate, "elapsed": report.elapsed,
             })
 
+        def metadata(steps: int) -> dict[str, str]:
+            return kohya_metadata(
+                lora_network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
+                dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+                resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
+            )
+
+        checkpointer = None
+        if checkpoint_every:
+            check_name(checkpoint_prefix, "checkpoint prefix")
+            folder = next_lora_path(checkpoint_prefix).parent
+            checkpointer = Checkpointer(folder, checkpoint_every, keep_checkpoints, Path(checkpoint_prefix).name, metadata)
         with backend.loaded(network.text_encoder):
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
                 lora_network = network.build(backend, config.seed).to(backend.device)
-            result = train(backend, lora_network, dataset, config, callback=on_step)
-        metadata = kohya_metadata(
-            lora_network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
-            dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
-            resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
-        )
-        weights = LoRAWeights.from_network(lora_network, metadata)
+            result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
+                           resume_state=resume_state)
+        weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
         summary = {"steps": result.steps, "losses": result.losses, "best_step": result.best_step,
                    "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses)])
-        return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve)}
+        samples = [image for _, images in result.samples for image in images]
+        size = dataset.config.resolution
+        samples = to_image_batch(samples) if samples else torch.zeros(1, size, size, 3)
+        return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve, samples)}

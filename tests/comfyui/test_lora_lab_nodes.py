@@ -235,3 +235,59 @@ def test_inject_continues_training_from_a_loaded_lora(comfy: ComfyServer, datase
     assert before.keys() == after.keys()
     assert all(before[k].shape == after[k].shape for k in before)
     assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before if k.endswith("lora_up.weight"))
+
+
+def test_text_encoder_lora_matches_comfys_loraloader_at_clip_strength(comfy: ComfyServer, dataset, new_loras) -> None:
+    graph = training_graph(dataset, steps=3, prefix="lora_lab_text", train_text_encoder=True, learning_rate=1e-2)
+    name = saved_name(comfy.run(graph, timeout=300))
+    assert any(key.startswith("lora_te_") for key in load_file(comfy.loras_dir / name))
+    log_before = len(comfy.log_text())
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                     "strength_model": 0.0, "strength_clip": 1.0}},
+        "3": {"class_type": "LoraLab_LoadLoRA", "inputs": {"lora_name": name}},
+        "4": {"class_type": "LoraLab_ApplyLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora": ["3", 0],
+                                                            "strength_model": 0.0, "strength_clip": 1.0}},
+        **sampling_nodes(10, ["2", 0], ["2", 1], ["1", 2], seed=2, prefix="te_loader"),
+        **sampling_nodes(20, ["4", 0], ["4", 1], ["1", 2], seed=2, prefix="te_apply"),
+        **sampling_nodes(30, ["1", 0], ["1", 1], ["1", 2], seed=2, prefix="te_base"),
+    }
+    entry = comfy.run(graph)
+    assert "lora key not loaded" not in comfy.log_text()[log_before:]
+    assert np.array_equal(pixels(comfy, entry, "15"), pixels(comfy, entry, "25"))
+    assert not np.array_equal(pixels(comfy, entry, "25"), pixels(comfy, entry, "35")), "the text encoder changed"
+
+
+def test_checkpoints_resume_and_memory_options_through_the_node(comfy: ComfyServer, dataset, new_loras) -> None:
+    graph = training_graph(dataset, steps=4, prefix="lora_lab_whole")
+    whole = load_file(comfy.loras_dir / saved_name(comfy.run(graph, timeout=300)))
+
+    graph = training_graph(dataset, steps=2, prefix="lora_lab_part")  # a run that stops at step 2
+    graph["4"]["inputs"].update(checkpoint_every=2, checkpoint_prefix="lora_lab_ckpt", keep_checkpoints=1)
+    comfy.run(graph, timeout=300)
+    states = comfy.object_info()["LoraLab_TrainLoRA"]["input"]["optional"]["resume_from"][0]
+    assert "lora_lab_ckpt-step00000002.state.safetensors" in states
+    loras = comfy.object_info()["LoraLab_LoadLoRA"]["input"]["required"]["lora_name"][0]
+    assert "lora_lab_ckpt-step00000002.safetensors" in loras and not any(n.endswith(".state.safetensors") for n in loras)
+
+    graph = training_graph(dataset, steps=4, prefix="lora_lab_resumed")
+    graph["4"]["inputs"].update(checkpoint_every=2, checkpoint_prefix="lora_lab_ckpt", keep_checkpoints=1,
+                                resume_from="lora_lab_ckpt-step00000002.state.safetensors")
+    resumed = load_file(comfy.loras_dir / saved_name(comfy.run(graph, timeout=300)))
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        assert np.allclose(resumed[key].numpy(), whole[key].numpy(), rtol=1e-5, atol=1e-7), key
+    assert sorted(p.name for p in comfy.loras_dir.glob("lora_lab_ckpt-*")) == [
+        "lora_lab_ckpt-step00000004.safetensors", "lora_lab_ckpt-step00000004.state.safetensors"]
+
+    graph = training_graph(dataset, steps=4, prefix="lora_lab_again")
+    graph["4"]["inputs"].update(checkpoint_every=2, checkpoint_prefix="lora_lab_ckpt")
+    status = prompt_status(comfy.wait(comfy.queue_prompt(graph), timeout=300))
+    assert status.state == "error" and "already holds checkpoints" in status.message, "never overwrite another run"
+
+    graph = training_graph(dataset, steps=4, prefix="lora_lab_memory")
+    graph["4"]["inputs"].update(gradient_checkpointing=True, mixed_precision="bf16")
+    entry = comfy.run(graph, timeout=300)
+    assert np.isfinite(entry["outputs"]["4"]["lora_lab_training"][0]["losses"]).all()
+    assert load_file(comfy.loras_dir / saved_name(entry)).keys() == whole.keys()

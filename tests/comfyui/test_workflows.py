@@ -20,7 +20,8 @@ SAMPLING_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler
 TRAINING_OVERRIDES = {
     **SAMPLING_OVERRIDES,
     "LoraLab_LoadDataset": {"resolution": 64},
-    "LoraLab_TrainLoRA": {"steps": 12, "lr_warmup_steps": 2, "learning_rate": 1e-3},
+    "LoraLab_TrainLoRA": {"steps": 12, "lr_warmup_steps": 2, "learning_rate": 1e-3, "sample_every": 6,
+                          "sample_steps": 4},
 }
 
 
@@ -62,6 +63,9 @@ def test_train_workflow_writes_a_lora_that_the_other_workflows_use(comfy, comfy_
     entry = comfy.run(graph, timeout=600)
     assert (comfy.loras_dir / TRAINED).is_file()
     assert saved_pixels(comfy, entry, graph, "lora_lab_preview").shape == (64, 64, 3)
+    [samples_node] = [i for i, n in graph.items() if n["class_type"] == "PreviewImage"
+                      and n["inputs"]["images"][1] == 4 and graph[n["inputs"]["images"][0]]["class_type"] == "LoraLab_TrainLoRA"]
+    assert len(output_images(entry, samples_node)) == 2, "samples after steps 6 and 12"
 
     generated = load("generate_with_lora.json", comfy_object_info, SAMPLING_OVERRIDES)
     entry = comfy.run(generated, timeout=600)
