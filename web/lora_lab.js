@@ -1,26 +1,219 @@
-// LoRA Lab's front-end extension: shows what the pack's nodes report after they run.
+// LoRA Lab's front-end extension: a panel drawn with canvas at the bottom of the pack's nodes, after they run.
+// - Train LoRA: a live loss chart, fed by the `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
+// - Save LoRA: the saved file's name and size; Load Dataset: the image and caption counts.
+// After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { CHART_HEIGHT, LossChart } from "./loss_chart.js";
 
-const SUMMARY_NODES = new Set(["LoraLab_SaveLoRA", "LoraLab_LoadDataset"]);
+const TRAIN_NODE = "LoraLab_TrainLoRA";
+const PANEL_WIDGET = "lora_lab_panel";
+const MARGIN = 8;
+const NOTE_LINE_HEIGHT = 16;
+const MIN_CHART_WIDTH = 340;
+const HISTORY_ITEMS = 32;
 
-function showText(node, text) {
-  let widget = node.widgets?.find((w) => w.name === "lora_lab_summary");
-  if (!widget) {
-    widget = node.addWidget("text", "lora_lab_summary", "", () => {}, { serialize: false });
-    widget.disabled = true;
-  }
-  widget.value = text;
+/** The lines a Save LoRA or Load Dataset node shows for its `ui` output, by node type. */
+const NOTES = {
+  LoraLab_SaveLoRA: (output) => {
+    const saved = output.lora_lab_saved?.[0];
+    return saved && [`saved ${saved.filename}`, formatSize(saved.bytes)];
+  },
+  LoraLab_LoadDataset: (output) => {
+    const found = output.lora_lab_dataset?.[0];
+    return found && [
+      `${found.images} images: ${found.captioned} captioned, ${found.defaulted} default caption`,
+      `${found.examples} per epoch` + (found.skipped ? `, ${found.skipped} skipped` : ""),
+    ];
+  },
+};
+
+function formatSize(bytes) {
+  return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(2)} MB` : `${(bytes / 1e3).toFixed(1)} kB`;
+}
+
+function isPackNode(node) {
+  return node?.type === TRAIN_NODE || node?.type in NOTES;
+}
+
+// --- the panel -----------------------------------------------------------------------------------------------
+
+function drawNote(ctx, lines, y, width) {
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(MARGIN, y, width - MARGIN * 2, lines.length * NOTE_LINE_HEIGHT);
+  ctx.clip();
+  ctx.font = "12px sans-serif";
+  ctx.textBaseline = "top";
+  ctx.fillStyle = "#ddd";
+  lines.forEach((line, index) => ctx.fillText(line, MARGIN, y + index * NOTE_LINE_HEIGHT));
+  ctx.restore();
+}
+
+/**
+ * A canvas widget after the node's own widgets: both front ends lay it out below them (multiline text included)
+ * and put image previews below it. It holds no value: it is left out of the prompt and of saved workflows.
+ */
+function panelOf(node) {
+  return findPanel(node) ?? node.addCustomWidget({
+    name: PANEL_WIDGET,
+    type: PANEL_WIDGET,
+    value: null,
+    serialize: false,
+    options: { serialize: false },
+    chart: null,
+    lines: null,
+    computeSize(width) {
+      return [width, this.chart ? CHART_HEIGHT : (this.lines?.length ?? 0) * NOTE_LINE_HEIGHT];
+    },
+    draw(ctx, _node, width, y) {
+      if (this.chart) this.chart.draw(ctx, MARGIN, y, width - MARGIN * 2);
+      else if (this.lines) drawNote(ctx, this.lines, y, width);
+    },
+  });
+}
+
+function findPanel(node) {
+  return node?.widgets?.find((widget) => widget.name === PANEL_WIDGET);
+}
+
+/** Grows the node (never shrinks it) so that the panel fits below its widgets. */
+function makeRoom(node) {
+  const needed = node.computeSize();
+  const width = Math.max(node.size[0], needed[0], node.type === TRAIN_NODE ? MIN_CHART_WIDTH : 0);
+  if (width > node.size[0] || needed[1] > node.size[1]) node.setSize([width, Math.max(node.size[1], needed[1])]);
   node.setDirtyCanvas(true, true);
 }
 
+function chartOf(node) {
+  const panel = panelOf(node);
+  panel.chart ??= new LossChart();
+  return panel.chart;
+}
+
+function showOutput(node, output) {
+  if (!output) return;
+  if (node.type === TRAIN_NODE) {
+    const summary = output.lora_lab_training?.[0];
+    if (summary) chartOf(node).finish(summary);
+  } else {
+    const lines = NOTES[node.type]?.(output);
+    if (lines) panelOf(node).lines = lines;
+  }
+  makeRoom(node);
+}
+
+/** Shows the node's `ui` output when it has run, and keeps the panel out of the node's saved widget values. */
+function addPanel(nodeType) {
+  const { onExecuted, onSerialize } = nodeType.prototype;
+  nodeType.prototype.onExecuted = function (message) {
+    onExecuted?.apply(this, arguments);
+    showOutput(this, message);
+  };
+  nodeType.prototype.onSerialize = function (serialized) {
+    onSerialize?.apply(this, arguments);
+    // The legacy front end writes every widget's value; the current one skips ours (it may leave a hole there).
+    const index = this.widgets?.findIndex((widget) => widget.name === PANEL_WIDGET) ?? -1;
+    if (index >= 0 && serialized.widgets_values?.length > index) serialized.widgets_values.splice(index, 1);
+  };
+}
+
+// --- training events -----------------------------------------------------------------------------------------
+
+function trainNode(nodeId) {
+  const node = app.graph.getNodeById(nodeId);
+  return node?.type === TRAIN_NODE ? node : null;
+}
+
+api.addEventListener("lora_lab.train.step", ({ detail }) => {
+  const node = trainNode(detail.node);
+  if (!node) return;
+  chartOf(node).addStep(detail);
+  makeRoom(node);
+});
+
+api.addEventListener("lora_lab.train.done", ({ detail }) => {
+  const node = trainNode(detail.node);
+  if (node) showOutput(node, { lora_lab_training: [detail] });
+});
+
+for (const [event, reason] of [["execution_error", "error"], ["execution_interrupted", "interrupted"]]) {
+  api.addEventListener(event, ({ detail }) => {
+    const node = trainNode(detail.node_id);
+    const chart = node && findPanel(node)?.chart;
+    if (!chart) return;
+    chart.halt(reason);
+    node.setDirtyCanvas(true, false);
+  });
+}
+
+// --- the last run after a page reload ------------------------------------------------------------------------
+
+/** `{node id: {type, output}}` of the newest history entries that this browser tab queued. */
+async function lastRunOutputs() {
+  const clientId = api.initialClientId ?? api.clientId;
+  if (!clientId) return {};
+  let history;
+  try {
+    history = await (await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`)).json();
+  } catch (error) {
+    console.warn("LoRA Lab: could not read the last run from /history", error);
+    return {};
+  }
+  const outputs = {};
+  for (const entry of Object.values(history)) {
+    const [, , prompt, extraData] = entry.prompt ?? [];
+    if (extraData?.client_id !== clientId) continue;
+    for (const [nodeId, output] of Object.entries(entry.outputs ?? {})) {
+      outputs[nodeId] = { type: prompt?.[nodeId]?.class_type, output };
+    }
+  }
+  return outputs;
+}
+
+let pendingRestore = null; // the last run's outputs, for the first graph shown after the page (re)loaded
+
+async function restoreLastRun() {
+  const outputs = await pendingRestore;
+  pendingRestore = null;
+  for (const node of app.graph._nodes) {
+    const last = outputs[node.id];
+    if (isPackNode(node) && last?.type === node.type) showOutput(node, last.output);
+  }
+}
+
+// --- read-only view for tests and debugging ------------------------------------------------------------------
+
+function chartSnapshot(nodeId) {
+  const chart = findPanel(app.graph.getNodeById(nodeId))?.chart;
+  if (!chart) return null;
+  const { steps, losses, smoothed, received, total, summary, halted, draws, area } = chart;
+  return structuredClone({ steps, losses, smoothed, received, total, summary, halted, draws, area });
+}
+
+window.LoraLab = Object.freeze({
+  chart: chartSnapshot,
+  note: (nodeId) => [...(findPanel(app.graph.getNodeById(nodeId))?.lines ?? [])],
+});
+
 app.registerExtension({
-  name: "LoraLab.Summaries",
+  name: "LoraLab.NodePanels",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (!SUMMARY_NODES.has(nodeData.name)) return;
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      onExecuted?.apply(this, arguments);
-      if (message?.text?.length) showText(this, message.text.join("\n"));
-    };
+    if (nodeData.name === TRAIN_NODE || nodeData.name in NOTES) addPanel(nodeType);
+  },
+  async setup() {
+    pendingRestore = lastRunOutputs();
+    // The legacy front end has restored the workflow by now; the current one restores it after setup.
+    if (app.graph._nodes.length) await restoreLastRun();
+  },
+  async afterConfigureGraph() {
+    if (pendingRestore) await restoreLastRun();
+  },
+  // Current front end: outputs put back on switching workflow tabs or loading a queue/history entry.
+  onNodeOutputsUpdated(outputs) {
+    for (const [nodeId, output] of Object.entries(outputs)) {
+      const node = app.graph.getNodeById(nodeId);
+      if (isPackNode(node)) showOutput(node, output);
+    }
   },
 });

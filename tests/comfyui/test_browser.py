@@ -1,0 +1,235 @@
+"""The web extension in a real browser: headless Debian Chromium, driven by Playwright, on the test ComfyUI.
+
+The shipped training workflow is loaded and queued through the page's own `app`, with the sizes that
+test_workflows.py shrinks for the CPU; the page's `window.LoraLab` view tells what the nodes received and drew.
+Needs `scripts/setup_browser.sh` (Chromium and Playwright); skipped without it, except in CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:  # scripts/setup_browser.sh installs it
+    sync_playwright = None
+
+from .harness import REPO_ROOT, ComfyServer
+from .test_workflows import TRAINED, TRAINING_OVERRIDES, WORKFLOWS, shipped_names  # noqa: F401 (fixture)
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The launch flags that work on this closed network; Playwright gives each launch a fresh profile directory.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PACK_SCRIPTS = "/extensions/comfyui-lora-lab/"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+VIEWPORT = {"width": 1600, "height": 1000}
+TOLERANCE = 1e-6
+SMOOTHED_RGB = (255, 166, 77)  # COLORS.smoothed in web/loss_chart.js
+NODE_IDS = {"LoraLab_LoadDataset": "2", "LoraLab_TrainLoRA": "4", "LoraLab_SaveLoRA": "5"}
+TRAIN = NODE_IDS["LoraLab_TrainLoRA"]
+
+
+class PageLog:
+    """Console messages and uncaught errors of a page; `pack_errors()` keeps those from the pack's scripts."""
+
+    def __init__(self, page) -> None:
+        self.errors: list[str] = []
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error.message}\n{error.stack}"))
+
+    def _on_console(self, message) -> None:
+        if message.type == "error":
+            self.errors.append(f"console.error: {message.text} (at {message.location.get('url', '')})")
+
+    def pack_errors(self) -> list[str]:
+        return [error for error in self.errors if PACK_SCRIPTS in error]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if sync_playwright is None or not CHROMIUM.exists():
+        reason = "Playwright or Chromium is missing: run scripts/setup_browser.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def open_app(browser, comfy: ComfyServer):
+    """A new tab on ComfyUI, once the app and the pack's extension are up; and the tab's error log."""
+    page = browser.new_page(viewport=VIEWPORT)
+    log = PageLog(page)
+    page.goto(comfy.url)
+    wait_for_app(page)
+    return page, log
+
+
+def wait_for_app(page) -> None:
+    page.wait_for_function("window.app?.graph && window.LoraLab", timeout=60_000)
+
+
+def load_shrunk_workflow(page, steps: int = TRAINING_OVERRIDES["LoraLab_TrainLoRA"]["steps"]) -> None:
+    """Loads workflows/train_lora.json into the graph and sets the CPU sizes on its widgets, in the page."""
+    workflow = json.loads((WORKFLOWS / "train_lora.json").read_text())
+    overrides = {**TRAINING_OVERRIDES, "LoraLab_TrainLoRA": {**TRAINING_OVERRIDES["LoraLab_TrainLoRA"], "steps": steps}}
+    page.evaluate("""async ([workflow, overrides]) => {
+        await app.loadGraphData(workflow);
+        for (const node of app.graph._nodes) {
+            for (const [name, value] of Object.entries(overrides[node.type] ?? {})) {
+                const widget = node.widgets.find((w) => w.name === name);
+                if (!widget) throw new Error(`${node.type} has no widget ${name}`);
+                widget.value = value;
+            }
+        }
+    }""", [workflow, overrides])
+
+
+def queue_in_page(page) -> str:
+    """Presses Queue the way the button does (`app.queuePrompt`) and returns the prompt id ComfyUI answered."""
+    with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
+        page.evaluate("app.queuePrompt(0)")
+    return answer.value.json()["prompt_id"]
+
+
+def show_nodes(page) -> None:
+    """Frames the dataset, training and save nodes at a readable scale, Train LoRA on top, and draws the canvas now."""
+    page.evaluate("""(trainId) => {
+        app.canvas.ds.scale = 0.75;
+        app.canvas.ds.offset = [-10, 40];
+        app.canvas.bringToFront(app.graph.getNodeById(trainId));  // as a click on it does
+        app.canvas.draw(true, true);
+    }""", TRAIN)
+
+
+def saved_widget_values(page) -> dict[str, list]:
+    """The `widgets_values` that saving the workflow would write for the pack's nodes."""
+    return page.evaluate("(ids) => Object.fromEntries(ids.map((id) => [id, app.graph.getNodeById(id).serialize()"
+                         ".widgets_values]))", list(NODE_IDS.values()))
+
+
+def chart_pixels(page, rgb: tuple[int, int, int]) -> int:
+    """How many canvas pixels where Train LoRA's chart was last drawn have (nearly) the colour `rgb`."""
+    return page.evaluate("""([nodeId, [r, g, b]]) => {
+        const node = app.graph.getNodeById(nodeId);
+        const { area } = LoraLab.chart(nodeId);
+        const canvas = app.canvas.canvas;
+        const ratio = canvas.width / canvas.getBoundingClientRect().width;
+        const scale = app.canvas.ds.scale;
+        const [left, top] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + area.x, node.pos[1] + area.y]);
+        const { data } = canvas.getContext("2d").getImageData(
+            left * ratio, top * ratio, area.width * scale * ratio, area.height * scale * ratio);
+        let count = 0;
+        for (let i = 0; i < data.length; i += 4) {
+            if (Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 30) count += 1;
+        }
+        return count;
+    }""", [TRAIN, list(rgb)])
+
+
+def size_text(size: int) -> str:
+    """How web/lora_lab.js writes a file size."""
+    return f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def assert_close(actual: list[float], expected: list[float]) -> None:
+    assert len(actual) == len(expected)
+    assert all(abs(a - e) <= TOLERANCE for a, e in zip(actual, expected)), (actual, expected)
+
+
+def test_the_pack_scripts_load_without_console_errors(browser, comfy: ComfyServer) -> None:
+    assert {f"{PACK_SCRIPTS}lora_lab.js", f"{PACK_SCRIPTS}loss_chart.js"} <= set(comfy.extensions())
+    page, log = open_app(browser, comfy)
+    try:
+        load_shrunk_workflow(page)  # creates the pack's nodes, which the default graph does not have
+        show_nodes(page)
+        assert page.evaluate("(id) => LoraLab.chart(id)", TRAIN) is None
+        assert log.pack_errors() == []
+    finally:
+        page.close()
+
+
+def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browser, comfy: ComfyServer,
+                                                                          shipped_names) -> None:
+    page, log = open_app(browser, comfy)
+    try:
+        load_shrunk_workflow(page)
+        widget_values = saved_widget_values(page)
+        prompt_id = queue_in_page(page)
+        page.wait_for_function("(id) => LoraLab.chart(id)?.received.length > 0", arg=TRAIN, timeout=600_000)
+        live = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert live["summary"] is None, "the chart must fill while the node trains, not only at the end"
+        ARTIFACTS.mkdir(exist_ok=True)
+        show_nodes(page)
+        page.screenshot(path=str(ARTIFACTS / "train_lora_browser_live.png"))
+
+        entry = comfy.wait(prompt_id, timeout=600)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        outputs = entry["outputs"]
+        summary = outputs[TRAIN]["lora_lab_training"][0]
+        page.wait_for_function("(ids) => ids.every((id) => LoraLab.chart(id)?.summary ?? LoraLab.note(id).length)",
+                               arg=list(NODE_IDS.values()), timeout=60_000)
+        show_nodes(page)
+
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert len(summary["losses"]) == TRAINING_OVERRIDES["LoraLab_TrainLoRA"]["steps"]
+        assert_close(chart["received"], summary["losses"])  # every step's event arrived
+        assert_close(chart["losses"], summary["losses"])
+        assert chart["steps"] == list(range(1, len(summary["losses"]) + 1))
+        assert chart["draws"] > 0
+        assert chart_pixels(page, SMOOTHED_RGB) > 50, "the smoothed loss line is not on the canvas"
+
+        saved = outputs[NODE_IDS["LoraLab_SaveLoRA"]]["lora_lab_saved"][0]
+        assert saved["filename"] == TRAINED
+        assert saved["bytes"] == (comfy.loras_dir / TRAINED).stat().st_size
+        assert page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"]) == [
+            f"saved {TRAINED}", size_text(saved["bytes"])]
+        found = outputs[NODE_IDS["LoraLab_LoadDataset"]]["lora_lab_dataset"][0]
+        assert found["images"] == 4
+        dataset_note = page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_LoadDataset"])
+        assert dataset_note == [f"4 images: {found['captioned']} captioned, {found['defaulted']} default caption",
+                                f"{found['examples']} per epoch"]
+
+        page.screenshot(path=str(ARTIFACTS / "train_lora_browser.png"))
+        assert saved_widget_values(page) == widget_values, "the panels must not change what a saved workflow holds"
+        assert log.pack_errors() == []
+
+        # Neither ComfyUI front end keeps node outputs over a reload: the extension reads the tab's last run back.
+        page.reload()
+        wait_for_app(page)
+        restored = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert restored is not None, "the chart did not come back after the reload"
+        assert restored["received"] == []  # drawn from the run's result, not from events
+        assert_close(restored["losses"], summary["losses"])
+        assert_close(restored["smoothed"], chart["smoothed"])  # the page smooths as the training did
+        assert page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"])[0] == f"saved {TRAINED}"
+        show_nodes(page)
+        assert chart_pixels(page, SMOOTHED_RGB) > 50
+        page.screenshot(path=str(ARTIFACTS / "train_lora_browser_reloaded.png"))
+        assert log.pack_errors() == []
+    finally:
+        page.close()
+
+
+def test_a_cancelled_training_keeps_its_chart_and_says_so(browser, comfy: ComfyServer, shipped_names) -> None:
+    page, log = open_app(browser, comfy)
+    try:
+        load_shrunk_workflow(page, steps=500)
+        prompt_id = queue_in_page(page)
+        page.wait_for_function("(id) => LoraLab.chart(id)?.received.length >= 2", arg=TRAIN, timeout=600_000)
+        assert comfy.cancel(prompt_id)["status"]["status_str"] == "error"
+        page.wait_for_function("(id) => LoraLab.chart(id).halted", arg=TRAIN, timeout=60_000)
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["halted"] == "interrupted"
+        assert chart["summary"] is None
+        assert 2 <= len(chart["losses"]) < 500
+        assert log.pack_errors() == []
+    finally:
+        page.close()
