@@ -95,7 +95,7 @@ def peak_above(device: torch.device, baseline: int) -> int:
     return torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
 
 
-def lora_lab_block(backend, dataset, network, steps: int) -> tuple[list[float], int, list[float]]:
+def lora_lab_block(backend, dataset, network, steps: int, precision: str) -> tuple[list[float], int, list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory, losses."""
     baseline = memory_baseline(backend.device)
     stamps: list[float] = []
@@ -104,7 +104,8 @@ def lora_lab_block(backend, dataset, network, steps: int) -> tuple[list[float], 
         synchronize(backend.device)
         stamps.append(time.perf_counter())
 
-    result = train(backend, network, dataset, TrainingConfig(steps=steps, gradient_accumulation=1), callback=record)
+    config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision)
+    result = train(backend, network, dataset, config, callback=record)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
 
@@ -142,6 +143,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 (full), 64 (small)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per block (after 2 warm-up steps)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks of each trainer")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                        help="LoRA Lab's autocast setting (the reference always autocasts to --dtype)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of "
+                        "one block of each trainer to stderr")
     args = parser.parse_args()
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -174,16 +179,28 @@ def main() -> None:
     for _ in range(args.blocks):
         for name, results, block in (
             ("reference", reference, lambda: reference_block(reference_unet, scheduler, backend, args.steps + 2, dtype)),
-            ("lora_lab", ours, lambda: lora_lab_block(backend, dataset, network, args.steps + 2)),
+            ("lora_lab", ours, lambda: lora_lab_block(backend, dataset, network, args.steps + 2, args.mixed_precision)),
         ):
             seconds, memory, losses = block()
             results["seconds"] += seconds[1:]  # the first interval still warms up
             results["memory"].append(memory)
             results["losses"] += losses
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        for name, block in (("reference", lambda: reference_block(reference_unet, scheduler, backend, 3, dtype)),
+                            ("lora_lab", lambda: lora_lab_block(backend, dataset, network, 3, args.mixed_precision))):
+            with profile(activities=activities) as profiler:
+                block()
+            print(f"== {name}\n{profiler.key_averages().table(sort_by=sort, row_limit=18)}", file=sys.stderr)
+
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "unet": args.size, "dtype": args.dtype, "resolution": resolution, "rank": RANK,
+        "unet": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
+        "resolution": resolution, "rank": RANK,
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters()),
                             "reference": sum(p.numel() for p in reference_unet.parameters() if p.requires_grad)},

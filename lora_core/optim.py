@@ -38,7 +38,16 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     raise OptimizerError(f"unknown optimizer {name!r}; use a torch.optim class ({', '.join(known)}) or {sorted(EXTRA_OPTIMIZERS)}")
 
 
-def make_optimizer(name: str, parameters: Iterable[torch.nn.Parameter], lr: float, **options) -> torch.optim.Optimizer:
+FUSED_OPTIMIZERS = ("Adam", "AdamW", "SGD")
+
+
+def make_optimizer(name: str, parameters: Iterable, lr: float, **options) -> torch.optim.Optimizer:
+    """`name` over `parameters` (tensors or parameter groups). On CUDA, Adam, AdamW and SGD use torch's fused
+    single-kernel step unless `options` say otherwise: hundreds of small adapter tensors make the default step slow."""
+    parameters = list(parameters)
+    tensors = [p for item in parameters for p in (item["params"] if isinstance(item, dict) else [item])]
+    if name in FUSED_OPTIMIZERS and tensors and all(p.is_cuda for p in tensors):
+        options.setdefault("fused", True)
     try:
         return optimizer_class(name)(parameters, lr=lr, **options)
     except TypeError as error:

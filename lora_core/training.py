@@ -162,6 +162,18 @@ def frozen(modules: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
+def tuned_convolutions(enabled: bool) -> Iterator[None]:
+    """cuDNN benchmark mode inside the block: a training run repeats a few input shapes thousands of times, so
+    timing the convolution algorithms once pays off. The global setting is restored afterwards."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = previous or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+@contextmanager
 def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
     """Gradient checkpointing: inside the block each of `blocks` keeps only its inputs for backward and recomputes
     the rest, trading compute for activation memory; their forwards are restored after it."""
@@ -318,7 +330,8 @@ def train(
                                  dataset.config.augments_captions), config.latent_cache_dir)
 
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()), network.applied(1.0),
-          checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else [])):
+          checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
+          tuned_convolutions(backend.device.type == "cuda")):
         network.train()
         for step in range(first_step, config.steps + 1):
             learning_rate = optimizer.param_groups[0]["lr"]

@@ -71,8 +71,8 @@ class Adapter(nn.Module):
         return self.base_weight() + strength * self.delta_weight()
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The base module's operation with another weight and no bias."""
-        x = x.to(weight.dtype)
+        """The base module's operation with another weight and no bias, in the activations' dtype."""
+        weight = weight.to(x.dtype)
         if self.is_conv:
             base = self.base
             return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation)

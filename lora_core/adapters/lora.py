@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..functional import lora
@@ -33,8 +34,14 @@ class LoRAAdapter(Adapter):
         return lora.delta_weight(self.lora_down.weight, self.lora_up.weight, self.scale, self.weight_shape)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """up(down(x)) · scale: the low-rank path on activations, never forming ΔW."""
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+        """up(down(x)) · scale: the low-rank path on activations, never forming ΔW, computed in the activations'
+        dtype from the fp32 weights (as autocast would), so a bf16 base is not slowed by fp32 copies of x."""
+        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+        if self.is_conv:
+            base = self.base
+            hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation)
+            return F.conv2d(hidden, up) * self.scale.to(x.dtype)
+        return F.linear(F.linear(x, down), up) * self.scale.to(x.dtype)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         return self.lora_output(x) * self.multiplier
