@@ -1,7 +1,6 @@
 """Load Dataset, Inject LoRA and Train LoRA: thin ComfyUI nodes over `lora_core`."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from .progress import send_event
 
 CATEGORY = "LoRA Lab"
 PREVIEW_IMAGES = 16
-PREVIEW_SECONDS = 1.0
 OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", *(name for _, name in EXTRA_OPTIMIZERS.values())]
 DEFAULTS = TrainingConfig()
 
@@ -206,17 +204,10 @@ class TrainLoRA:
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
         resume_state = load_state(resolve_lora(resume_from)) if resume_from != "none" else None
         bar = comfy.utils.ProgressBar(steps)
-        losses: list[float] = []
-        last_preview = [0.0]
 
         def on_step(report: StepReport) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            losses.append(report.loss)
-            preview = None
-            if report.samples:
-                preview, last_preview[0] = ("PNG", report.samples[0], 512), time.monotonic()
-            elif time.monotonic() - last_preview[0] > PREVIEW_SECONDS or report.step == report.total_steps:
-                preview, last_preview[0] = ("PNG", loss_curve(losses), 512), time.monotonic()
+            preview = ("PNG", report.samples[0], 512) if report.samples else None  # the loss is drawn by web/
             bar.update_absolute(report.step, report.total_steps, preview)
             send_event("lora_lab.train.step", {
                 "node": unique_id, "step": report.step, "total": report.total_steps, "loss": report.loss,
@@ -242,7 +233,7 @@ class TrainLoRA:
                            resume_state=resume_state)
         weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
-        summary = {"steps": result.steps, "losses": result.losses, "best_step": result.best_step,
+        summary = {"steps": result.steps, "total": config.steps, "losses": result.losses, "best_step": result.best_step,
                    "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses)])
