@@ -291,3 +291,13 @@ def test_checkpoints_resume_and_memory_options_through_the_node(comfy: ComfyServ
     entry = comfy.run(graph, timeout=300)
     assert np.isfinite(entry["outputs"]["4"]["lora_lab_training"][0]["losses"]).all()
     assert load_file(comfy.loras_dir / saved_name(entry)).keys() == whole.keys()
+
+
+def test_apply_overhead_benchmark_runs(comfy: ComfyServer, new_loras) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from apply_overhead import measure, train_lora
+
+    report = measure(comfy, train_lora(comfy), rounds=1, runs=2, size=64, steps=2)
+    assert report["prompts_per_side"] == 1 and report["apply_ratio"] > 0

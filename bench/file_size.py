@@ -1,0 +1,60 @@
+"""LoRA file size against its payload: bytes on disk / (parameters × bytes per element), with kohya metadata.
+
+    python bench/file_size.py --size full     # SD1.5's UNet and CLIP-L shapes (random weights, CPU, ~1 minute)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_core import LoRANetwork, TrainingConfig, kohya_metadata, save_lora  # noqa: E402
+from lora_core.targets import TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
+
+BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def models(size: str):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_step import UNETS
+
+    text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12) if size == "full" \
+        else dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    return UNet2DConditionModel(**UNETS[size]), CLIPTextModel(CLIPTextConfig(**text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["full", "small"], default="small")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    unet, text_encoder = models(args.size)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for preset in ("attention", "transformer", "full"):
+            targets = named_for_kohya(UNET_PREFIX, find_targets(unet, preset))
+            targets.update(named_for_kohya(TEXT_ENCODER_PREFIX, find_targets(text_encoder, TEXT_ENCODER_PRESET)))
+            network = LoRANetwork.create(targets, rank=8)
+            metadata = kohya_metadata(network, training={**TrainingConfig().metadata(), "steps": 1000},
+                                      dataset={"tag_frequency": {"10_sks": {"sks": 20, "red circle": 20}}})
+            for dtype, size in BYTES.items():
+                path = save_lora(Path(folder) / f"{preset}-{dtype}.safetensors", network, metadata, dtype=dtype)
+                weights = sum(p.numel() for p in network.parameters())
+                payload = weights * size + 4 * len(network.adapters)  # alphas are fp32 scalars
+                rows.append({"preset": preset, "dtype": dtype, "modules": len(network.adapters), "parameters": weights,
+                             "file_bytes": path.stat().st_size, "payload_bytes": payload,
+                             "ratio": path.stat().st_size / payload})
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmarks run (small variants), so they cannot rot; timings are printed, never asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> object:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(result.stdout)
+
+
+def test_train_step_benchmark_small_variant() -> None:
+    report = run_bench("bench/train_step.py", "--size", "small", "--steps", "2", "--blocks", "1")
+    assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
+    assert report["step_ratio"] > 0 and report["losses_finite"] and report["lora_lab_weights_changed"]
+    assert report["lora_lab_parameter_dtypes"] == ["torch.float32"]
+
+
+def test_file_size_benchmark_small_variant() -> None:
+    rows = run_bench("bench/file_size.py", "--size", "small")
+    assert {row["preset"] for row in rows} == {"attention", "transformer", "full"}
+    assert all(row["file_bytes"] > row["payload_bytes"] for row in rows)
