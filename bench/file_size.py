@@ -1,4 +1,6 @@
-"""LoRA file size against its payload: bytes on disk / (parameters × bytes per element), with kohya metadata.
+"""LoRA file size against its payload: bytes on disk / (parameters × bytes per element), with kohya metadata, and
+against the same tensors and metadata written by the safetensors library itself (the format's own overhead: every
+tensor's name, dtype, shape and offsets in the JSON header).
 
     python bench/file_size.py --size full     # SD1.5's UNet and CLIP-L shapes (random weights, CPU, ~1 minute)
 """
@@ -10,11 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_core import LoRANetwork, TrainingConfig, kohya_metadata, save_lora  # noqa: E402
+from lora_core import LoRANetwork, TrainingConfig, kohya_metadata, load_file, save_lora  # noqa: E402
 from lora_core.targets import TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -50,9 +53,13 @@ def main() -> None:
                 path = save_lora(Path(folder) / f"{preset}-{dtype}.safetensors", network, metadata, dtype=dtype)
                 weights = sum(p.numel() for p in network.parameters())
                 payload = weights * size + 4 * len(network.adapters)  # alphas are fp32 scalars
+                tensors, written = load_file(path)
+                library = Path(folder) / "library.safetensors"
+                safetensors.torch.save_file(tensors, library, metadata=written)
                 rows.append({"preset": preset, "dtype": dtype, "modules": len(network.adapters), "parameters": weights,
                              "file_bytes": path.stat().st_size, "payload_bytes": payload,
-                             "ratio": path.stat().st_size / payload})
+                             "ratio": path.stat().st_size / payload,
+                             "ratio_to_safetensors_library": path.stat().st_size / library.stat().st_size})
     print(json.dumps(rows, indent=2))
 
 
