@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .files import LoRAFileError, LoRAWeights, save_file
 from .network import LoRANetwork
@@ -70,9 +70,10 @@ def load_state(path: str | Path) -> dict:
         with torch.inference_mode(False), safe_open(str(path), framework="pt") as stream:
             encoded = (stream.metadata() or {})[STATE_KEY]
             tensors = {key: stream.get_tensor(key) for key in stream.keys()}
-    except (OSError, KeyError, ValueError) as error:
-        raise LoRAFileError(f"{path} is not a readable training state ({error})") from error
-    return unflatten(json.loads(encoded), tensors)
+        return unflatten(json.loads(encoded), tensors)
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
+        raise LoRAFileError(f"{path} is not a readable training state ({type(error).__name__}: {error}); "
+                            "resume from an intact checkpoint, or start a new run") from error
 
 
 @dataclass

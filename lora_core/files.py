@@ -1,10 +1,12 @@
 """LoRA files: kohya-format safetensors, written atomically and deterministically, read without unpickling."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+STALE_TEMPORARY_SECONDS = 60  # a temporary file this old belongs to no writer that is still running
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,6 +73,9 @@ def write_atomic(path: Path, chunks: list[bytes], overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise LoRAFileError(f"{path} exists already; choose another name or allow overwriting")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+        if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+            stale.unlink(missing_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:

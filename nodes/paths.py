@@ -44,7 +44,8 @@ def list_dataset_folders() -> list[str]:
     for root in dataset_roots():
         if root.is_dir():
             for entry in sorted(root.iterdir()):
-                if entry.is_dir() and not entry.name.startswith(".") and entry.name not in names and has_images(entry):
+                if (entry.is_dir() and not entry.name.startswith(".") and entry.name not in names
+                        and inside(entry, root) and has_images(entry)):
                     names.append(entry.name)
     return names
 

@@ -101,3 +101,31 @@ def test_cli_resume_continues_a_checkpointed_run_to_the_same_lora(demo: Path, tm
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert np.allclose(whole[key].numpy(), resumed[key].numpy(), rtol=1e-5, atol=1e-7), key
+
+
+def test_a_killed_training_run_loses_only_the_steps_since_its_last_checkpoint(demo: Path, tmp_path) -> None:
+    import signal
+    import time
+
+    from lora_core.checkpoints import load_state
+
+    common = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--resolution", "64",
+              "--rank", "4", "--save-dtype", "float32", "--lr", "0.005", "--steps", "6"]
+    run(*common, "--out", str(tmp_path / "whole.safetensors"))
+    crashing = subprocess.Popen([sys.executable, "-m", "lora_core", *common, "--out", str(tmp_path / "crash.safetensors"),
+                                 "--save-every", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "crash-step00000002.state.safetensors"
+    deadline = time.monotonic() + 300
+    while not state.exists() and time.monotonic() < deadline and crashing.poll() is None:
+        time.sleep(0.05)
+    crashing.send_signal(signal.SIGKILL)
+    crashing.wait()
+    assert not (tmp_path / "crash.safetensors").exists(), "killed before the end: no final file"
+    states = sorted(tmp_path.glob("crash-step*.state.safetensors"))
+    latest = load_state(states[-1])  # intact, however the kill fell
+    assert latest["step"] in (2, 4)
+    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--resume", str(states[-1]))
+    whole, _ = load_file(tmp_path / "whole.safetensors")
+    resumed, _ = load_file(tmp_path / "resumed.safetensors")
+    for key in whole:
+        assert np.allclose(whole[key].numpy(), resumed[key].numpy(), rtol=1e-5, atol=1e-7), key
