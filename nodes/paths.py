@@ -55,7 +55,8 @@ def check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise PathError(f"the {what} is empty; give a name such as 'my_dataset'")
     if "\x00" in name or "\\" in name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise PathError(f"the {what} {name!r} must be a plain relative name (no drive, absolute path or backslash)")
+        raise PathError(f"the {what} {name!r} must be a relative name such as 'my_lora' or 'folder/my_lora', "
+                        "without a drive, a leading '/' or backslashes")
     if len(name) > MAX_NAME_LENGTH:
         raise PathError(f"the {what} is {len(name)} characters long; use at most {MAX_NAME_LENGTH}")
     if any(part in ("", ".", "..") for part in name.split("/")) or not SAFE_NAME.match(name):
@@ -97,7 +98,8 @@ def next_lora_path(prefix: str) -> Path:
     while not existing.exists() and existing != root:
         existing = existing.parent
     if not inside(existing, root):
-        raise PathError(f"the filename prefix {prefix!r} leads outside {root} through a link; refused")
+        raise PathError(f"the filename prefix {prefix!r} leads outside {root} through a link; refused: use a folder "
+                        f"inside {root}")
     stem = Path(prefix).name
     numbered = re.compile(rf"^{re.escape(stem)}_(\d{{5}})_\.safetensors$")
     used = [int(match.group(1)) for entry in (folder.iterdir() if folder.is_dir() else [])
