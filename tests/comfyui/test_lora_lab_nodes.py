@@ -301,3 +301,16 @@ def test_apply_overhead_benchmark_runs(comfy: ComfyServer, new_loras) -> None:
 
     report = measure(comfy, train_lora(comfy), rounds=1, runs=2, size=64, steps=2)
     assert report["prompts_per_side"] == 1 and report["apply_ratio"] > 0
+
+
+def test_the_same_seed_trains_the_same_lora_in_comfy(comfy: ComfyServer, dataset, new_loras) -> None:
+    files = []
+    for suffix in ("1", "2"):  # other node ids: ComfyUI runs the nodes again instead of serving its cache
+        graph = training_graph(dataset, steps=3, prefix=f"lora_lab_same_{suffix}")
+        graph["2"]["inputs"]["flip"] = True
+        renamed = {node_id + suffix: node for node_id, node in graph.items()}
+        for node in renamed.values():
+            node["inputs"] = {k: [v[0] + suffix, v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        files.append(load_file(comfy.loras_dir / saved_name(comfy.run(renamed, timeout=300), "5" + suffix)))
+    assert files[0].keys() == files[1].keys()
+    assert all(np.array_equal(files[0][k].numpy(), files[1][k].numpy()) for k in files[0])
