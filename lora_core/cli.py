@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .adapters import ALGORITHMS
+from .distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
 from .optim import SCHEDULERS
 from .targets import UNET_PRESETS
 from .training import TrainingConfig
@@ -42,6 +45,40 @@ def unet_hash(base: Path) -> str:
 
 
 def command_train(args: argparse.Namespace) -> None:
+    """One process, or one rank of a torchrun / accelerate launch (data-parallel, see lora_core.distributed)."""
+    distributed = Distributed.from_environment(args.device, args.distributed_timeout)
+    distributed.stop_on_sigterm()
+    try:
+        train_and_save(args, distributed)
+    except Exception as error:
+        if not (distributed.enabled and is_peer_failure(error)):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the message gets out whatever the launcher sends now
+        print(peer_failure_message(args, distributed, error), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # not a normal exit: tearing down a broken process group can hang or abort
+    distributed.close()
+
+
+def peer_failure_message(args: argparse.Namespace, distributed: Distributed, error: BaseException) -> str:
+    """Why this rank stops, and where the run can continue from."""
+    from .checkpoints import Checkpointer, state_path
+
+    out = Path(args.out)
+    saved = Checkpointer(out.parent, every=1, name=out.stem).saved() if args.save_every else []
+    if saved:
+        last = (f"The last checkpoint is {saved[-1]}; continue from it with --resume {state_path(saved[-1])} and "
+                f"the same settings on the same number of processes ({distributed.world_size}).")
+    else:
+        last = "No checkpoint was saved (--save-every N saves some to resume from)."
+    cause = " ".join(str(error).split())[:300]
+    return (f"error: distributed training stopped on rank {distributed.rank} of {distributed.world_size}: another "
+            f"rank probably died or stalled (killed, out of memory, a lost node), and this one stops instead of "
+            f"waiting; a rank waits at most {distributed.timeout:g} s for the others (--distributed-timeout). "
+            f"{last}\n({type(error).__name__}: {cause})")
+
+
+def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     from tqdm import tqdm
 
     from .checkpoints import Checkpointer, load_state
@@ -55,7 +92,7 @@ def command_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
-    pipeline = load_pipeline(Path(args.base), args.device)
+    pipeline = load_pipeline(Path(args.base), str(distributed.device))
     if args.qlora:
         from .quantize import quantize_linear_layers
 
@@ -96,23 +133,32 @@ def command_train(args: argparse.Namespace) -> None:
         checkpointer = Checkpointer(out.parent, args.save_every, args.keep_checkpoints, out.stem, metadata,
                                     args.save_dtype)
     resume_state = load_state(args.resume) if args.resume else None
-    print(f"{len(dataset)} examples from {dataset.num_images} images; {len(network.adapters)} {network.algorithm} modules")
-    with tqdm(total=config.steps, initial=resume_state["step"] if resume_state else 0, desc="training", unit="step") as bar:
+    is_main = distributed.is_main  # rank 0 alone prints and writes files
+    if is_main:
+        ranks = (f"; {distributed.world_size} processes, global batch {config.batch_size} × {distributed.world_size} × "
+                 f"{config.gradient_accumulation}") if distributed.enabled else ""
+        print(f"{len(dataset)} examples from {dataset.num_images} images; {len(network.adapters)} {network.algorithm} "
+              f"modules{ranks}")
+    with tqdm(total=config.steps, initial=resume_state["step"] if resume_state else 0, desc="training", unit="step",
+              disable=not is_main) as bar:
         def show(report) -> None:
             bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
             bar.update(1)
-            for index, image in enumerate(report.samples or []):
+            for index, image in enumerate(report.samples if is_main and report.samples else []):
                 image.save(out.parent / f"{out.stem}-sample-step{report.step:08d}-{index}.png")
 
         try:
             result = train(backend, network, dataset, config, callback=show, checkpointer=checkpointer,
-                           resume_state=resume_state)
+                           resume_state=resume_state, distributed=distributed)
         except TrainingDiverged as error:
             result = error.result
             out = out.with_name(out.stem + "-last-good.safetensors")
-            print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
-    save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite)
-    print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in ("losses", "learning_rates")}}))
+            if is_main:
+                print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
+    if is_main:
+        with distributed.shielded():
+            save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite)
+        print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in ("losses", "learning_rates")}}))
     if result.stop_reason == "diverged":
         raise SystemExit(1)
 
@@ -199,7 +245,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-dropout", type=float, default=0.0)
     train.add_argument("--tag-dropout", type=float, default=0.0)
     train.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
+    train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
+                       help="seconds a rank waits for the others before failing, when several processes train")
     train.add_argument("--overwrite", action="store_true")
     train.set_defaults(run=command_train)
 
@@ -232,5 +280,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError, DistributedError) as error:
         raise SystemExit(f"error: {error}") from error

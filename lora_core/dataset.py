@@ -180,12 +180,16 @@ class ImageFolderDataset:
         """(width, height) of a repeat-expanded index's image."""
         return self.examples[self._expanded[index]].bucket
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> BatchSampler:
+    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> BatchSampler:
         """Endless full batches over shuffled epochs, drawn with `generator`; see BatchSampler."""
-        return BatchSampler(self, batch_size, generator)
+        return BatchSampler(self, batch_size, generator, rank, world_size)
 
-    def make_batch(self, indices: list[int], generator: torch.Generator) -> Batch:
-        """The batch of these repeat-expanded indices, with random flips and caption augmentation from `generator`."""
+    def make_batch(self, indices: list[int], generator: torch.Generator, part: slice = slice(None)) -> Batch:
+        """The batch of these repeat-expanded indices, with random flips and caption augmentation from `generator`.
+
+        With `part`, only that slice of it: the randomness is drawn for all `indices` all the same, so the parts
+        that data-parallel ranks keep make up the very batch one process draws.
+        """
         if self.config.flip:
             flips = (torch.rand(len(indices), generator=generator) < 0.5).tolist()
         else:
@@ -193,6 +197,7 @@ class ImageFolderDataset:
         captions = [self.caption(index) for index in indices]
         if self.config.augments_captions:
             captions = [augment_caption(caption, self.config, generator) for caption in captions]
+        indices, flips, captions = indices[part], flips[part], captions[part]
         return Batch(
             pixels=torch.stack([self.pixel_values(index, flip) for index, flip in zip(indices, flips)]),
             captions=captions,
@@ -291,14 +296,23 @@ class BatchSampler:
 
     All randomness comes from one generator, and `state_dict()` holds it with the queues, so a run resumed from a
     checkpoint draws exactly the batches an uninterrupted run draws.
+
+    Data-parallel ranks (`world_size` > 1) each seed the same generator and draw the same global batches of
+    `batch_size × world_size` (flips and captions included); rank r keeps items [r·batch_size, (r+1)·batch_size).
+    Together they train on exactly the batches one process with `batch_size × world_size` draws.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, dataset: ImageFolderDataset, batch_size: int, generator: torch.Generator, rank: int = 0,
+                 world_size: int = 1) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size={batch_size} is invalid for dataset {dataset.root}; use an integer >= 1.")
+        if not 0 <= rank < world_size:
+            raise DatasetError(f"rank={rank} is invalid for world_size={world_size}; use 0 <= rank < world_size.")
         self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
+        self.global_batch_size = batch_size * world_size
+        self.part = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's share of every global batch
         self.waiting: dict[str, list[int]] = {}  # per bucket "WxH": indices not yet in a batch
-        self.ready: list[list[int]] = []  # full batches of this epoch, in drawing order
+        self.ready: list[list[int]] = []  # full global batches of this epoch, in drawing order
 
     def __iter__(self) -> BatchSampler:
         return self
@@ -306,13 +320,13 @@ class BatchSampler:
     def __next__(self) -> Batch:
         while not self.ready:
             self._queue_epoch()
-        return self.dataset.make_batch(self.ready.pop(0), self.generator)
+        return self.dataset.make_batch(self.ready.pop(0), self.generator, self.part)
 
     def _queue_epoch(self) -> None:
         for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
             queue = self.waiting.setdefault("{}x{}".format(*self.dataset.bucket(index)), [])
             queue.append(index)
-            if len(queue) == self.batch_size:
+            if len(queue) == self.global_batch_size:
                 self.ready.append(queue[:])
                 queue.clear()
         if len(self.waiting) > 1:  # batches of several buckets: mix them, so no bucket trains in a long run

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .backend import PREDICTION_TYPES, TrainingBackend
 from .checkpoints import Checkpointer
 from .dataset import Batch, ImageFolderDataset
+from .distributed import Distributed
 from .files import save_file, tensor_bytes
 from .network import LoRANetwork
 from .optim import make_optimizer, make_scheduler
@@ -259,12 +260,21 @@ def diffusion_loss(
     alphas_cumprod: torch.Tensor,
     config: TrainingConfig,
     generator: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
-    """MSE between the denoiser's prediction and the ε (or v) target of the model's own schedule."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    """MSE between the denoiser's prediction and the ε (or v) target of the model's own schedule.
+
+    With data-parallel ranks, `latents` are rank `rank`'s share of a global batch `world_size` times as large:
+    noise and timesteps are drawn for the whole global batch, as one process would, and this rank's share kept.
+    """
+    size = latents.shape[0]
+    every, mine = size * world_size, slice(rank * size, (rank + 1) * size)  # the global batch, this rank's share
+    noise = torch.randn((every, *latents.shape[1:]), generator=generator)[mine].to(latents.device)
     if config.noise_offset:
-        noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(latents.device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (latents.shape[0],), generator=generator).to(latents.device)
+        offset = torch.randn((every, latents.shape[1], 1, 1), generator=generator)[mine]
+        noise += config.noise_offset * offset.to(latents.device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (every,), generator=generator)[mine].to(latents.device)
     alpha_bar = alphas_cumprod[timesteps]
     noisy_latents, target = noised_and_target(latents, noise, alpha_bar.reshape(-1, 1, 1, 1), backend.prediction_type)
 
@@ -273,6 +283,28 @@ def diffusion_loss(
     if config.min_snr_gamma:
         loss = loss * min_snr_weight(alpha_bar, config.min_snr_gamma, backend.prediction_type)
     return loss.mean()
+
+
+class BatchLoss(nn.Module):
+    """The training loss of a batch, as a module that holds the network: what DistributedDataParallel wraps.
+
+    The adapters reach the model through hooks on its layers, so the network itself is never called; calling this
+    module is what lets DDP see exactly the adapter parameters and average their gradients over the ranks.
+    """
+
+    def __init__(self, network: LoRANetwork, backend: TrainingBackend, encoded: EncodedDataset,
+                 alphas_cumprod: torch.Tensor, config: TrainingConfig, generator: torch.Generator,
+                 distributed: Distributed) -> None:
+        super().__init__()
+        self.network = network
+        self.backend, self.encoded, self.alphas_cumprod = backend, encoded, alphas_cumprod
+        self.config, self.generator, self.distributed = config, generator, distributed
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return diffusion_loss(
+            self.backend, self.encoded.batch_latents(batch), self.encoded.batch_conditioning(batch, self.backend),
+            self.alphas_cumprod, self.config, self.generator, self.distributed.rank, self.distributed.world_size,
+        )
 
 
 def parameter_groups(network: LoRANetwork, config: TrainingConfig) -> list[dict]:
@@ -293,13 +325,19 @@ def train(
     callback: ProgressCallback | None = None,
     checkpointer: Checkpointer | None = None,
     resume_state: dict | None = None,
+    distributed: Distributed | None = None,
 ) -> TrainingResult:
     """Train `network` on `dataset` through `backend`; the callback may return False to stop after any step.
 
     The base models are frozen and the network attached only for the run: afterwards both are as they were,
     with the network's new weights (the best ones if early stopping is on). `checkpointer` saves checkpoints;
     `resume_state` (from `checkpoints.load_state`) continues a run where its checkpoint left it.
+
+    `distributed` (from `Distributed.from_environment()`) trains data-parallel: every rank runs this with the same
+    settings on its share of each global batch of `batch_size × world_size × gradient_accumulation`, DDP averages
+    the gradients, the losses reported are the means over the ranks, and only rank 0 writes checkpoints.
     """
+    distributed = distributed or Distributed()  # one process
     config.validate()
     if backend.prediction_type not in PREDICTION_TYPES:
         raise TrainingError(f"prediction type {backend.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
@@ -314,7 +352,8 @@ def train(
     scaler = torch.amp.GradScaler(backend.device.type) if autocast_dtype == torch.float16 else None
     alphas_cumprod = backend.alphas_cumprod().to(backend.device, torch.float32)
     noise_generator = torch.Generator().manual_seed(config.seed)
-    batches = dataset.batches(config.batch_size, torch.Generator().manual_seed(config.seed + 1))
+    batches = dataset.batches(config.batch_size, torch.Generator().manual_seed(config.seed + 1),
+                              distributed.rank, distributed.world_size)
     result = TrainingResult()
     progress = {"smoothed": 0.0, "steps_without_improvement": 0, "best_weights": None}
     first_step = 1
@@ -322,12 +361,14 @@ def train(
         checkpointer.check_fresh()
     if resume_state is not None:
         first_step = resume(resume_state, config, network, optimizer, scheduler, scaler, noise_generator, batches,
-                            result, progress)
+                            result, progress, distributed.world_size)
     started = time.perf_counter() - result.seconds
 
     with torch.inference_mode(False), frozen(backend.frozen_modules()):
         encoded = EncodedDataset(backend, dataset, config.seed, not (network.has_text_encoder or
                                  dataset.config.augments_captions), config.latent_cache_dir)
+        batch_loss = distributed.wrap(  # in DistributedDataParallel where there are several ranks
+            BatchLoss(network, backend, encoded, alphas_cumprod, config, noise_generator, distributed))
 
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()), network.applied(1.0),
           checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
@@ -337,18 +378,17 @@ def train(
             learning_rate = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for _ in range(config.gradient_accumulation):
+            for micro_step in range(1, config.gradient_accumulation + 1):
                 batch = next(batches)
-                with torch.autocast(backend.device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = diffusion_loss(
-                        backend, encoded.batch_latents(batch), encoded.batch_conditioning(batch, backend),
-                        alphas_cumprod, config, noise_generator,
-                    )
-                if not torch.isfinite(loss):
-                    raise diverged(result, step, "loss", started)
-                scaled = loss / config.gradient_accumulation
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                step_loss += loss.item() / config.gradient_accumulation
+                with distributed.syncing(batch_loss, sync=micro_step == config.gradient_accumulation):
+                    with torch.autocast(backend.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                        loss = batch_loss(batch)
+                    loss_value = distributed.mean(loss.item())  # over all ranks' shares: the loss of the global batch
+                    if not math.isfinite(loss_value):
+                        raise diverged(result, step, "loss", started)
+                    scaled = loss / config.gradient_accumulation
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                step_loss += loss_value / config.gradient_accumulation
             if scaler:
                 scaler.unscale_(optimizer)  # clip the true gradients; a step with inf ones is skipped by the scaler
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm or math.inf)
@@ -369,12 +409,13 @@ def train(
             if config.sample_every and step % config.sample_every == 0:
                 report.samples = sample(backend, network, config)
                 result.samples.append((step, report.samples))
-            if checkpointer is not None and checkpointer.due(step):
+            if checkpointer is not None and checkpointer.due(step) and distributed.is_main:
                 result.seconds = time.perf_counter() - started
                 state = training_state(step, config, network, optimizer, scheduler, scaler, noise_generator, batches,
-                                       result, progress)
-                report.checkpoint = checkpointer.save(network, step, state)
-            if callback is not None and callback(report) is False:
+                                       result, progress, distributed.world_size)
+                with distributed.shielded():  # finished even if the launcher stops this rank meanwhile
+                    report.checkpoint = checkpointer.save(network, step, state)
+            if distributed.any(callback is not None and callback(report) is False):
                 result.stop_reason = "cancelled"
                 break
             if config.early_stopping_patience and progress["steps_without_improvement"] >= config.early_stopping_patience:
@@ -416,10 +457,11 @@ RESUMABLE_SETTINGS = ("learning_rate", "batch_size", "gradient_accumulation", "o
 
 
 def training_state(step, config, network, optimizer, scheduler, scaler, noise_generator, batches, result,
-                   progress) -> dict:
+                   progress, world_size: int = 1) -> dict:
     """Everything a resumed run needs to continue exactly as this one would."""
     return {
         "step": step,
+        "world_size": world_size,
         "config": {name: getattr(config, name) for name in RESUMABLE_SETTINGS},
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -433,13 +475,19 @@ def training_state(step, config, network, optimizer, scheduler, scaler, noise_ge
     }
 
 
-def resume(state, config, network, optimizer, scheduler, scaler, noise_generator, batches, result, progress) -> int:
+def resume(state, config, network, optimizer, scheduler, scaler, noise_generator, batches, result, progress,
+           world_size: int = 1) -> int:
     """Load a `training_state` into this run; the first step to train."""
     changed = {name: (value, getattr(config, name)) for name, value in state["config"].items()
                if getattr(config, name) != value}
     if changed:
         raise TrainingError(f"the checkpoint was trained with other settings: {changed} (saved, now); resume with "
                             "the same settings, or start a new run")
+    saved_world_size = state.get("world_size", 1)  # states saved before data-parallel training: one process
+    if saved_world_size != world_size:
+        raise TrainingError(f"the checkpoint was trained by {saved_world_size} process(es) and this run has "
+                            f"{world_size}; resume with the same number (torchrun --nproc_per_node … --nnodes …), "
+                            "or start a new run")
     if state["step"] >= config.steps:
         raise TrainingError(f"the checkpoint is at step {state['step']}; set steps above it to train on")
     network.load_state_dict(state["network"])
