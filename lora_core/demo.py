@@ -42,18 +42,21 @@ def make_concept_images(directory: Path, count: int = 8, resolution: int = 64, s
 
 
 @torch.no_grad()
-def concept_distance(pipeline, network: LoRANetwork, dataset: ImageFolderDataset, strength: float, seeds: range) -> float:
-    """Mean RMS distance from latents generated at `strength` to the nearest training latent."""
-    backend = DiffusersBackend(pipeline)
-    references = torch.stack([
-        pipeline.vae.encode(dataset.pixel_values(i)[None]).latent_dist.mean[0] * pipeline.vae.config.scaling_factor
+def training_latents(pipeline, dataset: ImageFolderDataset) -> torch.Tensor:
+    """The VAE means of the training images, scaled as the UNet sees them."""
+    return torch.stack([
+        pipeline.vae.encode(dataset.image_pixels(i)[None]).latent_dist.mean[0] * pipeline.vae.config.scaling_factor
         for i in range(dataset.num_images)
     ])
+
+
+@torch.no_grad()
+def concept_distance(pipeline, network: LoRANetwork, references: torch.Tensor, strength: float, seeds: range) -> float:
+    """Mean RMS distance from latents generated at `strength` to the nearest training latent."""
     distances = []
     for seed in seeds:
         latent = generate(pipeline, network, PROMPT, strength, seed, steps=20, output_type="latent")
         distances.append(((references - latent[None]) ** 2).mean(dim=(1, 2, 3)).sqrt().min().item())
-    del backend
     return sum(distances) / len(distances)
 
 
@@ -101,6 +104,7 @@ def run_demo(out: Path, steps: int = 200, seed: int = 0, overwrite: bool = False
     image_grid([image.resize((192, 192), Image.NEAREST) for image in images], [f"strength {s:g}" for s in STRENGTHS]).save(out / "grid.png")
     loss_curve(result.losses).save(out / "loss.png")
 
+    references = training_latents(pipeline, dataset)
     report = {
         "steps": result.steps,
         "first_loss": result.losses[0],
@@ -111,7 +115,7 @@ def run_demo(out: Path, steps: int = 200, seed: int = 0, overwrite: bool = False
         "file_bytes": lora_path.stat().st_size,
         "lora_modules": len(loaded.adapters),
         "concept_distance": {
-            f"{strength:g}": concept_distance(pipeline, loaded, dataset, strength, range(4)) for strength in STRENGTHS
+            f"{strength:g}": concept_distance(pipeline, loaded, references, strength, range(4)) for strength in STRENGTHS
         },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -8,7 +8,7 @@ from PIL import Image
 
 from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train
 from lora_core.checkpoints import Checkpointer, load_state, state_path
-from lora_core.dataset import augment_caption, bucket_sizes, nearest_bucket
+from lora_core.dataset import augment_caption, bucket_sizes
 from lora_core.diffusers_backend import DiffusersBackend
 from lora_core.files import tensor_bytes
 from lora_core.tiny_model import build_tiny_pipeline
