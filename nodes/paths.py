@@ -12,6 +12,7 @@ from ..lora_core.checkpoints import STATE_SUFFIX
 from ..lora_core.dataset import IMAGE_EXTENSIONS
 
 DATASET_FOLDER_TYPE = "lora_datasets"
+LATENT_CACHE_FOLDER = "lora_lab_latent_cache"
 MAX_NAME_LENGTH = 200
 SAFE_NAME = re.compile(r"^[\w\- .]+(/[\w\- .]+)*$")
 
@@ -127,3 +128,8 @@ def resolve_lora(name: str) -> Path:
     if not any(inside(Path(path), Path(root)) for root in folder_paths.get_folder_paths("loras")):
         raise PathError(f"the LoRA file {name!r} is a link that leads outside the loras folders; refused")
     return Path(path)
+
+
+def latent_cache_folder() -> Path:
+    """Where Train LoRA keeps latents between runs when asked: inside ComfyUI's output folder."""
+    return Path(folder_paths.get_output_directory()) / LATENT_CACHE_FOLDER

@@ -22,7 +22,10 @@ from ..lora_core.checkpoints import Checkpointer, load_state
 from ..lora_core.training import AUTOCAST_DTYPES, StepReport, TrainingConfig, train
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
-from .paths import check_name, list_dataset_folders, next_lora_path, resolve_dataset, resolve_lora, training_states
+from .paths import (
+    LATENT_CACHE_FOLDER, check_name, latent_cache_folder, list_dataset_folders, next_lora_path, resolve_dataset,
+    resolve_lora, training_states,
+)
 from .progress import send_event
 
 CATEGORY = "LoRA Lab"
@@ -183,6 +186,7 @@ class TrainLoRA:
                 "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
                 "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
                 "resume_from": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings."}),
+                "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -191,7 +195,8 @@ class TrainLoRA:
               lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience,
               text_encoder_lr=-1.0, mixed_precision="no", gradient_checkpointing=False, sample_every=0,
               sample_prompts="a photo of sks", sample_steps=20, checkpoint_every=0,
-              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_from="none", unique_id=None):
+              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_from="none",
+              cache_latents_on_disk=False, unique_id=None):
         config = TrainingConfig(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
@@ -200,6 +205,7 @@ class TrainLoRA:
             text_encoder_lr=None if text_encoder_lr < 0 else text_encoder_lr, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, sample_every=sample_every, sample_steps=sample_steps,
             sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
+            latent_cache_dir=str(latent_cache_folder()) if cache_latents_on_disk else None,
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
         resume_state = load_state(resolve_lora(resume_from)) if resume_from != "none" else None

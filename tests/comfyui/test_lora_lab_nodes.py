@@ -314,3 +314,17 @@ def test_the_same_seed_trains_the_same_lora_in_comfy(comfy: ComfyServer, dataset
         files.append(load_file(comfy.loras_dir / saved_name(comfy.run(renamed, timeout=300), "5" + suffix)))
     assert files[0].keys() == files[1].keys()
     assert all(np.array_equal(files[0][k].numpy(), files[1][k].numpy()) for k in files[0])
+
+
+def test_latents_cached_on_disk_give_the_same_training(comfy: ComfyServer, dataset, new_loras) -> None:
+    losses = []
+    for suffix in ("1", "2", "3"):  # other node ids each time, so the training really runs again
+        graph = training_graph(dataset, steps=2, prefix=f"lora_lab_cached_{suffix}")
+        graph["4"]["inputs"]["cache_latents_on_disk"] = suffix != "1"
+        renamed = {node_id + suffix: node for node_id, node in graph.items()}
+        for node in renamed.values():
+            node["inputs"] = {k: [v[0] + suffix, v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+        losses.append(comfy.run(renamed, timeout=300)["outputs"]["4" + suffix]["lora_lab_training"][0]["losses"])
+    cached = list((comfy.output_dir / "lora_lab_latent_cache").glob("*.safetensors"))
+    assert len(cached) == 4  # one latent per image of the dataset (no flips)
+    assert losses[0] == losses[1] == losses[2]
