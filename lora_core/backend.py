@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,6 +45,16 @@ class TrainingBackend(ABC):
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
         """The base models, whose own parameters must get no gradients while the LoRA trains."""
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the denoiser computes in (its weights' dtype, or the dtype it casts them to per layer)."""
+        return torch.float32
+
+    @contextmanager
+    def training(self, train_text_encoder: bool) -> Iterator[None]:
+        """The denoiser (and the text encoder, if it trains) ready for training inside the block, as they were after
+        it. The trainer enters it after the dataset is encoded, so encoders and denoiser need not be loaded at once."""
+        yield
 
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The denoiser's blocks to recompute in backward when gradient checkpointing is on."""
