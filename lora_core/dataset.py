@@ -5,6 +5,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,10 @@ class ImageFolderDataset:
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
+    def image_index(self, index: int) -> int:
+        """The distinct image a repeat-expanded index shows."""
+        return self._expanded[index]
+
     def caption(self, index: int) -> str:
         """Caption for a repeat-expanded index."""
         return self.examples[self._expanded[index]].caption
@@ -180,9 +185,11 @@ class ImageFolderDataset:
         """(width, height) of a repeat-expanded index's image."""
         return self.examples[self._expanded[index]].bucket
 
-    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> BatchSampler:
-        """Endless full batches over shuffled epochs, drawn with `generator`; see BatchSampler."""
-        return BatchSampler(self, batch_size, generator, rank, world_size)
+    def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1,
+                exclude: Collection[int] = ()) -> BatchSampler:
+        """Endless full batches over shuffled epochs, drawn with `generator`, never showing the distinct images in
+        `exclude` (held out for validation); see BatchSampler."""
+        return BatchSampler(self, batch_size, generator, rank, world_size, exclude)
 
     def make_batch(self, indices: list[int], generator: torch.Generator, part: slice = slice(None)) -> Batch:
         """The batch of these repeat-expanded indices, with random flips and caption augmentation from `generator`.
@@ -303,13 +310,14 @@ class BatchSampler:
     """
 
     def __init__(self, dataset: ImageFolderDataset, batch_size: int, generator: torch.Generator, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, exclude: Collection[int] = ()) -> None:
         if batch_size < 1:
             raise DatasetError(f"batch_size={batch_size} is invalid for dataset {dataset.root}; use an integer >= 1.")
         if not 0 <= rank < world_size:
             raise DatasetError(f"rank={rank} is invalid for world_size={world_size}; use 0 <= rank < world_size.")
         self.dataset, self.batch_size, self.generator = dataset, batch_size, generator
         self.global_batch_size = batch_size * world_size
+        self.excluded = frozenset(exclude)  # distinct images held out of training
         self.part = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's share of every global batch
         self.waiting: dict[str, list[int]] = {}  # per bucket "WxH": indices not yet in a batch
         self.ready: list[list[int]] = []  # full global batches of this epoch, in drawing order
@@ -324,6 +332,8 @@ class BatchSampler:
 
     def _queue_epoch(self) -> None:
         for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
+            if self.dataset.image_index(index) in self.excluded:
+                continue
             queue = self.waiting.setdefault("{}x{}".format(*self.dataset.bucket(index)), [])
             queue.append(index)
             if len(queue) == self.global_batch_size:
