@@ -11,7 +11,7 @@ from .backend import TrainingBackend
 from .files import data_hash
 from .network import LoRANetwork
 from .targets import (
-    TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, named_for_kohya,
+    TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_paths, named_for_kohya,
 )
 
 
@@ -49,14 +49,18 @@ class DiffusersBackend(TrainingBackend):
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
         targets = named_for_kohya(UNET_PREFIX, find_targets(self.unet, preset))
         if text_encoder:
-            targets.update(named_for_kohya(TEXT_ENCODER_PREFIX, find_targets(self.text_encoder, TEXT_ENCODER_PRESET)))
+            targets.update(self.text_encoder_names(find_targets(self.text_encoder, TEXT_ENCODER_PRESET)))
         return targets
 
     def loadable_modules(self) -> dict[str, nn.Module]:
         return {
             **named_for_kohya(UNET_PREFIX, all_adaptable(self.unet)),
-            **named_for_kohya(TEXT_ENCODER_PREFIX, all_adaptable(self.text_encoder)),
+            **self.text_encoder_names(all_adaptable(self.text_encoder)),
         }
+
+    def text_encoder_names(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """kohya names (`lora_te_text_model_…`) of text-encoder layers, under transformers 4 and 5 alike."""
+        return named_for_kohya(TEXT_ENCODER_PREFIX, kohya_paths(self.text_encoder, modules))
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]

@@ -79,6 +79,19 @@ def all_adaptable(root: nn.Module) -> dict[str, nn.Module]:
     return {path: module for path, module in root.named_modules() if path and is_adaptable(module)}
 
 
+# Wrappers that transformers 5 folded into the model itself (class name → wrapper). kohya's names were fixed under
+# transformers 4, where CLIPTextModel kept its layers under `text_model`: `lora_te_text_model_encoder_layers_0_…`.
+FOLDED_WRAPPERS = {"CLIPTextModel": "text_model"}
+
+
+def kohya_paths(root: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """`modules` (paths under `root`) keyed by the paths kohya names them by, whatever transformers' module tree."""
+    wrapper = FOLDED_WRAPPERS.get(type(root).__name__)
+    if wrapper is None or hasattr(root, wrapper):
+        return dict(modules)
+    return {f"{wrapper}.{path}": module for path, module in modules.items()}
+
+
 def kohya_name(prefix: str, path: str) -> str:
     """kohya's module name: `lora_unet_down_blocks_0_attentions_0_…` from a diffusers module path."""
     return f"{prefix}_{path}".replace(".", "_")

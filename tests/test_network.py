@@ -23,6 +23,20 @@ def kohya_rule(prefix: str, root: torch.nn.Module, blocks: list[str], conv3x3: b
     return names
 
 
+CLIP_LAYER_LEAVES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+def kohya_text_encoder_names(layers: int) -> set[str]:
+    """The names kohya sd-scripts writes for a CLIP text encoder's layers (its names come from transformers 4's
+    module tree, which transformers 5 flattened), written out as they appear in files."""
+    return {f"lora_te_text_model_encoder_layers_{i}_{leaf}" for i in range(layers) for leaf in CLIP_LAYER_LEAVES}
+
+
+def clip_layer(text_encoder: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The layer at transformers-4 `path` (`text_model.encoder.…`), found in this transformers' module tree."""
+    return text_encoder.get_submodule(path if hasattr(text_encoder, "text_model") else path[len("text_model."):])
+
+
 def unet_outputs(pipeline, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
@@ -35,7 +49,7 @@ def test_names_equal_kohya_for_every_preset(pipeline) -> None:
     backend = DiffusersBackend(pipeline)
     transformer = kohya_rule("lora_unet", pipeline.unet, ["Transformer2DModel"], conv3x3=False)
     full = kohya_rule("lora_unet", pipeline.unet, ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"], True)
-    text = kohya_rule("lora_te", pipeline.text_encoder, ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"], False)
+    text = kohya_text_encoder_names(layers=2)
     assert set(backend.adapter_targets("transformer", False)) == transformer
     assert set(backend.adapter_targets("full", False)) == full
     assert set(backend.adapter_targets("transformer", True)) == transformer | text
@@ -43,7 +57,21 @@ def test_names_equal_kohya_for_every_preset(pipeline) -> None:
     transformers = sum(type(m).__name__ == "Transformer2DModel" for m in pipeline.unet.modules())
     assert attention < transformer and len(attention) == 4 * 2 * transformers  # q/k/v/out × attn1/attn2
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in attention
-    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in text
+
+
+def test_a_kohya_text_encoder_file_loads_on_every_transformers(pipeline) -> None:
+    """A file as kohya writes it (`lora_te_text_model_…`) finds its layers whatever transformers' module tree."""
+    shapes = {"mlp_fc1": (64, 32), "mlp_fc2": (32, 64)}
+    tensors = {}
+    for name in kohya_text_encoder_names(layers=2):
+        out_features, in_features = shapes.get(name.split("_", 7)[-1], (32, 32))
+        tensors[f"{name}.lora_down.weight"] = torch.full((4, in_features), 0.01)
+        tensors[f"{name}.lora_up.weight"] = torch.full((out_features, 4), 0.01)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    network, unmatched = LoRANetwork.from_tensors(tensors, DiffusersBackend(pipeline).loadable_modules())
+    assert unmatched == [] and len(network.adapters) == 12
+    q_proj = network.adapters["lora_te_text_model_encoder_layers_1_self_attn_q_proj"]
+    assert q_proj.base is clip_layer(pipeline.text_encoder, "text_model.encoder.layers.1.self_attn.q_proj")
 
 
 def test_unknown_preset_is_a_clear_error(pipeline) -> None:
