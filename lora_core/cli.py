@@ -100,7 +100,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     backend = DiffusersBackend(pipeline, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(
         resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
-        token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing,
+        token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing, no_upscale=args.no_upscale,
         min_bucket_size=args.min_bucket_size, max_bucket_size=args.max_bucket_size, shuffle_tags=args.shuffle_tags,
         keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
     ))
@@ -240,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--bucketing", action="store_true", help="aspect-ratio buckets instead of square crops")
     train.add_argument("--min-bucket-size", type=int, default=256)
     train.add_argument("--max-bucket-size", type=int, default=1024)
+    train.add_argument("--no-upscale", action="store_true", help="with --bucketing: never enlarge an image (kohya)")
     train.add_argument("--shuffle-tags", action="store_true")
     train.add_argument("--keep-tokens", type=int, default=0)
     train.add_argument("--caption-dropout", type=float, default=0.0)

@@ -1,4 +1,5 @@
-"""Kohya-style image+caption folder dataset for LoRA training."""
+"""Kohya-style image+caption folder dataset for LoRA training: the folders, the examples and the batch sampler.
+Decoding lives in `images`, bucket geometry in `buckets`, caption reading and augmentation in `captions`."""
 from __future__ import annotations
 
 import os
@@ -9,13 +10,14 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from .buckets import Size, bucket_sizes, fit, select_bucket
+from .captions import LEGACY_ENCODINGS, augment_caption, decode_caption
+from .images import load_image, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
-_WHITE = (255, 255, 255, 255)
 
 
 class DatasetError(ValueError):
@@ -23,7 +25,7 @@ class DatasetError(ValueError):
 
 
 class DatasetWarning(UserWarning):
-    """Warns about an image that was skipped while loading a dataset."""
+    """Warns about an image that was skipped, or a caption read in a legacy encoding, while loading a dataset."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class DatasetConfig:
     flip: bool = False
     max_image_pixels: int = 64_000_000
     bucketing: bool = False  # kohya aspect-ratio buckets of about resolution² pixels, instead of square crops
+    no_upscale: bool = False  # with bucketing: never enlarge; each image's bucket is its size (downscaled to
+    # about resolution² pixels if larger) rounded down to bucket_step, min/max_bucket_size unused (kohya)
     min_bucket_size: int = 256
     max_bucket_size: int = 1024
     bucket_step: int = 64
@@ -65,6 +69,11 @@ class DatasetConfig:
             raise DatasetError(
                 f"buckets from {self.min_bucket_size} to {self.max_bucket_size} px in steps of {self.bucket_step} are "
                 "invalid; use a step that is a multiple of 8 and 0 < min_bucket_size <= max_bucket_size."
+            )
+        if self.no_upscale and not self.bucketing:
+            raise DatasetError(
+                "no_upscale=True needs bucketing=True (square training scales every image to resolution²); turn "
+                "bucketing on or no_upscale off."
             )
         for name in ("caption_dropout", "tag_dropout"):
             if not 0 <= getattr(self, name) <= 1:
@@ -95,18 +104,17 @@ class Example:
 
 @dataclass(frozen=True)
 class Batch:
-    """A training batch: pixels float32 [B, 3, R, R] in [-1, 1], captions, dataset indices, and for each item the
-    distinct image it shows and whether it is mirrored (what a latent cache is keyed by)."""
+    """A training batch: for each item its caption, the distinct image it shows and whether it is mirrored (what the
+    latents are keyed by); `ImageFolderDataset.image_pixels` gives the pixels."""
 
-    pixels: torch.Tensor
     captions: list[str]
-    indices: list[int]
     images: list[int]
     flipped: list[bool]
 
 
 class ImageFolderDataset:
-    """Images in `root` and its `N_name` subfolders, square-cropped or bucketed, with captions and repeats."""
+    """Images in `root` and its `N_name` subfolders, scaled and centre-cropped to a square or to their bucket, with
+    captions and repeats."""
 
     def __init__(self, root: str | os.PathLike, config: DatasetConfig = DatasetConfig()) -> None:
         self.root = Path(root)
@@ -118,7 +126,7 @@ class ImageFolderDataset:
                 f"Dataset path {self.root} is not a folder; point it at the folder that holds the images."
             )
         self.skipped: list[tuple[Path, str]] = []
-        self.buckets = bucket_sizes(config) if config.bucketing else []
+        self.buckets: list[Size] = bucket_sizes(config) if config.bucketing else [(config.resolution,) * 2]
         self.examples: list[Example] = []
         self._folder_names: list[str] = []
         for folder, folder_name, repeats in self._image_folders():
@@ -164,10 +172,6 @@ class ImageFolderDataset:
             frequency.setdefault(folder_name, Counter()).update(tag for tag in tags if tag)
         return {folder_name: dict(counts) for folder_name, counts in frequency.items()}
 
-    def pixel_values(self, index: int, flip: bool = False) -> torch.Tensor:
-        """Float32 [3, H, W] pixels in [-1, 1] for a repeat-expanded index, optionally mirrored."""
-        return self.image_pixels(self._expanded[index], flip)
-
     def image_pixels(self, image: int, flip: bool = False) -> torch.Tensor:
         """Float32 [3, H, W] pixels in [-1, 1] of distinct image `image`, optionally mirrored."""
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
@@ -205,13 +209,7 @@ class ImageFolderDataset:
         if self.config.augments_captions:
             captions = [augment_caption(caption, self.config, generator) for caption in captions]
         indices, flips, captions = indices[part], flips[part], captions[part]
-        return Batch(
-            pixels=torch.stack([self.pixel_values(index, flip) for index, flip in zip(indices, flips)]),
-            captions=captions,
-            indices=indices,
-            images=[self._expanded[index] for index in indices],
-            flipped=flips,
-        )
+        return Batch(captions=captions, images=[self._expanded[index] for index in indices], flipped=flips)
 
     def _image_folders(self) -> list[tuple[Path, str, int]]:
         """(folder, name, repeats) for the root and then each visible subfolder, sorted."""
@@ -225,16 +223,30 @@ class ImageFolderDataset:
         """Load one image and its caption, or record why it was skipped."""
         caption_path = path.with_suffix(self.config.caption_extension)
         try:
-            caption_text = _read_caption(caption_path)
-        except (OSError, UnicodeDecodeError) as error:
-            return self._skip(path, f"caption file {caption_path} is unreadable or not UTF-8 ({error})")
+            caption_text = self._read_caption(caption_path)
+        except OSError as error:
+            return self._skip(path, f"caption file {caption_path} is unreadable ({error})")
         try:
-            pixels = _load_pixels(path, self.config.resolution, self.config.max_image_pixels, self.buckets)
+            image = load_image(path, self.config.max_image_pixels)
+            pixels = to_tensor(fit(image, *select_bucket(image.width, image.height, self.buckets, self.config)))
         except Exception as error:  # PIL raises many exception types for broken files
             return self._skip(path, str(error) or type(error).__name__)
         captioned = bool(caption_text)
         caption = (caption_text if captioned else self.config.default_caption).replace("{token}", self.config.token)
         return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned)
+
+    @staticmethod
+    def _read_caption(caption_path: Path) -> str:
+        """Caption file text on one line, or "" when the file is missing; warns when it is not Unicode."""
+        if not caption_path.is_file():
+            return ""
+        text, encoding = decode_caption(caption_path.read_bytes())
+        if encoding in LEGACY_ENCODINGS:
+            warnings.warn(
+                f"Caption file {caption_path} is not UTF-8 or UTF-16; read it as {encoding}: {text!r}. Save it as "
+                "UTF-8 if that text is wrong.", DatasetWarning, stacklevel=5,
+            )
+        return text
 
     def _skip(self, path: Path, reason: str) -> None:
         """Record and warn about an image that cannot be used."""
@@ -255,46 +267,6 @@ def _image_files(folder: Path) -> list[Path]:
         for path in folder.iterdir()
         if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
     )
-
-
-def _read_caption(caption_path: Path) -> str:
-    """Caption file text on one line, or "" when the file is missing."""
-    if not caption_path.is_file():
-        return ""
-    return " ".join(caption_path.read_text(encoding="utf-8-sig").split())
-
-
-def bucket_sizes(config: DatasetConfig) -> list[tuple[int, int]]:
-    """kohya's buckets: (width, height) in steps of `bucket_step`, at most resolution² pixels, sides within
-    [min_bucket_size, max_bucket_size], plus the square; sorted by aspect ratio."""
-    area, step = config.resolution**2, config.bucket_step
-    sizes = {(config.resolution // step * step,) * 2}
-    for width in range(config.min_bucket_size, config.max_bucket_size + 1, step):
-        height = min(config.max_bucket_size, area // width // step * step)
-        if height >= config.min_bucket_size:
-            sizes |= {(width, height), (height, width)}
-    return sorted(sizes, key=lambda size: size[0] / size[1])
-
-
-def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to the image's (kohya's rule)."""
-    ratio = width / height
-    return min(buckets, key=lambda size: abs(size[0] / size[1] - ratio))
-
-
-def augment_caption(caption: str, config: DatasetConfig, generator: torch.Generator) -> str:
-    """kohya's caption augmentation: dropout of the whole caption, then tag dropout and shuffling after the first
-    `keep_tokens` comma-separated tags."""
-    if config.caption_dropout and torch.rand(1, generator=generator).item() < config.caption_dropout:
-        return ""
-    tags = [tag.strip() for tag in caption.split(",") if tag.strip()]
-    kept, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
-    if config.tag_dropout:
-        rest = [tag for tag, draw in zip(rest, torch.rand(len(rest), generator=generator).tolist())
-                if draw >= config.tag_dropout]
-    if config.shuffle_tags:
-        rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
-    return ", ".join(kept + rest)
 
 
 class BatchSampler:
@@ -349,39 +321,3 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
         self.waiting = {key: list(value) for key, value in state["waiting"].items()}
         self.ready = [list(batch) for batch in state["ready"]]
-
-
-def _load_pixels(
-    path: Path, resolution: int, max_image_pixels: int, buckets: list[tuple[int, int]]
-) -> torch.Tensor:
-    """Decode to RGB; resize to the nearest bucket, or scale the short side to `resolution` and center-crop.
-    uint8 [3, H, W]."""
-    with Image.open(path) as image:
-        if image.width * image.height > max_image_pixels:
-            raise DatasetError(
-                f"{image.width}x{image.height} exceeds max_image_pixels={max_image_pixels}; downscale the image"
-            )
-        image.load()
-        image = ImageOps.exif_transpose(image)
-    if image.has_transparency_data:
-        image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), image.convert("RGBA"))
-    image = image.convert("RGB")
-    if buckets:
-        resized = image.resize(nearest_bucket(image.width, image.height, buckets), Image.Resampling.LANCZOS)
-    else:
-        resized = _square(image, resolution)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
-
-
-def _square(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale the short side to `resolution` and center-crop to resolution × resolution."""
-    scale = resolution / min(image.size)
-    scaled_width = max(resolution, round(image.width * scale))
-    scaled_height = max(resolution, round(image.height * scale))
-    left = (scaled_width - resolution) // 2
-    top = (scaled_height - resolution) // 2
-    scale_x = scaled_width / image.width
-    scale_y = scaled_height / image.height
-    # Resizing only the source region under the crop equals resize-then-crop without the large intermediate.
-    source_box = (left / scale_x, top / scale_y, (left + resolution) / scale_x, (top + resolution) / scale_y)
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=source_box)

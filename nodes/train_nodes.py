@@ -58,23 +58,24 @@ class LoadDataset:
             "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "How often each image is seen per epoch, on top of N_name folder repeats."}),
             "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror images left-right while training."}),
         }, "optional": {
-            "bucketing": ("BOOLEAN", {"default": False, "tooltip": "Aspect-ratio buckets (kohya): each image is resized to the bucket of about resolution² pixels nearest its shape, instead of a square crop."}),
+            "bucketing": ("BOOLEAN", {"default": False, "tooltip": "Aspect-ratio buckets (kohya): each image is scaled to cover the bucket of about resolution² pixels nearest its shape and centre-cropped, instead of a square crop."}),
             "min_bucket_size": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 64, "tooltip": "Shortest bucket side."}),
             "max_bucket_size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 64, "tooltip": "Longest bucket side."}),
             "shuffle_tags": ("BOOLEAN", {"default": False, "tooltip": "Shuffle the comma-separated tags of each caption every time it is drawn."}),
             "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "How many leading tags stay in place when shuffling or dropping."}),
             "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that an image is trained with an empty caption."}),
             "tag_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that each tag after keep_tokens is left out."}),
+            "no_upscale": ("BOOLEAN", {"default": False, "tooltip": "With bucketing: never enlarge an image; its bucket is its own size (scaled down to about resolution² pixels if larger) cropped to 64 px steps (kohya's bucket_no_upscale)."}),
         }}
 
     def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip, bucketing=False,
              min_bucket_size=256, max_bucket_size=1024, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0,
-             tag_dropout=0.0):
+             tag_dropout=0.0, no_upscale=False):
         dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(
             resolution=resolution, caption_extension=caption_extension, default_caption=default_caption,
             token=token, repeats=repeats, flip=flip, bucketing=bucketing, min_bucket_size=min_bucket_size,
             max_bucket_size=max_bucket_size, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
-            caption_dropout=caption_dropout, tag_dropout=tag_dropout,
+            caption_dropout=caption_dropout, tag_dropout=tag_dropout, no_upscale=no_upscale,
         ))
         size = dataset.examples[0].bucket  # a batch holds one size: the preview shows the images of the first one
         preview = torch.stack([

@@ -1,6 +1,7 @@
 """Tests for lora_core.dataset."""
 from __future__ import annotations
 
+import codecs
 import itertools
 import os
 import warnings
@@ -120,7 +121,7 @@ def test_wide_image_is_resized_then_center_cropped(tmp_path: Path) -> None:
     assert pixels[:, :, :6].tolist() == [[[255] * 6] * 16, [[0] * 6] * 16, [[0] * 6] * 16]
     assert pixels[:, :, 10:].tolist() == [[[0] * 6] * 16, [[0] * 6] * 16, [[255] * 6] * 16]
 
-    values = dataset.pixel_values(0)
+    values = dataset.image_pixels(0)
     assert values.dtype == torch.float32 and values.shape == (3, 16, 16)
     assert values[:, 5, 1].tolist() == [1.0, -1.0, -1.0]
     assert values[:, 5, 14].tolist() == [-1.0, -1.0, 1.0]
@@ -167,7 +168,7 @@ def test_flip_mirrors_horizontally(tmp_path: Path) -> None:
     save_split_image(tmp_path / "wide.png", (40, 20), RED, BLUE)
 
     dataset = load_quietly(tmp_path)
-    plain, flipped = dataset.pixel_values(0), dataset.pixel_values(0, flip=True)
+    plain, flipped = dataset.image_pixels(0), dataset.image_pixels(0, flip=True)
     assert torch.equal(flipped, plain.flip(-1))
     assert flipped[:, 5, 1].tolist() == [-1.0, -1.0, 1.0]
     assert flipped[:, 5, 14].tolist() == [1.0, -1.0, -1.0]
@@ -181,9 +182,9 @@ def make_numbered_dataset(root: Path, count: int, config: DatasetConfig) -> Imag
 
 
 def batch_sequence(dataset: ImageFolderDataset, seed: int, batch_count: int, batch_size: int) -> list[list[int]]:
-    """Index lists of the first `batch_count` batches for a seed."""
+    """Image lists of the first `batch_count` batches for a seed."""
     batches = dataset.batches(batch_size, torch.Generator().manual_seed(seed))
-    return [batch.indices for batch in itertools.islice(batches, batch_count)]
+    return [batch.images for batch in itertools.islice(batches, batch_count)]
 
 
 def test_batches_are_reproducible_per_seed(tmp_path: Path) -> None:
@@ -201,36 +202,30 @@ def test_batches_are_full_and_cover_each_epoch_across_boundaries(tmp_path: Path)
 
     batches = list(itertools.islice(dataset.batches(4, torch.Generator().manual_seed(0)), 6))
     for batch in batches:
-        assert batch.pixels.shape == (4, 3, 16, 16) and batch.pixels.dtype == torch.float32
-        assert len(batch.captions) == len(batch.indices) == 4
-        assert batch.captions == [dataset.caption(index) for index in batch.indices]
-        for row, index in zip(batch.pixels, batch.indices):
-            assert torch.equal(row, dataset.pixel_values(index))
-    drawn = [index for batch in batches for index in batch.indices]
+        assert len(batch.captions) == len(batch.images) == len(batch.flipped) == 4
+        assert batch.captions == [dataset.examples[image].caption for image in batch.images]
+    drawn = [image for batch in batches for image in batch.images]
     assert len(drawn) == 24
-    for epoch in range(4):
-        assert sorted(drawn[epoch * 6:(epoch + 1) * 6]) == list(range(6))
+    for epoch in range(4):  # a.png twice (repeats=2), b.png four times (2_two × repeats=2)
+        assert sorted(drawn[epoch * 6:(epoch + 1) * 6]) == [0, 0, 1, 1, 1, 1]
 
 
 def test_batch_larger_than_dataset_spans_epochs(tmp_path: Path) -> None:
     dataset = make_numbered_dataset(tmp_path, 2, SMALL)
 
     batch = next(dataset.batches(5, torch.Generator().manual_seed(0)))
-    assert batch.pixels.shape[0] == 5
-    assert sorted(batch.indices[:4]) == [0, 0, 1, 1]
+    assert len(batch.images) == 5
+    assert sorted(batch.images[:4]) == [0, 0, 1, 1]
 
 
 def test_batches_flip_with_generator_only_when_enabled(tmp_path: Path) -> None:
     save_split_image(tmp_path / "wide.png", (40, 20), RED, BLUE)
     plain = load_quietly(tmp_path)
     flipping = load_quietly(tmp_path, DatasetConfig(resolution=16, flip=True))
-    upright, mirrored = plain.pixel_values(0), plain.pixel_values(0, flip=True)
 
     def orientations(dataset: ImageFolderDataset, seed: int) -> list[bool]:
         batches = dataset.batches(8, torch.Generator().manual_seed(seed))
-        rows = [row for batch in itertools.islice(batches, 4) for row in batch.pixels]
-        assert all(torch.equal(row, upright) or torch.equal(row, mirrored) for row in rows)
-        return [torch.equal(row, mirrored) for row in rows]
+        return [flipped for batch in itertools.islice(batches, 4) for flipped in batch.flipped]
 
     assert not any(orientations(plain, 0))
     flips = orientations(flipping, 0)
@@ -286,14 +281,33 @@ def test_oversized_image_is_skipped_before_decoding(tmp_path: Path, monkeypatch:
     assert (40, 40) not in decoded_sizes and (20, 20) in decoded_sizes
 
 
-def test_undecodable_caption_skips_image(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_unicode_captions_are_read_with_or_without_a_byte_order_mark(tmp_path: Path, encoding: str) -> None:
+    save_image(tmp_path / "a.png")
+    text = "{token} café, naïve – 東京, 🙂"
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = codecs.BOM_UTF16_BE + data  # Python's "utf-16" writes the little-endian mark; test the other one too
+    (tmp_path / "a.txt").write_bytes(data)
+
+    assert load_quietly(tmp_path).examples[0].caption == "sks café, naïve – 東京, 🙂"
+
+
+@pytest.mark.parametrize("data, text", [
+    ("café – naïve “quoted”".encode("cp1252"), "café – naïve “quoted”"),
+    (b"\xff\xfe\xfa", "ÿþú"),  # a UTF-16 mark before bytes that are not UTF-16: cp1252 after all
+    (b"caf\xe9 \x81\x8d", "café \x81\x8d"),  # bytes cp1252 leaves undefined: latin-1
+])
+def test_legacy_caption_is_kept_with_a_warning_naming_the_file(tmp_path: Path, data: bytes, text: str) -> None:
     save_image(tmp_path / "a.png")
     save_image(tmp_path / "b.png")
-    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\xfa")
+    (tmp_path / "b.txt").write_bytes(data)
 
-    with pytest.warns(DatasetWarning, match="b.txt"):
+    with pytest.warns(DatasetWarning, match=r"b\.txt is not UTF-8") as warned:
         dataset = ImageFolderDataset(tmp_path, SMALL)
-    assert [example.path.name for example in dataset.examples] == ["a.png"]
+    assert len(warned) == 1
+    assert [example.caption for example in dataset.examples] == ["a photo of sks", text]
+    assert dataset.skipped == []
 
 
 def test_empty_folder_raises_with_path_and_extensions(tmp_path: Path) -> None:

@@ -79,11 +79,10 @@ def test_rank_shares_make_up_the_batches_one_process_draws(concept_dir, world_si
              for rank in range(world_size)]
     for _ in range(7):  # across epoch boundaries (8 examples)
         whole, shares = next(single), [next(batches) for batches in ranks]
-        assert all(len(share.indices) == batch_size for share in shares)
-        assert [i for share in shares for i in share.indices] == whole.indices
+        assert all(len(share.images) == batch_size for share in shares)
+        assert [i for share in shares for i in share.images] == whole.images
         assert [f for share in shares for f in share.flipped] == whole.flipped
         assert [c for share in shares for c in share.captions] == whole.captions
-        assert torch.equal(torch.cat([share.pixels for share in shares]), whole.pixels)
     assert all(batches.generator.get_state().equal(single.generator.get_state()) for batches in ranks)
     with pytest.raises(ValueError, match="rank=2 is invalid for world_size=2"):
         dataset.batches(1, torch.Generator(), rank=2, world_size=2)
