@@ -28,7 +28,7 @@ def load_image(path: Path, max_image_pixels: int) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     colour, alpha = split_alpha(image)
     rgb = to_srgb(colour, profile) if profile else colour.convert("RGB")
-    return Image.composite(rgb, Image.new("RGB", rgb.size, WHITE), alpha) if alpha else rgb
+    return rgb if alpha is None else Image.composite(rgb, Image.new("RGB", rgb.size, WHITE), alpha)
 
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
