@@ -77,8 +77,15 @@ class DiffusersBackend(TrainingBackend):
         return [generate(self.pipeline, None, prompt, seed=seed, steps=steps) for prompt in prompts]
 
     def model_info(self) -> dict[str, str]:
-        version = "sd_v1" if self.unet.config.cross_attention_dim == 768 else "sd_v2"
-        return {"name": self.name, "hash": self.model_hash, "version": version}
+        return {"name": self.name, "hash": self.model_hash, "version": base_model_version(self.unet.config)}
+
+
+def base_model_version(unet_config: Any) -> str:
+    """kohya's `ss_base_model_version` of a UNet: SDXL by its size/crop conditioning, SD2 by OpenCLIP-H's 1024-wide
+    context, anything else (SD1.x and SD1.x-shaped test models) sd_v1."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
 
 
 @torch.no_grad()

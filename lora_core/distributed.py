@@ -115,10 +115,6 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def close(self) -> None:
         """Leave the process group (after a successful run; a failed process simply exits)."""
         if self.enabled and dist.is_initialized():

@@ -162,10 +162,6 @@ class LoRAWeights:
     def load(cls, path: str | os.PathLike) -> LoRAWeights:
         return cls(*load_file(path))
 
-    @property
-    def module_names(self) -> set[str]:
-        return {key.partition(".")[0] for key in self.tensors}
-
     def converted(self, dtype: str) -> LoRAWeights:
         """The same LoRA stored as `dtype` (alphas stay fp32)."""
         if dtype not in SAVE_DTYPES:

@@ -9,6 +9,12 @@ from typing import Any
 from .network import LoRANetwork
 
 LYCORIS_ALGORITHMS = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
+# Stability's modelspec architecture ids, as kohya's library/sai_model_spec.py writes them
+MODELSPEC_SD_V1 = "stable-diffusion-v1"
+MODELSPEC_SD_V2_512 = "stable-diffusion-v2-512"
+MODELSPEC_SD_V2_768_V = "stable-diffusion-v2-768-v"
+MODELSPEC_SDXL = "stable-diffusion-xl-v1-base"
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def timestamp() -> int:
@@ -16,25 +22,43 @@ def timestamp() -> int:
     return int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
 
 
-def network_metadata(network: LoRANetwork) -> dict[str, str]:
-    """How the network was built, in kohya's and LyCORIS' words."""
-    algorithm = network.algorithm
+def network_args(network: LoRANetwork) -> dict[str, str]:
+    """kohya's `--network_args` that rebuild this network (strings, as kohya parses them); empty for plain LoRA."""
     args: dict[str, str] = {}
-    if algorithm == "lora":
-        module = "networks.lora"
-        if any(adapter.is_conv and adapter.weight_shape[2:] != (1, 1) for _, adapter in network.items()):
-            args = {"conv_dim": str(network.rank), "conv_alpha": f"{network.alpha:g}"}
-    else:
-        module = "lycoris.kohya"
-        args = {"algo": LYCORIS_ALGORITHMS[algorithm]}
-        if algorithm == "dora":
-            args["dora_wd"] = "True"
-    return {
-        "ss_network_module": module,
+    if network.algorithm != "lora":
+        args["algo"] = LYCORIS_ALGORITHMS[network.algorithm]
+    if any(adapter.is_conv and adapter.weight_shape[2:] != (1, 1) for _, adapter in network.items()):
+        args.update(conv_dim=str(network.rank), conv_alpha=f"{network.alpha:g}")
+    if network.algorithm == "dora":
+        args["dora_wd"] = "True"
+    args.update({key: str(value) for key, value in network.options.items()})
+    return args
+
+
+def network_metadata(network: LoRANetwork) -> dict[str, str]:
+    """How the network was built, in kohya's and LyCORIS' words (rank and alpha as asked)."""
+    metadata = {
+        "ss_network_module": "networks.lora" if network.algorithm == "lora" else "lycoris.kohya",
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": f"{network.alpha:g}",
-        "ss_network_args": json.dumps(args) if args else "null",
     }
+    args = network_args(network)
+    if args:  # kohya writes the key only when there are network args
+        metadata["ss_network_args"] = json.dumps(args)
+    if network.clamped_ranks:
+        metadata["ss_clamped_ranks"] = json.dumps(network.clamped_ranks)
+    return metadata
+
+
+def modelspec_architecture(version: str, prediction_type: str) -> str:
+    """The modelspec id of a LoRA for base model `version` (kohya's `ss_base_model_version`)."""
+    if version.startswith("sdxl"):
+        return f"{MODELSPEC_SDXL}/lora"
+    if version == "sd_v2":
+        return f"{MODELSPEC_SD_V2_768_V if prediction_type == 'v_prediction' else MODELSPEC_SD_V2_512}/lora"
+    if version == "sd_v1":
+        return f"{MODELSPEC_SD_V1}/lora"
+    raise ValueError(f"unknown base model version {version!r}; expected sd_v1, sd_v2 or sdxl_base_v1-0")
 
 
 def kohya_metadata(
@@ -61,9 +85,9 @@ def kohya_metadata(
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_output_name": title,
         "ss_training_finished_at": str(now),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{'stable-diffusion-v1' if version == 'sd_v1' else version}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": modelspec_architecture(version, prediction_type),
+        "modelspec.implementation": STABILITY_IMPLEMENTATION if version.startswith("sdxl") else "diffusers",
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",

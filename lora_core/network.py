@@ -1,6 +1,7 @@
 """A set of adapters over a model, addressed by kohya module names: inject, remove, merge, save tensors, load."""
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import ALGORITHMS, Adapter, AdapterError, algorithm_of
+from .adapters.base import checked_rank_and_alpha
 from .targets import TEXT_ENCODER_PREFIX
 
 
@@ -17,13 +19,33 @@ class NetworkError(ValueError):
 
 
 class LoRANetwork(nn.Module):
-    """Adapters keyed by kohya name (`lora_unet_…`, `lora_te_…`). Nothing changes in the model until `attach()`."""
+    """Adapters keyed by kohya name (`lora_unet_…`, `lora_te_…`). Nothing changes in the model until `attach()`.
 
-    def __init__(self, adapters: dict[str, Adapter]) -> None:
+    `rank` and `alpha` are the network's as asked (kohya's `ss_network_dim`/`ss_network_alpha`); a layer narrower
+    than `rank` holds a smaller one (`clamped_ranks`), and `options` are the algorithm's settings (LoKr's `factor`).
+    """
+
+    def __init__(
+        self,
+        adapters: dict[str, Adapter],
+        rank: int | None = None,
+        alpha: float | None = None,
+        clamped_ranks: dict[str, int] | None = None,
+        options: dict[str, object] | None = None,
+    ) -> None:
         super().__init__()
         if not adapters:
             raise NetworkError("the network has no modules: the target preset matched no layer of this model")
         self.adapters = nn.ModuleDict(adapters)
+        self.rank = rank if rank is not None else max(adapter.rank for adapter in adapters.values())
+        self.alpha = float(alpha) if alpha is not None else self.alpha_of_rank(self.rank)
+        self.clamped_ranks = dict(clamped_ranks or {})
+        self.options = dict(options or {})
+
+    def alpha_of_rank(self, rank: int) -> float:
+        """The alpha of a loaded network: that of its modules of `rank` (whose scale is alpha / rank)."""
+        scaled = [a for a in self.adapters.values() if a.rank == rank and a.scaled_by_rank]
+        return float(scaled[0].alpha) if scaled else float(rank)
 
     @classmethod
     def create(
@@ -35,15 +57,35 @@ class LoRANetwork(nn.Module):
         seed: int = 0,
         **algorithm_options,
     ) -> LoRANetwork:
-        """New adapters (ΔW = 0) on `targets` (kohya name → layer), initialised from `seed`."""
+        """New adapters (ΔW = 0) on `targets` (kohya name → layer), initialised from `seed`.
+
+        A layer that cannot use `rank` (ΔW's rank is at most min(out, in · kernel)) gets that smaller rank, with a
+        warning, and keeps the scale alpha / rank the others have; `clamped_ranks` records it.
+        """
         if algorithm not in ALGORITHMS:
             raise NetworkError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        rank, alpha = checked_rank_and_alpha(rank, alpha)
         generator = torch.Generator().manual_seed(seed)
         adapter_cls = ALGORITHMS[algorithm]
-        return cls({
-            name: adapter_cls(module, rank=rank, alpha=alpha, generator=generator, **algorithm_options)
-            for name, module in targets.items()
-        })
+        adapters, clamped = {}, {}
+        for name, module in targets.items():
+            limit = adapter_cls.rank_limit(module)
+            layer_rank = rank if limit is None else min(rank, limit)
+            if layer_rank < rank:
+                clamped[name] = layer_rank
+            adapters[name] = adapter_cls(
+                module, rank=layer_rank, alpha=alpha * layer_rank / rank, generator=generator, **algorithm_options
+            )
+        if clamped:
+            examples = ", ".join(f"{name} → {value}" for name, value in list(clamped.items())[:3])
+            warnings.warn(
+                f"rank {rank} is more than {len(clamped)} of {len(adapters)} layers can use (a layer's ΔW has rank "
+                f"at most min(out, in · kernel)); they get that rank instead, with the same scale alpha / rank, for "
+                f"example {examples}. The file records them in `ss_clamped_ranks`; choose a rank ≤ the narrowest "
+                "layer to avoid this",
+                stacklevel=2,
+            )
+        return cls(adapters, rank, alpha, clamped, algorithm_options)
 
     @classmethod
     def from_tensors(
@@ -84,14 +126,6 @@ class LoRANetwork(nn.Module):
         return next(iter(self.adapters.values())).algorithm
 
     @property
-    def rank(self) -> int:
-        return max(adapter.rank for adapter in self.adapters.values())
-
-    @property
-    def alpha(self) -> float:
-        return float(next(iter(self.adapters.values())).alpha)
-
-    @property
     def has_text_encoder(self) -> bool:
         return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.adapters)
 
@@ -102,15 +136,6 @@ class LoRANetwork(nn.Module):
             for name, adapter in self.adapters.items()
             for suffix, value in adapter.state_dict().items()
         }
-
-    def load_kohya_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy `tensors` (same names and shapes as `kohya_tensors()`) into the adapters."""
-        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for key, value in tensors.items():
-            name, _, suffix = key.partition(".")
-            grouped[name][suffix] = value
-        for name, adapter in self.adapters.items():
-            adapter.load_tensors(grouped[name])
 
     # -- applying it -----------------------------------------------------------------------------------------
 

@@ -140,3 +140,42 @@ def test_broken_and_foreign_files_are_clear_errors(tmp_path) -> None:
         load_file(peft_style)
     with pytest.raises(LoRAFileError, match="no such LoRA file"):
         load_file(tmp_path / "missing.safetensors")
+
+
+def test_metadata_says_what_was_asked_in_kohya_and_modelspec_words(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    attention = backend.adapter_targets("attention", False)
+    lokr = LoRANetwork.create(backend.adapter_targets("full", False), "lokr", rank=16, alpha=8, factor=4)
+    metadata = kohya_metadata(lokr, model=backend.model_info())
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("16", "8")
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lokr", "conv_dim": "16", "conv_alpha": "8", "factor": "4"}
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    plain = kohya_metadata(LoRANetwork.create(attention, rank=4))
+    assert "ss_network_args" not in plain and "ss_clamped_ranks" not in plain  # kohya omits them when empty
+    dora = kohya_metadata(LoRANetwork.create(attention, "dora", rank=4))
+    assert json.loads(dora["ss_network_args"]) == {"algo": "lora", "dora_wd": "True"}
+
+
+@pytest.mark.parametrize("version, prediction_type, architecture", [
+    ("sd_v1", "epsilon", "stable-diffusion-v1/lora"),
+    ("sd_v2", "epsilon", "stable-diffusion-v2-512/lora"),
+    ("sd_v2", "v_prediction", "stable-diffusion-v2-768-v/lora"),
+    ("sdxl_base_v1-0", "epsilon", "stable-diffusion-xl-v1-base/lora"),
+])
+def test_modelspec_architecture_ids_are_kohyas(pipeline, version: str, prediction_type: str, architecture: str) -> None:
+    """The ids of kohya's library/sai_model_spec.py (`determine_architecture` with lora=True)."""
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=4)
+    metadata = kohya_metadata(network, model={"version": version}, prediction_type=prediction_type)
+    assert metadata["modelspec.architecture"] == architecture
+    assert metadata["ss_v2"] == str(version == "sd_v2")
+
+
+def test_clamped_ranks_are_recorded_in_the_file(tmp_path, pipeline) -> None:
+    with pytest.warns(UserWarning, match="rank 48 is more than"):
+        network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=48)
+    path = save_lora(tmp_path / "clamped.safetensors", network, kohya_metadata(network))
+    tensors, metadata = load_file(path)
+    recorded = json.loads(metadata["ss_clamped_ranks"])
+    assert recorded and recorded == network.clamped_ranks
+    assert all(tensors[f"{name}.lora_down.weight"].shape[0] == rank for name, rank in recorded.items())

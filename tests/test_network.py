@@ -127,3 +127,34 @@ def test_wrong_shapes_name_the_module(pipeline) -> None:
     tensors = {f"{name}.lora_down.weight": torch.zeros(4, 99), f"{name}.lora_up.weight": torch.zeros(32, 4)}
     with pytest.raises(NetworkError, match=f"{name}.*shape"):
         LoRANetwork.from_tensors(tensors, backend.loadable_modules())
+
+
+def widest_useful_rank(layer: torch.nn.Module) -> int:
+    """min(out, in · kernel): the highest rank a ΔW of this layer can have (hand computation)."""
+    weight = layer.weight
+    return min(weight.shape[0], weight[0].numel())
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "dora", "loha"])
+def test_a_rank_wider_than_a_layer_is_clamped_per_layer_with_a_warning(pipeline, algorithm: str) -> None:
+    """The tiny UNet has 32- and 64-wide layers: rank 48 fits only the 64-wide ones; the others get their width and
+    keep the asked scale alpha / rank."""
+    targets = DiffusersBackend(pipeline).adapter_targets("full", False)
+    with pytest.warns(UserWarning, match=r"rank 48 is more than \d+ of \d+ layers can use"):
+        network = LoRANetwork.create(targets, algorithm, rank=48, alpha=24)
+    expected = {name: min(48, widest_useful_rank(layer)) for name, layer in targets.items()}
+    assert {name: adapter.rank for name, adapter in network.items()} == expected
+    assert network.clamped_ranks == {name: rank for name, rank in expected.items() if rank < 48}
+    assert 48 in expected.values() and network.clamped_ranks, "the test needs both kinds of layer"
+    assert all(float(adapter.scale) == 0.5 for _, adapter in network.items())
+    assert (network.rank, network.alpha) == (48, 24.0)
+    rebuilt, _ = LoRANetwork.from_tensors(network.kohya_tensors(), targets)
+    assert (rebuilt.rank, rebuilt.alpha) == (48, 24.0)
+
+
+def test_lokr_keeps_lycoris_full_w2_instead_of_clamping(pipeline) -> None:
+    """LyCORIS does not clamp LoKr: a rank too large for w2 makes w2 full (scale 1), which is smaller anyway."""
+    targets = DiffusersBackend(pipeline).adapter_targets("attention", False)
+    network = LoRANetwork.create(targets, "lokr", rank=16, alpha=8)
+    assert (network.rank, network.alpha) == (16, 8.0) and network.clamped_ranks == {}
+    assert all(hasattr(adapter, "lokr_w2") for _, adapter in network.items())  # 32/64-wide: w2 is at most 8×8

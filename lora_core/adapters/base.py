@@ -24,23 +24,26 @@ class Adapter(nn.Module):
     algorithm: ClassVar[str]
     file_keys: ClassVar[frozenset[str]]
 
+    scaled_by_rank: bool = True  # scale = alpha / rank (False where a layout fixes the scale at 1)
+
     def __init__(self, base: nn.Module, rank: int, alpha: float | None) -> None:
         super().__init__()
         check_supported(base)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise AdapterError(f"rank must be a whole number ≥ 1, got {rank!r}")
-        alpha = float(rank if alpha is None else alpha)
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise AdapterError(f"alpha must be a number > 0 (kohya's default is alpha = rank), got {alpha!r}")
+        rank, alpha = checked_rank_and_alpha(rank, alpha)
         self.rank = rank
         self.multiplier = 1.0
-        self.weight_shape = (
-            base.weight.shape if isinstance(base, nn.Conv2d) else torch.Size((base.out_features, base.in_features))
-        )
+        self.weight_shape = weight_shape(base)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32, device=base.weight.device))
         self._base = [base]  # in a list, so the base stays out of this module's parameters and state dict
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._weight_backup: torch.Tensor | None = None
+
+    @classmethod
+    def rank_limit(cls, base: nn.Module) -> int | None:
+        """The largest rank that can add anything on `base`: ΔW's rank is at most min(out, in · kernel).
+        None where the algorithm bounds its size itself."""
+        shape = weight_shape(base)
+        return min(shape[0], math.prod(shape[1:]))
 
     @property
     def base(self) -> nn.Module:
@@ -137,6 +140,23 @@ class Adapter(nn.Module):
                     f"on a weight of shape {tuple(self.weight_shape)} needs {tuple(own[key].shape)}"
                 )
         self.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=False)
+
+
+def checked_rank_and_alpha(rank: int, alpha: float | None) -> tuple[int, float]:
+    """`rank` and `alpha` (default: alpha = rank, kohya's), or AdapterError saying what is wrong with them."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"rank must be a whole number ≥ 1, got {rank!r}")
+    alpha = float(rank if alpha is None else alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"alpha must be a number > 0 (kohya's default is alpha = rank), got {alpha!r}")
+    return rank, alpha
+
+
+def weight_shape(module: nn.Module) -> torch.Size:
+    """The shape of `module`'s weight as ΔW has it ([out, in] or [out, in, k, k]), also for a 4-bit packed weight."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.shape
+    return torch.Size((module.out_features, module.in_features))
 
 
 def check_supported(module: nn.Module) -> None:

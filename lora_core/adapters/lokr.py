@@ -38,6 +38,7 @@ class LoKrAdapter(Adapter):
         self.lokr_w1 = fp32_parameter(*w1_shape, device=device)
         kaiming_uniform(self.lokr_w1, generator)
         if full_w2:
+            self.scaled_by_rank = False
             self.alpha.fill_(rank)  # a full w2 has no rank to scale by: LyCORIS and ComfyUI use scale 1
             self.lokr_w2 = fp32_parameter(out_k, in_n, *kernel, device=device)
             nn.init.zeros_(self.lokr_w2)
@@ -46,6 +47,11 @@ class LoKrAdapter(Adapter):
             self.lokr_w2_b = fp32_parameter(rank, in_n * math.prod(kernel), device=device)
             kaiming_uniform(self.lokr_w2_a, generator)
             nn.init.zeros_(self.lokr_w2_b)
+
+    @classmethod
+    def rank_limit(cls, base: nn.Module) -> None:
+        """None: a rank too large for w2 switches to a full w2 instead (LyCORIS' rule), which is smaller."""
+        return None
 
     def delta_weight(self) -> torch.Tensor:
         w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
