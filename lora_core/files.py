@@ -5,7 +5,7 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,7 +68,10 @@ def write_atomic(path: Path, chunks: list[bytes], overwrite: bool) -> None:
     """Write to a temporary file beside `path`, fsync, then move it into place in one step.
 
     A crash leaves either the old file or the new one, never a partial file under `path`. Without `overwrite`
-    an existing file is never replaced (the final link fails instead).
+    an existing file is never replaced: the final step links the file under its name, which fails if the name is
+    taken; where the filesystem has no hard links (exFAT, some network mounts) it reserves the name by an exclusive
+    create and renames the written file over that reservation (a crash between those two steps leaves an empty
+    file, which reads as a clear error). The file's mode follows the umask, like any other file's.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
@@ -76,7 +79,7 @@ def write_atomic(path: Path, chunks: list[bytes], overwrite: bool) -> None:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
         if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_SECONDS:
             stale.unlink(missing_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = create_temporary(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             for chunk in chunks:
@@ -86,15 +89,43 @@ def write_atomic(path: Path, chunks: list[bytes], overwrite: bool) -> None:
         if overwrite:
             os.replace(temporary, path)
         else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise LoRAFileError(f"{path} was created by someone else meanwhile; nothing was overwritten") from None
-            os.unlink(temporary)
+            move_without_overwriting(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def create_temporary(path: Path) -> tuple[int, str]:
+    """A new file `.<name>.<random>.tmp` beside `path`, opened for writing, with the mode the umask gives (mkstemp
+    would make it 0600, and the saved LoRA with it: unreadable to others sharing `models/loras`)."""
+    while True:
+        temporary = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), temporary
+        except FileExistsError:
+            continue
+
+
+def move_without_overwriting(temporary: str, path: Path) -> None:
+    """Give the written file `temporary` the name `path` in one step, unless someone else has taken that name."""
+    taken = LoRAFileError(f"{path} was created by someone else meanwhile; nothing was overwritten")
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise taken from None
+    except OSError:  # no hard links here (EPERM, ENOTSUP, EXDEV…): reserve the name, then rename over it
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            raise taken from None
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            path.unlink()  # our own empty reservation
+            raise
+        return
+    os.unlink(temporary)
 
 
 def save_file(

@@ -1,9 +1,12 @@
 """kohya-format files: read back, opened by diffusers with the same outputs, deterministic, atomic, safe."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +182,41 @@ def test_clamped_ranks_are_recorded_in_the_file(tmp_path, pipeline) -> None:
     recorded = json.loads(metadata["ss_clamped_ranks"])
     assert recorded and recorded == network.clamped_ranks
     assert all(tensors[f"{name}.lora_down.weight"].shape[0] == rank for name, rank in recorded.items())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, pipeline, umask: int, mode: int) -> None:
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=4)
+    previous = os.umask(umask)
+    try:
+        path = save_lora(tmp_path / "shared.safetensors", network, {})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_saving_works_where_the_filesystem_has_no_hard_links(tmp_path, pipeline, monkeypatch) -> None:
+    """exFAT and some network mounts refuse link(2) (EPERM, ENOTSUP, EXDEV…); the save must still be atomic and
+    must still never overwrite a file it was not asked to."""
+    network = LoRANetwork.create(DiffusersBackend(pipeline).adapter_targets("attention", False), rank=4)
+    expected = save_lora(tmp_path / "reference.safetensors", network, {}).read_bytes()
+    refusals = iter([errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM])
+
+    def no_hard_links(source, destination, *args, **kwargs):
+        raise OSError(next(refusals), "hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    for name in ("exfat.safetensors", "smb.safetensors", "other_device.safetensors"):
+        assert save_lora(tmp_path / name, network, {}).read_bytes() == expected
+    with pytest.raises(LoRAFileError, match="exists already"):
+        save_lora(tmp_path / "exfat.safetensors", network, {})
+
+    def taken_meanwhile(source, destination, *args, **kwargs):  # another writer takes the name, then link fails
+        Path(destination).write_bytes(b"theirs")
+        no_hard_links(source, destination)
+
+    monkeypatch.setattr(os, "link", taken_meanwhile)
+    with pytest.raises(LoRAFileError, match="created by someone else meanwhile; nothing was overwritten"):
+        save_lora(tmp_path / "race.safetensors", network, {})
+    assert (tmp_path / "race.safetensors").read_bytes() == b"theirs"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], "no temporary file may stay behind"
