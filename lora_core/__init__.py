@@ -8,8 +8,11 @@ from .dataset import DatasetConfig, DatasetError, ImageFolderDataset
 from .files import LoRAFileError, LoRAWeights, load_file, load_lora, save_file, save_lora
 from .metadata import kohya_metadata
 from .network import LoRANetwork, NetworkError
+from .quantize import hide_kernels_community_warning
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, UNET_PRESETS, find_targets, kohya_name
 from .training import StepReport, TrainingConfig, TrainingDiverged, TrainingError, TrainingResult, train
+
+hide_kernels_community_warning()
 
 __all__ = [
     "ALGORITHMS", "Adapter", "AdapterError", "DatasetConfig", "DatasetError", "ImageFolderDataset", "LoRAFileError",

@@ -1,7 +1,23 @@
 """QLoRA: the frozen base's Linear layers held in 4-bit NF4 (bitsandbytes), with LoRA trained in fp32 on top."""
 from __future__ import annotations
 
+import logging
+
 from torch import nn
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package cannot fetch a
+# fused kernel from the Hugging Face hub; its own fallback works, and LoRA Lab never downloads kernels.
+KERNELS_COMMUNITY_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_COMMUNITY_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def hide_kernels_community_warning() -> None:
+    """Drop that one bitsandbytes line (imported by diffusers and transformers on every run); nothing else."""
+    logging.getLogger(KERNELS_COMMUNITY_LOGGER).addFilter(not_kernels_community)  # once: filters are a set
+
+
+def not_kernels_community(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(KERNELS_COMMUNITY_MESSAGE)
 
 
 class QuantizationError(RuntimeError):

@@ -1,0 +1,33 @@
+"""The naming and loading tests again, under the oldest libraries requirements.txt admits (transformers 4.x, whose
+CLIPTextModel still has its `text_model` wrapper), installed by scripts/setup.sh into .cache/oldest-supported."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OLDEST = ROOT / ".cache" / "oldest-supported"
+# kohya names of UNet and text encoder, a kohya file, diffusers' own loader as the oracle, every algorithm's file
+SELECTION = "names_equal or kohya_text_encoder_file or diffusers_load_lora or round_trip or from_tensors"
+
+
+def oldest_pins() -> dict[str, str]:
+    lines = (ROOT / "requirements-oldest.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line)
+
+
+def run_on_oldest(*args: str) -> subprocess.CompletedProcess:
+    assert (OLDEST / "requirements-oldest.txt").is_file(), "run scripts/setup.sh: it installs .cache/oldest-supported"
+    env = {**os.environ, "PYTHONPATH": str(OLDEST)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_naming_and_loading_pass_on_the_oldest_supported_libraries() -> None:
+    pins = oldest_pins()
+    probe = run_on_oldest("-c", "import diffusers, transformers; print(diffusers.__version__, transformers.__version__)")
+    assert probe.stdout.split() == [pins["diffusers"], pins["transformers"]], probe.stderr
+    result = run_on_oldest("-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "tests/pytest.ini",
+                           "tests/test_network.py", "tests/test_files.py", "-k", SELECTION)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
