@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_core import LoRANetwork, TrainingConfig, kohya_metadata, load_file, save_lora  # noqa: E402
-from lora_core.targets import TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
+from lora_core.targets import (  # noqa: E402
+    TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, find_targets, kohya_paths, named_for_kohya,
+)
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -45,7 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for preset in ("attention", "transformer", "full"):
             targets = named_for_kohya(UNET_PREFIX, find_targets(unet, preset))
-            targets.update(named_for_kohya(TEXT_ENCODER_PREFIX, find_targets(text_encoder, TEXT_ENCODER_PRESET)))
+            text_layers = kohya_paths(text_encoder, find_targets(text_encoder, TEXT_ENCODER_PRESET))
+            targets.update(named_for_kohya(TEXT_ENCODER_PREFIX, text_layers))
             network = LoRANetwork.create(targets, rank=8)
             metadata = kohya_metadata(network, training={**TrainingConfig().metadata(), "steps": 1000},
                                       dataset={"tag_frequency": {"10_sks": {"sks": 20, "red circle": 20}}})
