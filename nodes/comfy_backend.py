@@ -1,4 +1,9 @@
-"""The ComfyUI backend: MODEL, CLIP and VAE as `lora_core` sees a model. No math here, only ComfyUI plumbing."""
+"""The ComfyUI backend: MODEL, CLIP and VAE as `lora_core` sees a model. No math here, only ComfyUI plumbing.
+
+The denoiser is trained as ComfyUI's samplers run it: noise levels and the prediction type come from the MODEL's
+*patched* `model_sampling` (so ModelSamplingDiscrete v_prediction / zsnr applied before Train LoRA count), and the
+diffusion model is called with the conditions `BaseModel.extra_conds` builds and the MODEL's transformer_options.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,8 +11,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.utils
 import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
 from ..lora_core.backend import TrainingBackend
@@ -16,11 +23,60 @@ from ..lora_core.targets import (
     TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name,
 )
 
-PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
+# A discrete schedule's prediction type is what its `calculate_denoised` does with the denoiser's output.
+PREDICTION_TYPES = {
+    comfy.model_sampling.EPS.calculate_denoised: "epsilon",
+    comfy.model_sampling.V_PREDICTION.calculate_denoised: "v_prediction",
+}
+FAMILY_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
+                "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SD3": "SD3", "Flux": "Flux.1",
+                "FluxSchnell": "Flux.1 schnell", "SD15_instructpix2pix": "SD1.x instruct-pix2pix",
+                "SDXL_instructpix2pix": "SDXL instruct-pix2pix"}
+IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
+SUPPORTED = ("Train LoRA trains SD1.x and SD2.x text-to-image models with ε- or v-prediction (also as set by "
+             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr)")
 
 
 class ComfyBackendError(ValueError):
     """The model cannot be trained here; the message says why."""
+
+
+def model_sampling(model: Any) -> Any:
+    """The MODEL's noise schedule with its object patches applied, as the samplers use it."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return model.object_patches.get("model_sampling", model.model.model_sampling)  # ComfyUI before mid-2024
+
+
+def model_family(model: Any) -> str:
+    """A reader's name for the MODEL's family: "SDXL", "SD1.x inpainting (9-channel)", …"""
+    config = model.model.model_config
+    name = FAMILY_NAMES.get(type(config).__name__, type(config).__name__)
+    channels = config.unet_config.get("in_channels", 4)
+    if channels in IMAGE_INPUT_FAMILIES and IMAGE_INPUT_FAMILIES[channels] not in name:
+        name = f"{name} {IMAGE_INPUT_FAMILIES[channels]} ({channels}-channel)"
+    return name
+
+
+def trainable_prediction_type(model: Any) -> str:
+    """"epsilon" or "v_prediction" for a MODEL the trainer can train; otherwise a ComfyBackendError naming the
+    family, what stands in the way and what is supported."""
+    base, sampling = model.model, model_sampling(model)
+    unet_config = base.model_config.unet_config
+    if not isinstance(base.diffusion_model, UNetModel):
+        problem = f"its denoiser is a {type(base.diffusion_model).__name__}, not an SD UNet"
+    elif unet_config.get("in_channels", 4) != unet_config.get("out_channels", 4):
+        problem = f"its UNet takes {unet_config['in_channels']} input channels (image/mask conditioning)"
+    elif unet_config.get("adm_in_channels") or unet_config.get("num_classes") is not None:
+        problem = "it needs pooled/ADM conditioning (the UNet's `y` input)"
+    elif not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        problem = f"its sampling is {type(sampling).__name__}, not a discrete DDPM schedule"
+    elif type(sampling).calculate_denoised not in PREDICTION_TYPES:
+        problem = "its sampling predicts neither ε nor v (lcm, x0)"
+    else:
+        return PREDICTION_TYPES[type(sampling).calculate_denoised]
+    raise ComfyBackendError(f"this MODEL is {model_family(model)}: {problem}. {SUPPORTED}; other families are not "
+                            "supported yet")
 
 
 def diffusers_paths(model: Any) -> dict[str, str]:
@@ -38,32 +94,39 @@ def text_encoder_name(path: str) -> str:
     return kohya_name(TEXT_ENCODER_PREFIX, path[path.index("text_model."):])
 
 
+def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor on the same memory as an inference tensor: autograd may save it for backward, and
+    nothing is copied. (The weights are frozen, so the inference tensor's missing version counter is no risk.)"""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
 @contextmanager
-def trainable_copies(modules: list[nn.Module]) -> Iterator[None]:
+def trainable_weights(modules: list[nn.Module]) -> Iterator[None]:
     """Inside the block, parameters and buffers made under `torch.inference_mode()` (as ComfyUI loads every model)
-    are replaced by ordinary copies that autograd may save; the originals are put back afterwards, untouched."""
-    replaced: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
+    are replaced by trainable aliases of the same memory; afterwards the originals are put back wherever ComfyUI
+    has not meanwhile moved or re-patched the weight itself."""
+    replaced: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(False):
         for root in modules:
             for module in root.modules():
                 for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                     if tensor is None or not tensor.is_inference():
                         continue
-                    is_parameter = isinstance(tensor, nn.Parameter)
-                    copy = tensor.detach().clone()
-                    replaced.append((module, name, tensor, is_parameter))
-                    if is_parameter:
-                        setattr(module, name, nn.Parameter(copy, requires_grad=False))
+                    alias = trainable_alias(tensor)
+                    if isinstance(tensor, nn.Parameter):
+                        alias = nn.Parameter(alias, requires_grad=False)
+                        setattr(module, name, alias)
                     else:
-                        module._buffers[name] = copy
+                        module._buffers[name] = alias
+                    replaced.append((module, name, tensor, alias))
     try:
         yield
     finally:
-        for module, name, original, is_parameter in reversed(replaced):
-            if is_parameter:
-                setattr(module, name, original)
-            else:
-                module._buffers[name] = original
+        for module, name, original, alias in reversed(replaced):
+            current = getattr(module, name)
+            if current is alias and alias.data_ptr() == original.data_ptr():
+                (module._parameters if name in module._parameters else module._buffers)[name] = original
 
 
 IN_PLACE_RESIDUAL_BLOCKS = frozenset({"BasicTransformerBlock", "CLIPLayer"})
@@ -87,33 +150,34 @@ def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
 
 
 class ComfyBackend(TrainingBackend):
-    """Trains through MODEL's diffusion model and its own `model_sampling`; encodes with the given VAE and CLIP."""
+    """Trains MODEL's denoiser through its patched `model_sampling`; encodes with the given VAE and CLIP."""
 
     def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512) -> None:
+        self.prediction_type = trainable_prediction_type(model)
         self.model, self.clip, self.vae, self.sample_size = model, clip, vae, sample_size
         self.base_model = model.model
         self.unet = model.model.diffusion_model
-        model_type = getattr(model.model, "model_type", None)
-        if getattr(model_type, "name", None) not in PREDICTION_TYPES:
-            raise ComfyBackendError(
-                f"LoRA Lab trains ε- and v-prediction models (SD1.x/SD2.x); this MODEL is {model_type}"
-            )
-        self.prediction_type = PREDICTION_TYPES[model_type.name]
+        self.sampling = model_sampling(model)
         self.device = comfy.model_management.get_torch_device()
         self._diffusers_paths = diffusers_paths(model)
 
     @contextmanager
-    def loaded(self, train_text_encoder: bool) -> Iterator[None]:
-        """The models on the compute device with their patches applied, trainable, restored afterwards."""
+    def training(self, train_text_encoder: bool) -> Iterator[None]:
+        """The denoiser (and CLIP, if its LoRA trains) loaded on the compute device with the MODEL's patches,
+        trainable without a second copy of any weight; the models are as they were after the block.
+
+        Loading outside inference mode (as ComfyUI's own TrainLoraNode does) makes every weight that ComfyUI moves
+        or patches an ordinary tensor; those it leaves in place get trainable aliases. CLIP's weights get aliases
+        even when only the denoiser loads, so a LoRA with text-encoder layers trains whatever the flag says."""
         patchers = [self.model] + ([self.clip.patcher] if train_text_encoder else [])
-        comfy.model_management.load_models_gpu(patchers)
-        modules = [self.unet] + ([self.clip.cond_stage_model] if train_text_encoder else [])
-        with trainable_copies(modules), copied_norm_inputs(modules):
+        with torch.inference_mode(False):
+            comfy.model_management.load_models_gpu(patchers)
+        modules = self.frozen_modules()
+        with trainable_weights(modules), copied_norm_inputs(modules):
             yield
 
     def alphas_cumprod(self) -> torch.Tensor:
-        sigmas = self.base_model.model_sampling.sigmas.float()
-        return 1.0 / (1.0 + sigmas**2)
+        return 1.0 / (1.0 + self.sampling.sigmas.float() ** 2)
 
     def compute_dtype(self) -> torch.dtype:
         return getattr(self.base_model, "manual_cast_dtype", None) or self.base_model.get_dtype()
@@ -121,6 +185,7 @@ class ComfyBackend(TrainingBackend):
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.vae is None:
             raise ComfyBackendError("a VAE is needed to encode the dataset; connect one to Train LoRA")
+        comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):  # ComfyUI's VAE samples its posterior from the global generator
             torch.manual_seed(seed)
@@ -131,8 +196,23 @@ class ComfyBackend(TrainingBackend):
         return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(caption)) for caption in captions]).to(self.device)
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
-        dtype = self.compute_dtype()
-        return self.unet(noisy_latents.to(dtype), timesteps.float(), context=conditioning.to(dtype)).float()
+        """The diffusion model's raw output (ε or v) as `BaseModel.apply_model` computes it before converting it to
+        x0: for x = x0 + σ_t·ε, ComfyUI's `calculate_input(σ_t, x)` is exactly `noisy_latents`, and the time input
+        is `model_sampling.timestep(σ_t)`. Conditions come from `BaseModel.extra_conds`, patches from the MODEL's
+        transformer_options."""
+        dtype, device = self.compute_dtype(), noisy_latents.device
+        sigmas = self.sampling.sigmas[timesteps.to(self.sampling.sigmas.device)]
+        conds = {
+            name: cond.process_cond(batch_size=len(noisy_latents), device=device).cond.to(device)
+            for name, cond in self.base_model.extra_conds(cross_attn=conditioning, noise=noisy_latents,
+                                                          device=device).items()
+        }
+        context = conds.pop("c_crossattn").to(dtype)
+        extra = {name: value.to(dtype) if value.is_floating_point() else value for name, value in conds.items()}
+        options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas.to(device),
+                   "cond_or_uncond": [0]}
+        time = self.sampling.timestep(sigmas).float().to(device)
+        return self.unet(noisy_latents.to(dtype), time, context=context, transformer_options=options, **extra).float()
 
     def unet_names(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
         return {
@@ -189,6 +269,7 @@ class ComfyBackend(TrainingBackend):
         size = self.sample_size // 8
         images = []
         for prompt in prompts:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # KSampler checks between its steps
             latent = {"samples": torch.zeros(1, 4, size, size)}
             (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, 7.0, "euler", "normal",
                                                      self.conditioning(prompt), self.conditioning(""), latent)

@@ -233,7 +233,7 @@ class TrainLoRA:
             check_name(checkpoint_prefix, "checkpoint prefix")
             folder = next_lora_path(checkpoint_prefix).parent
             checkpointer = Checkpointer(folder, checkpoint_every, keep_checkpoints, Path(checkpoint_prefix).name, metadata)
-        with backend.loaded(network.text_encoder):
+        with backend.training(network.text_encoder):
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
                 lora_network = network.build(backend, config.seed).to(backend.device)
             result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
