@@ -10,7 +10,9 @@ from .metadata import kohya_metadata
 from .network import LoRANetwork, NetworkError
 from .quantize import hide_kernels_community_warning
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, UNET_PRESETS, find_targets, kohya_name
-from .training import StepReport, TrainingConfig, TrainingDiverged, TrainingError, TrainingResult, train
+from .config import TrainingConfig, TrainingError, lora_metadata
+from .state import TrainingResult
+from .training import StepReport, TrainingDiverged, train
 
 hide_kernels_community_warning()
 
@@ -18,5 +20,5 @@ __all__ = [
     "ALGORITHMS", "Adapter", "AdapterError", "DatasetConfig", "DatasetError", "ImageFolderDataset", "LoRAFileError",
     "LoRANetwork", "LoRAWeights", "NetworkError", "StepReport", "TEXT_ENCODER_PREFIX", "TrainingBackend", "TrainingConfig",
     "TrainingDiverged", "TrainingError", "TrainingResult", "UNET_PREFIX", "UNET_PRESETS", "find_targets",
-    "kohya_metadata", "kohya_name", "load_file", "load_lora", "save_file", "save_lora", "train",
+    "kohya_metadata", "kohya_name", "lora_metadata", "load_file", "load_lora", "save_file", "save_lora", "train",
 ]

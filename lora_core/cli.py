@@ -67,7 +67,7 @@ def peer_failure_message(args: argparse.Namespace, distributed: Distributed, err
     out = Path(args.out)
     saved = Checkpointer(out.parent, every=1, name=out.stem).saved() if args.save_every else []
     if saved:
-        last = (f"The last checkpoint is {saved[-1]}; continue from it with --resume {state_path(saved[-1])} and "
+        last = (f"The last checkpoint is {saved[-1]}; continue from it with --resume-state {state_path(saved[-1])} and "
                 f"the same settings on the same number of processes ({distributed.world_size}).")
     else:
         last = "No checkpoint was saved (--save-every N saves some to resume from)."
@@ -84,8 +84,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     from .checkpoints import Checkpointer, load_state
     from .dataset import DatasetConfig, ImageFolderDataset
     from .diffusers_backend import DiffusersBackend
+    from .config import lora_metadata
     from .files import load_lora, save_lora
-    from .metadata import kohya_metadata
     from .network import LoRANetwork
     from .training import TrainingDiverged, train
 
@@ -104,8 +104,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         min_bucket_size=args.min_bucket_size, max_bucket_size=args.max_bucket_size, shuffle_tags=args.shuffle_tags,
         keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
     ))
-    if args.resume_from:
-        network, _ = load_lora(args.resume_from, backend.loadable_modules())
+    if args.start_from_lora:
+        network, _ = load_lora(args.start_from_lora, backend.loadable_modules())
     else:
         network = LoRANetwork.create(
             backend.adapter_targets(args.preset, args.text_encoder), args.algorithm, args.rank, args.alpha, args.seed
@@ -114,35 +114,38 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     config = TrainingConfig(
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-        seed=args.seed, early_stopping_patience=args.early_stopping_patience, text_encoder_lr=args.text_encoder_lr,
+        lr_warmup_steps=args.lr_warmup_steps, lr_scheduler_cycles=args.lr_scheduler_cycles,
+        lr_scheduler_power=args.lr_scheduler_power, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+        seed=args.seed, validation_every=args.validation_every, validation_images=args.validation_images,
+        validation_timesteps=args.validation_timesteps, early_stopping_patience=args.early_stopping_patience,
+        early_stopping_min_steps=args.early_stopping_min_steps, keep_best=args.keep_best,
+        text_encoder_lr=args.text_encoder_lr,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
         latent_cache_dir=args.latent_cache_dir,
     )
 
     def metadata(steps: int) -> dict[str, str]:
-        return kohya_metadata(
-            network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
-            dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
-            title=out.stem, resolution=args.resolution, prediction_type=backend.prediction_type,
-        )
+        return lora_metadata(network, config, backend, dataset, steps, title=out.stem)
 
     checkpointer = None
     if args.save_every:
         checkpointer = Checkpointer(out.parent, args.save_every, args.keep_checkpoints, out.stem, metadata,
                                     args.save_dtype)
-    resume_state = load_state(args.resume) if args.resume else None
+    resume_state = load_state(args.resume_state) if args.resume_state else None
     is_main = distributed.is_main  # rank 0 alone prints and writes files
     if is_main:
         ranks = (f"; {distributed.world_size} processes, global batch {config.batch_size} × {distributed.world_size} × "
                  f"{config.gradient_accumulation}") if distributed.enabled else ""
         print(f"{len(dataset)} examples from {dataset.num_images} images; {len(network.adapters)} {network.algorithm} "
               f"modules{ranks}")
+    validation_loss = "-"
     with tqdm(total=config.steps, initial=resume_state["step"] if resume_state else 0, desc="training", unit="step",
               disable=not is_main) as bar:
         def show(report) -> None:
-            bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
+            if report.validation_loss is not None:
+                validation_loss = f"{report.validation_loss:.4f}"
+            bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", val=validation_loss, lr=f"{report.learning_rate:.2e}")
             bar.update(1)
             for index, image in enumerate(report.samples if is_main and report.samples else []):
                 image.save(out.parent / f"{out.stem}-sample-step{report.step:08d}-{index}.png")
@@ -158,7 +161,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     if is_main:
         with distributed.shielded():
             save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite)
-        print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in ("losses", "learning_rates")}}))
+        hidden = ("losses", "learning_rates", "validation")
+        print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in hidden}}))
     if result.stop_reason == "diverged":
         raise SystemExit(1)
 
@@ -195,11 +199,28 @@ def command_demo(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/: base/ (pipeline), lora.safetensors, strength_*.png, grid.png, loss.png, report.json")
 
 
+RENAMED_OPTIONS = {
+    "--resume-from": "--start-from-lora (a new run starting from a LoRA's weights); to continue a checkpointed run "
+                     "exactly, use --resume-state with its .state.safetensors",
+}
+
+
+class Renamed(argparse.Action):
+    """An option of an earlier version whose name misled: refused with its new name."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m lora_core", description=__doc__)
+    root = argparse.ArgumentParser(prog="python -m lora_core", description=__doc__, allow_abbrev=False)
     commands = root.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a LoRA on an image folder")
+    train = commands.add_parser("train", help="train a LoRA on an image folder", allow_abbrev=False)
     train.add_argument("--base", required=True, help="diffusers pipeline folder (model_index.json inside)")
     train.add_argument("--data", required=True, help="image folder with same-stem .txt captions; N_name subfolders repeat N times")
     train.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -208,8 +229,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float, default=None, help="default: the rank")
     train.add_argument("--preset", choices=sorted(UNET_PRESETS), default="attention")
     train.add_argument("--text-encoder", action="store_true", help="also adapt the CLIP text encoder")
-    train.add_argument("--resume-from", help="a LoRA file to continue training from (a new run on its weights)")
-    train.add_argument("--resume", help="a checkpoint's .state.safetensors: continue that run exactly where it stopped")
+    train.add_argument("--start-from-lora", metavar="FILE",
+                       help="a LoRA file whose weights a new run starts from (its algorithm and rank are kept)")
+    train.add_argument("--resume-state", "--resume", metavar="FILE",
+                       help="a checkpoint's .state.safetensors: continue that run exactly where it stopped")
+    for old, new in RENAMED_OPTIONS.items():
+        train.add_argument(old, action=Renamed, new=new, help=argparse.SUPPRESS)
     train.add_argument("--save-every", type=int, default=0, help="save a checkpoint (LoRA + state) every N steps")
     train.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     train.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
@@ -227,9 +252,24 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", default=DEFAULTS.optimizer, help="a torch.optim class, AdamW8bit, Lion or Prodigy")
     train.add_argument("--lr-scheduler", choices=SCHEDULERS, default=DEFAULTS.lr_scheduler)
     train.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS.lr_warmup_steps)
+    train.add_argument("--lr-scheduler-cycles", type=int, default=DEFAULTS.lr_scheduler_cycles,
+                       help="cosine_with_restarts: the number of cosine cycles")
+    train.add_argument("--lr-scheduler-power", type=float, default=DEFAULTS.lr_scheduler_power,
+                       help="polynomial: the power of the decay")
     train.add_argument("--min-snr-gamma", type=float, default=DEFAULTS.min_snr_gamma)
     train.add_argument("--noise-offset", type=float, default=DEFAULTS.noise_offset)
-    train.add_argument("--early-stopping-patience", type=int, default=DEFAULTS.early_stopping_patience)
+    train.add_argument("--validation-every", type=int, default=DEFAULTS.validation_every,
+                       help="steps between validation losses (fixed noise and timesteps); 0: none")
+    train.add_argument("--validation-images", type=int, default=DEFAULTS.validation_images,
+                       help="images the validation loss uses: held out of training when the dataset has 5× as many")
+    train.add_argument("--validation-timesteps", type=int, default=DEFAULTS.validation_timesteps,
+                       help="stratified timesteps per validation image")
+    train.add_argument("--early-stopping-patience", type=int, default=DEFAULTS.early_stopping_patience,
+                       help="stop after this many validation losses without a new lowest one, keeping the best weights")
+    train.add_argument("--early-stopping-min-steps", type=int, default=DEFAULTS.early_stopping_min_steps,
+                       help="never stop early before this step")
+    train.add_argument("--keep-best", action="store_true",
+                       help="end with the weights of the lowest validation loss (early stopping always does)")
     train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     train.add_argument("--resolution", type=int, default=512)
     train.add_argument("--caption-extension", default=".txt")

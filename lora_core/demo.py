@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from .dataset import DatasetConfig, ImageFolderDataset
 from .diffusers_backend import DiffusersBackend, generate
+from .config import lora_metadata
 from .files import load_lora, save_lora
-from .metadata import kohya_metadata
 from .network import LoRANetwork
 from .plots import image_grid, loss_curve
 from .tiny_model import build_tiny_pipeline
@@ -78,21 +78,18 @@ def run_demo(out: Path, steps: int = 200, seed: int = 0, overwrite: bool = False
     network = LoRANetwork.create(backend.adapter_targets("transformer", text_encoder=False), rank=8, seed=seed)
     config = TrainingConfig(
         steps=steps, learning_rate=2e-3, batch_size=2, gradient_accumulation=1, lr_scheduler="cosine",
-        lr_warmup_steps=min(10, steps - 1), seed=seed,
+        lr_warmup_steps=min(10, steps - 1), seed=seed, validation_every=max(1, steps // 10),
     )
 
     with tqdm(total=steps, desc="training", unit="step", disable=not progress) as bar:
         def show(report: StepReport) -> None:
-            bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
+            if report.validation_loss is not None:
+                bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", val=f"{report.validation_loss:.4f}")
             bar.update(1)
 
         result = train(backend, network, dataset, config, callback=show)
 
-    metadata = kohya_metadata(
-        network, training={**config.metadata(), "steps": result.steps}, model=backend.model_info(),
-        dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
-        title="LoRA Lab demo: sks red circle", resolution=resolution, prediction_type=backend.prediction_type,
-    )
+    metadata = lora_metadata(network, config, backend, dataset, result.steps, title="LoRA Lab demo: sks red circle")
     lora_path = save_lora(out / "lora.safetensors", network, metadata, dtype="float32", overwrite=overwrite)
 
     loaded, _ = load_lora(lora_path, backend.loadable_modules())
@@ -102,14 +99,16 @@ def run_demo(out: Path, steps: int = 200, seed: int = 0, overwrite: bool = False
         image.save(out / f"strength_{strength:g}.png")
         images.append(image)
     image_grid([image.resize((192, 192), Image.NEAREST) for image in images], [f"strength {s:g}" for s in STRENGTHS]).save(out / "grid.png")
-    loss_curve(result.losses).save(out / "loss.png")
+    loss_curve(result.losses, result.validation).save(out / "loss.png")
 
     references = training_latents(pipeline, dataset)
     report = {
         "steps": result.steps,
         "first_loss": result.losses[0],
         "final_loss": result.losses[-1],
-        "best_loss": result.best_loss,
+        "validation": [{"step": step, "loss": loss} for step, loss in result.validation],
+        "validation_held_out": result.validation_held_out,
+        "best_validation_loss": result.best_loss,
         "best_step": result.best_step,
         "seconds_per_step": result.seconds_per_step,
         "file_bytes": lora_path.stat().st_size,

@@ -1,9 +1,10 @@
-"""Optimizers by name and learning-rate schedules with warmup, built from torch's own classes."""
+"""Optimizers by name, each validated for what it needs, and learning-rate schedules with warmup."""
 from __future__ import annotations
 
 import importlib
 import math
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 from torch.optim import lr_scheduler
@@ -14,6 +15,14 @@ EXTRA_OPTIMIZERS = {
     "lion": ("lion_pytorch", "Lion"),
     "prodigy": ("prodigyopt", "Prodigy"),
 }
+# torch.optim classes a LoRA cannot train with, and why
+UNSUITABLE_OPTIMIZERS = {
+    "LBFGS": "it needs a closure that re-evaluates the loss, which a stochastic training loop does not have",
+    "SparseAdam": "it takes only sparse gradients, and LoRA gradients are dense",
+}
+# optimizers whose learning rate is a multiplier of a step size they estimate themselves: 1.0 is the usual value
+ADAPTIVE_LR_OPTIMIZERS = {"prodigy": 10.0}
+OFFERED_OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "AdamW8bit", "Lion", "Prodigy")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -23,6 +32,8 @@ class OptimizerError(ValueError):
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     """`torch.optim.<name>` (AdamW, SGD, Adafactor…) or one of EXTRA_OPTIMIZERS if its package is installed."""
+    if name in UNSUITABLE_OPTIMIZERS:
+        raise OptimizerError(f"optimizer {name!r} cannot train a LoRA: {UNSUITABLE_OPTIMIZERS[name]}; use AdamW")
     torch_class = getattr(torch.optim, name, None)
     if isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer):
         return torch_class
@@ -34,8 +45,23 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
             raise OptimizerError(
                 f"optimizer {name!r} needs the package {module_name.split('.')[0]!r}: pip install it ({error})"
             ) from error
-    known = sorted(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type) and n[0].isupper())
-    raise OptimizerError(f"unknown optimizer {name!r}; use a torch.optim class ({', '.join(known)}) or {sorted(EXTRA_OPTIMIZERS)}")
+    raise OptimizerError(f"unknown optimizer {name!r}; use one of {list(OFFERED_OPTIMIZERS)} or another "
+                         "torch.optim class")
+
+
+def learning_rate_range(name: str) -> tuple[float, str]:
+    """The largest learning rate that makes sense for optimizer `name`, and a hint for the message."""
+    if name.lower() in ADAPTIVE_LR_OPTIMIZERS:
+        return ADAPTIVE_LR_OPTIMIZERS[name.lower()], f"{name} estimates its step size: use 1.0"
+    return 1.0, "typically 1e-4"
+
+
+def check_learning_rate(name: str, lr: float, what: str = "learning_rate") -> None:
+    """Refuse a learning rate outside (0, limit) for optimizer `name` (0 is allowed for a frozen group)."""
+    limit, hint = learning_rate_range(name)
+    if not 0 < lr < limit:
+        raise OptimizerError(f"{what} = {lr!r} is out of range for {name}: use a value above 0 and below {limit:g} "
+                             f"({hint})")
 
 
 FUSED_OPTIMIZERS = ("Adam", "AdamW", "SGD")
@@ -54,26 +80,46 @@ def make_optimizer(name: str, parameters: Iterable, lr: float, **options) -> tor
         raise OptimizerError(f"optimizer {name!r} does not take the options {sorted(options)}: {error}") from error
 
 
+def schedule_factor(step: int, name: str, total_steps: int, warmup_steps: int, cycles: int, power: float) -> float:
+    """The learning rate's factor after `step` scheduler steps: a linear warmup reaching 1 at step `warmup_steps`,
+    then the shape `name` over the remaining steps (diffusers' `get_scheduler` shapes)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    if name == "constant":
+        return 1.0
+    if progress >= 1:
+        return 0.0
+    if name == "linear":
+        return 1.0 - progress
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if name == "cosine_with_restarts":
+        return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+    return (1.0 - progress) ** power  # polynomial
+
+
 def make_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, cycles: int = 1
-) -> lr_scheduler.LRScheduler:
-    """The schedule `name` over the steps after a linear warmup of `warmup_steps` (diffusers' names)."""
+    name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, cycles: int = 1,
+    power: float = 1.0, position: int = 0,
+) -> lr_scheduler.LambdaLR:
+    """The schedule `name` over `total_steps`, already `position` steps in (a resumed run rebuilds its schedule for
+    its own horizon and continues at the step it saved). `cycles` is for cosine_with_restarts, `power` for
+    polynomial; either set for another schedule is refused, as it would do nothing."""
     if name not in SCHEDULERS:
         raise OptimizerError(f"unknown lr scheduler {name!r}; choose one of {list(SCHEDULERS)}")
     if not 0 <= warmup_steps < total_steps:
         raise OptimizerError(f"lr warmup steps must be from 0 to {total_steps - 1} (steps - 1), got {warmup_steps}")
-    after_warmup = total_steps - warmup_steps
-    if name == "constant":
-        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    elif name == "linear":
-        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=after_warmup)
-    elif name == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=after_warmup)
-    elif name == "cosine_with_restarts":
-        main = lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, math.ceil(after_warmup / cycles)))
-    else:
-        main = lr_scheduler.PolynomialLR(optimizer, total_iters=after_warmup, power=1.0)
-    if not warmup_steps:
-        return main
-    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1)
-    return lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+    if cycles < 1 or (cycles != 1 and name != "cosine_with_restarts"):
+        raise OptimizerError(f"lr scheduler cycles = {cycles}: use a whole number ≥ 1, and other than 1 only with "
+                             "cosine_with_restarts")
+    if power <= 0 or (power != 1 and name != "polynomial"):
+        raise OptimizerError(f"lr scheduler power = {power}: use a value above 0, and other than 1 only with polynomial")
+    factor = partial(schedule_factor, name=name, total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles,
+                     power=power)
+    scheduler = lr_scheduler.LambdaLR(optimizer, factor)
+    if position:
+        scheduler.last_epoch = position
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor(position)
+    return scheduler

@@ -17,38 +17,55 @@ def smooth(values: Sequence[float], factor: float = 0.9) -> list[float]:
     return smoothed
 
 
-def loss_curve(losses: Sequence[float], width: int = 640, height: int = 360, title: str = "training loss") -> Image.Image:
-    """Raw loss (light) and its smoothed line (dark) against the step, with labelled axes."""
+VALIDATION_COLOR = (220, 90, 20)
+
+
+def loss_curve(losses: Sequence[float], validation: Sequence[tuple[int, float]] = (), width: int = 640,
+               height: int = 360, title: str = "training loss") -> Image.Image:
+    """Raw training loss (light) and its smoothed line (dark) against the step, the validation loss (orange line
+    with a dot per evaluation; step 0 is the untrained network) when there is one, with labelled axes."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     left, top, right, bottom = MARGIN_LEFT, MARGIN_TOP, width - MARGIN_RIGHT, height - MARGIN_BOTTOM
     draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    draw.text((left, 8), f"{title} ({len(losses)} steps)", fill="black", font=font)
+    heading = f"{title} ({len(losses)} steps)" + (", validation loss (orange)" if validation else "")
+    draw.text((left, 8), heading, fill="black", font=font)
     if not losses:
         draw.text((left + 8, top + 8), "no steps yet", fill="gray", font=font)
         return image
-    low, high = min(losses), max(losses)
+    values = [*losses, *(loss for _, loss in validation)]
+    low, high = min(values), max(values)
     span = (high - low) or 1.0
 
     def point(index: int, value: float) -> tuple[float, float]:
-        x = left + (right - left) * (index / max(1, len(losses) - 1))
+        """Index 0 is step 1; index -1 is step 0 (a validation loss before training)."""
+        x = left + (right - left) * ((index + 1) / max(1, len(losses)))
         return x, bottom - (bottom - top) * (value - low) / span
 
     for fraction in (0.0, 0.5, 1.0):
         y = bottom - (bottom - top) * fraction
         draw.line((left - 4, y, left, y), fill="black")
         draw.text((4, y - 6), f"{low + span * fraction:.4g}", fill="black", font=font)
-    draw.text((left, bottom + 8), "1", fill="black", font=font)
+    draw.text((left, bottom + 8), "0", fill="black", font=font)
     draw.text((right - 24, bottom + 8), str(len(losses)), fill="black", font=font)
     draw.text(((left + right) // 2 - 12, bottom + 8), "step", fill="black", font=font)
     if len(losses) == 1:
         x, y = point(0, losses[0])
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(30, 90, 200))
+        draw_validation(draw, [point(step - 1, loss) for step, loss in validation])
         return image
     draw.line([point(i, v) for i, v in enumerate(losses)], fill=(170, 200, 240), width=1)
     draw.line([point(i, v) for i, v in enumerate(smooth(losses))], fill=(30, 90, 200), width=2)
+    draw_validation(draw, [point(step - 1, loss) for step, loss in validation])
     return image
+
+
+def draw_validation(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]]) -> None:
+    if len(points) > 1:
+        draw.line(points, fill=VALIDATION_COLOR, width=2)
+    for x, y in points:
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=VALIDATION_COLOR)
 
 
 def image_grid(images: Sequence[Image.Image], labels: Sequence[str], label_height: int = 16) -> Image.Image:

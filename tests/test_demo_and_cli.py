@@ -95,7 +95,7 @@ def test_cli_resume_continues_a_checkpointed_run_to_the_same_lora(demo: Path, tm
         "--sample-every", "2", "--sample-steps", "2")
     assert (tmp_path / "part-sample-step00000002-0.png").is_file()
     state = tmp_path / "part-step00000002.state.safetensors"
-    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--steps", "4", "--resume", str(state))
+    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--steps", "4", "--resume-state", str(state))
     whole, _ = load_file(tmp_path / "whole.safetensors")
     resumed, _ = load_file(tmp_path / "resumed.safetensors")
     assert whole.keys() == resumed.keys()
@@ -124,7 +124,7 @@ def test_a_killed_training_run_loses_only_the_steps_since_its_last_checkpoint(de
     states = sorted(tmp_path.glob("crash-step*.state.safetensors"))
     latest = load_state(states[-1])  # intact, however the kill fell
     assert latest["step"] in (2, 4)
-    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--resume", str(states[-1]))
+    run(*common, "--out", str(tmp_path / "resumed.safetensors"), "--resume-state", str(states[-1]))
     whole, _ = load_file(tmp_path / "whole.safetensors")
     resumed, _ = load_file(tmp_path / "resumed.safetensors")
     for key in whole:

@@ -22,7 +22,9 @@ from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingCo
 from lora_core.checkpoints import Checkpointer, load_state, state_path
 from lora_core.diffusers_backend import DiffusersBackend
 from lora_core.distributed import Distributed, DistributedError, is_peer_failure
-from lora_core.training import EncodedDataset, TrainingError, diffusion_loss
+from lora_core.encoded import EncodedDataset
+from lora_core.objectives import DiscreteObjective
+from lora_core.training import TrainingError, diffusion_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -93,13 +95,13 @@ def test_rank_shares_of_the_loss_average_to_the_global_batch_loss(pipeline, conc
     dataset = ImageFolderDataset(concept_dir, DatasetConfig(resolution=64))
     encoded = EncodedDataset(backend, dataset, 0, cache_text=True)
     batch = next(dataset.batches(4, torch.Generator().manual_seed(0)))
-    latents, conditioning = encoded.batch_latents(batch), encoded.batch_conditioning(batch, backend)
-    config = TrainingConfig(noise_offset=0.1, min_snr_gamma=5.0)
-    alphas = backend.alphas_cumprod()
+    latents, conditioning = encoded.batch_latents(batch), encoded.text(batch.captions)
+    objective = DiscreteObjective(backend.alphas_cumprod(), backend.prediction_type, min_snr_gamma=5.0,
+                                  noise_offset=0.1)
     with torch.no_grad():
-        whole = diffusion_loss(backend, latents, conditioning, alphas, config, torch.Generator().manual_seed(9))
-        shares = [diffusion_loss(backend, latents[2 * rank:2 * rank + 2], conditioning[2 * rank:2 * rank + 2], alphas,
-                                 config, torch.Generator().manual_seed(9), rank, 2) for rank in range(2)]
+        whole = diffusion_loss(backend, objective, latents, conditioning, torch.Generator().manual_seed(9))
+        shares = [diffusion_loss(backend, objective, latents[2 * rank:2 * rank + 2], conditioning[2 * rank:2 * rank + 2],
+                                 torch.Generator().manual_seed(9), rank, 2) for rank in range(2)]
     torch.testing.assert_close(sum(shares) / 2, whole, rtol=1e-5, atol=1e-7)
 
 
@@ -126,8 +128,8 @@ def test_resuming_needs_the_world_size_the_checkpoint_was_trained_with(pipeline,
     checkpointer = Checkpointer(tmp_path, every=1, name="run")
     train(backend, network, dataset, config, checkpointer=checkpointer, callback=lambda report: False)
     state = load_state(state_path(checkpointer.saved()[-1]))
-    assert state["world_size"] == 1
-    state["world_size"] = 2
+    assert state["identity"]["world_size"] == 1
+    state["identity"]["world_size"] = 2
     with pytest.raises(TrainingError, match=r"trained by 2 process\(es\) and this run has 1; resume with the same"):
         train(backend, network, dataset, config, resume_state=state)
 
@@ -203,7 +205,7 @@ def test_two_ranks_resume_from_their_checkpoint_exactly(demo, two_ranks, tmp_pat
     base, data = demo
     resumed = launch(torchrun(), "--base", str(base), "--data", str(data), *TRAIN, "--batch-size", "1",
                      "--out", str(tmp_path / "resumed.safetensors"),
-                     "--resume", str(two_ranks.with_name("ddp-step00000002.state.safetensors")))
+                     "--resume-state", str(two_ranks.with_name("ddp-step00000002.state.safetensors")))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert max_difference(tensors(tmp_path / "resumed.safetensors"), tensors(two_ranks)) < 1e-7
 
@@ -262,6 +264,6 @@ def test_killing_a_rank_fails_the_run_clearly_and_its_last_checkpoint_resumes(de
     lora, metadata = load_file(last)
     step = load_state(state_path(last))["step"]
     assert lora and metadata["ss_steps"] == str(step)
-    resumed = launch(torchrun(), *args, "--steps", str(step + 2), "--resume", str(state_path(last)))
+    resumed = launch(torchrun(), *args, "--steps", str(step + 2), "--resume-state", str(state_path(last)))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert load_file(out)[1]["ss_steps"] == str(step + 2)

@@ -12,7 +12,9 @@ from lora_core.dataset import augment_caption, bucket_sizes
 from lora_core.diffusers_backend import DiffusersBackend
 from lora_core.files import tensor_bytes
 from lora_core.tiny_model import build_tiny_pipeline
-from lora_core.training import TrainingError, diffusion_loss, EncodedDataset, parameter_groups
+from lora_core.encoded import EncodedDataset
+from lora_core.objectives import DiscreteObjective
+from lora_core.training import TrainingError, diffusion_loss, parameter_groups
 
 
 def snapshot(network: LoRANetwork) -> dict[str, torch.Tensor]:
@@ -27,7 +29,7 @@ def make(pipeline, concept_dir, text_encoder=False, **dataset_options):
 
 
 RESUME_CONFIG = dict(steps=6, batch_size=2, gradient_accumulation=2, learning_rate=5e-3, lr_scheduler="cosine",
-                     lr_warmup_steps=2, early_stopping_patience=50, seed=4)
+                     lr_warmup_steps=2, validation_every=2, early_stopping_patience=50, seed=4)
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(pipeline, concept_dir, tmp_path) -> None:
@@ -56,6 +58,43 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(pipeline, conc
     with pytest.raises(TrainingError, match="other settings.*learning_rate"):
         train(backend, network, dataset, TrainingConfig(**{**RESUME_CONFIG, "steps": 9, "learning_rate": 1e-3}),
               resume_state=load_state(state_path(checkpointer.saved()[0])))
+
+
+def test_resuming_with_more_steps_rebuilds_the_schedule_for_them(pipeline, concept_dir, tmp_path) -> None:
+    """A state saved by a 4-step run continued to 8 steps: the lr follows an 8-step schedule from where it was (not
+    the 4-step one, which would give lr 0 to every new step with linear)."""
+    config = dict(steps=4, gradient_accumulation=1, learning_rate=1e-3, lr_scheduler="linear", validation_every=0)
+    backend, dataset, network = make(pipeline, concept_dir)
+    checkpointer = Checkpointer(tmp_path, every=2, name="run")
+    train(backend, network, dataset, TrainingConfig(**config), checkpointer=checkpointer,
+          callback=lambda report: report.step < 2)
+    backend, dataset, network = make(pipeline, concept_dir)
+    resumed = train(backend, network, dataset, TrainingConfig(**{**config, "steps": 8}),
+                    resume_state=load_state(state_path(checkpointer.saved()[0])))
+    assert resumed.learning_rates == pytest.approx([1e-3 * (1 - step / 4) for step in range(2)]
+                                                   + [1e-3 * (1 - step / 8) for step in range(2, 8)])
+
+
+@pytest.mark.parametrize(("setting", "value"), [("min_snr_gamma", 5.0), ("noise_offset", 0.05),
+                                                ("max_grad_norm", 0.5), ("validation_every", 3)])
+def test_resuming_refuses_a_state_of_other_settings_or_another_dataset(pipeline, concept_dir, tmp_path, setting,
+                                                                        value) -> None:
+    config = dict(steps=4, gradient_accumulation=1, validation_every=2)
+    backend, dataset, network = make(pipeline, concept_dir)
+    checkpointer = Checkpointer(tmp_path, every=1, name="run")
+    train(backend, network, dataset, TrainingConfig(**config), checkpointer=checkpointer,
+          callback=lambda report: False)
+    state = load_state(state_path(checkpointer.saved()[0]))
+    with pytest.raises(TrainingError, match=f"other settings.*{setting}"):
+        train(backend, network, dataset, TrainingConfig(**{**config, setting: value}), resume_state=state)
+
+    other = tmp_path / "other_images"
+    other.mkdir()
+    for index, path in enumerate(sorted(concept_dir.glob("*.png"))[:3]):
+        Image.open(path).rotate(90 * (index + 1)).save(other / path.name)
+    other_dataset = ImageFolderDataset(other, DatasetConfig(resolution=64))
+    with pytest.raises(TrainingError, match="dataset 'concept' and this run's is 'other_images'"):
+        train(backend, network, other_dataset, TrainingConfig(**config), resume_state=state)
 
 
 def test_samples_come_every_n_steps_and_the_same_weights_give_the_same_image(pipeline, concept_dir) -> None:
@@ -177,11 +216,11 @@ def saved_activation_bytes(backend, network, dataset, checkpointing: bool) -> tu
 
     encoded = EncodedDataset(backend, dataset, 0, cache_text=True)
     batch = next(dataset.batches(2, torch.Generator().manual_seed(0)))
-    config = TrainingConfig()
+    objective = DiscreteObjective(backend.alphas_cumprod(), backend.prediction_type)
     with network.applied(1.0), checkpointed(backend.checkpoint_blocks() if checkpointing else []):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = diffusion_loss(backend, encoded.batch_latents(batch), encoded.batch_conditioning(batch, backend),
-                                  backend.alphas_cumprod(), config, torch.Generator().manual_seed(0))
+            loss = diffusion_loss(backend, objective, encoded.batch_latents(batch), encoded.text(batch.captions),
+                                  torch.Generator().manual_seed(0))
         loss.backward()
     return sum(saved), loss.item()
 
@@ -219,9 +258,9 @@ def test_mixed_precision_keeps_fp32_adapters_and_a_close_loss(pipeline, concept_
 def test_optimizers_users_ask_for_train(pipeline, concept_dir, optimizer: str) -> None:
     backend, dataset, network = make(pipeline, concept_dir)
     before = snapshot(network)
-    lr = 1.0 if optimizer == "Prodigy" else 1e-3
+    lr = 1.0 if optimizer == "Prodigy" else 1e-3  # Prodigy estimates its step size: lr 1.0 is its usual setting
     result = train(backend, network, dataset, TrainingConfig(steps=2, gradient_accumulation=1, optimizer=optimizer,
-                                                              learning_rate=min(lr, 0.99)))
+                                                              learning_rate=lr))
     assert np.isfinite(result.losses).all()
     assert any(not torch.equal(v, before[k]) for k, v in network.state_dict().items())
 

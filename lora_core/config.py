@@ -1,0 +1,121 @@
+"""A training run's settings, their allowed ranges, and the metadata a LoRA file records of them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backend import TrainingBackend
+from .dataset import ImageFolderDataset
+from .metadata import kohya_metadata
+from .network import LoRANetwork
+from .optim import OptimizerError, check_learning_rate
+from .precision import AUTOCAST_DTYPES
+
+
+class TrainingError(ValueError):
+    """A training setting out of its allowed range; the message names it and the range."""
+
+
+@dataclass
+class TrainingConfig:
+    """Defaults follow common advice for SD1.x concept LoRAs: lr 1e-4, 1000 steps, batch 1 × accumulation 4."""
+
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    gradient_accumulation: int = 4
+    optimizer: str = "AdamW"
+    optimizer_options: dict = field(default_factory=dict)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_cycles: int = 1  # cosine_with_restarts only
+    lr_scheduler_power: float = 1.0  # polynomial only
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    validation_every: int = 50  # steps between validation losses (0: none; early stopping needs them)
+    validation_images: int = 4  # held out when the dataset has 5× as many, else a fixed subset of the training images
+    validation_timesteps: int = 4  # stratified timesteps per validation image
+    early_stopping_patience: int = 0  # validation evaluations without a new best before stopping (0: off)
+    early_stopping_min_steps: int = 0  # never stop before this step
+    keep_best: bool = False  # end with the weights of the lowest validation loss (always so with early stopping)
+    loss_smoothing: float = 0.9  # of the displayed training loss only
+    text_encoder_lr: float | None = None  # None: the learning rate
+    mixed_precision: str = "no"  # "bf16" or "fp16": autocast; adapters stay fp32 (see precision.py)
+    gradient_checkpointing: bool = False
+    sample_every: int = 0  # steps between sample images (0: none)
+    sample_prompts: tuple[str, ...] = ("a photo of sks",)
+    sample_seed: int = 0
+    sample_steps: int = 20
+    latent_cache_dir: str | None = None  # latents kept on disk between runs, keyed by image, VAE and seed
+
+    def validate(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, "a whole number ≥ 1"),
+            ("batch_size", self.batch_size >= 1, "a whole number ≥ 1"),
+            ("gradient_accumulation", self.gradient_accumulation >= 1, "a whole number ≥ 1"),
+            ("min_snr_gamma", self.min_snr_gamma >= 0, "0 (off) or more (5 is usual)"),
+            ("noise_offset", 0 <= self.noise_offset <= 1, "from 0 (off) to 1 (0.05–0.1 is usual)"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "0 (no clipping) or more"),
+            ("validation_every", self.validation_every >= 0, "0 (off) or a number of steps"),
+            ("validation_images", self.validation_images >= 1, "a whole number ≥ 1"),
+            ("validation_timesteps", self.validation_timesteps >= 1, "a whole number ≥ 1"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0,
+             "0 (off) or a number of validation evaluations"),
+            ("early_stopping_patience", not self.early_stopping_patience or self.validation_every,
+             "0 while validation_every is 0: early stopping judges the validation loss, so set validation_every"),
+            ("early_stopping_min_steps", self.early_stopping_min_steps >= 0, "0 or a number of steps"),
+            ("keep_best", not self.keep_best or self.validation_every,
+             "False while validation_every is 0: the best weights are those of the lowest validation loss"),
+            ("loss_smoothing", 0 <= self.loss_smoothing < 1, "from 0 to below 1"),
+            ("mixed_precision", self.mixed_precision in AUTOCAST_DTYPES, f"one of {sorted(AUTOCAST_DTYPES)}"),
+            ("sample_every", self.sample_every >= 0, "0 (off) or a number of steps"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise TrainingError(f"{name} = {getattr(self, name)!r} is out of range: use {allowed}")
+        try:
+            check_learning_rate(self.optimizer, self.learning_rate)
+            if self.text_encoder_lr:  # 0 keeps the text encoder's LoRA fixed
+                check_learning_rate(self.optimizer, self.text_encoder_lr, "text_encoder_lr")
+        except OptimizerError as error:
+            raise TrainingError(str(error)) from error
+
+    @property
+    def text_learning_rate(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    def metadata(self) -> dict[str, object]:
+        """kohya's `ss_*` names for these settings (without the prefix)."""
+        return {
+            "learning_rate": self.learning_rate,
+            "unet_lr": self.learning_rate,
+            "text_encoder_lr": self.text_learning_rate,
+            "mixed_precision": self.mixed_precision,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "max_train_steps": self.steps,
+            "batch_size_per_device": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation,
+            "optimizer": f"torch.optim.{self.optimizer}" if hasattr(torch.optim, self.optimizer) else self.optimizer,
+            "lr_scheduler": self.lr_scheduler,
+            "lr_warmup_steps": self.lr_warmup_steps,
+            "lr_scheduler_num_cycles": self.lr_scheduler_cycles,
+            "lr_scheduler_power": self.lr_scheduler_power,
+            "min_snr_gamma": self.min_snr_gamma or None,
+            "noise_offset": self.noise_offset or None,
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self.seed,
+            "validate_every_n_steps": self.validation_every or None,
+        }
+
+
+def lora_metadata(network: LoRANetwork, config: TrainingConfig, backend: TrainingBackend,
+                  dataset: ImageFolderDataset, steps: int, title: str = "") -> dict[str, str]:
+    """The metadata a LoRA file of this run holds after `steps` steps: what the CLI, the node and the demo save."""
+    return kohya_metadata(
+        network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
+        dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+        title=title, resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
+    )
