@@ -13,13 +13,14 @@ import torch
 from ..lora_core.adapters import ALGORITHMS
 from ..lora_core.dataset import DatasetConfig, ImageFolderDataset
 from ..lora_core.files import LoRAWeights
-from ..lora_core.metadata import kohya_metadata
 from ..lora_core.network import LoRANetwork
-from ..lora_core.optim import EXTRA_OPTIMIZERS, SCHEDULERS
+from ..lora_core.config import lora_metadata
+from ..lora_core.optim import OFFERED_OPTIMIZERS, SCHEDULERS
+from ..lora_core.precision import AUTOCAST_DTYPES
 from ..lora_core.plots import loss_curve
 from ..lora_core.targets import UNET_PRESETS
 from ..lora_core.checkpoints import Checkpointer, load_state
-from ..lora_core.training import AUTOCAST_DTYPES, StepReport, TrainingConfig, train
+from ..lora_core.training import StepReport, TrainingConfig, train
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
@@ -30,7 +31,6 @@ from .progress import send_event
 
 CATEGORY = "LoRA Lab"
 PREVIEW_IMAGES = 16
-OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop", "Adafactor", *(name for _, name in EXTRA_OPTIMIZERS.values())]
 DEFAULTS = TrainingConfig()
 
 
@@ -153,7 +153,7 @@ class TrainLoRA:
     RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE", "IMAGE")
     RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples")
     OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
-                       "CLIP with the LoRA applied at strength 1.", "The training loss per step.",
+                       "CLIP with the LoRA applied at strength 1.", "The training loss per step and the validation loss.",
                        "The sample images of every sample step, in order (one black image when sampling is off).")
     FUNCTION = "train"
 
@@ -165,16 +165,16 @@ class TrainLoRA:
                 "dataset": ("LORA_DATASET", {"tooltip": "From Load Dataset."}),
                 "vae": ("VAE", {"tooltip": "Encodes the images to latents (once, before the first step)."}),
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 100000, "tooltip": "Optimizer steps; each sees batch_size × gradient_accumulation images."}),
-                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 0.000001, "max": 0.1, "step": 0.000001, "tooltip": "Peak learning rate (1e-4 is a common start for LoRA)."}),
+                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "Peak learning rate (1e-4 is a common start for LoRA; Prodigy wants 1.0). Checked against the optimizer's range."}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per forward pass."}),
                 "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step."}),
-                "optimizer": (OPTIMIZERS, {"default": "AdamW", "tooltip": "AdamW8bit, Lion and Prodigy need their packages installed."}),
+                "optimizer": (list(OFFERED_OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW8bit, Lion and Prodigy need their packages installed; Prodigy wants learning_rate 1.0."}),
                 "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
                 "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Min-SNR-γ loss weighting; 0 is off, 5 is usual."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed and settings give the same LoRA."}),
-                "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many steps without a better smoothed loss and keep the best weights; 0 is off."}),
+                "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many validation losses without a new lowest one, and keep the weights of the lowest; 0 is off."}),
             },
             "optional": {
                 "text_encoder_lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.1, "step": 0.000001, "tooltip": "Learning rate of a text-encoder LoRA; -1 uses learning_rate, 0 keeps it fixed."}),
@@ -186,8 +186,10 @@ class TrainLoRA:
                 "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
                 "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
                 "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
-                "resume_from": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings."}),
+                "resume_state": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings and dataset (steps may grow)."}),
                 "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
+                "validation_every": ("INT", {"default": DEFAULTS.validation_every, "min": 0, "max": 100000, "tooltip": "Steps between validation losses: fixed images, noise and timesteps, so it moves only when the weights do. Early stopping and keep_best judge it; 0 is off."}),
+                "keep_best": ("BOOLEAN", {"default": False, "tooltip": "End with the weights of the lowest validation loss (early stopping always does)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -196,20 +198,21 @@ class TrainLoRA:
               lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience,
               text_encoder_lr=-1.0, mixed_precision="no", gradient_checkpointing=False, sample_every=0,
               sample_prompts="a photo of sks", sample_steps=20, checkpoint_every=0,
-              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_from="none",
-              cache_latents_on_disk=False, unique_id=None):
+              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_state="none",
+              cache_latents_on_disk=False, validation_every=DEFAULTS.validation_every, keep_best=False,
+              unique_id=None):
         config = TrainingConfig(
             steps=steps, learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
             optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
             min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, seed=seed % 2**63,
-            early_stopping_patience=early_stopping_patience,
+            validation_every=validation_every, early_stopping_patience=early_stopping_patience, keep_best=keep_best,
             text_encoder_lr=None if text_encoder_lr < 0 else text_encoder_lr, mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing, sample_every=sample_every, sample_steps=sample_steps,
             sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
             latent_cache_dir=str(latent_cache_folder()) if cache_latents_on_disk else None,
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
-        resume_state = load_state(resolve_lora(resume_from)) if resume_from != "none" else None
+        state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
         bar = comfy.utils.ProgressBar(steps)
 
         def on_step(report: StepReport) -> None:
@@ -219,14 +222,11 @@ class TrainLoRA:
             send_event("lora_lab.train.step", {
                 "node": unique_id, "step": report.step, "total": report.total_steps, "loss": report.loss,
                 "smoothed": report.smoothed_loss, "lr": report.learning_rate, "elapsed": report.elapsed,
+                "validation_loss": report.validation_loss,
             })
 
         def metadata(steps: int) -> dict[str, str]:
-            return kohya_metadata(
-                lora_network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
-                dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
-                resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
-            )
+            return lora_metadata(lora_network, config, backend, dataset, steps)
 
         checkpointer = None
         if checkpoint_every:
@@ -237,13 +237,14 @@ class TrainLoRA:
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
                 lora_network = network.build(backend, config.seed).to(backend.device)
             result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
-                           resume_state=resume_state)
+                           resume_state=state)
         weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
         summary = {"steps": result.steps, "total": config.steps, "losses": result.losses, "best_step": result.best_step,
-                   "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds}
+                   "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds,
+                   "validation": result.validation, "validation_held_out": result.validation_held_out}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
-        curve = to_image_batch([loss_curve(result.losses)])
+        curve = to_image_batch([loss_curve(result.losses, result.validation)])
         samples = [image for _, images in result.samples for image in images]
         size = dataset.config.resolution
         samples = to_image_batch(samples) if samples else torch.zeros(1, size, size, 3)

@@ -266,14 +266,14 @@ def test_checkpoints_resume_and_memory_options_through_the_node(comfy: ComfyServ
     graph = training_graph(dataset, steps=2, prefix="lora_lab_part")  # a run that stops at step 2
     graph["4"]["inputs"].update(checkpoint_every=2, checkpoint_prefix="lora_lab_ckpt", keep_checkpoints=1)
     comfy.run(graph, timeout=300)
-    states = comfy.object_info()["LoraLab_TrainLoRA"]["input"]["optional"]["resume_from"][0]
+    states = comfy.object_info()["LoraLab_TrainLoRA"]["input"]["optional"]["resume_state"][0]
     assert "lora_lab_ckpt-step00000002.state.safetensors" in states
     loras = comfy.object_info()["LoraLab_LoadLoRA"]["input"]["required"]["lora_name"][0]
     assert "lora_lab_ckpt-step00000002.safetensors" in loras and not any(n.endswith(".state.safetensors") for n in loras)
 
     graph = training_graph(dataset, steps=4, prefix="lora_lab_resumed")
     graph["4"]["inputs"].update(checkpoint_every=2, checkpoint_prefix="lora_lab_ckpt", keep_checkpoints=1,
-                                resume_from="lora_lab_ckpt-step00000002.state.safetensors")
+                                resume_state="lora_lab_ckpt-step00000002.state.safetensors")
     resumed = load_file(comfy.loras_dir / saved_name(comfy.run(graph, timeout=300)))
     assert resumed.keys() == whole.keys()
     for key in whole:
