@@ -143,6 +143,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     with tqdm(total=config.steps, initial=resume_state["step"] if resume_state else 0, desc="training", unit="step",
               disable=not is_main) as bar:
         def show(report) -> None:
+            nonlocal validation_loss
             if report.validation_loss is not None:
                 validation_loss = f"{report.validation_loss:.4f}"
             bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", val=validation_loss, lr=f"{report.learning_rate:.2e}")

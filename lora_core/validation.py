@@ -26,39 +26,42 @@ def validation_images(dataset: ImageFolderDataset, count: int, seed: int) -> tup
 
 @dataclass
 class ValidationSet:
-    """Each image at `timesteps_per_image` stratified timesteps, with noise fixed by the run's seed."""
+    """Each image at `timesteps_per_image` stratified timesteps, with noise fixed by the run's seed. Images of one
+    latent shape (bucket) are evaluated together, in batches of `batch_size`."""
 
-    images: list[int]
+    keys: list[tuple[int, bool]]  # (image, flipped) of each evaluation, image-major
     captions: list[str]
     held_out: bool
-    noise: torch.Tensor
+    noise: list[torch.Tensor]
     timesteps: torch.Tensor
     batch_size: int
 
     @classmethod
     def build(cls, dataset: ImageFolderDataset, images: list[int], held_out: bool, objective: DiscreteObjective,
               encoded: EncodedDataset, seed: int, timesteps_per_image: int, batch_size: int) -> ValidationSet:
-        shape = encoded.latents[(images[0], False)].shape
         strata = stratified_timesteps(timesteps_per_image, objective.num_timesteps)
-        timesteps = strata.repeat(len(images))  # image-major: image 0 at every stratum, then image 1, …
-        noise = torch.randn((len(timesteps), *shape), generator=torch.Generator().manual_seed(seed + 3))
-        captions = [dataset.examples[image].caption for image in images]
-        return cls(images, captions, held_out, noise, timesteps, batch_size)
+        keys = [(image, False) for image in images for _ in strata]
+        generator = torch.Generator().manual_seed(seed + 3)
+        noise = [torch.randn(encoded.latents[key].shape, generator=generator) for key in keys]
+        captions = [dataset.examples[image].caption for image, _ in keys]
+        return cls(keys, captions, held_out, noise, strata.repeat(len(images)), batch_size)
 
     def __len__(self) -> int:
-        return len(self.timesteps)
+        return len(self.keys)
 
     @torch.no_grad()
     def loss(self, objective: DiscreteObjective, encoded: EncodedDataset, predict) -> float:
-        """The mean weighted loss over every (image, timestep), in batches of `batch_size`."""
-        per_image = len(self.timesteps) // len(self.images)
-        keys = [(image, False) for image in self.images for _ in range(per_image)]
-        captions = [caption for caption in self.captions for _ in range(per_image)]
+        """The mean weighted loss over every (image, timestep)."""
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, noise in enumerate(self.noise):
+            by_shape.setdefault(tuple(noise.shape), []).append(index)
         total = 0.0
-        for start in range(0, len(keys), self.batch_size):
-            part = slice(start, start + self.batch_size)
-            conditioning = encoded.text(captions[part])
-            losses = objective.loss(lambda noisy, t: predict(noisy, t, conditioning), encoded.stacked(keys[part]),
-                                    self.noise[part], self.timesteps[part])
-            total += losses.sum().item()
-        return total / len(keys)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                part = indices[start:start + self.batch_size]
+                conditioning = encoded.text([self.captions[i] for i in part])
+                losses = objective.loss(lambda noisy, t: predict(noisy, t, conditioning),
+                                        encoded.stacked([self.keys[i] for i in part]),
+                                        torch.stack([self.noise[i] for i in part]), self.timesteps[part])
+                total += losses.sum().item()
+        return total / len(self.keys)

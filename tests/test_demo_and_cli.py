@@ -30,7 +30,9 @@ def demo(tmp_path_factory) -> Path:
 def test_demo_learns_the_concept(demo: Path) -> None:
     report = json.loads((demo / "report.json").read_text())
     assert report["steps"] == 200
-    assert report["best_loss"] < 0.8 * report["first_loss"], "the loss must fall"
+    validation = [point["loss"] for point in report["validation"]]
+    assert len(validation) == 11 and not report["validation_held_out"]  # step 0, then every 20 steps; 8 images
+    assert report["best_validation_loss"] == min(validation) < 0.8 * validation[0], "the validation loss must fall"
     distance = report["concept_distance"]
     assert distance["0"] > distance["0.5"] > distance["1"], "generations must move toward the concept as strength rises"
     tensors, metadata = load_file(demo / "lora.safetensors")
@@ -71,6 +73,10 @@ def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) 
     ("missing folder", ["--data", "{tmp}/nowhere"], "nowhere"),
     ("rank 0", ["--rank", "0"], "rank must be a whole number ≥ 1"),
     ("not a pipeline", ["--base", "{tmp}"], "not a diffusers pipeline folder"),
+    ("the old name of --start-from-lora", ["--resume-from", "{tmp}/x.safetensors"],
+     "--resume-from was renamed: use --start-from-lora"),
+    ("Prodigy's lr for AdamW", ["--lr", "1.0"], "learning_rate = 1.0 is out of range for AdamW"),
+    ("LBFGS", ["--optimizer", "LBFGS"], "cannot train a LoRA: it needs a closure"),
 ])
 def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()

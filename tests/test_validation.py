@@ -43,12 +43,13 @@ def test_validation_loss_is_the_same_for_the_same_weights_and_follows_them(pipel
     assert first == again  # fixed noise and timesteps: no sampling noise at all
     # by hand: the mean over (image, stratum) of the MSE against ε, with the same fixed noise
     keys = [(image, False) for image in images for _ in range(3)]
+    assert validation.keys == keys
     conditioning = torch.cat([encoded.conditioning[dataset.examples[image].caption] for image, _ in keys])
-    latents = encoded.stacked(keys)
+    latents, noise = encoded.stacked(keys), torch.stack(validation.noise)
     alpha_bar = backend.alphas_cumprod()[validation.timesteps].reshape(-1, 1, 1, 1)
-    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * validation.noise
+    noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
     with torch.no_grad():
-        by_hand = ((backend.predict(noisy, validation.timesteps, conditioning) - validation.noise) ** 2).mean().item()
+        by_hand = ((backend.predict(noisy, validation.timesteps, conditioning) - noise) ** 2).mean().item()
     assert abs(first - by_hand) < 1e-6 * by_hand
 
     network = LoRANetwork.create(backend.adapter_targets("attention", False), rank=4)
