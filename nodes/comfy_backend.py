@@ -187,7 +187,10 @@ class ComfyBackend(TrainingBackend):
             raise ComfyBackendError("a VAE is needed to encode the dataset; connect one to Train LoRA")
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):  # ComfyUI's VAE samples its posterior from the global generator
+        # ComfyUI's VAE samples its posterior from the global generators; manual_seed reseeds the CPU's and every
+        # CUDA device's, so all of them are restored afterwards
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
             latents = self.vae.encode((pixels.movedim(1, -1) + 1) / 2)
         return self.base_model.process_latent_in(latents.to(self.device))
