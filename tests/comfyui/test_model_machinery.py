@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,3 +148,16 @@ def test_cancel_while_the_dataset_is_encoded_stops_within_an_image(comfy: ComfyS
     status = prompt_status(comfy.cancel(prompt_id))
     assert status.state == "interrupted" and status.node_type == "LoraLab_TrainLoRA", status
     assert time.monotonic() - cancelled < 5.0
+
+
+def test_train_memory_benchmark_small_variant(comfy: ComfyServer, comfy_object_info: dict) -> None:
+    """bench/train_memory.py on this server, tiny: both methods train and report memory; timings not asserted."""
+    if "TrainLoraNode" not in comfy_object_info:
+        pytest.skip("this ComfyUI has no TrainLoraNode to compare with")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from train_memory import METHODS, compare, measure_method
+
+    results = {method: measure_method(comfy, method, count=2, resolution=64, steps=1) for method in METHODS}
+    for outcome in results.values():
+        assert outcome["peak_rss_mib"] >= outcome["loaded_rss_mib"] > 0 and outcome["lora_parameters"] > 0
+    assert compare(results)["peak_rss_ratio"] > 0
