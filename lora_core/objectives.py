@@ -1,12 +1,14 @@
 """The training objective as pure functions of fixed tensors: noising, the ε/v target of a discrete schedule and its
-min-SNR weighting (diffusers' `training_utils`, kohya's `custom_train_functions`).
+min-SNR weighting (diffusers' `training_utils`, kohya's `custom_train_functions`), and the flow-matching objective of
+SD3 and Flux (rectified flow: σ sampling, shifts, SD3 loss weighting).
 
-`DiscreteObjective` answers one question: given clean latents, noise and timesteps, how far is the denoiser's
-prediction from its target, per sample. Training draws the noise and timesteps at random; the validation loss asks
-the same question with fixed noise and fixed, stratified timesteps.
+`DiscreteObjective` and `FlowMatchingObjective` answer one question: given clean latents, noise and times, how far is
+the denoiser's prediction from its target, per sample. Training draws the noise and times at random (`draw`); the
+validation loss asks the same question (`loss`) with fixed noise and fixed, stratified times.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SNR_FLOOR = 1e-8  # ᾱ_T = 0 (zero terminal SNR) gives SNR 0; min(SNR, γ)/SNR tends to 1 there, not 0/0
 
-Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, timesteps) → ε or v
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time input) → ε, v or velocity
 
 
 def noised_and_target(
@@ -81,3 +83,131 @@ class DiscreteObjective:
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(alpha_bar, self.min_snr_gamma, self.prediction_type)
         return loss
+
+
+SIGMA_SAMPLINGS = ("uniform", "logit_normal", "mode")
+SD3_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))  # where f_mode is monotone on [0, 1]: a density (SD3 paper, §3.1)
+SIGMA_SQRT_FLOOR = 1e-3  # the smallest σ of a 1000-step flow schedule; σ⁻² stays finite when σ = 0 is drawn
+FLUX_SEQ_LENS = (256, 4096)  # image tokens at which Flux's μ is base_shift and max_shift (2×2 patches of the latent)
+
+
+def flow_noised_and_target(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_σ = (1 − σ)·x0 + σ·ε and the velocity target ε − x0 (diffusers' `FlowMatchEulerDiscreteScheduler.scale_noise`,
+    ComfyUI's `CONST.noise_scaling`)."""
+    return (1 - sigma) * latents + sigma * noise, noise - latents
+
+
+def sample_sigmas(sampling: str, count: int, generator: torch.Generator, logit_mean: float = 0.0,
+                  logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """`count` noise levels σ in [0, 1] (SD3 paper §3.1), as diffusers' `compute_density_for_timestep_sampling` draws
+    them: uniform; logit-normal, sigmoid(N(mean, std)); or mode, f(u) = 1 − u − scale·(cos²(πu/2) − 1 + u).
+
+    σ is the drawn value itself, as in the paper and kohya's `sigmoid`/`shift` modes; diffusers' scripts index their
+    descending schedule with it, so their σ is about 1 − u and their logit mean m reads here as −m."""
+    if sampling == "logit_normal":
+        return torch.sigmoid(torch.normal(logit_mean, logit_std, (count,), generator=generator))
+    u = torch.rand((count,), generator=generator)
+    if sampling == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def shifted_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's fixed shift σ' = shift·σ / (1 + (shift − 1)·σ) (ComfyUI's `time_snr_shift`; SD3.5 uses 3.0)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's μ for an image of `image_seq_len` tokens: the line through (256, base_shift) and (4096, max_shift)
+    (diffusers' `calculate_shift`, kohya's `get_lin_function`, ComfyUI's ModelSamplingFlux node)."""
+    low, high = FLUX_SEQ_LENS
+    slope = (max_shift - base_shift) / (high - low)
+    return base_shift + slope * (image_seq_len - low)
+
+
+def flux_shifted_sigmas(sigma: torch.Tensor, mu: float) -> torch.Tensor:
+    """Flux's shift σ' = e^μ / (e^μ + (1/σ − 1)) (ComfyUI's `flux_time_shift`, kohya's `time_shift`)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
+
+
+def sd3_loss_weight(sigma: torch.Tensor, weighting: str) -> torch.Tensor:
+    """diffusers' `compute_loss_weighting_for_sd3`: 1, σ⁻² (σ floored at `SIGMA_SQRT_FLOOR`), or 2 / (π(1 − 2σ + 2σ²))
+    for cosmap."""
+    if weighting == "sigma_sqrt":
+        return sigma.clamp(min=SIGMA_SQRT_FLOOR) ** -2.0
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    return torch.ones_like(sigma)
+
+
+def stratified_sigmas(count: int) -> torch.Tensor:
+    """`count` noise levels at the centres of equal strata of (0, 1), unshifted: every noise level is represented."""
+    return (torch.arange(count) + 0.5) / count
+
+
+@dataclass(frozen=True)
+class FlowMatchingObjective:
+    """Rectified flow (SD3, Flux): x_σ = (1 − σ)·x0 + σ·ε, the denoiser predicts the velocity ε − x0.
+
+    The times `draw` returns and `loss` takes are the noise levels σ in [0, 1]; the denoiser receives
+    σ·`timestep_multiplier`: 1000 for diffusers' `SD3Transformer2DModel` and ComfyUI's SD3
+    (`ModelSamplingDiscreteFlow`), 1 for diffusers' `FluxTransformer2DModel` and ComfyUI's Flux, which scale σ by 1000
+    themselves. σ is drawn by `sampling`, then shifted by the fixed `shift`
+    (SD3) or, with `resolution_shift`, by Flux's μ from the latents' size (unpacked (B, C, H, W); H/2·W/2 tokens).
+    diffusers' one `--weighting_scheme X` is `sampling` X for logit_normal/mode (else uniform) and `weighting` X for
+    sigma_sqrt/cosmap (else none)."""
+
+    timestep_multiplier: float
+    sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    resolution_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    weighting: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SIGMA_SAMPLINGS:
+            raise ValueError(f"sigma sampling {self.sampling!r} is not supported; use one of {SIGMA_SAMPLINGS}")
+        if self.weighting not in SD3_WEIGHTINGS:
+            raise ValueError(f"loss weighting {self.weighting!r} is not supported; use one of {SD3_WEIGHTINGS}")
+        if not self.timestep_multiplier > 0:
+            raise ValueError(f"timestep_multiplier must be > 0 (1000 for SD3, 1 for Flux), "
+                             f"got {self.timestep_multiplier}")
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        low, high = MODE_SCALE_RANGE
+        if not low <= self.mode_scale <= high:
+            raise ValueError(f"mode_scale {self.mode_scale} leaves σ outside [0, 1]; "
+                             f"use a value in [{low}, {high:.3f}]")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0 (1 for none, 3 for SD3.5), got {self.shift}")
+        if self.resolution_shift and self.shift != 1:
+            raise ValueError(f"shift {self.shift} and resolution_shift both shift σ; set shift 1 for Flux's "
+                             "resolution-dependent shift, or resolution_shift False for a fixed shift")
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, part: slice = slice(None)
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and shifted noise levels σ for a global batch of `shape`, drawn on the CPU; only `part` kept."""
+        if self.resolution_shift and len(shape) != 4:
+            raise ValueError(f"Flux's resolution shift needs unpacked latents (B, C, H, W), got shape {tuple(shape)}")
+        noise = torch.randn(shape, generator=generator)
+        sigma = sample_sigmas(self.sampling, shape[0], generator, self.logit_mean, self.logit_std, self.mode_scale)
+        if self.resolution_shift:
+            mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift)
+            sigma = flux_shifted_sigmas(sigma, mu)
+        elif self.shift != 1:
+            sigma = shifted_sigmas(sigma, self.shift)
+        return noise[part], sigma[part]
+
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+             ) -> torch.Tensor:
+        """The weighted MSE between `predict`'s velocity and ε − x0, one value per sample (fp32)."""
+        noise, sigmas = noise.to(latents.device), sigmas.to(latents.device, torch.float32)
+        noisy, target = flow_noised_and_target(latents, noise, sigmas.reshape(-1, *[1] * (latents.dim() - 1)))
+        error = F.mse_loss(predict(noisy, sigmas * self.timestep_multiplier).float(), target, reduction="none")
+        return error.flatten(1).mean(dim=1) * sd3_loss_weight(sigmas, self.weighting)
