@@ -1,41 +1,65 @@
-"""Applying a LoRA through ComfyUI's own patch mechanism, exactly as its LoraLoader does."""
+"""Applying a LoRA through ComfyUI's own patch mechanism, as its LoraLoader does; DoRA with the trained math."""
 from __future__ import annotations
 
-import importlib.util
+import copy
+import logging
 from typing import Any
 
-import comfy.lora
-import comfy.model_patcher
 import comfy.sd
+import comfy.utils
+import torch
+from torch import nn
 
 from ..lora_core.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
 from .comfy_backend import ComfyBackend
 
 
-def comfy_reads_dora() -> bool:
-    """Whether this ComfyUI applies `dora_scale` itself (it does since mid-2024)."""
-    return (
-        hasattr(comfy.lora, "weight_decompose")
-        or hasattr(comfy.model_patcher, "weight_decompose")
-        or importlib.util.find_spec("comfy.weight_adapter") is not None
-    )
+def original_weight(patcher: Any, key: str) -> torch.Tensor:
+    """The weight `key` of the patcher's model without patches. Clones share one torch model and one `backup`:
+    while some clone's patches are in the weights, ComfyUI keeps the original there."""
+    backup = patcher.backup.get(key)
+    if backup is None:
+        return comfy.utils.get_attr(patcher.model, key)
+    return getattr(backup, "weight", backup)  # 0.3.x keeps (weight, inplace_update), 2024 the tensor
+
+
+def with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A shallow stand-in for `module` whose weight is `weight`; the module itself is left alone."""
+    stand_in = copy.copy(module)
+    stand_in._parameters = {**module._parameters, "weight": weight}
+    return stand_in
 
 
 def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: float, strength_clip: float):
-    """For a ComfyUI without DoRA: each layer's `W_DoRA − W` from `lora_core`, added as ComfyUI "diff" patches,
-    so that strength s gives W + s·(W_DoRA − W), as newer ComfyUI computes it."""
+    """Each layer's `W_DoRA − W` from `lora_core`, added as ComfyUI "diff" patches, so that strength s gives
+    W + s·(W_DoRA − W), as ComfyUI's loader defines DoRA strength.
+
+    ComfyUI's own DoRA (`weight_decompose`) is not the math DoRA trains with: 0.3.64 divides by the norm of W
+    instead of W + ΔW when `dora_scale` is on the output axis, mid-2024 builds broadcast it per input, and the
+    March 2024 one ignores it. Each diff costs the memory of its layer's weight.
+    """
     backend = ComfyBackend(model, clip)
-    network, _ = LoRANetwork.from_tensors(weights.tensors, backend.loadable_modules(), strict=False)
-    unet_patches, clip_patches = {}, {}
+    modules = backend.loadable_modules()
+    names = {key.partition(".")[0] for key in weights.tensors}
+    for name in sorted(names - modules.keys()):
+        logging.warning("LoRA Lab: no layer of this model is called %s; its LoRA weights are not applied", name)
+    patchers = {"model": model, "clip": clip.patcher if clip is not None else None}
+    keys, stand_ins = {}, {}
+    for name in names & modules.keys():
+        keys[name] = backend.weight_key(name)
+        key, owner = keys[name]
+        stand_ins[name] = with_weight(modules[name], original_weight(patchers[owner], key))
+    network, _ = LoRANetwork.from_tensors(weights.tensors, stand_ins, strict=False)
+    patches: dict[str, dict[str, tuple]] = {"model": {}, "clip": {}}
     for name, adapter in network.items():
-        diff = (adapter.merged_weight(1.0) - adapter.base_weight()).to(adapter.base.weight.dtype)
-        key, patches = backend.weight_key(name)
-        (clip_patches if patches == "clip" else unet_patches)[key] = (diff,)
+        key, owner = keys[name]
+        base = adapter.base.weight
+        patches[owner][key] = ("diff", ((adapter.merged_weight(1.0) - base.float()).to(base.dtype),))
     new_model, new_clip = model.clone(), clip.clone() if clip is not None else None
-    new_model.add_patches({key: ("diff", value) for key, value in unet_patches.items()}, strength_model)
+    new_model.add_patches(patches["model"], strength_model)
     if new_clip is not None:
-        new_clip.add_patches({key: ("diff", value) for key, value in clip_patches.items()}, strength_clip)
+        new_clip.add_patches(patches["clip"], strength_clip)
     return new_model, new_clip
 
 
@@ -43,6 +67,6 @@ def apply_lora(model: Any, clip: Any, weights: LoRAWeights, strength_model: floa
     """New MODEL and CLIP with the LoRA patched in at the given strengths; the inputs stay untouched."""
     if strength_model == 0 and strength_clip == 0:
         return model, clip
-    if any(key.endswith(".dora_scale") for key in weights.tensors) and not comfy_reads_dora():
+    if any(key.endswith(".dora_scale") for key in weights.tensors):
         return dora_as_diffs(model, clip, weights, strength_model, strength_clip)
     return comfy.sd.load_lora_for_models(model, clip, weights.tensors, strength_model, strength_clip)

@@ -2,6 +2,7 @@
 from extra_model_paths.yaml) and LoRA files under `models/loras`. Anything else is refused with a clear error."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -73,7 +74,8 @@ def inside(path: Path, root: Path) -> bool:
 
 
 def resolve_dataset(name: str) -> Path:
-    """The dataset folder called `name` inside a dataset root, links resolved; refused if it leads elsewhere."""
+    """The dataset folder called `name` inside a dataset root, links resolved; refused if it, or anything in it
+    that Load Dataset reads, leads elsewhere."""
     check_name(name, "dataset folder")
     roots = dataset_roots()
     for root in roots:
@@ -81,9 +83,38 @@ def resolve_dataset(name: str) -> Path:
         if candidate.is_dir():
             if not inside(candidate, root):
                 raise PathError(f"the dataset folder {name!r} is a link that leads outside {root}; refused")
-            return Path(os.path.realpath(candidate))
+            folder = Path(os.path.realpath(candidate))
+            for entry in dataset_entries(folder):
+                if not any(inside(entry, allowed) for allowed in roots):
+                    raise PathError(
+                        f"'{entry.relative_to(folder).as_posix()}' in the dataset folder {name!r} is a link that leads "
+                        f"to {os.path.realpath(entry)}, outside {', '.join(map(str, roots))}; refused: copy or move "
+                        "those files into the dataset folder instead of linking them")
+            return folder
     raise PathError(f"no dataset folder {name!r} in {', '.join(map(str, roots))}; put your images in a subfolder "
                     f"of ComfyUI's input folder (or add a '{DATASET_FOLDER_TYPE}:' path to extra_model_paths.yaml)")
+
+
+def dataset_entries(folder: Path) -> list[Path]:
+    """What Load Dataset reads from `folder`: its visible entries and those of its visible subfolders (kohya's
+    `N_name` layout), in order, links not followed."""
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.name.startswith("."):
+            entries.append(entry)
+            if entry.is_dir():
+                entries += sorted(child for child in entry.iterdir() if not child.name.startswith("."))
+    return entries
+
+
+def dataset_fingerprint(folder: Path) -> str:
+    """A hash of the folder's listing with each entry's size and modification time: it changes when images or
+    captions are added, removed, replaced or edited."""
+    listing = hashlib.sha256()
+    for entry in dataset_entries(folder):
+        status = entry.stat() if entry.exists() else entry.lstat()  # a dangling link has no target
+        listing.update(f"{entry.relative_to(folder).as_posix()}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return listing.hexdigest()
 
 
 def loras_root() -> Path:

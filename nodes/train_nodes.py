@@ -17,17 +17,17 @@ from ..lora_core.network import LoRANetwork
 from ..lora_core.config import lora_metadata
 from ..lora_core.optim import OFFERED_OPTIMIZERS, SCHEDULERS
 from ..lora_core.precision import AUTOCAST_DTYPES
-from ..lora_core.plots import loss_curve
+from ..lora_core.plots import loss_curve, smooth
 from ..lora_core.targets import UNET_PRESETS
 from ..lora_core.checkpoints import Checkpointer, load_state
 from ..lora_core.training import StepReport, TrainingConfig, train
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
-    LATENT_CACHE_FOLDER, check_name, latent_cache_folder, list_dataset_folders, next_lora_path, resolve_dataset,
-    resolve_lora, training_states,
+    LATENT_CACHE_FOLDER, PathError, check_name, dataset_fingerprint, latent_cache_folder, list_dataset_folders,
+    next_lora_path, resolve_dataset, resolve_lora, training_states,
 )
-from .progress import send_event
+from .progress import loss_history, send_event
 
 CATEGORY = "LoRA Lab"
 PREVIEW_IMAGES = 16
@@ -67,6 +67,14 @@ class LoadDataset:
             "tag_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that each tag after keep_tokens is left out."}),
             "no_upscale": ("BOOLEAN", {"default": False, "tooltip": "With bucketing: never enlarge an image; its bucket is its own size (scaled down to about resolution² pixels if larger) cropped to 64 px steps (kohya's bucket_no_upscale)."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, folder, **_):
+        """The folder's listing with sizes and times, so that ComfyUI reloads it after images or captions change."""
+        try:
+            return dataset_fingerprint(resolve_dataset(folder))
+        except (PathError, OSError):
+            return float("nan")  # never equal to itself: the node runs and `load` reports the problem
 
     def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip, bucketing=False,
              min_bucket_size=256, max_bucket_size=1024, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0,
@@ -240,9 +248,11 @@ class TrainLoRA:
                            resume_state=state)
         weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
-        summary = {"steps": result.steps, "total": config.steps, "losses": result.losses, "best_step": result.best_step,
-                   "best_loss": result.best_loss, "stop_reason": result.stop_reason, "seconds": result.seconds,
-                   "validation": result.validation, "validation_held_out": result.validation_held_out}
+        history = loss_history(result.losses, smooth(result.losses, config.loss_smoothing))  # bounded for /history
+        summary = {"steps": result.steps, "total": config.steps, **history,
+                   "best_step": result.best_step, "best_loss": result.best_loss, "stop_reason": result.stop_reason,
+                   "seconds": result.seconds, "validation": result.validation,
+                   "validation_held_out": result.validation_held_out}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses, result.validation)])
         samples = [image for _, images in result.samples for image in images]

@@ -187,8 +187,8 @@ async function restoreLastRun() {
 function chartSnapshot(nodeId) {
   const chart = findPanel(app.graph.getNodeById(nodeId))?.chart;
   if (!chart) return null;
-  const { steps, losses, smoothed, received, total, summary, halted, draws, area } = chart;
-  return structuredClone({ steps, losses, smoothed, received, total, summary, halted, draws, area });
+  const { steps, losses, smoothed, received, validation, total, summary, halted, draws, area } = chart;
+  return structuredClone({ steps, losses, smoothed, received, validation, total, summary, halted, draws, area });
 }
 
 window.LoraLab = Object.freeze({

@@ -1,5 +1,5 @@
-// The loss chart inside the Train LoRA node: raw and smoothed loss per step, the step, learning rate and times.
-// Plain canvas 2D drawing; the chart knows nothing of ComfyUI.
+// The loss chart inside the Train LoRA node: raw and smoothed loss per step, the validation loss where it was
+// evaluated, the step, learning rate and times. Plain canvas 2D drawing; the chart knows nothing of ComfyUI.
 
 // lora_core's TrainingConfig.loss_smoothing: a run restored from its result is smoothed as during training.
 const SMOOTHING = 0.9;
@@ -21,6 +21,7 @@ const COLORS = {
   raw: "rgba(140, 170, 220, 0.6)",
   smoothed: "#ffa64d",
   best: "#7ee07e",
+  validation: "#ff5fd2",
 };
 
 /** The bias-corrected exponential moving average that lora_core's training reports as the smoothed loss. */
@@ -47,9 +48,12 @@ export class LossChart {
     this.reset();
   }
 
-  /** Forgets the previous run. `received` keeps the losses that arrived as step events, in arrival order. */
+  /**
+   * Forgets the previous run. `received` keeps the losses that arrived as step events, in arrival order;
+   * `validation` holds [step, loss] pairs.
+   */
   reset() {
-    [this.steps, this.losses, this.smoothed, this.received] = [[], [], [], []];
+    [this.steps, this.losses, this.smoothed, this.received, this.validation] = [[], [], [], [], []];
     Object.assign(this, { total: 0, lr: null, elapsed: 0, summary: null, halted: null });
   }
 
@@ -57,24 +61,35 @@ export class LossChart {
     return this.steps.at(-1) ?? 0;
   }
 
-  /** One `lora_lab.train.step` event; a step that does not follow the last one starts a new run. */
-  addStep({ step, total, loss, smoothed, lr, elapsed }) {
+  /**
+   * One `lora_lab.train.step` event; a step that does not follow the last one starts a new run.
+   * `validation_loss` is a number on the steps where the validation loss was evaluated, else null or absent.
+   */
+  addStep({ step, total, loss, smoothed, lr, elapsed, validation_loss }) {
     if (this.summary || step <= this.lastStep) this.reset();
     this.steps.push(step);
     this.losses.push(loss);
     this.smoothed.push(smoothed);
     this.received.push(loss);
+    if (Number.isFinite(validation_loss)) this.validation.push([step, validation_loss]);
     Object.assign(this, { total, lr, elapsed });
   }
 
-  /** The run's summary (`lora_lab.train.done` or the node's `lora_lab_training` output); it fills in missed steps. */
+  /**
+   * The run's summary (`lora_lab.train.done` or the node's `lora_lab_training` output). Long runs send the loss
+   * at most at 500 steps (`loss_steps`, with `smoothed`); the chart keeps every step it received live and takes
+   * the summary's points where steps were missed (a reload, a late tab).
+   */
   finish(summary) {
     const { losses } = summary;
-    if (losses.length !== this.losses.length || losses.some((loss, index) => loss !== this.losses[index])) {
-      this.steps = losses.map((_, index) => index + 1);
+    const steps = summary.loss_steps ?? losses.map((_, index) => index + 1);
+    const receivedAll = this.steps.length === summary.steps && this.lastStep === summary.steps;
+    if (!receivedAll) {
+      this.steps = [...steps];
       this.losses = [...losses];
-      this.smoothed = smooth(losses);
+      this.smoothed = summary.smoothed ? [...summary.smoothed] : smooth(losses);
     }
+    if (summary.validation) this.validation = summary.validation.map(([step, loss]) => [step, loss]);
     this.total = Math.max(this.total, summary.steps);
     this.elapsed = summary.seconds;
     this.summary = summary;
@@ -134,7 +149,7 @@ export class LossChart {
   }
 
   drawPlot(ctx, plot) {
-    const values = this.losses.concat(this.smoothed);
+    const values = this.losses.concat(this.smoothed, this.validation.map(([, loss]) => loss));
     const [lowest, highest] = [values.reduce((a, b) => Math.min(a, b)), values.reduce((a, b) => Math.max(a, b))];
     const margin = (highest - lowest || Math.abs(highest) || 1) * 0.05; // keeps the lines off the frame
     const [low, high] = [lowest - margin, highest + margin];
@@ -159,6 +174,7 @@ export class LossChart {
 
     this.drawLine(ctx, this.losses, toX, toY, COLORS.raw, 1);
     this.drawLine(ctx, this.smoothed, toX, toY, COLORS.smoothed, 2);
+    this.drawValidation(ctx, toX, toY);
     // The best step once the run is done, else the step just taken.
     const marked = this.summary ? this.steps.indexOf(this.summary.best_step) : this.steps.length - 1;
     if (marked >= 0) {
@@ -167,6 +183,17 @@ export class LossChart {
       ctx.arc(toX(this.steps[marked]), toY(this.smoothed[marked]), 3.5, 0, 2 * Math.PI);
       ctx.fill();
     }
+  }
+
+  /** The validation loss: a line through its points, each marked with a square. */
+  drawValidation(ctx, toX, toY) {
+    if (!this.validation.length) return;
+    ctx.strokeStyle = ctx.fillStyle = COLORS.validation;
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    this.validation.forEach(([step, loss], index) => (index ? ctx.lineTo : ctx.moveTo).call(ctx, toX(step), toY(loss)));
+    ctx.stroke();
+    for (const [step, loss] of this.validation) ctx.fillRect(toX(step) - 3, toY(loss) - 3, 6, 6);
   }
 
   /** A polyline through (step, value) with at most one vertex per pixel column, so long runs stay cheap to draw. */

@@ -1,4 +1,9 @@
-"""Fixtures that start a real ComfyUI server, with LoRA Lab installed, once per test session."""
+"""Fixtures that start a real ComfyUI server, with LoRA Lab installed, once per server flavour and test session.
+
+Every test that takes `comfy` runs on each of `server_flavours()` (the 2024 and the 0.3.64 ComfyUI, or the
+checkout that LORA_LAB_COMFYUI names); test_browser.py also on 0.3.64 with the newest front end. pytest orders
+the tests so that each server starts once, and only one runs at a time.
+"""
 from __future__ import annotations
 
 import os
@@ -6,25 +11,27 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import COMFY_DIR, REPO_ROOT, TEST_CHECKPOINT, ComfyServer
+from .harness import REPO_ROOT, ComfyServer, ServerFlavour, browser_flavours, server_flavours
 
 
-def _missing_setup() -> str | None:
-    for required in (COMFY_DIR / "main.py", COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT):
-        if not required.exists():
-            return f"ComfyUI is not set up ({required} is missing): run scripts/setup_comfyui.sh"
-    return None
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "comfy" in metafunc.fixturenames:
+        flavours = browser_flavours() if metafunc.module.__name__.endswith("test_browser") else server_flavours()
+        metafunc.parametrize("comfy", flavours, ids=[flavour.name for flavour in flavours], indirect=True,
+                             scope="session")
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+def comfy(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
     """A running ComfyUI server with this repo linked in as the pack; skipped without the setup, except in CI."""
-    reason = _missing_setup()
+    flavour: ServerFlavour = request.param
+    reason = flavour.missing_setup()
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    server = ComfyServer(run_dir=tmp_path_factory.mktemp("comfyui"))
+    server = ComfyServer(run_dir=tmp_path_factory.mktemp(f"comfyui-{flavour.name}"), comfy_dir=flavour.comfy_dir,
+                         front_end_root=flavour.front_end_root)
     server.start(pack_dir=REPO_ROOT)
     try:
         yield server
@@ -34,5 +41,5 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
 
 @pytest.fixture(scope="session")
 def comfy_object_info(comfy: ComfyServer) -> dict:
-    """`/object_info` of the session's server, fetched once."""
+    """`/object_info` of the session's server, fetched once per server."""
     return comfy.object_info()

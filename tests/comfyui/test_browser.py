@@ -30,6 +30,7 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 VIEWPORT = {"width": 1600, "height": 1000}
 TOLERANCE = 1e-6
 SMOOTHED_RGB = (255, 166, 77)  # COLORS.smoothed in web/loss_chart.js
+VALIDATION_RGB = (255, 95, 210)  # COLORS.validation
 NODE_IDS = {"LoraLab_LoadDataset": "2", "LoraLab_TrainLoRA": "4", "LoraLab_SaveLoRA": "5"}
 TRAIN = NODE_IDS["LoraLab_TrainLoRA"]
 
@@ -230,6 +231,47 @@ def test_a_cancelled_training_keeps_its_chart_and_says_so(browser, comfy: ComfyS
         assert chart["halted"] == "interrupted"
         assert chart["summary"] is None
         assert 2 <= len(chart["losses"]) < 500
+        assert log.pack_errors() == []
+    finally:
+        page.close()
+
+
+def send_events(page, events: list[tuple[str, dict]]) -> None:
+    """Dispatches server events through the page's own `api`, as its websocket handler does."""
+    page.evaluate("""async (events) => {
+        const { api } = await import("/scripts/api.js");
+        for (const [type, detail] of events) api.dispatchEvent(new CustomEvent(type, { detail }));
+    }""", events)
+
+
+def test_the_validation_loss_is_drawn_and_a_long_run_comes_back_from_its_bounded_summary(browser, comfy) -> None:
+    page, log = open_app(browser, comfy)
+    try:
+        load_shrunk_workflow(page)
+        steps = [{"node": TRAIN, "step": step, "total": 40, "loss": 1 / step, "smoothed": 1.5 / step, "lr": 1e-4,
+                  "elapsed": step, "validation_loss": 0.2 + 1 / step if step % 5 == 0 else None}
+                 for step in range(1, 21)]
+        send_events(page, [("lora_lab.train.step", step) for step in steps])
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["validation"] == [[step, 0.2 + 1 / step] for step in (5, 10, 15, 20)]
+        show_nodes(page)
+        assert chart_pixels(page, VALIDATION_RGB) > 30, "the validation loss is not on the canvas"
+
+        # A 2000-step run, as a tab that missed its steps gets it: the loss at 500 steps at most (nodes/progress.py)
+        loss_steps = [1, *range(5, 2001, 5)]
+        summary = {"steps": 2000, "total": 2000, "loss_steps": loss_steps, "losses": [1 / s for s in loss_steps],
+                   "smoothed": [2 / s for s in loss_steps], "best_step": 2000, "best_loss": 0.001,
+                   "stop_reason": "completed", "seconds": 100.0, "validation": [[1000, 0.3], [2000, 0.25]]}
+        send_events(page, [("lora_lab.train.done", {"node": TRAIN, **summary})])
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["steps"] == loss_steps and chart["total"] == 2000
+        assert_close(chart["losses"], summary["losses"])
+        assert_close(chart["smoothed"], summary["smoothed"])
+        assert chart["validation"] == summary["validation"]
+        show_nodes(page)
+        assert chart_pixels(page, SMOOTHED_RGB) > 50 and chart_pixels(page, VALIDATION_RGB) > 10
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"validation_chart_{comfy.run_dir.name}.png"))
         assert log.pack_errors() == []
     finally:
         page.close()

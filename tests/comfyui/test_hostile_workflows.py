@@ -25,6 +25,7 @@ def places(comfy: ComfyServer, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     make_concept_images(outside / "secret_images", count=2, resolution=64)
     (comfy.input_dir / "linked_out").symlink_to(outside / "secret_images")
+    (comfy.loras_dir / "linked_out").unlink(missing_ok=True)  # left by a run that was killed
     (comfy.loras_dir / "linked_out").symlink_to(outside, target_is_directory=True)
     layers = {kohya_name(UNET_PREFIX, "x.to_q"): __import__("torch").nn.Linear(8, 8)}
     lora = save_lora(comfy.loras_dir / "hostile_source.safetensors", LoRANetwork.create(layers, rank=2), {},

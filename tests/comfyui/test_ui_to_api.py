@@ -90,3 +90,9 @@ def test_unknown_node_type_is_an_error():
 
     with pytest.raises(ValueError, match="no node type 'NotInstalled'"):
         ui_to_api(workflow, OBJECT_INFO)
+
+
+def test_values_saved_before_optional_inputs_were_added_fill_the_first_widgets():
+    workflow = {"nodes": [ui_node(1, "Mixer", [0.5, "b", "fixed", ""], [("text", "STRING", None)])], "links": []}
+
+    assert ui_to_api(workflow, OBJECT_INFO)["1"]["inputs"] == {"amount": 0.5, "pick": "b"}
