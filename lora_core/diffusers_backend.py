@@ -30,6 +30,9 @@ class DiffusersBackend(TrainingBackend):
     def alphas_cumprod(self) -> torch.Tensor:
         return self.pipeline.scheduler.alphas_cumprod.float()
 
+    def compute_dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         distribution = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return distribution.sample(generator=generator) * self.vae.config.scaling_factor
