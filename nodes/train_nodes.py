@@ -241,11 +241,10 @@ class TrainLoRA:
             check_name(checkpoint_prefix, "checkpoint prefix")
             folder = next_lora_path(checkpoint_prefix).parent
             checkpointer = Checkpointer(folder, checkpoint_every, keep_checkpoints, Path(checkpoint_prefix).name, metadata)
-        with backend.training(network.text_encoder):
-            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
-                lora_network = network.build(backend, config.seed).to(backend.device)
-            result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
-                           resume_state=state)
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
+            lora_network = network.build(backend, config.seed).to(backend.device)
+        result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
+                       resume_state=state)  # encodes the dataset, then loads the denoiser (`backend.training`)
         weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
         history = loss_history(result.losses, smooth(result.losses, config.loss_smoothing))  # bounded for /history
