@@ -1,11 +1,13 @@
 """LoRA Lab's ComfyUI nodes (V1 API): thin adapters over `lora_core`."""
 from .lora_nodes import ApplyLoRA, LoadLoRA, SaveLoRA
-from .train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+from .train_nodes import InjectLoRA, LoadDataset, TrainingOptions, TrainLoRA, TrainLoRAAllSettings
 
 NODE_CLASS_MAPPINGS = {
     "LoraLab_LoadDataset": LoadDataset,
     "LoraLab_InjectLoRA": InjectLoRA,
-    "LoraLab_TrainLoRA": TrainLoRA,
+    "LoraLab_Train": TrainLoRA,
+    "LoraLab_TrainingOptions": TrainingOptions,
+    "LoraLab_TrainLoRA": TrainLoRAAllSettings,
     "LoraLab_SaveLoRA": SaveLoRA,
     "LoraLab_LoadLoRA": LoadLoRA,
     "LoraLab_ApplyLoRA": ApplyLoRA,
@@ -13,7 +15,9 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLab_LoadDataset": "Load Dataset (LoRA Lab)",
     "LoraLab_InjectLoRA": "Inject LoRA (LoRA Lab)",
-    "LoraLab_TrainLoRA": "Train LoRA (LoRA Lab)",
+    "LoraLab_Train": "Train LoRA (LoRA Lab)",
+    "LoraLab_TrainingOptions": "Training Options (LoRA Lab)",
+    "LoraLab_TrainLoRA": "Train LoRA, all settings (LoRA Lab, old layout)",
     "LoraLab_SaveLoRA": "Save LoRA (LoRA Lab)",
     "LoraLab_LoadLoRA": "Load LoRA (LoRA Lab)",
     "LoraLab_ApplyLoRA": "Apply LoRA (LoRA Lab)",

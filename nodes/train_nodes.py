@@ -9,6 +9,7 @@ import comfy.model_management
 import comfy.utils
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from ..lora_core.adapters import ALGORITHMS
 from ..lora_core.dataset import DatasetConfig, ImageFolderDataset
@@ -155,14 +156,70 @@ class InjectLoRA:
         return (NetworkSpec(model, clip, algorithm, rank, alpha, target, train_text_encoder, lora),)
 
 
+TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
+
+
+class TrainingOptions:
+    DESCRIPTION = "Train LoRA's settings beyond the first ones. Without this node Train LoRA uses these defaults."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_TRAINING_OPTIONS",)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("For Train LoRA's options input.",)
+    FUNCTION = "options"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step: each step sees batch_size × this many images."}),
+            "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
+            "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
+            "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Min-SNR-γ loss weighting; 0 is off, 5 is usual."}),
+            "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
+            "validation_every": ("INT", {"default": DEFAULTS.validation_every, "min": 0, "max": 100000, "tooltip": "Steps between validation losses: fixed images, noise and timesteps, so it moves only when the weights do. Early stopping and keep_best judge it; 0 is off."}),
+            "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many validation losses without a new lowest one, and keep the weights of the lowest; 0 is off."}),
+            "keep_best": ("BOOLEAN", {"default": False, "tooltip": "End with the weights of the lowest validation loss (early stopping always does)."}),
+            "text_encoder_lr": (list(TEXT_ENCODER_LR_CHOICES), {"default": "same as learning_rate", "tooltip": "Learning rate of a text-encoder LoRA (Inject LoRA's train_text_encoder): the same as the UNet's, frozen (kept as it is), or text_encoder_custom_lr."}),
+            "text_encoder_custom_lr": ("FLOAT", {"default": 5e-5, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "The text encoder's learning rate when text_encoder_lr is custom."}),
+            "mixed_precision": (list(AUTOCAST_DTYPES), {"default": "no", "tooltip": "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays fp32. fp16 adds a gradient scaler."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in backward: much less memory, about a third slower."}),
+            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps for each sample image."}),
+            "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
+            "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
+            "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
+            "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
+        }}
+
+    def options(self, **options):
+        return (options,)
+
+
+OPTION_DEFAULTS = {name: spec[1]["default"] for name, spec in TrainingOptions.INPUT_TYPES()["required"].items()}
+
+
+def text_encoder_learning_rate(options: dict) -> float | None:
+    """TrainingConfig's text_encoder_lr: None follows learning_rate, 0 freezes."""
+    choice = options["text_encoder_lr"]
+    if choice not in TEXT_ENCODER_LR_CHOICES:
+        raise ValueError(f"text_encoder_lr is {choice!r}; choose one of {', '.join(TEXT_ENCODER_LR_CHOICES)}")
+    return {"same as learning_rate": None, "frozen": 0.0, "custom": options["text_encoder_custom_lr"]}[choice]
+
+
+def no_samples_image(size: int) -> torch.Tensor:
+    """An IMAGE that says sampling was off, instead of a black square in a connected preview."""
+    picture = Image.new("RGB", (size, max(size // 4, 32)), (40, 40, 40))
+    ImageDraw.Draw(picture).text((8, 8), "no samples: sample_every is 0", fill=(220, 220, 220))
+    return to_image_batch([picture])
+
+
 class TrainLoRA:
-    DESCRIPTION = "Trains the LoRA on the dataset with the model's own noise schedule. The base model is left as it was."
+    DESCRIPTION = ("Trains the LoRA on the dataset with the model's own noise schedule. The base model is left as it was. "
+                   "Connect Training Options for the other settings.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE", "IMAGE")
     RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples")
     OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
                        "CLIP with the LoRA applied at strength 1.", "The training loss per step and the validation loss.",
-                       "The sample images of every sample step, in order (one black image when sampling is off).")
+                       "The sample images of every sample step, in order (an image saying so when sampling is off).")
     FUNCTION = "train"
 
     @classmethod
@@ -175,49 +232,32 @@ class TrainLoRA:
                 "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 100000, "tooltip": "Optimizer steps; each sees batch_size × gradient_accumulation images."}),
                 "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "Peak learning rate (1e-4 is a common start for LoRA; Prodigy wants 1.0). Checked against the optimizer's range."}),
                 "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per forward pass."}),
-                "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step."}),
                 "optimizer": (list(OFFERED_OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW8bit, Lion and Prodigy need their packages installed; Prodigy wants learning_rate 1.0."}),
-                "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
-                "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
-                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Min-SNR-γ loss weighting; 0 is off, 5 is usual."}),
-                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed and settings give the same LoRA."}),
-                "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many validation losses without a new lowest one, and keep the weights of the lowest; 0 is off."}),
-            },
-            "optional": {
-                "text_encoder_lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 0.1, "step": 0.000001, "tooltip": "Learning rate of a text-encoder LoRA; -1 uses learning_rate, 0 keeps it fixed."}),
-                "mixed_precision": (list(AUTOCAST_DTYPES), {"default": "no", "tooltip": "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays fp32. fp16 adds a gradient scaler."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in backward: much less memory, about a third slower."}),
                 "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Generate sample images every N steps (0: none); they come out as the samples IMAGE and as previews."}),
                 "sample_prompts": ("STRING", {"default": "a photo of sks", "multiline": True, "tooltip": "One prompt per line for the samples; the seed is fixed, so samples show only the LoRA changing."}),
-                "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps for each sample image."}),
-                "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
-                "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
-                "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
+            },
+            "optional": {
+                "options": ("LORA_TRAINING_OPTIONS", {"tooltip": "From Training Options: scheduler, accumulation, validation, precision, checkpoints and more. Unconnected: that node's defaults."}),
                 "resume_state": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings and dataset (steps may grow)."}),
-                "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
-                "validation_every": ("INT", {"default": DEFAULTS.validation_every, "min": 0, "max": 100000, "tooltip": "Steps between validation losses: fixed images, noise and timesteps, so it moves only when the weights do. Early stopping and keep_best judge it; 0 is off."}),
-                "keep_best": ("BOOLEAN", {"default": False, "tooltip": "End with the weights of the lowest validation loss (early stopping always does)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def train(self, network, dataset, vae, steps, learning_rate, batch_size, gradient_accumulation, optimizer,
-              lr_scheduler, lr_warmup_steps, min_snr_gamma, noise_offset, seed, early_stopping_patience,
-              text_encoder_lr=-1.0, mixed_precision="no", gradient_checkpointing=False, sample_every=0,
-              sample_prompts="a photo of sks", sample_steps=20, checkpoint_every=0,
-              checkpoint_prefix="lora_lab_checkpoint", keep_checkpoints=0, resume_state="none",
-              cache_latents_on_disk=False, validation_every=DEFAULTS.validation_every, keep_best=False,
-              unique_id=None):
+    def train(self, network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, sample_every,
+              sample_prompts, options=None, resume_state="none", unique_id=None):
+        options = {**OPTION_DEFAULTS, **(options or {})}
         config = TrainingConfig(
-            steps=steps, learning_rate=learning_rate, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-            optimizer=optimizer, lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps,
-            min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, seed=seed % 2**63,
-            validation_every=validation_every, early_stopping_patience=early_stopping_patience, keep_best=keep_best,
-            text_encoder_lr=None if text_encoder_lr < 0 else text_encoder_lr, mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing, sample_every=sample_every, sample_steps=sample_steps,
+            steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+            gradient_accumulation=options["gradient_accumulation"], optimizer=optimizer,
+            lr_scheduler=options["lr_scheduler"], lr_warmup_steps=options["lr_warmup_steps"],
+            min_snr_gamma=options["min_snr_gamma"], noise_offset=options["noise_offset"], seed=seed % 2**63,
+            validation_every=options["validation_every"], early_stopping_patience=options["early_stopping_patience"],
+            keep_best=options["keep_best"], text_encoder_lr=text_encoder_learning_rate(options),
+            mixed_precision=options["mixed_precision"], gradient_checkpointing=options["gradient_checkpointing"],
+            sample_every=sample_every, sample_steps=options["sample_steps"],
             sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
-            latent_cache_dir=str(latent_cache_folder()) if cache_latents_on_disk else None,
+            latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
         state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
@@ -237,10 +277,11 @@ class TrainLoRA:
             return lora_metadata(lora_network, config, backend, dataset, steps)
 
         checkpointer = None
-        if checkpoint_every:
-            check_name(checkpoint_prefix, "checkpoint prefix")
-            folder = next_lora_path(checkpoint_prefix).parent
-            checkpointer = Checkpointer(folder, checkpoint_every, keep_checkpoints, Path(checkpoint_prefix).name, metadata)
+        if options["checkpoint_every"]:
+            prefix = check_name(options["checkpoint_prefix"], "checkpoint prefix")
+            folder = next_lora_path(prefix).parent
+            checkpointer = Checkpointer(folder, options["checkpoint_every"], options["keep_checkpoints"],
+                                        Path(prefix).name, metadata)
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
             lora_network = network.build(backend, config.seed).to(backend.device)
         result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
@@ -255,6 +296,41 @@ class TrainLoRA:
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses, result.validation)])
         samples = [image for _, images in result.samples for image in images]
-        size = dataset.config.resolution
-        samples = to_image_batch(samples) if samples else torch.zeros(1, size, size, 3)
+        samples = to_image_batch(samples) if samples else no_samples_image(dataset.config.resolution)
         return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve, samples)}
+
+
+LEGACY_REQUIRED = ("network", "dataset", "vae", "steps", "learning_rate", "batch_size", "gradient_accumulation",
+                   "optimizer", "lr_scheduler", "lr_warmup_steps", "min_snr_gamma", "noise_offset", "seed",
+                   "early_stopping_patience")
+LEGACY_OPTIONAL = ("text_encoder_lr", "mixed_precision", "gradient_checkpointing", "sample_every", "sample_prompts",
+                   "sample_steps", "checkpoint_every", "checkpoint_prefix", "keep_checkpoints", "resume_state",
+                   "cache_latents_on_disk", "validation_every", "keep_best")
+
+
+class TrainLoRAAllSettings(TrainLoRA):
+    """The Train LoRA of workflows saved before Training Options existed, every setting on the node. UI workflows
+    store widget values by position, so its inputs keep their order (`text_encoder_lr` keeps its meaning: -1 the
+    same as learning_rate, 0 frozen, else that rate). It trains with Train LoRA's code."""
+
+    DEPRECATED = True
+    DESCRIPTION = "Train LoRA with every setting on the node, as workflows saved before Training Options have it."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        current = TrainLoRA.INPUT_TYPES()
+        specs = {**current["required"], **current["optional"], **TrainingOptions.INPUT_TYPES()["required"],
+                 "text_encoder_lr": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 10.0, "step": 0.000001, "tooltip": "Learning rate of a text-encoder LoRA; -1 uses learning_rate, 0 keeps it fixed."})}
+        return {"required": {name: specs[name] for name in LEGACY_REQUIRED},
+                "optional": {name: specs[name] for name in LEGACY_OPTIONAL}, "hidden": current["hidden"]}
+
+    def train(self, network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, text_encoder_lr=-1.0,
+              sample_every=0, sample_prompts="a photo of sks", resume_state="none", unique_id=None, **options):
+        if text_encoder_lr < 0:
+            options["text_encoder_lr"] = "same as learning_rate"
+        elif text_encoder_lr == 0:
+            options["text_encoder_lr"] = "frozen"
+        else:
+            options.update(text_encoder_lr="custom", text_encoder_custom_lr=text_encoder_lr)
+        return super().train(network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, sample_every,
+                             sample_prompts, options, resume_state, unique_id)

@@ -6,7 +6,8 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { CHART_HEIGHT, LossChart } from "./loss_chart.js";
 
-const TRAIN_NODE = "LoraLab_TrainLoRA";
+// Train LoRA, and its layout from before Training Options (LoraLab_TrainLoRA) that old workflows hold.
+const TRAIN_NODES = new Set(["LoraLab_Train", "LoraLab_TrainLoRA"]);
 const PANEL_WIDGET = "lora_lab_panel";
 const MARGIN = 8;
 const NOTE_LINE_HEIGHT = 16;
@@ -33,7 +34,7 @@ function formatSize(bytes) {
 }
 
 function isPackNode(node) {
-  return node?.type === TRAIN_NODE || node?.type in NOTES;
+  return TRAIN_NODES.has(node?.type) || node?.type in NOTES;
 }
 
 // --- the panel -----------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ function findPanel(node) {
 /** Grows the node (never shrinks it) so that the panel fits below its widgets. */
 function makeRoom(node) {
   const needed = node.computeSize();
-  const width = Math.max(node.size[0], needed[0], node.type === TRAIN_NODE ? MIN_CHART_WIDTH : 0);
+  const width = Math.max(node.size[0], needed[0], TRAIN_NODES.has(node.type) ? MIN_CHART_WIDTH : 0);
   if (width > node.size[0] || needed[1] > node.size[1]) node.setSize([width, Math.max(node.size[1], needed[1])]);
   node.setDirtyCanvas(true, true);
 }
@@ -93,7 +94,7 @@ function chartOf(node) {
 
 function showOutput(node, output) {
   if (!output) return;
-  if (node.type === TRAIN_NODE) {
+  if (TRAIN_NODES.has(node.type)) {
     const summary = output.lora_lab_training?.[0];
     if (summary) chartOf(node).finish(summary);
   } else {
@@ -122,7 +123,7 @@ function addPanel(nodeType) {
 
 function trainNode(nodeId) {
   const node = app.graph.getNodeById(nodeId);
-  return node?.type === TRAIN_NODE ? node : null;
+  return TRAIN_NODES.has(node?.type) ? node : null;
 }
 
 api.addEventListener("lora_lab.train.step", ({ detail }) => {
@@ -152,7 +153,6 @@ for (const [event, reason] of [["execution_error", "error"], ["execution_interru
 /** `{node id: {type, output}}` of the newest history entries that this browser tab queued. */
 async function lastRunOutputs() {
   const clientId = api.initialClientId ?? api.clientId;
-  if (!clientId) return {};
   let history;
   try {
     history = await (await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`)).json();
@@ -160,10 +160,13 @@ async function lastRunOutputs() {
     console.warn("LoRA Lab: could not read the last run from /history", error);
     return {};
   }
+  // This tab's runs; a front end that gives the reloaded page a new client id (1.58) finds none, and then the
+  // newest runs in the history stand in.
+  const entries = Object.values(history);
+  const mine = entries.filter((entry) => entry.prompt?.[3]?.client_id === clientId);
   const outputs = {};
-  for (const entry of Object.values(history)) {
-    const [, , prompt, extraData] = entry.prompt ?? [];
-    if (extraData?.client_id !== clientId) continue;
+  for (const entry of mine.length ? mine : entries) {
+    const [, , prompt] = entry.prompt ?? [];
     for (const [nodeId, output] of Object.entries(entry.outputs ?? {})) {
       outputs[nodeId] = { type: prompt?.[nodeId]?.class_type, output };
     }
@@ -199,7 +202,7 @@ window.LoraLab = Object.freeze({
 app.registerExtension({
   name: "LoraLab.NodePanels",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === TRAIN_NODE || nodeData.name in NOTES) addPanel(nodeType);
+    if (TRAIN_NODES.has(nodeData.name) || nodeData.name in NOTES) addPanel(nodeType);
   },
   async setup() {
     pendingRestore = lastRunOutputs();

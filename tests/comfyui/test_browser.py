@@ -31,8 +31,8 @@ VIEWPORT = {"width": 1600, "height": 1000}
 TOLERANCE = 1e-6
 SMOOTHED_RGB = (255, 166, 77)  # COLORS.smoothed in web/loss_chart.js
 VALIDATION_RGB = (255, 95, 210)  # COLORS.validation
-NODE_IDS = {"LoraLab_LoadDataset": "2", "LoraLab_TrainLoRA": "4", "LoraLab_SaveLoRA": "5"}
-TRAIN = NODE_IDS["LoraLab_TrainLoRA"]
+NODE_IDS = {"LoraLab_LoadDataset": "2", "LoraLab_Train": "4", "LoraLab_SaveLoRA": "5"}
+TRAIN = NODE_IDS["LoraLab_Train"]
 
 
 class PageLog:
@@ -77,10 +77,10 @@ def wait_for_app(page) -> None:
     page.wait_for_function("window.app?.graph && window.LoraLab", timeout=60_000)
 
 
-def load_shrunk_workflow(page, steps: int = TRAINING_OVERRIDES["LoraLab_TrainLoRA"]["steps"]) -> None:
+def load_shrunk_workflow(page, steps: int = TRAINING_OVERRIDES["LoraLab_Train"]["steps"]) -> None:
     """Loads workflows/train_lora.json into the graph and sets the CPU sizes on its widgets, in the page."""
     workflow = json.loads((WORKFLOWS / "train_lora.json").read_text())
-    overrides = {**TRAINING_OVERRIDES, "LoraLab_TrainLoRA": {**TRAINING_OVERRIDES["LoraLab_TrainLoRA"], "steps": steps}}
+    overrides = {**TRAINING_OVERRIDES, "LoraLab_Train": {**TRAINING_OVERRIDES["LoraLab_Train"], "steps": steps}}
     page.evaluate("""async ([workflow, overrides]) => {
         await app.loadGraphData(workflow);
         for (const node of app.graph._nodes) {
@@ -180,7 +180,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         show_nodes(page)
 
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
-        assert len(summary["losses"]) == TRAINING_OVERRIDES["LoraLab_TrainLoRA"]["steps"]
+        assert len(summary["losses"]) == TRAINING_OVERRIDES["LoraLab_Train"]["steps"]
         assert_close(chart["received"], summary["losses"])  # every step's event arrived
         assert_close(chart["losses"], summary["losses"])
         assert chart["steps"] == list(range(1, len(summary["losses"]) + 1))

@@ -13,8 +13,8 @@ from lora_core.demo import make_concept_images
 
 from .harness import TEST_CHECKPOINT, ComfyError, ComfyServer, output_images, prompt_status
 
-NODES = ["LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_TrainLoRA", "LoraLab_SaveLoRA", "LoraLab_LoadLoRA",
-         "LoraLab_ApplyLoRA"]
+NODES = ["LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_Train", "LoraLab_TrainingOptions", "LoraLab_TrainLoRA",
+         "LoraLab_SaveLoRA", "LoraLab_LoadLoRA", "LoraLab_ApplyLoRA"]
 DATASET = "lora_lab_concept"
 
 
@@ -89,7 +89,7 @@ def saved_name(entry: dict, node_id: str = "5") -> str:
     return entry["outputs"][node_id]["lora_lab_saved"][0]["filename"]
 
 
-def test_six_nodes_are_listed_with_tooltips_and_the_extension_is_served(comfy: ComfyServer, comfy_object_info) -> None:
+def test_the_nodes_are_listed_with_tooltips_and_the_extension_is_served(comfy: ComfyServer, comfy_object_info) -> None:
     for name in NODES:
         info = comfy_object_info[name]
         assert info["category"] == "LoRA Lab" and info["description"]
@@ -136,7 +136,11 @@ def test_strength_zero_is_the_base_and_the_shared_model_stays_unchanged(comfy: C
             "model": ["1", 0], "clip": ["1", 1], "lora": ["4", 0], "strength_model": strength, "strength_clip": strength}}
         graph.update(sampling_nodes(first + 1, [str(first), 0], [str(first), 1], ["1", 2], seed=9, prefix=f"s{strength:g}"))
     graph.update(sampling_nodes(70, ["1", 0], ["1", 1], ["1", 2], seed=9, prefix="after"))
+    graph["80"] = {"class_type": "PreviewImage", "inputs": {"images": ["4", 4]}}  # samples, with sampling off
     after = comfy.run(graph, timeout=300)
+    [no_samples] = output_images(after, "80")
+    no_samples = np.asarray(comfy.fetch_image(no_samples))
+    assert no_samples.shape == (32, 64, 3) and no_samples.max() > 150, "sampling off shows a note, not a black square"
 
     base = pixels(comfy, before, "45")
     assert np.array_equal(pixels(comfy, after, "56"), base), "strength 0 must give the base image, pixel for pixel"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
 from lora_core.demo import make_concept_images
 
@@ -20,9 +21,14 @@ SAMPLING_OVERRIDES = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler
 TRAINING_OVERRIDES = {
     **SAMPLING_OVERRIDES,
     "LoraLab_LoadDataset": {"resolution": 64},
+    "LoraLab_Train": {"steps": 12, "learning_rate": 1e-3, "sample_every": 6},
+    "LoraLab_TrainingOptions": {"lr_warmup_steps": 2, "sample_steps": 4},
+    # Train LoRA's layout before Training Options, in workflows saved then (tests/comfyui/data)
     "LoraLab_TrainLoRA": {"steps": 12, "lr_warmup_steps": 2, "learning_rate": 1e-3, "sample_every": 6,
                           "sample_steps": 4},
 }
+TRAIN_NODES = {"LoraLab_Train", "LoraLab_TrainLoRA"}
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +48,8 @@ def shipped_names(comfy: ComfyServer):
         created.unlink()
 
 
-def load(name: str, comfy_object_info: dict, overrides: dict | None = None) -> dict:
-    graph = ui_to_api(json.loads((WORKFLOWS / name).read_text()), comfy_object_info)
+def load(name: str, comfy_object_info: dict, overrides: dict | None = None, folder: Path = WORKFLOWS) -> dict:
+    graph = ui_to_api(json.loads((folder / name).read_text()), comfy_object_info)
     for node in graph.values():
         node["inputs"].update((overrides or {}).get(node["class_type"], {}))
     return graph
@@ -55,17 +61,22 @@ def saved_pixels(comfy: ComfyServer, entry: dict, graph: dict, prefix: str) -> n
     return np.asarray(comfy.fetch_image(image), dtype=np.float32)
 
 
+def samples_preview(graph: dict) -> str:
+    """The PreviewImage that shows Train LoRA's samples output."""
+    [node_id] = [i for i, n in graph.items() if n["class_type"] == "PreviewImage" and n["inputs"]["images"][1] == 4
+                 and graph[n["inputs"]["images"][0]]["class_type"] in TRAIN_NODES]
+    return node_id
+
+
 def test_train_workflow_writes_a_lora_that_the_other_workflows_use(comfy, comfy_object_info, shipped_names) -> None:
     graph = load("train_lora.json", comfy_object_info, TRAINING_OVERRIDES)
     assert {n["class_type"] for n in graph.values()} >= {
-        "CheckpointLoaderSimple", "LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_TrainLoRA", "LoraLab_SaveLoRA",
-        "KSampler", "SaveImage"}
+        "CheckpointLoaderSimple", "LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_Train",
+        "LoraLab_TrainingOptions", "LoraLab_SaveLoRA", "KSampler", "SaveImage"}
     entry = comfy.run(graph, timeout=600)
     assert (comfy.loras_dir / TRAINED).is_file()
     assert saved_pixels(comfy, entry, graph, "lora_lab_preview").shape == (64, 64, 3)
-    [samples_node] = [i for i, n in graph.items() if n["class_type"] == "PreviewImage"
-                      and n["inputs"]["images"][1] == 4 and graph[n["inputs"]["images"][0]]["class_type"] == "LoraLab_TrainLoRA"]
-    assert len(output_images(entry, samples_node)) == 2, "samples after steps 6 and 12"
+    assert len(output_images(entry, samples_preview(graph))) == 2, "samples after steps 6 and 12"
 
     generated = load("generate_with_lora.json", comfy_object_info, SAMPLING_OVERRIDES)
     entry = comfy.run(generated, timeout=600)
@@ -77,3 +88,21 @@ def test_train_workflow_writes_a_lora_that_the_other_workflows_use(comfy, comfy_
     change_half = np.abs(images["0.5"] - images["0"]).mean()
     change_full = np.abs(images["1"] - images["0"]).mean()
     assert 0 < change_half < change_full, "the image must move further from the base as the strength rises"
+
+
+def test_a_workflow_saved_before_training_options_loads_and_trains_the_same_lora(comfy, comfy_object_info,
+                                                                                 shipped_names) -> None:
+    """UI workflows keep widget values by position: the old layout stays as LoraLab_TrainLoRA, and the shipped
+    workflow's settings there (accumulation 4, cosine, min-SNR 5, text-encoder lr -1, ...) train what the new
+    layout with the same settings in Training Options trains."""
+    old = load("train_lora_before_options.json", comfy_object_info, TRAINING_OVERRIDES, folder=DATA)
+    assert {n["class_type"] for n in old.values()} & TRAIN_NODES == {"LoraLab_TrainLoRA"}
+    new = load("train_lora.json", comfy_object_info, TRAINING_OVERRIDES)
+    files = []
+    for graph in (old, new):
+        entry = comfy.run(graph, timeout=600)
+        assert len(output_images(entry, samples_preview(graph))) == 2
+        [saved] = [output["lora_lab_saved"][0]["filename"] for output in entry["outputs"].values() if "lora_lab_saved" in output]
+        files.append(load_file(comfy.loras_dir / saved))
+    assert files[0].keys() == files[1].keys()
+    assert all(np.array_equal(files[0][key].numpy(), files[1][key].numpy()) for key in files[0])
