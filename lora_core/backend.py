@@ -9,8 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-
 
 class TrainingBackend(ABC):
     """A diffusion model seen by the trainer: encoders, the denoiser, its noise schedule and its layers."""

@@ -46,9 +46,6 @@ class ValidationSet:
         captions = [dataset.examples[image].caption for image, _ in keys]
         return cls(keys, captions, held_out, noise, strata.repeat(len(images)), batch_size)
 
-    def __len__(self) -> int:
-        return len(self.keys)
-
     @torch.no_grad()
     def loss(self, objective: DiscreteObjective, encoded: EncodedDataset, predict) -> float:
         """The mean weighted loss over every (image, timestep)."""
