@@ -4,33 +4,57 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from .objectives import DiscreteObjective, Objective
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
+
+Conditioning = dict[str, torch.Tensor]
+"""What the denoiser is conditioned on, each entry batched along dim 0: what `encode_text` returns (the text
+encoders' hidden states, pooled outputs…) and, added by the trainer, `SIZE_CONDITIONING`."""
+SIZE_CONDITIONING = "size_and_crop"  # [B, 6]: original (h, w), crop (top, left), target (h, w) of each image
+
+
+def concatenated(parts: list[Conditioning]) -> Conditioning:
+    """One batch of conditioning from several, entry by entry."""
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
 
 class TrainingBackend(ABC):
-    """A diffusion model seen by the trainer: encoders, the denoiser, its noise schedule and its layers."""
+    """A diffusion model seen by the trainer: encoders, the denoiser, its objective and its layers."""
 
-    prediction_type: str = "epsilon"
+    family: str = "SD1.x"  # a reader's name of the model family, used in messages
+    prediction_type: str = "epsilon"  # "epsilon", "v_prediction", or "flow" (velocity ε − x0)
     device: torch.device = torch.device("cpu")
 
-    @abstractmethod
+    def objective(self, config: TrainingConfig) -> Objective:
+        """The model's own training objective with the run's settings. Discrete-schedule families (SD1.x/2.x, SDXL)
+        use their ᾱ_t; flow-matching families override this and `alphas_cumprod`."""
+        config.check_discrete(self.family)
+        return DiscreteObjective(self.alphas_cumprod().to(self.device, torch.float32), self.prediction_type,
+                                 config.min_snr_gamma, config.noise_offset)
+
     def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t of the model's own schedule, one fp32 entry per training timestep."""
+        """ᾱ_t of the model's own discrete schedule, one fp32 entry per training timestep."""
+        raise NotImplementedError(f"{self.family} has no discrete noise schedule")
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Latents as the denoiser sees them (scaled) for `pixels` [B, 3, H, W] in [-1, 1]."""
+        """Latents as the denoiser sees them (scaled and shifted) for `pixels` [B, 3, H, W] in [-1, 1]."""
 
     @abstractmethod
-    def encode_text(self, captions: list[str]) -> Any:
-        """The denoiser's conditioning for `captions`; runs with gradients when a text-encoder LoRA trains."""
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """The denoiser's text conditioning for `captions`; runs with gradients when a text-encoder LoRA trains."""
 
     @abstractmethod
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
-        """The denoiser's output (ε or v, per `prediction_type`) for latents noised to `timesteps`."""
+    def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The denoiser's output (ε, v or velocity, per `prediction_type`) for latents noised to `times` (the
+        objective's time input: timestep indices, or σ·multiplier for flow matching)."""
 
     @abstractmethod
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:

@@ -10,7 +10,11 @@ from .dataset import ImageFolderDataset
 from .metadata import kohya_metadata
 from .network import LoRANetwork
 from .optim import OptimizerError, check_learning_rate
+from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .precision import AUTOCAST_DTYPES
+
+# Settings of the flow-matching objective (SD3, Flux), with the values that mean "not set" on other families.
+FLOW_MATCHING_SETTINGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "loss_weighting")
 
 
 class TrainingError(ValueError):
@@ -50,6 +54,13 @@ class TrainingConfig:
     sample_seed: int = 0
     sample_steps: int = 20
     latent_cache_dir: str | None = None  # latents kept on disk between runs, keyed by image, VAE and seed
+    # flow matching (SD3, Flux) only; None: the family's default (see `families`)
+    timestep_sampling: str | None = None  # how σ is drawn: uniform, logit_normal or mode (SD3 paper §3.1)
+    logit_mean: float = 0.0  # logit_normal's mean
+    logit_std: float = 1.0  # logit_normal's standard deviation
+    mode_scale: float = 1.29  # mode's scale
+    flow_shift: float | None = None  # fixed σ shift (SD3.5: 3.0); None: the family's (Flux: by resolution)
+    loss_weighting: str = "none"  # none, sigma_sqrt or cosmap (diffusers' SD3 weighting schemes)
 
     def validate(self) -> None:
         checks = [
@@ -72,6 +83,11 @@ class TrainingConfig:
             ("loss_smoothing", 0 <= self.loss_smoothing < 1, "from 0 to below 1"),
             ("mixed_precision", self.mixed_precision in AUTOCAST_DTYPES, f"one of {sorted(AUTOCAST_DTYPES)}"),
             ("sample_every", self.sample_every >= 0, "0 (off) or a number of steps"),
+            ("timestep_sampling", self.timestep_sampling in (None, *SIGMA_SAMPLINGS),
+             f"one of {SIGMA_SAMPLINGS}, or None for the model family's default"),
+            ("loss_weighting", self.loss_weighting in SD3_WEIGHTINGS, f"one of {SD3_WEIGHTINGS}"),
+            ("flow_shift", self.flow_shift is None or self.flow_shift > 0, "a number > 0 (1: no shift), or None"),
+            ("logit_std", self.logit_std > 0, "a number > 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -82,6 +98,23 @@ class TrainingConfig:
                 check_learning_rate(self.optimizer, self.text_encoder_lr, "text_encoder_lr")
         except OptimizerError as error:
             raise TrainingError(str(error)) from error
+
+    def check_discrete(self, family: str) -> None:
+        """Refuse flow-matching settings for a family trained on a discrete ε/v schedule."""
+        defaults = TrainingConfig()
+        set_here = [name for name in FLOW_MATCHING_SETTINGS if getattr(self, name) != getattr(defaults, name)]
+        if set_here:
+            raise TrainingError(f"{', '.join(set_here)} set the flow-matching objective of SD3 and Flux; {family} "
+                                "trains on a discrete ε/v schedule, so leave them at their defaults (min_snr_gamma and "
+                                "noise_offset are its settings)")
+
+    def check_flow_matching(self, family: str) -> None:
+        """Refuse discrete-schedule settings for a flow-matching family."""
+        set_here = [name for name in ("min_snr_gamma", "noise_offset") if getattr(self, name)]
+        if set_here:
+            raise TrainingError(f"{', '.join(set_here)} apply to ε/v-prediction on a discrete schedule; {family} "
+                                "trains by flow matching: set them to 0 and use timestep_sampling, flow_shift and "
+                                "loss_weighting instead")
 
     @property
     def text_learning_rate(self) -> float:
@@ -115,7 +148,8 @@ def lora_metadata(network: LoRANetwork, config: TrainingConfig, backend: Trainin
                   dataset: ImageFolderDataset, steps: int, title: str = "") -> dict[str, str]:
     """The metadata a LoRA file of this run holds after `steps` steps: what the CLI, the node and the demo save."""
     return kohya_metadata(
-        network, training={**config.metadata(), "steps": steps}, model=backend.model_info(),
+        network, training={**config.metadata(), **backend.objective(config).metadata(), "steps": steps},
+        model=backend.model_info(),
         dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
         title=title, resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
     )

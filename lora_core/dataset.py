@@ -95,11 +95,23 @@ class Example:
     pixels: torch.Tensor  # uint8 [3, H, W]: R×R, or the bucket's size with bucketing
     repeats: int
     captioned: bool
+    original_size: Size  # (width, height) of the image file
+    scaled_size: Size  # (width, height) it was scaled to before the centre crop to `bucket`
 
     @property
     def bucket(self) -> tuple[int, int]:
         """(width, height) of the training image; batches only mix images of one bucket."""
         return self.pixels.shape[2], self.pixels.shape[1]
+
+    def size_conditioning(self, flipped: bool) -> tuple[int, int, int, int, int, int]:
+        """SDXL's micro-conditioning of this image: original (height, width), the crop's (top, left) in the scaled
+        image, target (height, width), as the SDXL paper and diffusers' `compute_time_ids` order them. Mirroring
+        moves what was cut on the right to the left."""
+        (width, height), (scaled_width, scaled_height) = self.bucket, self.scaled_size
+        left, top = (scaled_width - width) // 2, (scaled_height - height) // 2
+        if flipped:
+            left = scaled_width - width - left
+        return self.original_size[1], self.original_size[0], top, left, height, width
 
 
 @dataclass(frozen=True)
@@ -228,12 +240,14 @@ class ImageFolderDataset:
             return self._skip(path, f"caption file {caption_path} is unreadable ({error})")
         try:
             image = load_image(path, self.config.max_image_pixels)
-            pixels = to_tensor(fit(image, *select_bucket(image.width, image.height, self.buckets, self.config)))
+            bucket, scaled = select_bucket(image.width, image.height, self.buckets, self.config)
+            pixels = to_tensor(fit(image, bucket, scaled))
         except Exception as error:  # PIL raises many exception types for broken files
             return self._skip(path, str(error) or type(error).__name__)
         captioned = bool(caption_text)
         caption = (caption_text if captioned else self.config.default_caption).replace("{token}", self.config.token)
-        return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned)
+        return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned,
+                       original_size=image.size, scaled_size=scaled)
 
     @staticmethod
     def _read_caption(caption_path: Path) -> str:

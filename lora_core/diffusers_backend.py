@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import TrainingBackend
+from .backend import Conditioning, TrainingBackend
 from .files import data_hash
 from .network import LoRANetwork
 from .targets import (
@@ -37,17 +37,17 @@ class DiffusersBackend(TrainingBackend):
         distribution = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return distribution.sample(generator=generator) * self.vae.config.scaling_factor
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
+    def encode_text(self, captions: list[str]) -> Conditioning:
         tokens = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        return {"context": self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]}
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
-        return self.unet(
-            noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=conditioning.to(self.unet.dtype)
-        ).sample
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+                ) -> torch.Tensor:
+        context = conditioning["context"].to(self.unet.dtype)
+        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
 
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
         targets = named_for_kohya(UNET_PREFIX, find_targets(self.unet, preset))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
-
 import torch
 from safetensors.torch import load_file as load_tensors
 
-from .backend import TrainingBackend
+from .backend import SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
 from .dataset import Batch, ImageFolderDataset
 from .files import save_file, tensor_bytes
 
@@ -24,7 +22,7 @@ class EncodedDataset:
         self, backend: TrainingBackend, dataset: ImageFolderDataset, seed: int, cache_text: bool,
         cache_dir: str | None = None,
     ) -> None:
-        self.backend = backend
+        self.backend, self.dataset = backend, dataset
         flips = (False, True) if dataset.config.flip else (False,)
         vae = backend.vae_fingerprint() if cache_dir else ""
         with torch.no_grad():
@@ -34,7 +32,7 @@ class EncodedDataset:
                 for flip in flips
             }
             captions = sorted({example.caption for example in dataset.examples}) if cache_text else []
-            self.conditioning = {caption: backend.encode_text([caption]) for caption in captions}
+            self.text_cache = {caption: backend.encode_text([caption]) for caption in captions}
 
     def encode(self, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None) -> torch.Tensor:
         image_key = hashlib.sha256(f"{seed}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
@@ -52,12 +50,21 @@ class EncodedDataset:
     def batch_latents(self, batch: Batch) -> torch.Tensor:
         return self.stacked(list(zip(batch.images, batch.flipped)))
 
+    def batch_conditioning(self, batch: Batch) -> Conditioning:
+        return self.conditioning(list(zip(batch.images, batch.flipped)), batch.captions)
+
+    def conditioning(self, keys: list[tuple[int, bool]], captions: list[str]) -> Conditioning:
+        """The text conditioning of `captions` with each (image, flipped)'s size and crop (SDXL's micro-conditioning)."""
+        sizes = [self.dataset.examples[image].size_conditioning(flipped) for image, flipped in keys]
+        return {**self.text(captions), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
+
     def stacked(self, keys: list[tuple[int, bool]]) -> torch.Tensor:
         """The latents of these (image, flipped) pairs, as one batch."""
         return torch.stack([self.latents[key] for key in keys])
 
-    def text(self, captions: list[str]) -> Any:
-        """The conditioning of `captions`: cached while the text encoder is frozen, else encoded (with gradients)."""
-        if self.conditioning:
-            return torch.cat([self.conditioning[caption] for caption in captions])
+    def text(self, captions: list[str]) -> Conditioning:
+        """The text conditioning of `captions`: cached while the text encoder is frozen, else encoded (with
+        gradients)."""
+        if self.text_cache:
+            return concatenated([self.text_cache[caption] for caption in captions])
         return self.backend.encode_text(captions)

@@ -62,6 +62,14 @@ class DiscreteObjective:
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def stratified(self, count: int) -> torch.Tensor:
+        """Fixed times for the validation loss: `count` timesteps at the centres of equal strata."""
+        return stratified_timesteps(count, self.num_timesteps)
+
+    def metadata(self) -> dict[str, object]:
+        """Nothing beyond the run's settings (min-SNR γ, noise offset), which the metadata records already."""
+        return {}
+
     def draw(self, shape: tuple[int, ...], generator: torch.Generator, part: slice = slice(None)
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise (with the offset) and timesteps for a global batch of `shape`, drawn on the CPU; only `part` kept.
@@ -190,6 +198,20 @@ class FlowMatchingObjective:
             raise ValueError(f"shift {self.shift} and resolution_shift both shift σ; set shift 1 for Flux's "
                              "resolution-dependent shift, or resolution_shift False for a fixed shift")
 
+    def metadata(self) -> dict[str, object]:
+        """kohya's `ss_*` names (`flux_train_utils.add_flux_train_arguments`) of the objective's settings."""
+        sampling = {"logit_normal": {"logit_mean": self.logit_mean, "logit_std": self.logit_std},
+                    "mode": {"mode_scale": self.mode_scale}}.get(self.sampling, {})
+        shift = {"base_shift": self.base_shift, "max_shift": self.max_shift} if self.resolution_shift else \
+            {"discrete_flow_shift": self.shift}
+        return {"timestep_sampling": self.sampling, "weighting_scheme": self.weighting,
+                **sampling, **shift}
+
+    def stratified(self, count: int) -> torch.Tensor:
+        """Fixed times for the validation loss: `count` noise levels at the centres of equal strata of (0, 1),
+        unshifted, so that every level counts alike and the times do not depend on the image size."""
+        return stratified_sigmas(count)
+
     def draw(self, shape: tuple[int, ...], generator: torch.Generator, part: slice = slice(None)
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and shifted noise levels σ for a global batch of `shape`, drawn on the CPU; only `part` kept."""
@@ -211,3 +233,6 @@ class FlowMatchingObjective:
         noisy, target = flow_noised_and_target(latents, noise, sigmas.reshape(-1, *[1] * (latents.dim() - 1)))
         error = F.mse_loss(predict(noisy, sigmas * self.timestep_multiplier).float(), target, reduction="none")
         return error.flatten(1).mean(dim=1) * sd3_loss_weight(sigmas, self.weighting)
+
+
+Objective = DiscreteObjective | FlowMatchingObjective

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import TrainingConfig, TrainingError
+from .config import FLOW_MATCHING_SETTINGS, TrainingConfig, TrainingError
 from .dataset import BatchSampler, ImageFolderDataset
 from .files import tensor_bytes
 from .network import LoRANetwork
@@ -21,6 +21,7 @@ RESUMABLE_SETTINGS = (
     "learning_rate", "batch_size", "gradient_accumulation", "optimizer", "lr_scheduler", "lr_warmup_steps",
     "lr_scheduler_cycles", "lr_scheduler_power", "seed", "text_encoder_lr", "mixed_precision", "min_snr_gamma",
     "noise_offset", "max_grad_norm", "validation_every", "validation_images", "validation_timesteps",
+    *FLOW_MATCHING_SETTINGS,
 )
 
 

@@ -12,20 +12,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backend import TrainingBackend
+from .backend import Conditioning, TrainingBackend
 from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .dataset import Batch, ImageFolderDataset
 from .distributed import Distributed
 from .encoded import EncodedDataset
 from .network import LoRANetwork
-from .objectives import DiscreteObjective
+from .objectives import Objective
 from .optim import make_optimizer, make_scheduler
 from .precision import Precision
 from .state import TrainerState, TrainingResult, check_resumable, run_identity
@@ -107,18 +106,18 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
                 block.forward = forward
 
 
-def diffusion_loss(backend: TrainingBackend, objective: DiscreteObjective, latents: torch.Tensor, conditioning: Any,
+def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torch.Tensor, conditioning: Conditioning,
                    generator: torch.Generator, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """The objective's mean loss on `latents` with noise and timesteps drawn from `generator`.
+    """The objective's mean loss on `latents` with noise and times drawn from `generator`.
 
     With data-parallel ranks, `latents` are rank `rank`'s share of a global batch `world_size` times as large: noise
     and timesteps are drawn for the whole global batch, as one process would, and this rank's share kept.
     """
     size = latents.shape[0]
-    noise, timesteps = objective.draw((size * world_size, *latents.shape[1:]), generator,
-                                      slice(rank * size, (rank + 1) * size))
+    noise, times = objective.draw((size * world_size, *latents.shape[1:]), generator,
+                                  slice(rank * size, (rank + 1) * size))
     predict = functools.partial(backend.predict, conditioning=conditioning)
-    return objective.loss(predict, latents, noise, timesteps).mean()
+    return objective.loss(predict, latents, noise, times).mean()
 
 
 class BatchLoss(nn.Module):
@@ -129,7 +128,7 @@ class BatchLoss(nn.Module):
     """
 
     def __init__(self, network: LoRANetwork, backend: TrainingBackend, encoded: EncodedDataset,
-                 objective: DiscreteObjective, generator: torch.Generator, distributed: Distributed) -> None:
+                 objective: Objective, generator: torch.Generator, distributed: Distributed) -> None:
         super().__init__()
         self.network = network
         self.backend, self.encoded, self.objective = backend, encoded, objective
@@ -137,7 +136,7 @@ class BatchLoss(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return diffusion_loss(self.backend, self.objective, self.encoded.batch_latents(batch),
-                              self.encoded.text(batch.captions), self.generator, self.distributed.rank,
+                              self.encoded.batch_conditioning(batch), self.generator, self.distributed.rank,
                               self.distributed.world_size)
 
 
@@ -173,8 +172,7 @@ def train(
     """
     distributed = distributed or Distributed()  # one process
     config.validate()
-    objective = DiscreteObjective(backend.alphas_cumprod().to(backend.device, torch.float32), backend.prediction_type,
-                                  config.min_snr_gamma, config.noise_offset)
+    objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)
     parameters = [parameter for group in groups for parameter in group["params"]]

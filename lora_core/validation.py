@@ -13,7 +13,7 @@ import torch
 
 from .dataset import ImageFolderDataset
 from .encoded import EncodedDataset
-from .objectives import DiscreteObjective, stratified_timesteps
+from .objectives import Objective
 
 HELD_OUT_FACTOR = 5  # hold images out only when the dataset has at least this many times as many
 
@@ -26,8 +26,8 @@ def validation_images(dataset: ImageFolderDataset, count: int, seed: int) -> tup
 
 @dataclass
 class ValidationSet:
-    """Each image at `timesteps_per_image` stratified timesteps, with noise fixed by the run's seed. Images of one
-    latent shape (bucket) are evaluated together, in batches of `batch_size`."""
+    """Each image at `timesteps_per_image` stratified times (timesteps, or σ for flow matching), with noise fixed by
+    the run's seed. Images of one latent shape (bucket) are evaluated together, in batches of `batch_size`."""
 
     keys: list[tuple[int, bool]]  # (image, flipped) of each evaluation, image-major
     captions: list[str]
@@ -37,9 +37,9 @@ class ValidationSet:
     batch_size: int
 
     @classmethod
-    def build(cls, dataset: ImageFolderDataset, images: list[int], held_out: bool, objective: DiscreteObjective,
+    def build(cls, dataset: ImageFolderDataset, images: list[int], held_out: bool, objective: Objective,
               encoded: EncodedDataset, seed: int, timesteps_per_image: int, batch_size: int) -> ValidationSet:
-        strata = stratified_timesteps(timesteps_per_image, objective.num_timesteps)
+        strata = objective.stratified(timesteps_per_image)
         keys = [(image, False) for image in images for _ in strata]
         generator = torch.Generator().manual_seed(seed + 3)
         noise = [torch.randn(encoded.latents[key].shape, generator=generator) for key in keys]
@@ -47,7 +47,7 @@ class ValidationSet:
         return cls(keys, captions, held_out, noise, strata.repeat(len(images)), batch_size)
 
     @torch.no_grad()
-    def loss(self, objective: DiscreteObjective, encoded: EncodedDataset, predict) -> float:
+    def loss(self, objective: Objective, encoded: EncodedDataset, predict) -> float:
         """The mean weighted loss over every (image, timestep)."""
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, noise in enumerate(self.noise):
@@ -56,9 +56,9 @@ class ValidationSet:
         for indices in by_shape.values():
             for start in range(0, len(indices), self.batch_size):
                 part = indices[start:start + self.batch_size]
-                conditioning = encoded.text([self.captions[i] for i in part])
-                losses = objective.loss(lambda noisy, t: predict(noisy, t, conditioning),
-                                        encoded.stacked([self.keys[i] for i in part]),
+                keys = [self.keys[i] for i in part]
+                conditioning = encoded.conditioning(keys, [self.captions[i] for i in part])
+                losses = objective.loss(lambda noisy, t: predict(noisy, t, conditioning), encoded.stacked(keys),
                                         torch.stack([self.noise[i] for i in part]), self.timesteps[part])
                 total += losses.sum().item()
         return total / len(self.keys)

@@ -17,7 +17,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
-from ..lora_core.backend import TrainingBackend
+from ..lora_core.backend import Conditioning, TrainingBackend
 from ..lora_core.files import data_hash
 from ..lora_core.targets import (
     TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name,
@@ -195,10 +195,12 @@ class ComfyBackend(TrainingBackend):
             latents = self.vae.encode((pixels.movedim(1, -1) + 1) / 2)
         return self.base_model.process_latent_in(latents.to(self.device))
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(caption)) for caption in captions]).to(self.device)
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        contexts = [self.clip.encode_from_tokens(self.clip.tokenize(caption)) for caption in captions]
+        return {"context": torch.cat(contexts).to(self.device)}
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+                ) -> torch.Tensor:
         """The diffusion model's raw output (ε or v) as `BaseModel.apply_model` computes it before converting it to
         x0: for x = x0 + σ_t·ε, ComfyUI's `calculate_input(σ_t, x)` is exactly `noisy_latents`, and the time input
         is `model_sampling.timestep(σ_t)`. Conditions come from `BaseModel.extra_conds`, patches from the MODEL's
@@ -207,7 +209,7 @@ class ComfyBackend(TrainingBackend):
         sigmas = self.sampling.sigmas[timesteps.to(self.sampling.sigmas.device)]
         conds = {
             name: cond.process_cond(batch_size=len(noisy_latents), device=device).cond.to(device)
-            for name, cond in self.base_model.extra_conds(cross_attn=conditioning, noise=noisy_latents,
+            for name, cond in self.base_model.extra_conds(cross_attn=conditioning["context"], noise=noisy_latents,
                                                           device=device).items()
         }
         context = conds.pop("c_crossattn").to(dtype)

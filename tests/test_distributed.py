@@ -95,12 +95,12 @@ def test_rank_shares_of_the_loss_average_to_the_global_batch_loss(pipeline, conc
     dataset = ImageFolderDataset(concept_dir, DatasetConfig(resolution=64))
     encoded = EncodedDataset(backend, dataset, 0, cache_text=True)
     batch = next(dataset.batches(4, torch.Generator().manual_seed(0)))
-    latents, conditioning = encoded.batch_latents(batch), encoded.text(batch.captions)
+    latents, conditioning = encoded.batch_latents(batch), encoded.batch_conditioning(batch)
     objective = DiscreteObjective(backend.alphas_cumprod(), backend.prediction_type, min_snr_gamma=5.0,
                                   noise_offset=0.1)
     with torch.no_grad():
         whole = diffusion_loss(backend, objective, latents, conditioning, torch.Generator().manual_seed(9))
-        shares = [diffusion_loss(backend, objective, latents[2 * rank:2 * rank + 2], conditioning[2 * rank:2 * rank + 2],
+        shares = [diffusion_loss(backend, objective, latents[2 * rank:2 * rank + 2], {name: value[2 * rank:2 * rank + 2] for name, value in conditioning.items()},
                                  torch.Generator().manual_seed(9), rank, 2) for rank in range(2)]
     torch.testing.assert_close(sum(shares) / 2, whole, rtol=1e-5, atol=1e-7)
 

@@ -68,7 +68,7 @@ def test_accumulated_step_applies_the_mean_gradient(pipeline, concept_dir) -> No
         for _ in range(3):
             network.zero_grad()
             batch = next(batches)
-            latents, conditioning = encoded.batch_latents(batch), encoded.text(batch.captions)
+            latents, conditioning = encoded.batch_latents(batch), encoded.batch_conditioning(batch)
             diffusion_loss(backend, objective, latents, conditioning, generator).backward()
             expected_grads.append({k: p.grad.clone() for k, p in network.named_parameters()})
     network.zero_grad()

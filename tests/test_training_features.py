@@ -219,7 +219,7 @@ def saved_activation_bytes(backend, network, dataset, checkpointing: bool) -> tu
     objective = DiscreteObjective(backend.alphas_cumprod(), backend.prediction_type)
     with network.applied(1.0), checkpointed(backend.checkpoint_blocks() if checkpointing else []):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = diffusion_loss(backend, objective, encoded.batch_latents(batch), encoded.text(batch.captions),
+            loss = diffusion_loss(backend, objective, encoded.batch_latents(batch), encoded.batch_conditioning(batch),
                                   torch.Generator().manual_seed(0))
         loss.backward()
     return sum(saved), loss.item()

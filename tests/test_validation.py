@@ -44,7 +44,7 @@ def test_validation_loss_is_the_same_for_the_same_weights_and_follows_them(pipel
     # by hand: the mean over (image, stratum) of the MSE against ε, with the same fixed noise
     keys = [(image, False) for image in images for _ in range(3)]
     assert validation.keys == keys
-    conditioning = torch.cat([encoded.conditioning[dataset.examples[image].caption] for image, _ in keys])
+    conditioning = encoded.conditioning(keys, [dataset.examples[image].caption for image, _ in keys])
     latents, noise = encoded.stacked(keys), torch.stack(validation.noise)
     alpha_bar = backend.alphas_cumprod()[validation.timesteps].reshape(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise

@@ -68,7 +68,7 @@ def targets_against_comfy(backend_module, model, clip, sampling: str, zsnr: bool
             alpha_bar = backend.alphas_cumprod()[timesteps].reshape(-1, 1, 1, 1)
             noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
             target = noise if backend.prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
-            trained = (backend.predict(noisy, timesteps, cond.clone()) - target).square().mean(dim=(1, 2, 3))
+            trained = (backend.predict(noisy, timesteps, {"context": cond.clone()}) - target).square().mean(dim=(1, 2, 3))
     return {"prediction_type": backend.prediction_type, "trainer_loss": trained.tolist(), "hand_loss": by_hand.tolist(),
             "alpha_bar_last": float(backend.alphas_cumprod()[-1]),
             "comfy_alpha_bar_last": float(1 / (1 + comfy_sampling.sigmas[-1] ** 2))}
