@@ -63,10 +63,11 @@ class SyntheticBackend(TrainingBackend):
         return self.latent.expand(pixels.shape[0], -1, -1, -1)
 
     def encode_text(self, captions):
-        return self.embedding.expand(len(captions), -1, -1)
+        return {"context": self.embedding.expand(len(captions), -1, -1)}
 
     def predict(self, noisy_latents, timesteps, conditioning):
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=conditioning).sample
+        context = conditioning["context"]
+        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
 
     def adapter_targets(self, preset, text_encoder):
         return named_for_kohya(UNET_PREFIX, find_targets(self.unet, preset))
