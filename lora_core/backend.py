@@ -68,6 +68,15 @@ class TrainingBackend(ABC):
     def frozen_modules(self) -> list[nn.Module]:
         """The base models, whose own parameters must get no gradients while the LoRA trains."""
 
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network's tensors (kohya module names, `.lora_down.weight`…) as this family's LoRA files store them:
+        unchanged for SD1.x/2.x and SDXL; renamed or fused where ComfyUI and diffusers read other names."""
+        return tensors
+
+    def network_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's tensors as the network on `loadable_modules` names them: `file_tensors` undone."""
+        return tensors
+
     def compute_dtype(self) -> torch.dtype:
         """The dtype the denoiser computes in (its weights' dtype, or the dtype it casts them to per layer)."""
         return torch.float32

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from .adapters import ALGORITHMS
 from .distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
+from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .optim import SCHEDULERS
 from .targets import UNET_PRESETS
 from .training import TrainingConfig
@@ -27,20 +29,31 @@ def file_sha256(path: Path) -> str:
 
 
 def load_pipeline(base: Path, device: str):
-    """A StableDiffusionPipeline from a local diffusers folder (nothing is downloaded)."""
-    from diffusers import StableDiffusionPipeline
+    """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
+    from .families import FamilyError, load_pipeline as load_family_pipeline
 
-    if not (base / "model_index.json").is_file():
-        raise SystemExit(f"error: {base} is not a diffusers pipeline folder (no model_index.json); "
-                         "point --base at a folder written by save_pretrained, such as the demo's out/base")
-    pipeline = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False,
-                                                       local_files_only=True)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    try:
+        return load_family_pipeline(base, device)
+    except FamilyError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def make_backend(pipeline, args: argparse.Namespace, **identity):
+    """The backend of the pipeline's family; `--flux-guidance` only where the family has a guidance input."""
+    from .families import backend_class
+
+    cls = backend_class(pipeline)
+    options = {}
+    if args.flux_guidance is not None:
+        if "guidance" not in inspect.signature(cls).parameters:
+            raise SystemExit(f"error: --flux-guidance sets Flux.1-dev's guidance input; {cls.family} has none")
+        options["guidance"] = args.flux_guidance
+    return cls(pipeline, **identity, **options)
 
 
 def unet_hash(base: Path) -> str:
-    weights = sorted((base / "unet").glob("*.safetensors"))
+    """sha256 of the denoiser's weights file (the UNet's, or the transformer's for SD3 and Flux)."""
+    weights = sorted((base / "unet").glob("*.safetensors")) or sorted((base / "transformer").glob("*.safetensors"))
     return file_sha256(weights[0]) if weights else ""
 
 
@@ -83,7 +96,6 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
     from .checkpoints import Checkpointer, load_state
     from .dataset import DatasetConfig, ImageFolderDataset
-    from .diffusers_backend import DiffusersBackend
     from .config import lora_metadata
     from .files import load_lora, save_lora
     from .network import LoRANetwork
@@ -97,7 +109,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         from .quantize import quantize_linear_layers
 
         quantize_linear_layers(pipeline.unet)
-    backend = DiffusersBackend(pipeline, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
+    backend = make_backend(pipeline, args, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(
         resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
         token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing, no_upscale=args.no_upscale,
@@ -105,7 +117,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
     ))
     if args.start_from_lora:
-        network, _ = load_lora(args.start_from_lora, backend.loadable_modules())
+        network, _ = load_lora(args.start_from_lora, backend.loadable_modules(),
+                               network_tensors=backend.network_tensors)
     else:
         network = LoRANetwork.create(
             backend.adapter_targets(args.preset, args.text_encoder), args.algorithm, args.rank, args.alpha, args.seed
@@ -122,7 +135,9 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         text_encoder_lr=args.text_encoder_lr,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
-        latent_cache_dir=args.latent_cache_dir,
+        latent_cache_dir=args.latent_cache_dir, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
+        logit_std=args.logit_std, mode_scale=args.mode_scale, flow_shift=args.flow_shift,
+        loss_weighting=args.loss_weighting,
     )
 
     def metadata(steps: int) -> dict[str, str]:
@@ -161,7 +176,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
                 print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
     if is_main:
         with distributed.shielded():
-            save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite)
+            save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite,
+                      file_tensors=backend.file_tensors)
         hidden = ("losses", "learning_rates", "validation")
         print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in hidden}}))
     if result.stop_reason == "diverged":
@@ -169,14 +185,17 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
 
 def command_generate(args: argparse.Namespace) -> None:
-    from .diffusers_backend import DiffusersBackend, generate
+    from .diffusers_backend import generate
+    from .families import backend_class
     from .files import load_lora
     from .plots import image_grid
 
     pipeline = load_pipeline(Path(args.base), args.device)
     network = None
     if args.lora:
-        network, _ = load_lora(args.lora, DiffusersBackend(pipeline).loadable_modules(), strict=not args.non_strict)
+        backend = backend_class(pipeline)(pipeline)
+        network, _ = load_lora(args.lora, backend.loadable_modules(), strict=not args.non_strict,
+                               network_tensors=backend.network_tensors)
         network.to(pipeline.unet.device)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -271,6 +290,17 @@ def parser() -> argparse.ArgumentParser:
                        help="never stop early before this step")
     train.add_argument("--keep-best", action="store_true",
                        help="end with the weights of the lowest validation loss (early stopping always does)")
+    train.add_argument("--timestep-sampling", choices=SIGMA_SAMPLINGS, default=None,
+                       help="SD3/Flux: how noise levels are drawn (default: the family's)")
+    train.add_argument("--logit-mean", type=float, default=DEFAULTS.logit_mean, help="SD3/Flux, logit_normal")
+    train.add_argument("--logit-std", type=float, default=DEFAULTS.logit_std, help="SD3/Flux, logit_normal")
+    train.add_argument("--mode-scale", type=float, default=DEFAULTS.mode_scale, help="SD3/Flux, mode sampling")
+    train.add_argument("--flow-shift", type=float, default=None,
+                       help="SD3/Flux: fixed noise-level shift (default: the family's; Flux's depends on resolution)")
+    train.add_argument("--loss-weighting", choices=SD3_WEIGHTINGS, default=DEFAULTS.loss_weighting,
+                       help="SD3/Flux: diffusers' SD3 loss weighting")
+    train.add_argument("--flux-guidance", type=float, default=None,
+                       help="Flux.1-dev: the guidance input during training (default 1.0)")
     train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     train.add_argument("--resolution", type=int, default=512)
     train.add_argument("--caption-extension", default=".txt")

@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,14 @@ SAFETENSORS_DTYPES = {
 }
 STALE_TEMPORARY_SECONDS = 60  # a temporary file this old belongs to no writer that is still running
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+Naming = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # file names ↔ network names
+
+
+def keep_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD1.x/2.x and SDXL files name layers as the network does."""
+    return tensors
 
 
 class LoRAFileError(ValueError):
@@ -184,10 +193,12 @@ class LoRAWeights:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_network(cls, network: LoRANetwork, metadata: dict[str, str], dtype: str = "float32") -> LoRAWeights:
+    def from_network(cls, network: LoRANetwork, metadata: dict[str, str], dtype: str = "float32",
+                     file_tensors: Naming = keep_names) -> LoRAWeights:
+        """The network's tensors as `dtype`, named for the file by `file_tensors` (a backend's, for its family)."""
         if dtype not in SAVE_DTYPES:
             raise LoRAFileError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
-        return cls(network.kohya_tensors(SAVE_DTYPES[dtype]), dict(metadata))
+        return cls(file_tensors(network.kohya_tensors(SAVE_DTYPES[dtype])), dict(metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LoRAWeights:
@@ -212,20 +223,25 @@ def save_lora(
     metadata: dict[str, str],
     dtype: str = "float16",
     overwrite: bool = False,
+    file_tensors: Naming = keep_names,
 ) -> Path:
-    """Save `network` in kohya format with `metadata`; see `LoRAWeights.save`."""
-    return LoRAWeights.from_network(network, metadata, dtype).save(path, overwrite)
+    """Save `network` in kohya format with `metadata`; see `LoRAWeights.save`. `file_tensors` is the backend's, for
+    families whose files name or fuse layers otherwise."""
+    return LoRAWeights.from_network(network, metadata, dtype, file_tensors).save(path, overwrite)
 
 
 def load_lora(
-    path: str | os.PathLike, modules: dict[str, torch.nn.Module], strict: bool = True
+    path: str | os.PathLike, modules: dict[str, torch.nn.Module], strict: bool = True,
+    network_tensors: Naming = keep_names,
 ) -> tuple[LoRANetwork, dict[str, str]]:
     """A network rebuilt from the LoRA file at `path` on `modules` (kohya name → layer), and the file's metadata.
+    `network_tensors` (the backend's) turns the file's names into the network's.
 
     With `strict`, modules of the file that match no layer are an error; otherwise they are skipped with a
     warning that counts them.
     """
     tensors, metadata = load_file(path)
+    tensors = network_tensors(tensors)
     try:
         network, unmatched = LoRANetwork.from_tensors(tensors, modules, strict)
     except NetworkError as error:

@@ -163,7 +163,8 @@ class FlowMatchingObjective:
     σ·`timestep_multiplier`: 1000 for diffusers' `SD3Transformer2DModel` and ComfyUI's SD3
     (`ModelSamplingDiscreteFlow`), 1 for diffusers' `FluxTransformer2DModel` and ComfyUI's Flux, which scale σ by 1000
     themselves. σ is drawn by `sampling`, then shifted by the fixed `shift`
-    (SD3) or, with `resolution_shift`, by Flux's μ from the latents' size (unpacked (B, C, H, W); H/2·W/2 tokens).
+    (SD3) or, with `resolution_shift`, by Flux's μ from the latents' size (unpacked (B, C, H, W); H/2·W/2 tokens), or
+    mapped by `schedule`, the model's own shifted schedule (ComfyUI's patched `model_sampling`).
     diffusers' one `--weighting_scheme X` is `sampling` X for logit_normal/mode (else uniform) and `weighting` X for
     sigma_sqrt/cosmap (else none)."""
 
@@ -177,8 +178,12 @@ class FlowMatchingObjective:
     base_shift: float = 0.5
     max_shift: float = 1.15
     weighting: str = "none"
+    schedule: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's own σ of a drawn σ ∈ [0, 1]
 
     def __post_init__(self) -> None:
+        if self.schedule is not None and (self.shift != 1 or self.resolution_shift):
+            raise ValueError("a schedule (the model's own shifted σ, as ComfyUI's patched model_sampling gives it) "
+                             "replaces shift and resolution_shift; leave those at 1 and False")
         if self.sampling not in SIGMA_SAMPLINGS:
             raise ValueError(f"sigma sampling {self.sampling!r} is not supported; use one of {SIGMA_SAMPLINGS}")
         if self.weighting not in SD3_WEIGHTINGS:
@@ -202,8 +207,12 @@ class FlowMatchingObjective:
         """kohya's `ss_*` names (`flux_train_utils.add_flux_train_arguments`) of the objective's settings."""
         sampling = {"logit_normal": {"logit_mean": self.logit_mean, "logit_std": self.logit_std},
                     "mode": {"mode_scale": self.mode_scale}}.get(self.sampling, {})
-        shift = {"base_shift": self.base_shift, "max_shift": self.max_shift} if self.resolution_shift else \
-            {"discrete_flow_shift": self.shift}
+        if self.schedule is not None:
+            shift = {"flow_schedule": "the base model's own (ComfyUI's model_sampling)"}
+        elif self.resolution_shift:
+            shift = {"base_shift": self.base_shift, "max_shift": self.max_shift}
+        else:
+            shift = {"discrete_flow_shift": self.shift}
         return {"timestep_sampling": self.sampling, "weighting_scheme": self.weighting,
                 **sampling, **shift}
 
@@ -219,7 +228,9 @@ class FlowMatchingObjective:
             raise ValueError(f"Flux's resolution shift needs unpacked latents (B, C, H, W), got shape {tuple(shape)}")
         noise = torch.randn(shape, generator=generator)
         sigma = sample_sigmas(self.sampling, shape[0], generator, self.logit_mean, self.logit_std, self.mode_scale)
-        if self.resolution_shift:
+        if self.schedule is not None:
+            sigma = self.schedule(sigma)
+        elif self.resolution_shift:
             mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift)
             sigma = flux_shifted_sigmas(sigma, mu)
         elif self.shift != 1:
