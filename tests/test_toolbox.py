@@ -1,0 +1,121 @@
+"""Extract, resize and merge (lora_core.toolbox) against the linear algebra they promise: Eckart–Young for SVD
+truncation, exact sums for concatenation, recovery of a known ΔW from a fine-tune."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_core.diffusers_backend import DiffusersBackend
+from lora_core.files import LoRAFileError, LoRAWeights, load_lora
+from lora_core.network import LoRANetwork
+from lora_core.toolbox import extract, lora_delta, merge, modules_of, resize
+
+
+def random_lora(backend: DiffusersBackend, seed: int, rank: int = 8, algorithm: str = "lora") -> LoRAWeights:
+    """A trained-looking LoRA: random, non-zero ups, on every attention projection of the tiny UNet and CLIP."""
+    network = LoRANetwork.create(backend.adapter_targets("full", True), algorithm, rank=rank, alpha=rank / 2,
+                                 seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_up" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return LoRAWeights.from_network(network, {"ss_output_name": f"lora{seed}"})
+
+
+def deltas(weights: LoRAWeights) -> dict[str, torch.Tensor]:
+    return {name: lora_delta(name, module, frozenset(module)) for name, module in modules_of(weights).items()}
+
+
+def test_resize_loses_exactly_the_discarded_singular_values(pipeline) -> None:
+    original = random_lora(DiffusersBackend(pipeline), seed=1)
+    resized, reports = resize(original, "rank", 3)
+    before, after = deltas(original), deltas(resized)
+    assert set(before) == set(after) and {r.rank_after for r in reports} <= {1, 2, 3}
+    for report in reports:
+        flat = before[report.name].reshape(before[report.name].shape[0], -1)
+        values = torch.linalg.svdvals(flat.double())
+        error = (before[report.name] - after[report.name]).double().norm() ** 2
+        discarded = (values[report.rank_after:] ** 2).sum()
+        assert abs(error - discarded) <= 1e-4 * (values**2).sum(), report.name  # Eckart–Young: nothing else lost
+        assert report.retained == pytest.approx(float(1 - discarded / (values**2).sum()), abs=1e-5)
+
+
+def test_dynamic_resize_keeps_the_fewest_singular_values_that_hold_the_asked_energy(pipeline) -> None:
+    original = random_lora(DiffusersBackend(pipeline), seed=2)
+    resized, reports = resize(original, "sv_fro", 0.9)
+    for report in reports:
+        delta = deltas(original)[report.name]
+        values = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
+        energy = (values**2).cumsum(0) / (values**2).sum()
+        assert energy[report.rank_after - 1] >= 0.9 - 1e-6
+        assert report.rank_after == 1 or energy[report.rank_after - 2] < 0.9
+    assert resized.metadata["ss_network_dim"] in {"Dynamic", str(reports[0].rank_after)}
+    with pytest.raises(ValueError, match="sv_fro = 1.5 is out of range"):
+        resize(original, "sv_fro", 1.5)
+
+
+def test_concatenated_merge_is_exactly_the_weighted_sum_and_loads_as_one_network(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    first, second = random_lora(backend, seed=3, rank=4), random_lora(backend, seed=4, rank=6)
+    merged = merge([(first, 0.7), (second, -0.4)])
+    for name, delta in deltas(merged).items():
+        expected = 0.7 * deltas(first)[name] + -0.4 * deltas(second)[name]
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+        assert modules_of(merged)[name]["lora_down.weight"].shape[0] == 10
+
+    # applied to the model: the merged network's output is that of both networks at their weights
+    latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    networks = [LoRANetwork.from_tensors(w.tensors, backend.loadable_modules())[0] for w in (first, second, merged)]
+    with torch.no_grad(), networks[0].applied(0.7), networks[1].applied(-0.4):
+        both = pipeline.unet(latents, 500, encoder_hidden_states=context).sample
+    with torch.no_grad(), networks[2].applied(1.0):
+        one = pipeline.unet(latents, 500, encoder_hidden_states=context).sample
+    torch.testing.assert_close(one, both, rtol=1e-4, atol=1e-5)
+
+
+def test_svd_merge_to_a_rank_is_the_best_approximation_of_the_sum(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    first, second = random_lora(backend, seed=5, rank=4), random_lora(backend, seed=6, rank=4)
+    merged = merge([(first, 1.0), (second, 1.0)], rank=5)
+    for name, delta in deltas(merged).items():
+        total = deltas(first)[name] + deltas(second)[name]
+        values = torch.linalg.svdvals(total.reshape(total.shape[0], -1).double())
+        error = (total - delta).double().norm() ** 2
+        assert abs(error - (values[5:] ** 2).sum()) <= 1e-4 * (values**2).sum()
+
+
+def test_merge_refuses_what_is_not_lora(pipeline) -> None:
+    backend = DiffusersBackend(pipeline)
+    with pytest.raises(LoRAFileError, match="LoRA modules .* only, not LoHa"):
+        merge([(random_lora(backend, seed=7, algorithm="loha"), 1.0)])
+
+
+def test_extract_recovers_a_known_delta_from_a_fine_tune(pipeline, tmp_path) -> None:
+    base_backend = DiffusersBackend(pipeline)
+    tuned_pipeline = copy.deepcopy(pipeline)
+    tuned_backend = DiffusersBackend(tuned_pipeline)
+    known = random_lora(tuned_backend, seed=8, rank=4)
+    network, _ = LoRANetwork.from_tensors(known.tensors, tuned_backend.loadable_modules())
+    network.merge(1.0)  # the fine-tune: base + a rank-4 ΔW in every adapted layer
+
+    targets = {name: module for name, module in base_backend.adapter_targets("full", True).items()}
+    tuned_targets = tuned_backend.adapter_targets("full", True)
+    extracted, reports = extract(targets, tuned_targets, "rank", 4, clamp_quantile=1.0)
+    for name, delta in deltas(known).items():
+        torch.testing.assert_close(deltas(extracted)[name], delta, rtol=1e-4, atol=1e-5)
+    assert all(r.retained == pytest.approx(1.0, abs=1e-5) for r in reports)
+
+    lower, _ = extract(targets, tuned_targets, "rank", 2, clamp_quantile=1.0)
+    for name, delta in deltas(known).items():
+        values = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1).double())
+        error = (delta - deltas(lower)[name]).double().norm() ** 2
+        assert abs(error - (values[2:] ** 2).sum()) <= 1e-4 * (values**2).sum()  # the top two directions kept
+
+    path = extracted.save(tmp_path / "extracted.safetensors")
+    loaded, _ = load_lora(path, base_backend.loadable_modules())  # strict: every module names a layer of the base
+    assert len(loaded.adapters) == len(modules_of(known))
+    with pytest.raises(ValueError, match="no layer differs"):
+        extract(targets, targets, "rank", 4)
