@@ -211,6 +211,86 @@ def command_generate(args: argparse.Namespace) -> None:
     print(out)
 
 
+def rank_rule(args: argparse.Namespace) -> tuple[str, float]:
+    """The one rank rule given: --rank N, or --sv-ratio / --sv-fro / --sv-cumulative."""
+    given = [(rule, getattr(args, rule)) for rule in ("sv_ratio", "sv_fro", "sv_cumulative")
+             if getattr(args, rule) is not None]
+    if len(given) > 1 or (given and args.rank is not None):
+        raise SystemExit("error: give one of --rank, --sv-ratio, --sv-fro, --sv-cumulative")
+    return given[0] if given else ("rank", args.rank if args.rank is not None else 8)
+
+
+def write_lora(weights, args: argparse.Namespace, reports=()) -> None:
+    """Save a toolbox result and print what it holds (ranks and retained energy per module, summarised)."""
+    path = weights.converted(args.save_dtype).save(args.out, overwrite=args.overwrite)
+    summary = {"file": str(path), "modules": len({key.partition(".")[0] for key in weights.tensors})}
+    if reports:
+        summary.update(ranks=sorted({r.rank_after for r in reports}),
+                       retained_min=round(min(r.retained for r in reports), 6),
+                       retained_mean=round(sum(r.retained for r in reports) / len(reports), 6))
+    print(json.dumps(summary))
+
+
+def weighted_files(specs: list[str]) -> list[tuple[str, float]]:
+    """FILE or FILE:WEIGHT (default 1.0), as kohya's merge tools take them."""
+    parts = []
+    for spec in specs:
+        path, _, weight = spec.rpartition(":")
+        try:
+            parts.append((path, float(weight)) if path else (spec, 1.0))
+        except ValueError:  # a colon in the path itself
+            parts.append((spec, 1.0))
+    return parts
+
+
+def command_resize(args: argparse.Namespace) -> None:
+    from .files import LoRAWeights
+    from .toolbox import resize
+
+    weights, reports = resize(LoRAWeights.load(args.lora), *rank_rule(args))
+    write_lora(weights, args, reports)
+
+
+def command_merge(args: argparse.Namespace) -> None:
+    from .files import LoRAWeights
+    from .toolbox import merge
+
+    parts = [(LoRAWeights.load(path), weight) for path, weight in weighted_files(args.lora)]
+    if args.base is None:
+        write_lora(merge(parts, args.rank), args)
+        return
+    from .families import backend_class
+    from .network import LoRANetwork
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
+    pipeline = load_pipeline(Path(args.base), args.device)
+    backend = backend_class(pipeline)(pipeline)
+    for weights, weight in parts:
+        network, _ = LoRANetwork.from_tensors(backend.network_tensors(weights.tensors), backend.loadable_modules())
+        network.to(backend.device)
+        network.merge(weight)
+    pipeline.save_pretrained(out)
+    print(json.dumps({"folder": str(out), "merged": [[path, weight] for path, weight in weighted_files(args.lora)]}))
+
+
+def command_extract(args: argparse.Namespace) -> None:
+    from .families import backend_class
+    from .toolbox import extract
+
+    backends = []
+    for folder in (args.base, args.tuned):
+        pipeline = load_pipeline(Path(folder), args.device)
+        backends.append(backend_class(pipeline)(pipeline))
+    base, tuned = (backend.adapter_targets(args.preset, args.text_encoder) for backend in backends)
+    weights, reports = extract(base, tuned, *rank_rule(args), clamp_quantile=args.clamp_quantile,
+                               min_diff=args.min_diff)
+    weights.metadata.update(ss_sd_model_name=Path(args.base).name,
+                            ss_base_model_version=backends[0].model_info()["version"])
+    write_lora(weights, args, reports)
+
+
 def command_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -338,6 +418,48 @@ def parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--overwrite", action="store_true")
     generate.set_defaults(run=command_generate)
+
+    def rank_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--rank", type=int, default=None, help="a fixed rank (default 8)")
+        command.add_argument("--sv-ratio", type=float, help="dynamic: keep singular values ≥ the largest / this")
+        command.add_argument("--sv-fro", type=float, help="dynamic: keep this fraction of ΔW's Frobenius energy")
+        command.add_argument("--sv-cumulative", type=float, help="dynamic: keep this fraction of Σ singular values")
+
+    def output_options(command: argparse.ArgumentParser, what: str) -> None:
+        command.add_argument("--out", required=True, help=what)
+        command.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+        command.add_argument("--overwrite", action="store_true")
+
+    resize = commands.add_parser("resize", help="change a LoRA's rank by SVD (kohya's resize_lora)",
+                                 allow_abbrev=False)
+    resize.add_argument("--lora", required=True, help="the LoRA or DoRA .safetensors to resize")
+    rank_options(resize)
+    output_options(resize, "the .safetensors file to write")
+    resize.set_defaults(run=command_resize)
+
+    merge = commands.add_parser("merge", help="merge LoRAs into one, or into a base pipeline", allow_abbrev=False)
+    merge.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                       help="a LoRA and its weight (default 1); repeat for each")
+    merge.add_argument("--rank", type=int, default=None,
+                       help="SVD-merge to this rank (default: concatenate the ranks, exact)")
+    merge.add_argument("--base", help="merge into this diffusers pipeline and save the merged pipeline as --out")
+    merge.add_argument("--device", default="cpu")
+    output_options(merge, "the .safetensors file (or, with --base, the pipeline folder) to write")
+    merge.set_defaults(run=command_merge)
+
+    extract = commands.add_parser("extract", help="a LoRA of a fine-tune's difference from its base",
+                                  allow_abbrev=False)
+    extract.add_argument("--base", required=True, help="the base diffusers pipeline folder")
+    extract.add_argument("--tuned", required=True, help="the fine-tuned pipeline folder (same architecture)")
+    extract.add_argument("--preset", choices=sorted(UNET_PRESETS), default="transformer",
+                         help="the layers to extract (kohya's default: transformer)")
+    extract.add_argument("--text-encoder", action="store_true", help="also the text encoder's layers")
+    extract.add_argument("--clamp-quantile", type=float, default=0.99, help="kohya's outlier clamp (1: none)")
+    extract.add_argument("--min-diff", type=float, default=0.0, help="skip layers whose largest |ΔW| is at most this")
+    extract.add_argument("--device", default="cpu")
+    rank_options(extract)
+    output_options(extract, "the .safetensors file to write")
+    extract.set_defaults(run=command_extract)
 
     demo = commands.add_parser("demo", help="the offline demo: tiny random SD1.x model learns a synthetic concept")
     demo.add_argument("--out", required=True)

@@ -3,6 +3,7 @@ truncation, exact sums for concatenation, recovery of a known ΔW from a fine-tu
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -119,3 +120,29 @@ def test_extract_recovers_a_known_delta_from_a_fine_tune(pipeline, tmp_path) -> 
     assert len(loaded.adapters) == len(modules_of(known))
     with pytest.raises(ValueError, match="no layer differs"):
         extract(targets, targets, "rank", 4)
+
+
+def test_the_command_line_tools_resize_merge_into_a_base_and_extract_it_back(pipeline, tmp_path, capsys) -> None:
+    from lora_core.cli import main
+
+    base = tmp_path / "base"
+    pipeline.save_pretrained(base)
+    backend = DiffusersBackend(pipeline)
+    known = random_lora(backend, seed=9, rank=4)
+    known.save(tmp_path / "known.safetensors")
+
+    main(["resize", "--lora", str(tmp_path / "known.safetensors"), "--rank", "2", "--save-dtype", "float32",
+          "--out", str(tmp_path / "small.safetensors")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert max(summary["ranks"]) == 2 and 0 < summary["retained_min"] <= summary["retained_mean"] < 1
+    for module in modules_of(LoRAWeights.load(tmp_path / "small.safetensors")).values():
+        assert module["lora_down.weight"].shape[0] <= 2
+
+    main(["merge", "--lora", f"{tmp_path / 'known.safetensors'}:0.5", "--lora", str(tmp_path / "known.safetensors"),
+          "--base", str(base), "--out", str(tmp_path / "tuned")])
+    main(["extract", "--base", str(base), "--tuned", str(tmp_path / "tuned"), "--preset", "full", "--text-encoder",
+          "--rank", "4", "--clamp-quantile", "1", "--save-dtype", "float32", "--out", str(tmp_path / "x.safetensors")])
+    extracted = LoRAWeights.load(tmp_path / "x.safetensors")
+    assert extracted.metadata["ss_base_model_version"] == "sd_v1"
+    for name, delta in deltas(known).items():  # the pipeline saved with 1.5 × ΔW merged in gives back 1.5 × ΔW
+        torch.testing.assert_close(deltas(extracted)[name], 1.5 * delta, rtol=1e-3, atol=1e-5)
