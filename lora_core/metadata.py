@@ -58,7 +58,9 @@ def modelspec_architecture(version: str, prediction_type: str) -> str:
         return f"{MODELSPEC_SD_V2_768_V if prediction_type == 'v_prediction' else MODELSPEC_SD_V2_512}/lora"
     if version == "sd_v1":
         return f"{MODELSPEC_SD_V1}/lora"
-    raise ValueError(f"unknown base model version {version!r}; expected sd_v1, sd_v2 or sdxl_base_v1-0")
+    if version in ("sd3", "flux1"):  # kohya's sai_model_spec ARCH_SD3 / ARCH_FLUX_1_UNKNOWN
+        return {"sd3": "stable-diffusion-3", "flux1": "flux-1"}[version] + "/lora"
+    raise ValueError(f"unknown base model version {version!r}; expected sd_v1, sd_v2, sdxl_base_v1-0, sd3 or flux1")
 
 
 def kohya_metadata(

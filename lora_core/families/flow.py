@@ -1,0 +1,107 @@
+"""What SD3 and Flux share: the flow-matching objective with a family's defaults, and a backend over a diffusers
+pipeline with a transformer denoiser, a 16-channel VAE (scale and shift), CLIP-L (the one text encoder that may
+train) beside frozen ones (T5 is never trained)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import TrainingBackend
+from ..config import TrainingConfig
+from ..diffusers_backend import generate
+from ..files import data_hash
+from ..objectives import FlowMatchingObjective
+from ..targets import TEXT_ENCODER_PRESET, TargetError, TargetPreset, all_adaptable, find_targets, kohya_paths, named_for_kohya
+
+CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
+DEFAULT_SIGMA_SAMPLING = "logit_normal"  # SD3 paper §3.1 and kohya's/diffusers' scripts for both families
+
+
+def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: float, shift: float | None,
+                   base_shift: float = 0.5, max_shift: float = 1.15) -> FlowMatchingObjective:
+    """The family's flow-matching objective with the run's settings: σ logit-normal unless `timestep_sampling` says
+    otherwise, shifted by `config.flow_shift` if set, else by the family's fixed `shift`, or by Flux's
+    resolution-dependent shift (μ between `base_shift` and `max_shift`) where `shift` is None."""
+    config.check_flow_matching(family)
+    if config.flow_shift is not None:
+        shift = config.flow_shift
+    return FlowMatchingObjective(
+        timestep_multiplier, config.timestep_sampling or DEFAULT_SIGMA_SAMPLING, config.logit_mean, config.logit_std,
+        config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
+        base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
+    )
+
+
+def transformer_presets(blocks: frozenset[str], attention: tuple[str, ...], mlp: tuple[str, ...]
+                        ) -> dict[str, TargetPreset]:
+    """The shared preset names over a transformer's blocks: attention projections, attention + MLP, every Linear."""
+    return {
+        "attention": TargetPreset(blocks, False, attention, "attention q/k/v/out of every block"),
+        "transformer": TargetPreset(blocks, False, attention + mlp, "attention and MLP Linears of every block"),
+        "full": TargetPreset(blocks, False, (), "every Linear of every block, modulation included"),
+    }
+
+
+class FlowBackend(TrainingBackend):
+    """A flow-matching pipeline (`pipeline.transformer`, `.vae`, `.text_encoder` = CLIP-L) seen by the trainer.
+    Subclasses give the family, presets, text encoding, the denoiser call and the objective's constants."""
+
+    prediction_type = "flow"
+    presets: dict[str, TargetPreset]
+    sample_guidance: float  # the guidance scale sample images are drawn with
+
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
+        self.pipeline = pipeline
+        self.transformer, self.vae, self.text_encoder = pipeline.transformer, pipeline.vae, pipeline.text_encoder
+        self.device = self.transformer.device
+        self.name, self.model_hash = name, model_hash
+        self.sample_size: int | None = None  # pixels of sample images; None: the pipeline's default
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(z − shift_factor) · scaling_factor, as the pipelines undo it before decoding."""
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
+        return (latents - config.shift_factor) * config.scaling_factor
+
+    def denoiser_targets(self, preset: str) -> dict[str, nn.Module]:
+        """Network name → layer of the transformer for `preset`."""
+        if preset not in self.presets:
+            raise TargetError(f"unknown target preset {preset!r} for {self.family}; choose one of {sorted(self.presets)}")
+        return named_for_kohya("lora_unet", find_targets(self.transformer, self.presets[preset]))
+
+    def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
+        targets = self.denoiser_targets(preset)
+        if text_encoder:
+            targets.update(self.clip_l_names(find_targets(self.text_encoder, TEXT_ENCODER_PRESET)))
+        return targets
+
+    def loadable_modules(self) -> dict[str, nn.Module]:
+        return {**self.denoiser_targets("full"), **self.clip_l_names(all_adaptable(self.text_encoder))}
+
+    def clip_l_names(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """kohya names (`lora_te1_text_model_…`) of CLIP-L's layers, under transformers 4 and 5 alike."""
+        return named_for_kohya(CLIP_L_PREFIX, kohya_paths(self.text_encoder, modules))
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [module for name, module in self.pipeline.components.items()
+                if name.startswith("text_encoder") and module is not None]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.transformer, self.vae, *self.text_encoders()]
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *getattr(self.transformer, "single_transformer_blocks", [])]
+
+    def vae_fingerprint(self) -> str:
+        if not hasattr(self, "_vae_fingerprint"):
+            self._vae_fingerprint = data_hash(self.vae.state_dict())
+        return self._vae_fingerprint
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        return [generate(self.pipeline, None, prompt, seed=seed, steps=steps, guidance_scale=self.sample_guidance,
+                         size=self.sample_size) for prompt in prompts]

@@ -1,0 +1,234 @@
+"""Flux.1 (dev and schnell) with diffusers' FluxPipeline: 2×2-packed latents with image ids, pooled CLIP-L and T5
+context, σ as the time input (the transformer scales it by 1000), the guidance embedding of dev, and kohya's file
+naming over Black Forest Labs' layer names, whose fused layers (qkv, linear1) hold diffusers' separate ones."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import Conditioning
+from ..config import TrainingConfig
+from ..functional.dora import output_norm
+from ..objectives import FlowMatchingObjective
+from ..targets import kohya_name
+from .flow import FlowBackend, flow_objective, transformer_presets
+
+FAMILY = "Flux.1"
+FLUX_BLOCKS = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock"})
+FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+FLUX_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+FLUX_PRESETS = transformer_presets(FLUX_BLOCKS, FLUX_ATTENTION, FLUX_MLP)
+
+# Factors of the adapters that fuse exactly along a fused layer's output rows (LoRA, DoRA, LoHa):
+OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block-diagonal in the fused layer
+IN_FACTORS = ("lora_down.weight", "hada_w1_b", "hada_w2_b")  # [rank, in]: stacked along the rank
+ROW_VALUES = ("dora_scale",)  # [out, 1]: stacked along the rows
+
+Tensors = dict[str, torch.Tensor]
+
+
+class FluxFileError(ValueError):
+    """A Flux network cannot be written in, or read from, kohya's fused layers; the message says which and why."""
+
+
+def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
+    """kohya's file name (over Black Forest Labs' layer names) → the diffusers paths it holds, in its row order."""
+    layers: dict[str, tuple[str, ...]] = {}
+    for index in range(len(transformer.transformer_blocks)):
+        block = f"transformer_blocks.{index}."
+        for stream, qkv, proj, ff, norm in (
+            ("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1"),
+            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context", "norm1_context"),
+        ):
+            name = f"double_blocks_{index}_{stream}"
+            layers[f"{name}_attn_qkv"] = tuple(f"{block}attn.{part}" for part in qkv)
+            layers[f"{name}_attn_proj"] = (f"{block}attn.{proj}",)
+            layers[f"{name}_mlp_0"] = (f"{block}{ff}.net.0.proj",)
+            layers[f"{name}_mlp_2"] = (f"{block}{ff}.net.2",)
+            layers[f"{name}_mod_lin"] = (f"{block}{norm}.linear",)
+    for index in range(len(transformer.single_transformer_blocks)):
+        block = f"single_transformer_blocks.{index}."
+        name = f"single_blocks_{index}"
+        layers[f"{name}_linear1"] = tuple(f"{block}{part}" for part in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+        layers[f"{name}_linear2"] = (f"{block}proj_out",)
+        layers[f"{name}_modulation_lin"] = (f"{block}norm.linear",)
+    return {f"lora_unet_{name}": paths for name, paths in layers.items()}
+
+
+def grouped(tensors: Tensors) -> dict[str, Tensors]:
+    """Module name → its tensors by suffix (`lora_down.weight`, `alpha`…)."""
+    modules: dict[str, Tensors] = defaultdict(dict)
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        modules[name][suffix] = value
+    return modules
+
+
+def flattened(modules: dict[str, Tensors]) -> Tensors:
+    return {f"{name}.{suffix}": value for name, parts in modules.items() for suffix, value in parts.items()}
+
+
+def piece_rank(piece: Tensors) -> int:
+    return next(piece[key].shape[0] for key in IN_FACTORS if key in piece)
+
+
+def piece_scale(piece: Tensors) -> float:
+    rank = piece_rank(piece)
+    return float(piece.get("alpha", rank)) / rank
+
+
+def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) -> Tensors:
+    """One adapter on the fused layer whose ΔW rows are the pieces' ΔW exactly: ranks padded to the largest with
+    zeros, in-factors stacked, out-factors block-diagonal, each piece's alpha/rank folded into its out-factor where it
+    differs from the first's, alpha = that scale × the fused rank. A piece the network does not train (None) is a
+    zero block (DoRA: the layer's own row norms, which leave it unchanged)."""
+    present = [piece for piece in pieces if piece is not None]
+    keys = set(present[0])
+    if any(key.startswith("lokr_") for key in keys):
+        raise FluxFileError(
+            f"LoKr cannot be saved for {FAMILY}: kohya's fused layer {file_name} holds {len(pieces)} diffusers layers, "
+            "and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
+    rank, scale = max(piece_rank(piece) for piece in present), piece_scale(present[0])
+    fold = next(key for key in OUT_FACTORS if key in keys)
+    padded = []
+    for piece, layer in zip(pieces, layers):
+        out_rows, in_columns = layer.weight.shape
+        if piece is None:
+            piece = {key: torch.zeros(rank, in_columns) for key in IN_FACTORS if key in keys}
+            piece |= {key: torch.zeros(out_rows, rank) for key in OUT_FACTORS if key in keys}
+            if "dora_scale" in keys:
+                piece["dora_scale"] = output_norm(layer.weight.detach().float().cpu())
+            padded.append(piece)
+            continue
+        extra = rank - piece_rank(piece)
+        piece = {**piece, fold: piece[fold] * (piece_scale(piece) / scale)}
+        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(extra, in_columns)]) for key in IN_FACTORS if key in keys}
+        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(out_rows, extra)], 1) for key in OUT_FACTORS if key in keys}
+        padded.append(piece)
+    dtype = present[0][fold].dtype
+    fused = {key: torch.cat([piece[key] for piece in padded]).to(dtype) for key in (*IN_FACTORS, *ROW_VALUES) if key in keys}
+    fused |= {key: torch.block_diag(*[piece[key] for piece in padded]).to(dtype) for key in OUT_FACTORS if key in keys}
+    fused["alpha"] = torch.tensor(scale * rank * len(pieces), dtype=torch.float32)
+    return fused
+
+
+def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[nn.Module]) -> dict[str, Tensors]:
+    """The pieces of a fused layer's adapter, each with exactly its rows of ΔW: block-diagonal out-factors (as
+    `fuse` writes them) give each piece its rank's share, all-zero (padding) pieces dropped; a dense out-factor
+    (kohya's own fused training) gives each piece the whole in-factor and its rows of the out-factor."""
+    if any(key.startswith("lokr_") for key in fused):
+        raise FluxFileError(f"{file_name}: LoKr on kohya's fused Flux layers cannot be split into diffusers' separate "
+                            "layers exactly; LoRA Lab reads LoRA, DoRA and LoHa there")
+    out_keys = [key for key in OUT_FACTORS if key in fused]
+    in_keys = [key for key in IN_FACTORS if key in fused]
+    if not out_keys or not in_keys:
+        raise FluxFileError(f"{file_name}: no LoRA/LoHa factors in {sorted(fused)}")
+    rows = [layer.weight.shape[0] for layer in layers]
+    if fused[out_keys[0]].shape[0] != sum(rows):
+        raise FluxFileError(f"{file_name} has {fused[out_keys[0]].shape[0]} output rows, but this model's "
+                            f"{', '.join(paths)} have {sum(rows)}: the LoRA was trained for another Flux model")
+    total = fused[in_keys[0]].shape[0]
+    scale = float(fused.get("alpha", total)) / total
+    starts = [sum(rows[:index]) for index in range(len(rows))]
+    rank = total // len(paths)
+    block = total % len(paths) == 0 and all(
+        not fused[key][start:start + count, :index * rank].any() and not fused[key][start:start + count, (index + 1) * rank:].any()
+        for key in out_keys for index, (start, count) in enumerate(zip(starts, rows)))
+    if not block:
+        rank = total
+    pieces = {}
+    for index, (path, start, count) in enumerate(zip(paths, starts, rows)):
+        columns = slice(index * rank, (index + 1) * rank) if block else slice(None)
+        piece = {key: fused[key][columns] for key in in_keys}
+        piece |= {key: fused[key][start:start + count, columns] for key in out_keys}
+        if block and not any(value.any() for value in piece.values()):
+            continue  # a layer the network did not train, zero-padded by `fuse`
+        piece |= {key: fused[key][start:start + count] for key in ROW_VALUES if key in fused}
+        piece["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+        pieces[kohya_name("lora_unet", path)] = piece
+    return pieces
+
+
+class FluxBackend(FlowBackend):
+    """FluxPipeline for training: the trainer sees unpacked latents [B, 16, H, W]; `predict` packs them 2×2.
+
+    `guidance` is the value of dev's guidance input while training (1.0, as kohya's and diffusers' Flux scripts
+    default); schnell has no guidance input, so any other value is refused there rather than silently ignored."""
+
+    family = FAMILY
+    presets = FLUX_PRESETS
+
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "", guidance: float = 1.0) -> None:
+        super().__init__(pipeline, name, model_hash)
+        self.has_guidance = bool(self.transformer.config.guidance_embeds)
+        if not self.has_guidance and guidance != 1.0:
+            raise ValueError(f"guidance {guidance} needs Flux.1-dev's guidance embedding; this transformer has none "
+                             "(Flux.1-schnell), so it would be ignored: leave guidance at 1.0")
+        self.guidance = float(guidance)
+        self.sample_guidance = 3.5 if self.has_guidance else 0.0
+        self.max_sequence_length = 512 if self.has_guidance else 256  # T5 tokens: dev's and schnell's own limits
+        self.layers = bfl_layers(self.transformer)
+        self.modules_by_path = dict(self.transformer.named_modules())
+
+    def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
+        """Logit-normal σ shifted as the pipeline's scheduler shifts it: by resolution (dev's dynamic shifting, μ
+        from its base/max shift) or by its fixed shift (schnell's 1); σ itself is the transformer's time input
+        (FluxPipeline passes timestep / 1000 and the model multiplies by 1000)."""
+        scheduler = self.pipeline.scheduler.config
+        shift = None if scheduler.use_dynamic_shifting else scheduler.shift
+        return flow_objective(config, self.family, 1, shift, scheduler.base_shift, scheduler.max_shift)
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        context, pooled, _ = self.pipeline.encode_prompt(captions, device=self.text_encoder.device,
+                                                         max_sequence_length=self.max_sequence_length)
+        return {"context": context, "pooled": pooled}
+
+    def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = noisy_latents.shape
+        if height % 2 or width % 2:
+            raise ValueError(f"{self.family} packs latents in 2×2 patches, so image sides must be multiples of "
+                             f"{2 * self.pipeline.vae_scale_factor} pixels; got latents of {height}×{width}")
+        dtype = self.transformer.dtype
+        packed = FluxPipeline._pack_latents(noisy_latents.to(dtype), batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, dtype)
+        context = conditioning["context"].to(dtype)
+        text_ids = torch.zeros(context.shape[1], 3, device=self.device, dtype=dtype)
+        guidance = (torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
+                    if self.has_guidance else None)
+        velocity = self.transformer(
+            hidden_states=packed, timestep=times.to(dtype), guidance=guidance,
+            pooled_projections=conditioning["pooled"].to(dtype), encoder_hidden_states=context,
+            txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]
+        scale = self.pipeline.vae_scale_factor
+        return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale)
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "hash": self.model_hash, "version": "flux1"}
+
+    def file_tensors(self, tensors: Tensors) -> Tensors:
+        """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,
+        CLIP-L as `lora_te1_`."""
+        modules = grouped(tensors)
+        out: dict[str, Tensors] = {}
+        for file_name, paths in self.layers.items():
+            names = [kohya_name("lora_unet", path) for path in paths]
+            if any(name in modules for name in names):
+                pieces = [modules.pop(name, None) for name in names]
+                out[file_name] = fuse(file_name, pieces, [self.modules_by_path[path] for path in paths])
+        return flattened({**out, **modules})
+
+    def network_tensors(self, tensors: Tensors) -> Tensors:
+        """kohya's fused layers split into the network's diffusers layers; other modules as they are."""
+        modules = grouped(tensors)
+        out: dict[str, Tensors] = {}
+        for file_name, paths in self.layers.items():
+            if file_name in modules:
+                out |= split(file_name, modules.pop(file_name), paths, [self.modules_by_path[path] for path in paths])
+        return flattened({**out, **modules})

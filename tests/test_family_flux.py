@@ -1,0 +1,229 @@
+"""Flux.1 in lora_core on tiny diffusers FluxPipelines (dev: guidance embedding, dynamic shift; schnell: neither):
+the objective and the denoiser call against the pipeline's own scheduler and packing, training, strength 0, and the
+kohya file read by lora_core, diffusers and ComfyUI 0.3.64."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_core import load_file
+from lora_core.config import TrainingConfig
+from lora_core.dataset import DatasetConfig, ImageFolderDataset
+from lora_core.diffusers_backend import generate
+from lora_core.families.flux import FluxBackend, FluxFileError, fuse, split
+from lora_core.files import load_lora, save_lora
+from lora_core.network import LoRANetwork
+from lora_core.training import train
+from tiny_flow_models import COMFYUI, build_tiny_flux, comfy_reads, randomized
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return build_tiny_flux(seed=0)
+
+
+def test_objective_noises_as_the_scheduler_and_passes_sigma_as_the_pipeline_does(dev) -> None:
+    """x_σ from FlowMatchEulerDiscreteScheduler.scale_noise at the pipeline's own shifted timesteps, the transformer's
+    time input timestep / 1000 (FluxPipeline's), the target ε − x0, and σ drawn with the scheduler's time shift."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    backend = FluxBackend(dev)
+    objective = backend.objective(TrainingConfig())
+    generator = torch.Generator().manual_seed(1)
+    latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    config = dev.scheduler.config
+    mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    dev.scheduler.set_timesteps(4, mu=mu)
+    timesteps = dev.scheduler.timesteps[[1, 2]]
+    seen = {}
+
+    def predict(noisy, times):
+        seen.update(noisy=noisy, times=times)
+        return torch.zeros_like(noisy)
+
+    loss = objective.loss(predict, latents, noise, dev.scheduler.sigmas[[1, 2]])
+    expected = torch.cat([dev.scheduler.scale_noise(latents[i:i + 1], timesteps[i:i + 1], noise[i:i + 1]) for i in range(2)])
+    torch.testing.assert_close(seen["noisy"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["times"], timesteps / 1000, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
+    drawn_noise, sigmas = objective.draw((3, 16, 8, 8), torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    torch.randn((3, 16, 8, 8), generator=replay)
+    raw = torch.sigmoid(torch.normal(0.0, 1.0, (3,), generator=replay))
+    torch.testing.assert_close(sigmas, dev.scheduler.time_shift(mu, 1.0, raw))
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_predict_packs_ids_and_guidance_as_the_pipeline(dev, variant: str) -> None:
+    """The transformer output of one pipeline step (guidance 2.5 on dev) equals `predict` on the unpacked latents."""
+    from diffusers import FluxPipeline
+
+    pipeline = dev if variant == "dev" else build_tiny_flux(seed=1, guidance_embeds=False)
+    guidance = 2.5 if variant == "dev" else 1.0
+    backend = FluxBackend(pipeline, guidance=guidance)
+    calls = []
+    hook = pipeline.transformer.register_forward_hook(lambda _, args, kwargs, out: calls.append((kwargs, out[0])),
+                                                      with_kwargs=True)
+    try:
+        pipeline("a photo of sks", height=64, width=64, num_inference_steps=1, guidance_scale=guidance,
+                 generator=torch.Generator().manual_seed(0), output_type="latent", max_sequence_length=backend.max_sequence_length)
+    finally:
+        hook.remove()
+    (inputs, output), = calls
+    latents = FluxPipeline._unpack_latents(inputs["hidden_states"], 64, 64, pipeline.vae_scale_factor)
+    conditioning = backend.encode_text(["a photo of sks"])
+    with torch.no_grad():
+        ours = backend.predict(latents, inputs["timestep"], conditioning)
+    torch.testing.assert_close(ours, FluxPipeline._unpack_latents(output, 64, 64, pipeline.vae_scale_factor), rtol=0, atol=1e-6)
+    assert (inputs["guidance"] is None) == (variant == "schnell")
+
+
+def test_schnell_refuses_a_guidance_it_would_ignore() -> None:
+    with pytest.raises(ValueError, match="no guidance embedding|has none"):
+        FluxBackend(build_tiny_flux(seed=1, guidance_embeds=False), guidance=3.5)
+
+
+def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(dev, tmp_path) -> None:
+    from lora_core.demo import make_concept_images
+
+    backend = FluxBackend(dev)
+    backend.sample_size = 64
+    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 4, 64), DatasetConfig(resolution=64))
+    network = LoRANetwork.create(backend.adapter_targets("attention", True), "lora", 4, 4)
+    result = train(backend, network, dataset, TrainingConfig(
+        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
+    (_, before), (_, after) = result.validation
+    print(f"flux validation loss {before:.4f} -> {after:.4f}, {result.steps / result.seconds:.1f} steps/s")
+    assert after < 0.9 * before
+    images = {strength: np.asarray(generate(dev, network, "a photo of sks", strength, seed=3, steps=2, size=64,
+                                            guidance_scale=3.5)) for strength in (0.0, 1.0)}
+    base = np.asarray(generate(dev, None, "a photo of sks", seed=3, steps=2, size=64, guidance_scale=3.5))
+    assert np.array_equal(images[0.0], base) and not np.array_equal(images[1.0], base)
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "dora", "loha"])
+@pytest.mark.parametrize("preset", ["attention", "full"])
+def test_kohya_file_round_trips_exactly(dev, tmp_path, algorithm: str, preset: str) -> None:
+    """Saved in kohya's fused names and loaded back, every layer has the ΔW (and DoRA magnitude) it was saved with."""
+    backend = FluxBackend(dev)
+    network = randomized(LoRANetwork.create(backend.adapter_targets(preset, True), algorithm, 4, 2))
+    path = save_lora(tmp_path / "flux.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    loaded, _ = load_lora(path, backend.loadable_modules(), network_tensors=backend.network_tensors)
+    assert set(loaded.adapters) == set(network.adapters)
+    for name, adapter in network.items():
+        torch.testing.assert_close(loaded.adapters[name].delta_weight(), adapter.delta_weight(), rtol=0, atol=1e-6)
+        if algorithm == "dora":
+            torch.testing.assert_close(loaded.adapters[name].dora_scale, adapter.dora_scale, rtol=0, atol=0)
+    names = {key.split(".")[0] for key in load_file(path)[0]}
+    assert "lora_unet_single_blocks_0_linear1" in names and "lora_unet_double_blocks_0_img_attn_qkv" in names
+    assert not any("to_q" in name for name in names)
+
+
+def test_a_dense_fused_file_splits_into_the_same_rows_of_delta_w(dev) -> None:
+    """kohya's own Flux training writes linear1 as one LoRA (shared down, dense up): each diffusers layer gets its
+    rows of that ΔW; and LoKr, whose pieces are no single Kronecker product, is refused naming the layer."""
+    backend = FluxBackend(dev)
+    layers = [backend.modules_by_path[path] for path in backend.layers["lora_unet_single_blocks_0_linear1"]]
+    rows = sum(layer.weight.shape[0] for layer in layers)
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(6, 32, generator=generator), torch.randn(rows, 6, generator=generator)
+    pieces = split("lora_unet_single_blocks_0_linear1", {"lora_down.weight": down, "lora_up.weight": up,
+                                                         "alpha": torch.tensor(3.0)}, backend.layers["lora_unet_single_blocks_0_linear1"], layers)
+    delta = torch.cat([piece["lora_up.weight"] @ piece["lora_down.weight"] * piece["alpha"] / 6 for piece in pieces.values()])
+    torch.testing.assert_close(delta, up @ down * 0.5)
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lokr", 4)
+    with pytest.raises(FluxFileError, match="LoKr.*Flux.*double_blocks_0_img_attn_qkv|LoKr.*Flux.*single_blocks_0_linear1"):
+        backend.file_tensors(network.kohya_tensors())
+    with pytest.raises(FluxFileError, match="LoKr"):
+        fuse("x", [{"lokr_w1": down, "lokr_w2": down, "alpha": torch.tensor(1.0)}], layers[:1])
+
+
+def test_diffusers_reads_the_kohya_file_with_every_module_applied(tmp_path) -> None:
+    """diffusers' kohya converter splits qkv evenly (exact on any width) but linear1 at Flux.1's full widths
+    3072/12288, so this tiny model has no single blocks; the transformer (and CLIP-L) output after
+    `load_lora_weights` equals lora_core's attached network on the same inputs. linear1 at full width is checked on
+    tensors alone in `test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it`."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    pipeline = build_tiny_flux(seed=2)
+    torch.manual_seed(0)
+    pipeline.transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=0, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    backend = FluxBackend(pipeline, guidance=2.0)
+    network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
+    path = save_lora(tmp_path / "flux.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), network.applied(1.0):
+        conditioning = backend.encode_text(["a photo of sks"])
+        ours = backend.predict(latents, torch.tensor([0.4]), conditioning)
+    pipeline.load_lora_weights(str(path))
+    adapted = [name for name, module in [*pipeline.transformer.named_modules(), *pipeline.text_encoder.named_modules()]
+               if hasattr(module, "lora_A")]
+    assert len(adapted) == len(network.adapters)
+    with torch.no_grad():
+        theirs = backend.predict(latents, torch.tensor([0.4]), backend.encode_text(["a photo of sks"]))
+        pipeline.unload_lora_weights()
+        base = backend.predict(latents, torch.tensor([0.4]), backend.encode_text(["a photo of sks"]))
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert (theirs - base).abs().max() > 100 * (theirs - ours).abs().max()
+
+
+def test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it() -> None:
+    """On Flux.1's real widths (tensors only): `fuse`'s linear1 through diffusers' kohya converter gives each of
+    to_q/to_k/to_v/proj_mlp its own ΔW."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    widths = (3072, 3072, 3072, 12288)
+    layers = [torch.nn.Linear(3072, width, device="meta") for width in widths]
+    generator = torch.Generator().manual_seed(0)
+    pieces = [{"lora_down.weight": torch.randn(2, 3072, generator=generator),
+               "lora_up.weight": torch.randn(width, 2, generator=generator), "alpha": torch.tensor(1.0)} for width in widths]
+    fused = fuse("lora_unet_single_blocks_0_linear1", pieces, layers)
+    converted = _convert_kohya_flux_lora_to_diffusers({f"lora_unet_single_blocks_0_linear1.{k}": v for k, v in fused.items()})
+    for part, piece in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), pieces):
+        key = f"transformer.single_transformer_blocks.0.{part}"
+        delta = converted[f"{key}.lora_B.weight"] @ converted[f"{key}.lora_A.weight"]
+        torch.testing.assert_close(delta, piece["lora_up.weight"] @ piece["lora_down.weight"] * 0.5)
+
+
+@pytest.mark.skipif(not COMFYUI.is_dir(), reason="ComfyUI 0.3.64 is set up by scripts/setup_comfyui.sh")
+def test_comfyui_maps_and_applies_every_module_of_the_file(dev, tmp_path) -> None:
+    backend = FluxBackend(dev)
+    network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
+    path = save_lora(tmp_path / "flux.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    unet = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
+            "context_in_dim": 64, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
+    report = comfy_reads("Flux", unet, path)
+    modules = {key.split(".")[0] for key in backend.file_tensors(network.kohya_tensors())}
+    assert report["not_loaded"] == [] and report["errors"] == []
+    assert report["unchanged"] == []
+    assert len(report["unet_weights_patched"]) + len(report["clip_weights_patched"]) == len(modules)
+
+
+def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
+    from lora_core.demo import make_concept_images
+
+    dev.save_pretrained(tmp_path / "base")
+    data = make_concept_images(tmp_path / "concept", 4, 64)
+    out = tmp_path / "flux.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
+         str(out), "--steps", "20", "--resolution", "64", "--rank", "4", "--lr", "1e-2",
+         "--gradient-accumulation", "1", "--validation-every", "20", "--flux-guidance", "1.5", "--preset", "attention"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["best_step"] == 20, "the validation loss must fall below the untrained network's"
+    tensors, metadata = load_file(out)
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in tensors
