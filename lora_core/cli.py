@@ -115,7 +115,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing, no_upscale=args.no_upscale,
         min_bucket_size=args.min_bucket_size, max_bucket_size=args.max_bucket_size, shuffle_tags=args.shuffle_tags,
         keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
-    ))
+        regularization_caption=args.reg_caption,
+    ), regularization_root=args.reg_data)
     if args.start_from_lora:
         network, _ = load_lora(args.start_from_lora, backend.loadable_modules(),
                                network_tensors=backend.network_tensors)
@@ -129,6 +130,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
         lr_warmup_steps=args.lr_warmup_steps, lr_scheduler_cycles=args.lr_scheduler_cycles,
         lr_scheduler_power=args.lr_scheduler_power, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+        prior_loss_weight=args.prior_loss_weight,
         seed=args.seed, validation_every=args.validation_every, validation_images=args.validation_images,
         validation_timesteps=args.validation_timesteps, early_stopping_patience=args.early_stopping_patience,
         early_stopping_min_steps=args.early_stopping_min_steps, keep_best=args.keep_best,
@@ -324,6 +326,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--base", required=True, help="diffusers pipeline folder (model_index.json inside)")
     train.add_argument("--data", required=True, help="image folder with same-stem .txt captions; N_name subfolders repeat N times")
     train.add_argument("--out", required=True, help="the .safetensors file to write")
+    train.add_argument("--reg-data", metavar="FOLDER",
+                       help="regularization (class) images for prior preservation, N_class subfolders as kohya's")
+    train.add_argument("--reg-caption", default="",
+                       help="caption of class images without a caption file (default: the folder's class name)")
+    train.add_argument("--prior-loss-weight", type=float, default=DEFAULTS.prior_loss_weight,
+                       help="weight of the class images' loss (kohya's default 1)")
     train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="lora")
     train.add_argument("--rank", type=int, default=8)
     train.add_argument("--alpha", type=float, default=None, help="default: the rank")

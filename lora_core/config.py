@@ -36,6 +36,7 @@ class TrainingConfig:
     lr_scheduler_cycles: int = 1  # cosine_with_restarts only
     lr_scheduler_power: float = 1.0  # polynomial only
     min_snr_gamma: float = 0.0
+    prior_loss_weight: float = 1.0  # weight of the regularization (class) images' loss, kohya's default 1
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -68,6 +69,7 @@ class TrainingConfig:
             ("batch_size", self.batch_size >= 1, "a whole number ≥ 1"),
             ("gradient_accumulation", self.gradient_accumulation >= 1, "a whole number ≥ 1"),
             ("min_snr_gamma", self.min_snr_gamma >= 0, "0 (off) or more (5 is usual)"),
+            ("prior_loss_weight", self.prior_loss_weight >= 0, "0 or more (1 weighs class images like the concept's)"),
             ("noise_offset", 0 <= self.noise_offset <= 1, "from 0 (off) to 1 (0.05–0.1 is usual)"),
             ("max_grad_norm", self.max_grad_norm >= 0, "0 (no clipping) or more"),
             ("validation_every", self.validation_every >= 0, "0 (off) or a number of steps"),
@@ -137,6 +139,7 @@ class TrainingConfig:
             "lr_scheduler_num_cycles": self.lr_scheduler_cycles,
             "lr_scheduler_power": self.lr_scheduler_power,
             "min_snr_gamma": self.min_snr_gamma or None,
+            "prior_loss_weight": self.prior_loss_weight,
             "noise_offset": self.noise_offset or None,
             "max_grad_norm": self.max_grad_norm,
             "seed": self.seed,
@@ -150,6 +153,7 @@ def lora_metadata(network: LoRANetwork, config: TrainingConfig, backend: Trainin
     return kohya_metadata(
         network, training={**config.metadata(), **backend.objective(config).metadata(), "steps": steps},
         model=backend.model_info(),
-        dataset={"num_train_images": len(dataset), "tag_frequency": dataset.tag_frequency()},
+        dataset={"num_train_images": dataset.num_training_examples, "num_reg_images": dataset.num_regularization_images,
+                 "tag_frequency": dataset.tag_frequency()},
         title=title, resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
     )

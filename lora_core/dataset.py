@@ -49,6 +49,7 @@ class DatasetConfig:
     keep_tokens: int = 0  # ...keeping this many leading tags in place
     caption_dropout: float = 0.0  # chance that a drawn caption is empty (unconditional)
     tag_dropout: float = 0.0  # chance that each shuffled tag is left out
+    regularization_caption: str = ""  # caption of class images without a caption file; "": the N_name folder's name
 
     @property
     def augments_captions(self) -> bool:
@@ -97,6 +98,7 @@ class Example:
     captioned: bool
     original_size: Size  # (width, height) of the image file
     scaled_size: Size  # (width, height) it was scaled to before the centre crop to `bucket`
+    regularization: bool = False  # a class image for prior preservation, not an image of the concept
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -122,64 +124,89 @@ class Batch:
     captions: list[str]
     images: list[int]
     flipped: list[bool]
+    regularization: list[bool]  # which items are class images (their loss is weighted by prior_loss_weight)
 
 
 class ImageFolderDataset:
     """Images in `root` and its `N_name` subfolders, scaled and centre-cropped to a square or to their bucket, with
     captions and repeats."""
 
-    def __init__(self, root: str | os.PathLike, config: DatasetConfig = DatasetConfig()) -> None:
+    def __init__(self, root: str | os.PathLike, config: DatasetConfig = DatasetConfig(),
+                 regularization_root: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
+        self.regularization_root = Path(regularization_root) if regularization_root is not None else None
         self.config = config
-        if not self.root.exists():
-            raise DatasetError(f"Dataset folder {self.root} does not exist; check the path.")
-        if not self.root.is_dir():
-            raise DatasetError(
-                f"Dataset path {self.root} is not a folder; point it at the folder that holds the images."
-            )
         self.skipped: list[tuple[Path, str]] = []
         self.buckets: list[Size] = bucket_sizes(config) if config.bucketing else [(config.resolution,) * 2]
         self.examples: list[Example] = []
         self._folder_names: list[str] = []
-        for folder, folder_name, repeats in self._image_folders():
+        self._load_folder(self.root, regularization=False)
+        self.num_training_images = len(self.examples)  # the concept's images come first in `examples`
+        if self.regularization_root is not None:
+            self._load_folder(self.regularization_root, regularization=True)
+        expanded = [index for index, example in enumerate(self.examples)
+                    for _ in range(example.repeats * config.repeats)]
+        training = [index for index in expanded if index < self.num_training_images]
+        classes = [index for index in expanded if index >= self.num_training_images]
+        if len(classes) > len(training):
+            warnings.warn(
+                f"{len(classes)} regularization examples in {self.regularization_root} and {len(training)} training "
+                f"examples: each epoch uses the first {len(training)} of them (as kohya does); add training images or "
+                "repeats to use them all", DatasetWarning, stacklevel=2)
+        self.num_training_examples = len(training)  # kohya's `num_train_images`: the concept's, with repeats
+        # kohya's prior preservation: class images repeated (or cut) to as many examples as the concept has
+        self._expanded: list[int] = training + [classes[i % len(classes)] for i in range(len(training))] \
+            if classes else training
+
+    def _load_folder(self, root: Path, regularization: bool) -> None:
+        """The images of `root` and its `N_name` subfolders, appended to `examples`."""
+        what = "Regularization folder" if regularization else "Dataset folder"
+        if not root.exists():
+            raise DatasetError(f"{what} {root} does not exist; check the path.")
+        if not root.is_dir():
+            raise DatasetError(f"{what} {root} is not a folder; point it at the folder that holds the images.")
+        before = len(self.examples)
+        for folder, folder_name, repeats in self._image_folders(root):
+            default_caption = self.config.default_caption
+            if regularization:
+                default_caption = self.config.regularization_caption or _class_name(folder_name)
             for path in _image_files(folder):
-                example = self._load_example(path, repeats)
+                example = self._load_example(path, repeats, default_caption, regularization)
                 if example is not None:
                     self.examples.append(example)
                     self._folder_names.append(folder_name)
-        if not self.examples:
+        if len(self.examples) == before:
             raise DatasetError(
-                f"No usable images in {self.root} ({len(self.skipped)} skipped as unreadable or oversized). "
+                f"No usable images in {root} ({len(self.skipped)} skipped as unreadable or oversized). "
                 f"Add {', '.join(IMAGE_EXTENSIONS)} images to it or to subfolders such as '10_name'."
             )
-        self._expanded: list[int] = [
-            example_index
-            for example_index, example in enumerate(self.examples)
-            for _ in range(example.repeats * config.repeats)
-        ]
 
     def __len__(self) -> int:
         return len(self._expanded)
 
     @property
     def num_images(self) -> int:
-        """Number of distinct images."""
+        """Number of distinct images, regularization images included."""
         return len(self.examples)
 
     @property
+    def num_regularization_images(self) -> int:
+        return self.num_images - self.num_training_images
+
+    @property
     def captioned_count(self) -> int:
-        """Distinct images whose caption came from a caption file."""
-        return sum(example.captioned for example in self.examples)
+        """Distinct training images whose caption came from a caption file."""
+        return sum(example.captioned for example in self.examples[:self.num_training_images])
 
     @property
     def defaulted_count(self) -> int:
-        """Distinct images that use the default caption."""
-        return self.num_images - self.captioned_count
+        """Distinct training images that use the default caption."""
+        return self.num_training_images - self.captioned_count
 
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """Per-folder counts of comma-separated caption tags (kohya's `ss_tag_frequency`)."""
         frequency: dict[str, Counter[str]] = {}
-        for folder_name, example in zip(self._folder_names, self.examples):
+        for folder_name, example in zip(self._folder_names, self.examples[:self.num_training_images]):
             tags = (tag.strip() for tag in example.caption.split(","))
             frequency.setdefault(folder_name, Counter()).update(tag for tag in tags if tag)
         return {folder_name: dict(counts) for folder_name, counts in frequency.items()}
@@ -221,17 +248,20 @@ class ImageFolderDataset:
         if self.config.augments_captions:
             captions = [augment_caption(caption, self.config, generator) for caption in captions]
         indices, flips, captions = indices[part], flips[part], captions[part]
-        return Batch(captions=captions, images=[self._expanded[index] for index in indices], flipped=flips)
+        images = [self._expanded[index] for index in indices]
+        return Batch(captions=captions, images=images, flipped=flips,
+                     regularization=[self.examples[image].regularization for image in images])
 
-    def _image_folders(self) -> list[tuple[Path, str, int]]:
+    @staticmethod
+    def _image_folders(root: Path) -> list[tuple[Path, str, int]]:
         """(folder, name, repeats) for the root and then each visible subfolder, sorted."""
-        folders = [(self.root, self.root.resolve().name, 1)]
-        for child in sorted(self.root.iterdir()):
+        folders = [(root, root.resolve().name, 1)]
+        for child in sorted(root.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
                 folders.append((child, child.name, _folder_repeats(child.name)))
         return folders
 
-    def _load_example(self, path: Path, repeats: int) -> Example | None:
+    def _load_example(self, path: Path, repeats: int, default_caption: str, regularization: bool) -> Example | None:
         """Load one image and its caption, or record why it was skipped."""
         caption_path = path.with_suffix(self.config.caption_extension)
         try:
@@ -245,9 +275,9 @@ class ImageFolderDataset:
         except Exception as error:  # PIL raises many exception types for broken files
             return self._skip(path, str(error) or type(error).__name__)
         captioned = bool(caption_text)
-        caption = (caption_text if captioned else self.config.default_caption).replace("{token}", self.config.token)
+        caption = (caption_text if captioned else default_caption).replace("{token}", self.config.token)
         return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned,
-                       original_size=image.size, scaled_size=scaled)
+                       original_size=image.size, scaled_size=scaled, regularization=regularization)
 
     @staticmethod
     def _read_caption(caption_path: Path) -> str:
@@ -266,6 +296,12 @@ class ImageFolderDataset:
         """Record and warn about an image that cannot be used."""
         self.skipped.append((path, reason))
         warnings.warn(f"Skipping {path}: {reason}", DatasetWarning, stacklevel=4)
+
+
+def _class_name(folder_name: str) -> str:
+    """The class a regularization folder holds, from its name: `100_person` → "person" (kohya's class token)."""
+    match = _REPEAT_FOLDER.match(folder_name)
+    return (match.group(2) if match else folder_name).replace("_", " ")
 
 
 def _folder_repeats(folder_name: str) -> int:

@@ -19,7 +19,7 @@ STATE_FORMAT = 2
 # settings a resumed run must share with the run it continues (steps may grow: the schedule is rebuilt for them)
 RESUMABLE_SETTINGS = (
     "learning_rate", "batch_size", "gradient_accumulation", "optimizer", "lr_scheduler", "lr_warmup_steps",
-    "lr_scheduler_cycles", "lr_scheduler_power", "seed", "text_encoder_lr", "mixed_precision", "min_snr_gamma",
+    "lr_scheduler_cycles", "lr_scheduler_power", "seed", "text_encoder_lr", "mixed_precision", "min_snr_gamma", "prior_loss_weight",
     "noise_offset", "max_grad_norm", "validation_every", "validation_images", "validation_timesteps",
     *FLOW_MATCHING_SETTINGS,
 )
@@ -51,7 +51,7 @@ def dataset_identity(dataset: ImageFolderDataset) -> dict[str, str]:
     """The dataset's folder name and a hash of its settings, images and captions: a resumed run needs the same."""
     digest = hashlib.sha256(repr(dataset.config).encode())
     for example in dataset.examples:
-        digest.update(f"{example.caption}\0{example.repeats}\0".encode())
+        digest.update(f"{example.caption}\0{example.repeats}\0{example.regularization}\0".encode())
         digest.update(tensor_bytes(example.pixels))
     return {"name": dataset.root.name, "hash": digest.hexdigest()}
 

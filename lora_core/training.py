@@ -107,8 +107,10 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
 
 
 def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torch.Tensor, conditioning: Conditioning,
-                   generator: torch.Generator, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """The objective's mean loss on `latents` with noise and times drawn from `generator`.
+                   generator: torch.Generator, rank: int = 0, world_size: int = 1,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective's mean loss on `latents` with noise and times drawn from `generator`, each sample's loss
+    multiplied by its entry of `weights` first if given (kohya's prior-loss weighting of class images).
 
     With data-parallel ranks, `latents` are rank `rank`'s share of a global batch `world_size` times as large: noise
     and timesteps are drawn for the whole global batch, as one process would, and this rank's share kept.
@@ -117,7 +119,8 @@ def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torc
     noise, times = objective.draw((size * world_size, *latents.shape[1:]), generator,
                                   slice(rank * size, (rank + 1) * size))
     predict = functools.partial(backend.predict, conditioning=conditioning)
-    return objective.loss(predict, latents, noise, times).mean()
+    losses = objective.loss(predict, latents, noise, times)
+    return (losses if weights is None else losses * weights.to(losses.device)).mean()
 
 
 class BatchLoss(nn.Module):
@@ -128,16 +131,19 @@ class BatchLoss(nn.Module):
     """
 
     def __init__(self, network: LoRANetwork, backend: TrainingBackend, encoded: EncodedDataset,
-                 objective: Objective, generator: torch.Generator, distributed: Distributed) -> None:
+                 objective: Objective, generator: torch.Generator, distributed: Distributed,
+                 prior_loss_weight: float = 1.0) -> None:
         super().__init__()
         self.network = network
         self.backend, self.encoded, self.objective = backend, encoded, objective
-        self.generator, self.distributed = generator, distributed
+        self.generator, self.distributed, self.prior_loss_weight = generator, distributed, prior_loss_weight
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        weights = torch.tensor([self.prior_loss_weight if regularization else 1.0
+                                for regularization in batch.regularization]) if any(batch.regularization) else None
         return diffusion_loss(self.backend, self.objective, self.encoded.batch_latents(batch),
                               self.encoded.batch_conditioning(batch), self.generator, self.distributed.rank,
-                              self.distributed.world_size)
+                              self.distributed.world_size, weights)
 
 
 def parameter_groups(network: LoRANetwork, config: TrainingConfig) -> list[dict]:
@@ -172,6 +178,9 @@ def train(
     """
     distributed = distributed or Distributed()  # one process
     config.validate()
+    if config.prior_loss_weight != 1 and not dataset.num_regularization_images:
+        raise TrainingError(f"prior_loss_weight = {config.prior_loss_weight} weighs regularization images, and the "
+                            "dataset has none: add a regularization folder or leave it at 1")
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)
@@ -204,7 +213,8 @@ def train(
         validation = ValidationSet.build(dataset, held_images, held_out, objective, encoded, config.seed,
                                          config.validation_timesteps, config.batch_size) if held_images else None
         batch_loss = distributed.wrap(  # in DistributedDataParallel where there are several ranks
-            BatchLoss(network, backend, encoded, objective, state.noise_generator, distributed))
+            BatchLoss(network, backend, encoded, objective, state.noise_generator, distributed,
+                      config.prior_loss_weight))
 
     def validation_loss() -> float:
         network.eval()

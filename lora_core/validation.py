@@ -20,8 +20,9 @@ HELD_OUT_FACTOR = 5  # hold images out only when the dataset has at least this m
 
 def validation_images(dataset: ImageFolderDataset, count: int, seed: int) -> tuple[list[int], bool]:
     """`count` distinct images chosen by `seed`, and whether they are held out of training."""
-    order = torch.randperm(dataset.num_images, generator=torch.Generator().manual_seed(seed + 2)).tolist()
-    return sorted(order[:count]), dataset.num_images >= HELD_OUT_FACTOR * count
+    images = dataset.num_training_images  # the concept's, never the class images of prior preservation
+    order = torch.randperm(images, generator=torch.Generator().manual_seed(seed + 2)).tolist()
+    return sorted(order[:count]), images >= HELD_OUT_FACTOR * count
 
 
 @dataclass
