@@ -177,10 +177,11 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     malformed = [key for key in tensors if "." not in key]
     if malformed:
         raise LoRAFileError(f"{path} has keys without a module name, for example {malformed[:3]}: not a LoRA file")
-    if not any(key.startswith(("lora_unet_", "lora_te")) for key in tensors):
+    if not any(key.startswith(("lora_unet_", "lora_te", "transformer.", "text_encoder.")) for key in tensors):
         raise LoRAFileError(
-            f"{path} is not in kohya format (no `lora_unet_…`/`lora_te_…` keys; first key {next(iter(tensors), None)!r}); "
-            "LoRA Lab reads the kohya format that ComfyUI, A1111 and kohya sd-scripts write"
+            f"{path} is not in kohya format (no `lora_unet_…`/`lora_te_…` keys; first key {next(iter(tensors), None)!r}) "
+            "nor diffusers' SD3 naming (`transformer.…`/`text_encoder.…`); LoRA Lab reads the kohya format that "
+            "ComfyUI, A1111 and kohya sd-scripts write, and SD3 files as diffusers and ComfyUI read them"
         )
     return tensors, metadata
 

@@ -1,0 +1,103 @@
+"""SD3 / SD3.5 with diffusers' StableDiffusion3Pipeline: CLIP-L and CLIP-G penultimate states beside T5's as the
+context and their pooled outputs (the pipeline's own `encode_prompt`), σ·1000 as the time input, SD3's fixed shift.
+
+Files use diffusers' naming (`transformer.<path>.lora_A/lora_B`, `text_encoder.<path>` for CLIP-L), which diffusers'
+`load_lora_weights` and ComfyUI's key maps both read; diffusers has no converter for kohya's SD3 names. Neither
+needs `.alpha`: alpha/rank is folded into lora_B, so both apply the exact ΔW. LoHa/LoKr/DoRA keep their LyCORIS
+suffixes (with alpha) under the same names: ComfyUI reads them, diffusers reads LoRA only."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import Conditioning
+from ..config import TrainingConfig
+from ..objectives import FlowMatchingObjective
+from ..targets import all_adaptable, find_targets, kohya_paths
+from .flow import FlowBackend, flow_objective, transformer_presets
+
+SD3_BLOCKS = frozenset({"JointTransformerBlock"})
+SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+SD3_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SD3_PRESETS = transformer_presets(SD3_BLOCKS, SD3_ATTENTION, SD3_MLP)
+DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+
+Tensors = dict[str, torch.Tensor]
+
+
+class SD3Backend(FlowBackend):
+    """StableDiffusion3Pipeline for training; latents [B, 16, H, W] go to the transformer as they are."""
+
+    family = "SD3"
+    presets = SD3_PRESETS
+    sample_guidance = 7.0
+    max_sequence_length = 256  # T5 tokens, the pipeline's default
+
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
+        super().__init__(pipeline, name, model_hash)
+        self.file_names = {  # network name → the module's name in files
+            **{name: f"transformer.{path}" for name, path in self.named_paths(
+                "lora_unet", find_targets(self.transformer, SD3_PRESETS["full"])).items()},
+            **{name: f"text_encoder.{path}" for name, path in self.named_paths(
+                "lora_te1", kohya_paths(self.text_encoder, all_adaptable(self.text_encoder))).items()},
+        }
+        self.network_names = {file: name for name, file in self.file_names.items()}
+
+    @staticmethod
+    def named_paths(prefix: str, modules: dict[str, nn.Module]) -> dict[str, str]:
+        return {f"{prefix}_{path}".replace(".", "_"): path for path in modules}
+
+    def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
+        """Logit-normal σ with the scheduler's fixed shift (3.0 for SD3.5), σ·1000 as the transformer's time input
+        (StableDiffusion3Pipeline passes the scheduler's timesteps, σ·1000)."""
+        return flow_objective(config, self.family, 1000, self.pipeline.scheduler.config.shift)
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        context, _, pooled, _ = self.pipeline.encode_prompt(
+            captions, None, None, device=self.text_encoder.device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
+        return {"context": context, "pooled": pooled}
+
+    def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        dtype = self.transformer.dtype
+        return self.transformer(
+            hidden_states=noisy_latents.to(dtype), timestep=times.to(dtype),
+            encoder_hidden_states=conditioning["context"].to(dtype),
+            pooled_projections=conditioning["pooled"].to(dtype), return_dict=False,
+        )[0]
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "hash": self.model_hash, "version": "sd3"}
+
+    def file_tensors(self, tensors: Tensors) -> Tensors:
+        """diffusers' names; LoRA as lora_A/lora_B with alpha/rank folded into lora_B and no alpha."""
+        modules: dict[str, Tensors] = {}
+        for key, value in tensors.items():
+            name, _, suffix = key.partition(".")
+            modules.setdefault(name, {})[suffix] = value
+        out: Tensors = {}
+        for name, parts in modules.items():
+            if "lora_down.weight" in parts:
+                rank = parts["lora_down.weight"].shape[0]
+                up = parts["lora_up.weight"]
+                parts["lora_up.weight"] = (up.float() * (float(parts.pop("alpha", rank)) / rank)).to(up.dtype)
+            out |= {f"{self.file_names[name]}.{DIFFUSERS_SUFFIXES.get(suffix, suffix)}": value
+                    for suffix, value in parts.items()}
+        return out
+
+    def network_tensors(self, tensors: Tensors) -> Tensors:
+        """The network's names back; lora_A/lora_B as lora_down/lora_up (no alpha: scale 1, as both readers apply
+        them). A module this model lacks keeps a kohya-style name, so that loading names it."""
+        suffixes = {value: key for key, value in DIFFUSERS_SUFFIXES.items()}
+        out: Tensors = {}
+        for key, value in tensors.items():
+            module, _, suffix = key.rpartition(".")
+            if suffix == "weight":  # lora_A.weight, lora_B.weight
+                module, _, leaf = module.rpartition(".")
+                suffix = f"{leaf}.weight"
+            name = self.network_names.get(module) or module.replace(".", "_").replace("transformer_", "lora_unet_", 1)
+            out[f"{name}.{suffixes.get(suffix, suffix)}"] = value
+        return out
