@@ -1,15 +1,19 @@
 """The ComfyUI backend: MODEL, CLIP and VAE as `lora_core` sees a model. No math here, only ComfyUI plumbing.
 
 The denoiser is trained as ComfyUI's samplers run it: noise levels and the prediction type come from the MODEL's
-*patched* `model_sampling` (so ModelSamplingDiscrete v_prediction / zsnr applied before Train LoRA count), and the
-diffusion model is called with the conditions `BaseModel.extra_conds` builds and the MODEL's transformer_options.
+*patched* `model_sampling` (so ModelSamplingDiscrete v_prediction / zsnr, ModelSamplingSD3 and ModelSamplingFlux
+applied before Train LoRA count), and the diffusion model is called with the conditions `BaseModel.extra_conds` builds
+per sample (SDXL's size/crop ADM, pooled outputs, Flux's guidance) and the MODEL's transformer_options. Layers are
+named as ComfyUI's own LoRA key maps (`comfy.lora.model_lora_keys_unet` / `_clip`) read them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 import comfy.utils
@@ -17,24 +21,88 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
-from ..lora_core.backend import Conditioning, TrainingBackend
+from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend
 from ..lora_core.files import data_hash
+from ..lora_core.objectives import FlowMatchingObjective, Objective
 from ..lora_core.targets import (
-    TEXT_ENCODER_PREFIX, TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name,
+    TEXT_ENCODER_PRESET, UNET_PREFIX, UNET_PRESETS, TargetPreset, all_adaptable, find_targets, kohya_name,
 )
+
+if TYPE_CHECKING:
+    from ..lora_core.config import TrainingConfig
 
 # A discrete schedule's prediction type is what its `calculate_denoised` does with the denoiser's output.
 PREDICTION_TYPES = {
     comfy.model_sampling.EPS.calculate_denoised: "epsilon",
     comfy.model_sampling.V_PREDICTION.calculate_denoised: "v_prediction",
 }
+# Flow matching (SD3, Flux): ComfyUI's CONST sampling and its schedules (absent from ComfyUI before mid-2024)
+CONST = getattr(comfy.model_sampling, "CONST", None)
+FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
+                       if hasattr(comfy.model_sampling, name))
 FAMILY_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
                 "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SD3": "SD3", "Flux": "Flux.1",
                 "FluxSchnell": "Flux.1 schnell", "SD15_instructpix2pix": "SD1.x instruct-pix2pix",
                 "SDXL_instructpix2pix": "SDXL instruct-pix2pix"}
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
-SUPPORTED = ("Train LoRA trains SD1.x and SD2.x text-to-image models with ε- or v-prediction (also as set by "
-             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr)")
+SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
+             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5 and Flux.1 dev/schnell by "
+             "flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux)")
+FLUX_TRAINING_GUIDANCE = 1.0  # Flux.1-dev's guidance input while training (kohya's and diffusers' default)
+
+FLUX_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+FLUX_PRESETS = {
+    "attention": TargetPreset(FLUX_BLOCKS, False, FLUX_ATTENTION, "qkv/proj of the double blocks' attention and "
+                              "linear1/linear2 of the single blocks (which fuse attention with the MLP)"),
+    "transformer": TargetPreset(FLUX_BLOCKS, False, (*FLUX_ATTENTION, "_mlp.0", "_mlp.2"),
+                                "attention plus the double blocks' MLPs"),
+    "full": TargetPreset(FLUX_BLOCKS, False, (), "every Linear of the double and single blocks, modulation included"),
+}
+MMDIT_BLOCKS = frozenset({"JointBlock"})
+MMDIT_ATTENTION = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
+SD3_PRESETS = {
+    "attention": TargetPreset(MMDIT_BLOCKS, False, MMDIT_ATTENTION, "qkv/proj of every joint block's attention"),
+    "transformer": TargetPreset(MMDIT_BLOCKS, False, (*MMDIT_ATTENTION, "mlp.fc1", "mlp.fc2"),
+                                "attention plus the MLPs"),
+    "full": TargetPreset(MMDIT_BLOCKS, False, (), "every Linear of the joint blocks, adaLN modulation included"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What Train LoRA needs to know of a family ComfyUI loads, keyed by its `supported_models` config class."""
+
+    name: str
+    version: str  # kohya's ss_base_model_version
+    denoiser: str  # class name of ComfyUI's diffusion model
+    text_encoders: dict[str, str]  # ComfyUI's CLIP submodule → kohya prefix of its layers (T5 is never trained)
+    presets: dict[str, TargetPreset]
+    blocks: tuple[str, ...]  # the denoiser's attributes holding the blocks gradient checkpointing recomputes
+    ldm_names: bool = True  # lora_unet_ + ComfyUI's module path (kohya's SDXL, Flux); else the diffusers path
+    adm: bool = False  # the UNet takes pooled/ADM conditioning `y` (SDXL's size/crop embedding)
+    flow: bool = False  # flow matching on CONST sampling; else ε/v on a discrete schedule
+    timestep_sampling: str = "uniform"  # flow matching's default σ sampling
+    guidance: bool = False  # Flux: extra_conds takes a guidance value
+    sample_cfg: float = 7.0
+    sample_scheduler: str = "normal"
+
+
+UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+SD1_FAMILY = Family("SD1.x", "sd_v1", "UNetModel", {"clip_l": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False)
+FLUX_FAMILY = Family("Flux.1", "flux1", "Flux", {"clip_l": "lora_te1"}, FLUX_PRESETS, ("double_blocks", "single_blocks"),
+                     flow=True, guidance=True, sample_cfg=1.0, sample_scheduler="simple")
+FAMILIES = {
+    "SD15": SD1_FAMILY,
+    "SD20": Family("SD2.x", "sd_v2", "UNetModel", {"clip_h": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False),
+    "SDXL": Family("SDXL", "sdxl_base_v1-0", "UNetModel", {"clip_l": "lora_te1", "clip_g": "lora_te2"}, UNET_PRESETS,
+                   UNET_BLOCKS, adm=True),
+    "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1", "clip_g": "lora_te2"},
+                  SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, timestep_sampling="logit_normal", sample_cfg=5.0,
+                  sample_scheduler="simple"),
+    "Flux": FLUX_FAMILY,
+    "FluxSchnell": FLUX_FAMILY,
+}
 
 
 class ComfyBackendError(ValueError):
@@ -58,23 +126,39 @@ def model_family(model: Any) -> str:
     return name
 
 
-def trainable_prediction_type(model: Any) -> str:
-    """"epsilon" or "v_prediction" for a MODEL the trainer can train; otherwise a ComfyBackendError naming the
-    family, what stands in the way and what is supported."""
-    base, sampling = model.model, model_sampling(model)
+def config_family(model: Any) -> Family | None:
+    """The family of the MODEL's config class or of the nearest class it derives from (SSD-1B is an SDXL)."""
+    for cls in type(model.model.model_config).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return None
+
+
+def trainable_family(model: Any) -> tuple[Family, str]:
+    """The family and prediction type ("epsilon", "v_prediction" or "flow") of a MODEL the trainer can train;
+    otherwise a ComfyBackendError naming the family, what stands in the way and what is supported."""
+    base, sampling, family = model.model, model_sampling(model), config_family(model)
     unet_config = base.model_config.unet_config
-    if not isinstance(base.diffusion_model, UNetModel):
-        problem = f"its denoiser is a {type(base.diffusion_model).__name__}, not an SD UNet"
-    elif unet_config.get("in_channels", 4) != unet_config.get("out_channels", 4):
-        problem = f"its UNet takes {unet_config['in_channels']} input channels (image/mask conditioning)"
-    elif unet_config.get("adm_in_channels") or unet_config.get("num_classes") is not None:
+    in_channels = unet_config.get("in_channels", 4)
+    denoised = type(sampling).calculate_denoised
+    if family is None:
+        problem = "Train LoRA does not train this family"
+    elif type(base.diffusion_model).__name__ != family.denoiser:
+        problem = f"its denoiser is a {type(base.diffusion_model).__name__}, not {family.name}'s {family.denoiser}"
+    elif in_channels != unet_config.get("out_channels", in_channels):
+        problem = f"its denoiser takes {in_channels} input channels (image/mask conditioning)"
+    elif not family.adm and (unet_config.get("adm_in_channels") or unet_config.get("num_classes") is not None):
         problem = "it needs pooled/ADM conditioning (the UNet's `y` input)"
+    elif family.flow and not (isinstance(sampling, FLOW_SAMPLINGS) and denoised is CONST.calculate_denoised):
+        problem = f"its sampling is {type(sampling).__name__}, not a flow-matching (CONST) schedule"
+    elif family.flow:
+        return family, "flow"
     elif not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
         problem = f"its sampling is {type(sampling).__name__}, not a discrete DDPM schedule"
-    elif type(sampling).calculate_denoised not in PREDICTION_TYPES:
+    elif denoised not in PREDICTION_TYPES:
         problem = "its sampling predicts neither ε nor v (lcm, x0)"
     else:
-        return PREDICTION_TYPES[type(sampling).calculate_denoised]
+        return family, PREDICTION_TYPES[denoised]
     raise ComfyBackendError(f"this MODEL is {model_family(model)}: {problem}. {SUPPORTED}; other families are not "
                             "supported yet")
 
@@ -89,9 +173,30 @@ def diffusers_paths(model: Any) -> dict[str, str]:
     }
 
 
-def text_encoder_name(path: str) -> str:
-    """kohya name of a CLIP layer: the path from `text_model.` on (ComfyUI nests it as `clip_l.transformer.…`)."""
-    return kohya_name(TEXT_ENCODER_PREFIX, path[path.index("text_model."):])
+def denoiser_layer_names(model: Any, family: Family) -> dict[str, str]:
+    """Module path of each denoiser layer → its kohya name, kept where ComfyUI's own key map
+    (`comfy.lora.model_lora_keys_unet`) reads that name back to that layer's weight."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    paths = all_adaptable(model.model.diffusion_model)
+    kohya_paths = {path: path for path in paths} if family.ldm_names else diffusers_paths(model)
+    names = {path: kohya_name(UNET_PREFIX, kohya_paths[path]) for path in paths if path in kohya_paths}
+    return {path: name for path, name in names.items() if key_map.get(name) == f"diffusion_model.{path}.weight"}
+
+
+def text_encoder_layer_names(clip: Any, family: Family) -> dict[str, str]:
+    """Module path of each trainable text-encoder layer (`clip_l.transformer.text_model.…`) → its kohya name
+    (`lora_te1_text_model_…` for SDXL's CLIP-L), kept where `comfy.lora.model_lora_keys_clip` reads it back."""
+    if clip is None:
+        return {}
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    names = {}
+    for path in all_adaptable(clip.cond_stage_model):
+        prefix = family.text_encoders.get(path.partition(".")[0])
+        if prefix is not None and "text_model." in path:
+            name = kohya_name(prefix, path[path.index("text_model."):])
+            if key_map.get(name) == f"{path}.weight":
+                names[path] = name
+    return names
 
 
 def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
@@ -129,13 +234,14 @@ def trainable_weights(modules: list[nn.Module]) -> Iterator[None]:
                 (module._parameters if name in module._parameters else module._buffers)[name] = original
 
 
-IN_PLACE_RESIDUAL_BLOCKS = frozenset({"BasicTransformerBlock", "CLIPLayer"})
+IN_PLACE_RESIDUAL_BLOCKS = frozenset({"BasicTransformerBlock", "CLIPLayer", "DoubleStreamBlock", "SingleStreamBlock"})
 
 
 @contextmanager
 def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
-    """Older ComfyUI adds attention outputs in place (`x += n`) into the tensor its LayerNorms saved for backward;
-    feeding each such block's norms a copy keeps autograd's saved input intact. Outputs are unchanged."""
+    """Older ComfyUI (and Flux's blocks in every version) add attention outputs in place (`x += n`) into the tensor
+    their LayerNorms saved for backward; feeding each such block's norms a copy keeps autograd's saved input intact.
+    Outputs are unchanged."""
     handles = [
         module.register_forward_pre_hook(lambda _, args: (args[0].clone(), *args[1:]))
         for root in roots
@@ -149,17 +255,50 @@ def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
+IN_PLACE_INPUT_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+
+
+@contextmanager
+def copied_block_inputs(roots: list[nn.Module]) -> Iterator[None]:
+    """Flux's blocks add into their own inputs (`img += …`, `x += …`); gradient checkpointing saves a block's inputs
+    to recompute it, so each such block works on a copy of its streams. Outputs are unchanged."""
+    blocks = [block for root in roots for block in root.modules() if type(block).__name__ in IN_PLACE_INPUT_BLOCKS]
+
+    def copying(forward):
+        def forward_on_copies(*args, **kwargs):
+            args = (args[0].clone(), *args[1:]) if args else args
+            kwargs.update({name: kwargs[name].clone() for name in ("img", "txt") if name in kwargs})
+            return forward(*args, **kwargs)
+        return forward_on_copies
+
+    for block in blocks:
+        block.forward = copying(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
 class ComfyBackend(TrainingBackend):
     """Trains MODEL's denoiser through its patched `model_sampling`; encodes with the given VAE and CLIP."""
 
-    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512) -> None:
-        self.prediction_type = trainable_prediction_type(model)
+    def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512,
+                 guidance: float = FLUX_TRAINING_GUIDANCE) -> None:
+        self.spec, self.prediction_type = trainable_family(model)
+        self.family = model_family(model)
         self.model, self.clip, self.vae, self.sample_size = model, clip, vae, sample_size
         self.base_model = model.model
         self.unet = model.model.diffusion_model
         self.sampling = model_sampling(model)
         self.device = comfy.model_management.get_torch_device()
-        self._diffusers_paths = diffusers_paths(model)
+        has_guidance = self.spec.guidance and model.model.model_config.unet_config.get("guidance_embed", False)
+        if guidance != FLUX_TRAINING_GUIDANCE and not has_guidance:
+            raise ComfyBackendError(f"flux_guidance {guidance} sets Flux.1-dev's guidance input; {self.family} has "
+                                    f"none, so leave it at {FLUX_TRAINING_GUIDANCE}")
+        self.guidance = guidance if has_guidance else None
+        self._unet_names = denoiser_layer_names(model, self.spec)
+        self._text_names = text_encoder_layer_names(clip, self.spec)
 
     @contextmanager
     def training(self, train_text_encoder: bool) -> Iterator[None]:
@@ -170,17 +309,39 @@ class ComfyBackend(TrainingBackend):
         or patches an ordinary tensor; those it leaves in place get trainable aliases. CLIP's weights get aliases
         even when only the denoiser loads, so a LoRA with text-encoder layers trains whatever the flag says."""
         patchers = [self.model] + ([self.clip.patcher] if train_text_encoder else [])
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():  # patching (fp8 stochastic rounding too) needs no graph
             comfy.model_management.load_models_gpu(patchers)
         modules = self.frozen_modules()
-        with trainable_weights(modules), copied_norm_inputs(modules):
+        with trainable_weights(modules), copied_norm_inputs(modules), copied_block_inputs(modules):
             yield
 
+    def objective(self, config: TrainingConfig) -> Objective:
+        """ε/v on the discrete schedule; for SD3 and Flux flow matching whose σ follow the MODEL's own (patched)
+        `model_sampling`, or a fixed `flow_shift` where one is set."""
+        if not self.spec.flow:
+            return super().objective(config)
+        config.check_flow_matching(self.family)
+        fixed = {} if config.flow_shift is None else {"shift": config.flow_shift}
+        return FlowMatchingObjective(
+            timestep_multiplier=1, sampling=config.timestep_sampling or self.spec.timestep_sampling,
+            logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale,
+            weighting=config.loss_weighting, schedule=None if fixed else self.model_sigma, **fixed)
+
+    def model_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The MODEL's own σ at the fraction `sigma` of its schedule: SD3's shift (ModelSamplingSD3), Flux's μ
+        (ModelSamplingFlux), schnell's identity."""
+        return self.sampling.sigma(sigma * getattr(self.sampling, "multiplier", 1.0)).to(sigma)
+
     def alphas_cumprod(self) -> torch.Tensor:
+        if self.spec.flow:
+            return super().alphas_cumprod()
         return 1.0 / (1.0 + self.sampling.sigmas.float() ** 2)
 
     def compute_dtype(self) -> torch.dtype:
-        return getattr(self.base_model, "manual_cast_dtype", None) or self.base_model.get_dtype()
+        """The dtype ComfyUI casts fp8/other stored weights to per layer, else the weights' own (Flux built without
+        a dtype reports None: its parameters tell)."""
+        return (getattr(self.base_model, "manual_cast_dtype", None) or self.base_model.get_dtype()
+                or next(self.unet.parameters()).dtype)
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.vae is None:
@@ -196,67 +357,85 @@ class ComfyBackend(TrainingBackend):
         return self.base_model.process_latent_in(latents.to(self.device))
 
     def encode_text(self, captions: list[str]) -> Conditioning:
-        contexts = [self.clip.encode_from_tokens(self.clip.tokenize(caption)) for caption in captions]
-        return {"context": torch.cat(contexts).to(self.device)}
+        """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L) per caption."""
+        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True) for caption in captions]
+        return {"context": torch.cat([context for context, _ in encoded]).to(self.device),
+                "pooled": torch.cat([pooled for _, pooled in encoded]).to(self.device)}
 
-    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
-                ) -> torch.Tensor:
-        """The diffusion model's raw output (ε or v) as `BaseModel.apply_model` computes it before converting it to
-        x0: for x = x0 + σ_t·ε, ComfyUI's `calculate_input(σ_t, x)` is exactly `noisy_latents`, and the time input
-        is `model_sampling.timestep(σ_t)`. Conditions come from `BaseModel.extra_conds`, patches from the MODEL's
-        transformer_options."""
+    def model_conditions(self, noisy_latents: torch.Tensor, conditioning: Conditioning) -> dict[str, torch.Tensor]:
+        """The diffusion model's inputs besides x and t, built by `BaseModel.extra_conds` per sample as the samplers
+        build them from a CONDITIONING: SDXL's ADM `y` from the pooled output and each image's size and crop, SD3's
+        and Flux's pooled `y`, Flux's guidance."""
+        device, sizes = noisy_latents.device, conditioning.get(SIZE_CONDITIONING)
+        samples = []
+        for index in range(len(noisy_latents)):
+            one = slice(index, index + 1)
+            extra = {"pooled_output": conditioning["pooled"][one]} if "pooled" in conditioning else {}
+            if sizes is not None:  # [orig h, orig w, crop top, crop left, target h, target w]
+                height, width, crop_h, crop_w, target_height, target_width = sizes[index].tolist()
+                extra.update(height=height, width=width, crop_h=crop_h, crop_w=crop_w, target_height=target_height,
+                             target_width=target_width)
+            if self.spec.guidance:
+                extra["guidance"] = self.guidance
+            conds = self.base_model.extra_conds(cross_attn=conditioning["context"][one], noise=noisy_latents[one],
+                                                device=device, **extra)
+            samples.append({name: cond.process_cond(batch_size=1, device=device).cond.to(device)
+                            for name, cond in conds.items()})
+        return {name: torch.cat([sample[name] for sample in samples]) for name in samples[0]}
+
+    def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The diffusion model's raw output (ε, v or the flow velocity) as `BaseModel.apply_model` computes it before
+        converting it to x0. Discrete: `times` are timestep indices; for x = x0 + σ_t·ε, ComfyUI's
+        `calculate_input(σ_t, x)` is exactly `noisy_latents`. Flow: `times` are σ and `noisy_latents` is
+        `noise_scaling(σ, ε, x0)`, which CONST's `calculate_input` passes as it is. The time input is
+        `model_sampling.timestep(σ)`; patches come from the MODEL's transformer_options."""
         dtype, device = self.compute_dtype(), noisy_latents.device
-        sigmas = self.sampling.sigmas[timesteps.to(self.sampling.sigmas.device)]
-        conds = {
-            name: cond.process_cond(batch_size=len(noisy_latents), device=device).cond.to(device)
-            for name, cond in self.base_model.extra_conds(cross_attn=conditioning["context"], noise=noisy_latents,
-                                                          device=device).items()
-        }
+        if self.spec.flow:
+            sigmas = times.to(device, torch.float32)
+        else:
+            sigmas = self.sampling.sigmas[times.to(self.sampling.sigmas.device)].to(device)
+        conds = self.model_conditions(noisy_latents, conditioning)
         context = conds.pop("c_crossattn").to(dtype)
         extra = {name: value.to(dtype) if value.is_floating_point() else value for name, value in conds.items()}
-        options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas.to(device),
+        options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas,
                    "cond_or_uncond": [0]}
         time = self.sampling.timestep(sigmas).float().to(device)
         return self.unet(noisy_latents.to(dtype), time, context=context, transformer_options=options, **extra).float()
 
-    def unet_names(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        return {
-            kohya_name(UNET_PREFIX, self._diffusers_paths[path]): module
-            for path, module in modules.items()
-            if path in self._diffusers_paths
-        }
-
     def weight_key(self, name: str) -> tuple[str, str]:
         """ComfyUI's patch key for the weight of kohya layer `name`, and whose patcher holds it: "model" or "clip"."""
-        if name.startswith(TEXT_ENCODER_PREFIX):
-            for path, _ in all_adaptable(self.clip.cond_stage_model).items():
-                if "text_model." in path and text_encoder_name(path) == name:
-                    return f"{path}.weight", "clip"
-        else:
-            for path, diffusers in self._diffusers_paths.items():
-                if kohya_name(UNET_PREFIX, diffusers) == name:
-                    return f"diffusion_model.{path}.weight", "model"
+        for path, layer_name in self._unet_names.items():
+            if layer_name == name:
+                return f"diffusion_model.{path}.weight", "model"
+        for path, layer_name in self._text_names.items():
+            if layer_name == name:
+                return f"{path}.weight", "clip"
         raise ComfyBackendError(f"no layer of this model is called {name}")
 
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
-        targets = self.unet_names(find_targets(self.unet, preset))
+        if preset not in self.spec.presets:
+            raise ComfyBackendError(f"unknown target {preset!r} for {self.family}; choose one of "
+                                    f"{sorted(self.spec.presets)}")
+        layers = find_targets(self.unet, self.spec.presets[preset])
+        targets = {self._unet_names[path]: module for path, module in layers.items() if path in self._unet_names}
         if text_encoder:
             clip_layers = find_targets(self.clip.cond_stage_model, TEXT_ENCODER_PRESET)
-            targets.update({text_encoder_name(path): module for path, module in clip_layers.items()})
+            targets.update({self._text_names[path]: module for path, module in clip_layers.items()
+                            if path in self._text_names})
         return targets
 
     def loadable_modules(self) -> dict[str, nn.Module]:
+        unet_layers = all_adaptable(self.unet)
         clip_layers = all_adaptable(self.clip.cond_stage_model) if self.clip is not None else {}
-        return {
-            **self.unet_names(all_adaptable(self.unet)),
-            **{text_encoder_name(path): module for path, module in clip_layers.items() if "text_model." in path},
-        }
+        return {**{name: unet_layers[path] for path, name in self._unet_names.items()},
+                **{name: clip_layers[path] for path, name in self._text_names.items()}}
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet] + ([self.clip.cond_stage_model] if self.clip is not None else [])
 
     def checkpoint_blocks(self) -> list[nn.Module]:
-        return [*self.unet.input_blocks, self.unet.middle_block, *self.unet.output_blocks]
+        blocks = [getattr(self.unet, name) for name in self.spec.blocks]
+        return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]
 
     def vae_fingerprint(self) -> str:
         return data_hash(self.vae.first_stage_model.state_dict())
@@ -267,21 +446,23 @@ class ComfyBackend(TrainingBackend):
         return [[cond, {"pooled_output": pooled}]]
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
-        """KSampler (euler, cfg 7) and VAE Decode, as the core nodes do it, with the LoRA attached."""
+        """KSampler (euler, the family's usual cfg and scheduler) and VAE Decode, as the core nodes do it, with the
+        LoRA attached."""
         import nodes as comfy_nodes  # ComfyUI's own nodes module
         from PIL import Image
 
         size = self.sample_size // 8
+        channels = getattr(self.base_model.latent_format, "latent_channels", 4)
         images = []
         for prompt in prompts:
             comfy.model_management.throw_exception_if_processing_interrupted()  # KSampler checks between its steps
-            latent = {"samples": torch.zeros(1, 4, size, size)}
-            (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, 7.0, "euler", "normal",
-                                                     self.conditioning(prompt), self.conditioning(""), latent)
+            latent = {"samples": torch.zeros(1, channels, size, size)}
+            (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, self.spec.sample_cfg, "euler",
+                                                     self.spec.sample_scheduler, self.conditioning(prompt),
+                                                     self.conditioning(""), latent)
             pixels = self.vae.decode(sampled["samples"])[0]
             images.append(Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().cpu().numpy()))
         return images
 
     def model_info(self) -> dict[str, str]:
-        context_dim = self.base_model.model_config.unet_config.get("context_dim")
-        return {"version": "sd_v1" if context_dim == 768 else "sd_v2"}
+        return {"version": self.spec.version}

@@ -40,8 +40,8 @@ def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: f
     March 2024 one ignores it. Each diff costs the memory of its layer's weight.
     """
     backend = ComfyBackend(model, clip)
-    modules = backend.loadable_modules()
-    names = {key.partition(".")[0] for key in weights.tensors}
+    modules, tensors = backend.loadable_modules(), backend.network_tensors(weights.tensors)
+    names = {key.partition(".")[0] for key in tensors}
     for name in sorted(names - modules.keys()):
         logging.warning("LoRA Lab: no layer of this model is called %s; its LoRA weights are not applied", name)
     patchers = {"model": model, "clip": clip.patcher if clip is not None else None}
@@ -50,7 +50,7 @@ def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: f
         keys[name] = backend.weight_key(name)
         key, owner = keys[name]
         stand_ins[name] = with_weight(modules[name], original_weight(patchers[owner], key))
-    network, _ = LoRANetwork.from_tensors(weights.tensors, stand_ins, strict=False)
+    network, _ = LoRANetwork.from_tensors(tensors, stand_ins, strict=False)
     patches: dict[str, dict[str, tuple]] = {"model": {}, "clip": {}}
     for name, adapter in network.items():
         key, owner = keys[name]

@@ -16,13 +16,14 @@ from ..lora_core.dataset import DatasetConfig, ImageFolderDataset
 from ..lora_core.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
 from ..lora_core.config import lora_metadata
+from ..lora_core.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from ..lora_core.optim import OFFERED_OPTIMIZERS, SCHEDULERS
 from ..lora_core.precision import AUTOCAST_DTYPES
 from ..lora_core.plots import loss_curve, smooth
 from ..lora_core.targets import UNET_PRESETS
 from ..lora_core.checkpoints import Checkpointer, load_state
 from ..lora_core.training import StepReport, TrainingConfig, train
-from .comfy_backend import ComfyBackend, ComfyBackendError
+from .comfy_backend import FLUX_PRESETS, FLUX_TRAINING_GUIDANCE, SD3_PRESETS, ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
     LATENT_CACHE_FOLDER, PathError, check_name, dataset_fingerprint, latent_cache_folder, list_dataset_folders,
@@ -113,7 +114,8 @@ class NetworkSpec:
 
     def build(self, backend: ComfyBackend, seed: int) -> LoRANetwork:
         if self.start is not None:
-            network, _ = LoRANetwork.from_tensors(self.start.tensors, backend.loadable_modules(), strict=True)
+            tensors = backend.network_tensors(self.start.tensors)
+            network, _ = LoRANetwork.from_tensors(tensors, backend.loadable_modules(), strict=True)
             return network
         return LoRANetwork.create(
             backend.adapter_targets(self.preset, self.text_encoder), self.algorithm, self.rank, self.alpha, seed
@@ -132,12 +134,12 @@ class InjectLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/SD2.x) from Load Checkpoint."}),
+                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/2.x, SDXL, SD3/3.5, Flux.1) from Load Checkpoint or Load Diffusion Model."}),
                 "algorithm": (sorted(ALGORITHMS), {"default": "lora", "tooltip": "lora: low-rank ΔW; dora: LoRA plus a learned magnitude; loha: Hadamard product; lokr: Kronecker product."}),
                 "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
-                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items())}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoder (q/k/v/out_proj, fc1/fc2). Needs CLIP."}),
+                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX_PRESETS.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3_PRESETS.items()) + "."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): SDXL's and SD3's CLIP-L and CLIP-G, Flux's CLIP-L; T5 is never trained. Needs CLIP."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoder; needed to train it and to continue a LoRA that adapts it."}),
@@ -150,7 +152,7 @@ class InjectLoRA:
             raise ComfyBackendError("train_text_encoder is on but no CLIP is connected; connect Load Checkpoint's CLIP")
         backend = ComfyBackend(model, clip)
         if lora is not None:
-            LoRANetwork.from_tensors(lora.tensors, backend.loadable_modules(), strict=True)
+            LoRANetwork.from_tensors(backend.network_tensors(lora.tensors), backend.loadable_modules(), strict=True)
         elif not backend.adapter_targets(target, train_text_encoder):
             raise ComfyBackendError(f"the target {target!r} matches no layer of this model")
         return (NetworkSpec(model, clip, algorithm, rank, alpha, target, train_text_encoder, lora),)
@@ -187,6 +189,12 @@ class TrainingOptions:
             "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
             "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
             "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
+            "timestep_sampling": (["default", *SIGMA_SAMPLINGS], {"default": "default", "tooltip": "SD3/Flux (flow matching): how noise levels σ are drawn. default: the family's (SD3 logit_normal, Flux uniform). Refused for SD1.x/2.x/SDXL."}),
+            "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "SD3/Flux: a fixed shift of σ (kohya's discrete_flow_shift; 3.0 for SD3.5). 0: the model's own schedule, including a ModelSamplingSD3 / ModelSamplingFlux node before Train LoRA."}),
+            "logit_mean": ("FLOAT", {"default": DEFAULTS.logit_mean, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier)."}),
+            "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),
+            "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
+            "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the guidance input while training (1.0 as kohya and diffusers train). Refused for models without a guidance input."}),
         }}
 
     def options(self, **options):
@@ -258,8 +266,12 @@ class TrainLoRA:
             sample_every=sample_every, sample_steps=options["sample_steps"],
             sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
             latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
+            timestep_sampling=None if options["timestep_sampling"] == "default" else options["timestep_sampling"],
+            flow_shift=options["flow_shift"] or None, logit_mean=options["logit_mean"],
+            logit_std=options["logit_std"], loss_weighting=options["loss_weighting"],
         )
-        backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution)
+        backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
+                               guidance=options["flux_guidance"])
         state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
         bar = comfy.utils.ProgressBar(steps)
 
@@ -286,7 +298,7 @@ class TrainLoRA:
             lora_network = network.build(backend, config.seed).to(backend.device)
         result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
                        resume_state=state)  # encodes the dataset, then loads the denoiser (`backend.training`)
-        weights = LoRAWeights.from_network(lora_network, metadata(result.steps))
+        weights = LoRAWeights.from_network(lora_network, metadata(result.steps), file_tensors=backend.file_tensors)
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
         history = loss_history(result.losses, smooth(result.losses, config.loss_smoothing))  # bounded for /history
         summary = {"steps": result.steps, "total": config.steps, **history,

@@ -105,17 +105,17 @@ def training_without_copies(backend_module, model, clip) -> dict:
     }
 
 
-def refuses_sdxl(backend_module) -> dict:
-    """An SDXL-shaped MODEL (ComfyUI's SDXL class, a one-level UNet with SDXL's ADM and context widths)."""
+def refuses_sdxl_refiner(backend_module) -> dict:
+    """An SDXL-Refiner-shaped MODEL (ComfyUI's SDXLRefiner class, a one-level UNet with its ADM and context widths)."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    unet_config = {**comfy.supported_models.SDXL.unet_config, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    unet_config = {**comfy.supported_models.SDXLRefiner.unet_config, "image_size": 32, "in_channels": 4, "out_channels": 4,
                    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
                    "transformer_depth_middle": 1, "model_channels": 32, "num_head_channels": 16,
                    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential"}
     with torch.inference_mode():
-        config = comfy.supported_models.SDXL(unet_config)
+        config = comfy.supported_models.SDXLRefiner(unet_config)
         model = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
         try:
             backend_module.ComfyBackend(model, None)
@@ -135,7 +135,7 @@ def main() -> None:
         **{f"targets_{sampling}{'_zsnr' if zsnr else ''}": (targets_against_comfy, backend_module, model, clip, sampling, zsnr)
            for sampling, zsnr in (("eps", False), ("v_prediction", False), ("v_prediction", True))},
         "training_without_copies": (training_without_copies, backend_module, model, clip),
-        "refuses_sdxl": (refuses_sdxl, backend_module),
+        "refuses_sdxl_refiner": (refuses_sdxl_refiner, backend_module),
     }
     results = {}
     for name, (check, *arguments) in checks.items():

@@ -64,9 +64,9 @@ def test_training_holds_no_second_copy_and_hands_back_the_same_weights(probe: di
     assert outcome["same_weights_after"]
 
 
-def test_sdxl_is_refused_naming_the_family_and_what_is_supported(probe: dict) -> None:
-    refused = result(probe, "refuses_sdxl")["refused"]
-    assert refused is not None and "SDXL" in refused and "ADM" in refused and SUPPORTED in refused
+def test_sdxl_refiner_is_refused_naming_the_family_and_what_is_supported(probe: dict) -> None:
+    refused = result(probe, "refuses_sdxl_refiner")["refused"]
+    assert refused is not None and "SDXL Refiner" in refused and SUPPORTED in refused
 
 
 @pytest.mark.parametrize(("channels", "family"), [(9, "inpainting"), (8, "instruct-pix2pix")])

@@ -1,0 +1,394 @@
+"""Train LoRA on tiny SDXL / Flux.1 / SD3 models built from ComfyUI's own classes, run inside a ComfyUI checkout.
+
+`python families_probe.py COMFY_DIR FAMILY WORK_DIR` builds FAMILY ("sdxl", "flux", "flux_fp8", "sd3") small:
+`comfy.supported_models` config with a tiny unet_config → `model_base` model in a `ModelPatcher`, real `comfy.sd.CLIP`
+objects with small transformer configs, a small `comfy.sd.VAE`; all under `torch.inference_mode()` as ComfyUI's loaders
+run. It then runs the pack's node classes (Load Dataset, Inject LoRA, Training Options, Train LoRA, Apply LoRA) and
+ComfyUI's core LoRA loader, and prints one JSON object `{check: result}`; a check that raises reports
+`{"error": ...}`. Hand computations use only ComfyUI's `model_sampling` and `BaseModel.apply_model`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_machinery_probe import PACK_NAME, import_backend  # noqa: E402
+
+RESOLUTION = 64
+SMALL_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "projection_dim": 32}
+SMALL_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1}
+SIGMAS = [0.05, 0.5, 0.95]  # flow families: noise levels of the hand check
+TIMESTEPS = [10, 500, 999]  # discrete families
+
+
+def reset_to_torch_default_init(module: torch.nn.Module) -> None:
+    """torch's own `reset_parameters` on every submodule (ComfyUI's layers skip init), with a fixed seed; weights
+    no `reset_parameters` sets (SD3's positional table) are zero."""
+    torch.manual_seed(0)
+    for parameter in module.parameters():
+        parameter.zero_()
+    for submodule in module.modules():
+        for cls in type(submodule).__mro__:
+            if cls.__module__.startswith("torch.nn") and "reset_parameters" in vars(cls):
+                cls.reset_parameters(submodule)
+                break
+        for name, parameter in submodule.named_parameters(recurse=False):  # RMSNorm scales, T5's layer norms…
+            if name in ("scale",) or (type(submodule).__name__ == "T5LayerNorm" and name == "weight"):
+                parameter.fill_(1.0)
+
+
+def build_clip(target, options: dict):
+    import comfy.sd
+
+    clip = comfy.sd.CLIP(target, model_options=options)
+    reset_to_torch_default_init(clip.cond_stage_model)
+    return clip
+
+
+def build_vae(channels: int):
+    """A small KL VAE (8× down, `channels` latent channels) through `comfy.sd.VAE`, as VAELoader makes one."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": channels, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    source = AutoencoderKL(ddconfig=ddconfig, embed_dim=channels)
+    reset_to_torch_default_init(source)
+    vae = comfy.sd.VAE(sd=source.state_dict(), config={"params": {"ddconfig": ddconfig, "embed_dim": channels}})
+    vae.latent_channels = channels
+    return vae
+
+
+def patcher(config, weight_dtype: torch.dtype | None = None):
+    """The model of `config` in a ModelPatcher; with `weight_dtype` stored in it and cast per layer, as
+    UNETLoader's weight_dtype does (`load_diffusion_model_state_dict`)."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    device = torch.device("cpu")
+    state = None
+    if weight_dtype is not None:
+        state = patcher(type(config)(config.unet_config)).model.diffusion_model.state_dict()
+        manual_cast = comfy.model_management.unet_manual_cast(weight_dtype, device, config.supported_inference_dtypes)
+        config.set_inference_dtype(weight_dtype, manual_cast)
+    model = config.get_model({})
+    if state is None:
+        reset_to_torch_default_init(model.diffusion_model)
+    else:
+        model.diffusion_model.load_state_dict({key: value.to(weight_dtype) for key, value in state.items()})
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def build_sdxl():
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+
+    unet_config = {**comfy.supported_models.SDXL.unet_config, "image_size": 32, "in_channels": 4, "out_channels": 4,
+                   "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+                   "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "model_channels": 32,
+                   "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+                   "context_dim": 64, "adm_in_channels": 32 + 6 * 256, "use_checkpoint": False}
+    config = comfy.supported_models.SDXL(unet_config)
+    config.unet_config.update(num_head_channels=16)
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    return patcher(config), clip, build_vae(4)
+
+
+def build_flux(weight_dtype: torch.dtype | None = None):
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+
+    unet_config = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+                   "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
+                   "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
+                   "qkv_bias": True}
+    config = comfy.supported_models.Flux(unet_config)
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                    comfy.text_encoders.flux.flux_clip())
+    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "t5xxl_model_config": SMALL_T5})
+    return patcher(config, weight_dtype), clip, build_vae(16)
+
+
+def build_sd3():
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip
+
+    unet_config = {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,
+                   "depth": 2, "pos_embed_max_size": 16, "num_patches": 256, "adm_in_channels": 64,
+                   "context_embedder_config": {"target": "torch.nn.Linear",
+                                               "params": {"in_features": 4096, "out_features": 128}},
+                   "qk_norm": None, "x_block_self_attn_layers": []}
+    config = comfy.supported_models.SD3(unet_config)
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.sd3_clip.SD3Tokenizer,
+                                                    comfy.text_encoders.sd3_clip.sd3_clip(clip_l=True, clip_g=True,
+                                                                                          t5=False))
+    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    return patcher(config), clip, build_vae(16)
+
+
+BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3,
+            "flux_fp8": lambda: build_flux(torch.float8_e4m3fn)}
+
+
+def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = model.model.latent_format.latent_channels
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(count, channels, 8, 8, generator=generator)
+    return latents, torch.randn(latents.shape, generator=generator)
+
+
+def sizes(count: int) -> torch.Tensor:
+    """SDXL's size/crop conditioning of `count` images: distinct values, so a mixed-up order shows."""
+    return torch.tensor([[64 + 8 * i, 72 + 8 * i, 4 * i, 2 * i, 64, 64] for i in range(count)])
+
+
+def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
+    """Loss per sample as Train LoRA computes it (the backend's objective on fixed tensors) and by hand from
+    ComfyUI's patched `model_sampling`: x = `noise_scaling(σ, ε, x0)`, x̂0 = `apply_model(x, σ)` with the conditions
+    the samplers build; the ε error is (x0 − x̂0)/σ, the v error (x0 − x̂0)/√(1−ᾱ), the flow-velocity error
+    (x0 − x̂0)/σ (CONST: x̂0 = x − σ·v̂ and v − v̂ = (x0 − x̂0)/σ). Also: the σ the objective draws are the
+    patched schedule's."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingFlux, ModelSamplingSD3
+
+    from comfyui_lora_lab.lora_core.config import TrainingConfig
+    from comfyui_lora_lab.lora_core.objectives import sample_sigmas
+
+    import comfy.model_management
+
+    patches = {"sdxl": lambda: ModelSamplingDiscrete().patch(model, "v_prediction", False),
+               "sdxl_eps": lambda: (model,),
+               "flux": lambda: ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
+               "sd3": lambda: ModelSamplingSD3().patch(model, 3.0)}
+    with torch.inference_mode():
+        (patched,) = patches[family]()
+        backend = backend_module.ComfyBackend(patched, clip)
+        comfy.model_management.load_models_gpu([patched])
+        sampling = patched.get_model_object("model_sampling")
+        count = len(SIGMAS)
+        latents, noise = fixed_tensors(patched, count)
+        context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
+        conditioning = {"context": context.repeat(count, 1, 1), "pooled": pooled.repeat(count, 1),
+                        "size_and_crop": sizes(count)}
+        objective = backend.objective(TrainingConfig())
+        if backend.prediction_type == "flow":
+            times = torch.tensor(SIGMAS)
+            sigma = times
+        else:
+            times = torch.tensor(TIMESTEPS)
+            sigma = sampling.sigmas[times]
+        x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latents)
+        denoised = torch.cat([
+            patched.model.apply_model(x[i:i + 1], sigma[i:i + 1], **{
+                name: cond.process_cond(batch_size=1, device=x.device).cond
+                for name, cond in patched.model.extra_conds(
+                    cross_attn=context, pooled_output=pooled, noise=x[i:i + 1], device=x.device,
+                    guidance=backend.guidance,
+                    **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
+                               sizes(count)[i].tolist()))).items()})
+            for i in range(count)])
+        if backend.prediction_type == "v_prediction":
+            scale = sigma / (1 + sigma**2).sqrt()
+        else:
+            scale = sigma
+        by_hand = ((latents - denoised) / scale.reshape(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
+        with backend.training(False), torch.inference_mode(False), torch.no_grad():
+            trained = objective.loss(lambda noisy, t: backend.predict(noisy, t, conditioning), latents, noise, times)
+        drawn = objective.draw((4, *latents.shape[1:]), torch.Generator().manual_seed(7))[1]
+        expected = None
+        if backend.prediction_type == "flow":
+            generator = torch.Generator().manual_seed(7)
+            torch.randn((4, *latents.shape[1:]), generator=generator)  # the noise is drawn first
+            uniform = sample_sigmas(objective.sampling, 4, generator, objective.logit_mean, objective.logit_std)
+            expected = sampling.sigma(uniform * getattr(sampling, "multiplier", 1.0)).tolist()
+    return {"prediction_type": backend.prediction_type, "trainer_loss": trained.tolist(), "hand_loss": by_hand.tolist(),
+            "drawn_sigmas": drawn.tolist() if expected is not None else None, "schedule_sigmas": expected,
+            "sampling": type(sampling).__name__}
+
+
+def tensors_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fixed_loss(backend_module, model, clip, vae, dataset) -> float:
+    """The objective's loss on the dataset's first image with fixed noise and fixed times, through MODEL as it is
+    (its LoRA patches applied by ComfyUI)."""
+    from comfyui_lora_lab.lora_core.config import TrainingConfig
+
+    with torch.inference_mode():
+        backend = backend_module.ComfyBackend(model, clip, vae)
+        pixels = dataset.image_pixels(0).unsqueeze(0)
+        latents = backend.encode_images(pixels, torch.Generator().manual_seed(0)).repeat(4, 1, 1, 1)
+        conditioning = backend.encode_text(["a photo of sks"] * 4)  # the concept's default caption
+        conditioning["size_and_crop"] = sizes(4)
+        objective = backend.objective(TrainingConfig())
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+        times = objective.stratified(4)
+        with backend.training(False), torch.inference_mode(False), torch.no_grad():
+            return float(objective.loss(lambda noisy, t: backend.predict(noisy, t, conditioning), latents, noise,
+                                        times).mean())
+
+
+class LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def sample(model, clip, seed: int = 3):
+    """A 4-step KSampler image at 64 px, as the core nodes sample, with the family's cfg and scheduler."""
+    import nodes as comfy_nodes
+
+    from comfyui_lora_lab.nodes.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        backend = ComfyBackend(model, clip)
+        channels = model.model.latent_format.latent_channels
+        latent = {"samples": torch.zeros(1, channels, RESOLUTION // 8, RESOLUTION // 8)}
+        (sampled,) = comfy_nodes.common_ksampler(model, seed, 4, backend.spec.sample_cfg, "euler",
+                                                 backend.spec.sample_scheduler, backend.conditioning("a photo of sks"),
+                                                 backend.conditioning(""), latent)
+        return sampled["samples"]
+
+
+def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path) -> dict:
+    """Train LoRA through the pack's nodes on a fixed concept, then: the fixed-noise loss before and after, MODEL
+    and CLIP unchanged, ComfyUI's core loader on the file (unmatched keys, its prediction against the trained network
+    attached by lora_core), Apply LoRA's image against core's, strength 0 against the base image."""
+    import folder_paths
+
+    import comfy.sd
+    from comfyui_lora_lab.lora_core.demo import make_concept_images
+    from comfyui_lora_lab.lora_core.network import LoRANetwork
+    from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
+    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainingOptions, TrainLoRA
+
+    folder_paths.set_input_directory(str(work_dir / "input"))
+    make_concept_images(work_dir / "input" / "concept", count=2, resolution=RESOLUTION)
+    fp8 = family == "flux_fp8"
+    text_encoder = not fp8
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
+        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
+            "result"]]
+        (network,) = InjectLoRA().inject(model, "lora", 4, 4.0, "transformer", text_encoder, clip)
+        (options,) = TrainingOptions().options(**{
+            **{name: spec[1]["default"] for name, spec in TrainingOptions.INPUT_TYPES()["required"].items()},
+            "gradient_checkpointing": fp8})
+        loss_before = fixed_loss(backend_module, model, clip, vae, dataset)
+        started = time.perf_counter()
+        steps = 20
+        output = TrainLoRA().train(network, dataset, vae, steps, 1e-2, 1, "AdamW", 0, 0,
+                                   "a photo of sks", options)
+        seconds = time.perf_counter() - started
+        weights, trained_model, trained_clip, _, _ = output["result"]
+        summary = output["ui"]["lora_lab_training"][0]
+        # before any clone with the LoRA loads (ComfyUI patches the shared weights in place while one is loaded)
+        unchanged = (tensors_digest(model.model.diffusion_model) == unet_before
+                     and tensors_digest(clip.cond_stage_model) == clip_before and not model.patches)
+        loss_after = fixed_loss(backend_module, trained_model, trained_clip, vae, dataset)
+        result = {"loss_before": loss_before, "loss_after": loss_after, "steps": summary["steps"],
+                  "train_seconds": summary["seconds"], "node_seconds": seconds,
+                  "model_unchanged": unchanged, "file_keys": sorted(weights.tensors),
+                  "compute_dtype": str(backend_module.ComfyBackend(model, clip).compute_dtype()),
+                  "weight_dtype": str(model.model.diffusion_model.final_layer.linear.weight.dtype) if fp8 else None}
+        if fp8:
+            return result
+
+        lines = LogLines()
+        logging.getLogger().addHandler(lines)
+        try:
+            core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
+        finally:
+            logging.getLogger().removeHandler(lines)
+        result["not_loaded"] = [line for line in lines.lines if "lora key not loaded" in line.lower()]
+
+        # ComfyUI's patched weights against lora_core's adapters on the base, on the same tensors
+        backend = backend_module.ComfyBackend(model, clip)
+        latents, noise = fixed_tensors(model, 2)
+        context, pooled = core_clip.encode_from_tokens(core_clip.tokenize("a photo of sks"), return_pooled=True)
+        times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
+        conditioning = {"context": context.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1), "size_and_crop": sizes(2)}
+        core_backend = backend_module.ComfyBackend(core_model, core_clip)
+        with core_backend.training(False), torch.inference_mode(False), torch.no_grad():
+            core_prediction = core_backend.predict(latents + noise, times, conditioning)
+        with backend.training(True), torch.inference_mode(False), torch.no_grad():
+            trained, _ = LoRANetwork.from_tensors(backend.network_tensors(weights.tensors), backend.loadable_modules(),
+                                                  strict=True)
+            with trained.applied(1.0):
+                own_context, own_pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
+                own = {**conditioning, "context": own_context.repeat(2, 1, 1), "pooled": own_pooled.repeat(2, 1)}
+                lora_prediction = backend.predict(latents + noise, times, own)
+        result["core_vs_lora_core"] = float((core_prediction - lora_prediction).abs().max())
+        result["prediction_scale"] = float(lora_prediction.abs().max())
+        result["text_context_difference"] = float((own["context"] - conditioning["context"]).abs().max())
+
+        applied_model, applied_clip = ApplyLoRA().apply(model, clip, weights, 1.0, 1.0)
+        result["applied_equals_core"] = bool(torch.equal(sample(applied_model, applied_clip), sample(core_model, core_clip)))
+        zero_model, zero_clip = ApplyLoRA().apply(model, clip, weights, 0.0, 0.0)
+        base_image = sample(model, clip)
+        result["strength_zero_equals_base"] = bool(torch.equal(sample(zero_model, zero_clip), base_image))
+        result["lora_changes_image"] = not torch.equal(sample(applied_model, applied_clip), base_image)
+    return result
+
+
+def refusals(backend_module, model, clip) -> dict:
+    """What Train LoRA refuses for this family, each message as the user sees it."""
+    from comfyui_lora_lab.lora_core.config import TrainingConfig
+
+    backend = backend_module.ComfyBackend(model, clip)
+    settings = ({"timestep_sampling": "uniform"} if backend.prediction_type != "flow" else {"min_snr_gamma": 5.0})
+    messages = {}
+    for name, attempt in {
+        "settings": lambda: backend.objective(TrainingConfig(**settings)),
+        "guidance": lambda: backend_module.ComfyBackend(model, clip, guidance=3.5),
+    }.items():
+        try:
+            attempt()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
+
+
+def main() -> None:
+    comfy_dir, family, work_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    backend_module = import_backend(comfy_dir)
+    with torch.inference_mode():  # as ComfyUI's loaders run
+        model, clip, vae = BUILDERS[family]()
+    checks = {"train_and_load": (train_and_load, backend_module, model, clip, vae, family, work_dir)}
+    if family != "flux_fp8":
+        checks["objective"] = (objective_against_comfy, backend_module, model, clip, family)
+    if family == "sdxl":
+        checks["objective_eps"] = (objective_against_comfy, backend_module, model, clip, "sdxl_eps")
+    checks["refusals"] = (refusals, backend_module, model, clip)
+    results = {"parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}
+    for name, (check, *arguments) in checks.items():
+        try:
+            results[name] = check(*arguments)
+        except Exception as error:  # reported to the test, which names the check that failed
+            results[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 weights) and SD3, each a tiny model built from ComfyUI's own
+classes in `families_probe.py`, run in ComfyUI 0.3.64's Python (its own process, no server). The 2024 ComfyUI cannot
+build a small CLIP (its `comfy.sd.CLIP` takes no model_options) and predates SD3 and Flux.
+
+Per family: the loss equals the one computed by hand from ComfyUI's patched `model_sampling`; training lowers the
+loss on a fixed concept and leaves MODEL and CLIP as they were; ComfyUI's core LoRA loader reads every key of the
+file and predicts what lora_core's adapters predict; Apply LoRA samples what core samples; strength 0 samples the base.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .harness import CURRENT_COMFY_DIR, VENV_PYTHON
+
+PROBE = Path(__file__).with_name("families_probe.py")
+RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
+        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8")]
+KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
+                         "lora_te2_"),
+                "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")}
+_results: dict[tuple[str, str], dict] = {}
+
+
+def probe(server: str, comfy_dir: Path, family: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The probe's results for `family` in `comfy_dir`, run once per session."""
+    if (server, family) not in _results:
+        if not (comfy_dir / "main.py").exists():
+            message = f"{comfy_dir} is missing: run scripts/setup_comfyui.sh"
+            pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        work = tmp_path_factory.mktemp(f"{family}-{server}")
+        completed = subprocess.run([str(VENV_PYTHON), str(PROBE), str(comfy_dir), family, str(work)],
+                                   capture_output=True, text=True, timeout=600,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        _results[server, family] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return _results[server, family]
+
+
+def check(results: dict, name: str) -> dict:
+    outcome = results[name]
+    assert "error" not in outcome, f"{name}: {outcome['error']}\n{outcome['traceback']}"
+    return outcome
+
+
+@pytest.mark.parametrize(("server", "comfy_dir", "family", "objective", "prediction_type"), [
+    ("0.3.64", CURRENT_COMFY_DIR, "sdxl", "objective", "v_prediction"),
+    ("0.3.64", CURRENT_COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
+    ("0.3.64", CURRENT_COMFY_DIR, "flux", "objective", "flow"),
+], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64"])
+def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
+                                                               tmp_path_factory) -> None:
+    """ModelSamplingDiscrete v_prediction (SDXL) and ModelSamplingFlux (Flux, its resolution shift) applied before
+    training set the target and the noise levels: the loss per sample on fixed tensors, with SDXL's size/crop ADM and
+    Flux's guidance, equals the hand computation from `apply_model`; the σ drawn are the patched schedule's."""
+    outcome = check(probe(server, comfy_dir, family, tmp_path_factory), objective)
+    assert outcome["prediction_type"] == prediction_type
+    np.testing.assert_allclose(outcome["trainer_loss"], outcome["hand_loss"], rtol=2e-5)
+    if prediction_type == "flow":
+        np.testing.assert_allclose(outcome["drawn_sigmas"], outcome["schedule_sigmas"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("server", "comfy_dir", "family"), RUNS, ids=[f"{f}-{s}" for s, _, f in RUNS])
+def test_training_lowers_the_loss_and_leaves_the_model_as_it_was(server, comfy_dir, family, tmp_path_factory) -> None:
+    outcome = check(probe(server, comfy_dir, family, tmp_path_factory), "train_and_load")
+    assert outcome["steps"] == 20
+    assert outcome["loss_after"] < 0.98 * outcome["loss_before"], outcome  # fixed noise and times: no chance
+    assert outcome["model_unchanged"]
+    if family == "flux_fp8":  # UNETLoader's weight_dtype fp8_e4m3fn: stored in fp8, computed in fp32 per layer
+        assert outcome["weight_dtype"] == "torch.float8_e4m3fn" and outcome["compute_dtype"] == "torch.float32"
+
+
+@pytest.mark.parametrize(("server", "comfy_dir", "family"), [run for run in RUNS if run[2] != "flux_fp8"],
+                         ids=[f"{f}-{s}" for s, _, f in RUNS if f != "flux_fp8"])
+def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, comfy_dir, family,
+                                                                     tmp_path_factory) -> None:
+    """kohya's names from ComfyUI's own key maps: `comfy.sd.load_lora_for_models` logs no "lora key not loaded",
+    and the MODEL/CLIP it patches predict what lora_core's adapters on the base predict; Apply LoRA samples the same
+    image as core, strength 0 the base image."""
+    outcome = check(probe(server, comfy_dir, family, tmp_path_factory), "train_and_load")
+    assert outcome["not_loaded"] == []
+    modules = {key.partition(".")[0] for key in outcome["file_keys"]}
+    for prefix in KEY_PREFIXES[family]:
+        assert any(name.startswith(prefix) for name in modules), prefix
+    assert all(name.startswith(KEY_PREFIXES[family]) for name in modules), sorted(modules)
+    assert outcome["core_vs_lora_core"] <= 1e-4 * outcome["prediction_scale"]
+    assert outcome["applied_equals_core"] and outcome["strength_zero_equals_base"] and outcome["lora_changes_image"]
+
+
+@pytest.mark.parametrize(("family", "family_name", "setting"), [
+    ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma")])
+def test_settings_of_the_other_objective_and_flux_guidance_are_refused_naming_the_family(
+        family, family_name, setting, tmp_path_factory) -> None:
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
+    assert setting in outcome["settings"] and family_name in outcome["settings"]
+    if family == "sdxl":
+        assert "flux_guidance" in outcome["guidance"] and "SDXL" in outcome["guidance"]
+    else:
+        assert outcome["guidance"] is None  # Flux.1-dev has a guidance input
