@@ -2,6 +2,7 @@
 objective from its own scheduler, learning, strength 0, and files that diffusers and ComfyUI load whole."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from lora_core.diffusers_backend import generate
 from lora_core.encoded import EncodedDataset
 from lora_core.families.sdxl import SDXLBackend
 from lora_core.targets import TEXT_ENCODER_PRESET, find_targets
+from lora_core.training import parameter_groups
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_sdxl import COMFY_CLIP_OPTIONS, COMFY_UNET_CONFIG, build_tiny_sdxl  # noqa: E402
@@ -111,6 +113,28 @@ def test_objective_is_diffusers_training_step_on_the_pipelines_own_schedule(pred
                    ).mean(dim=(1, 2, 3))
         ours = objective.loss(lambda x, t: backend.predict(x, t, conditioning), latents, noise, timesteps)
     torch.testing.assert_close(ours, by_hand, rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_vae_that_asks_for_upcasting_encodes_in_fp32_and_latents_are_scaled() -> None:
+    """SDXL's VAE overflows in fp16 (its config says `force_upcast`): latents are those of its weights in fp32, times
+    the scaling factor, and the VAE stays fp16 afterwards."""
+    pipeline = build_tiny_sdxl(seed=0)
+    pipeline.vae.half()
+    reference = copy.deepcopy(pipeline.vae).float()
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    latents = SDXLBackend(pipeline).encode_images(pixels, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = reference.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(7)) * 0.13025
+    assert latents.dtype == torch.float32 and pipeline.vae.dtype == torch.float16
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
+
+
+def test_text_encoders_train_at_their_own_learning_rate(pipeline) -> None:
+    network = LoRANetwork.create(SDXLBackend(pipeline).adapter_targets("attention", True), rank=4)
+    unet, text = parameter_groups(network, TrainingConfig(learning_rate=1e-3, text_encoder_lr=1e-5))
+    text_parameters = [p for name, adapter in network.items() if name.startswith(("lora_te1_", "lora_te2_"))
+                       for p in adapter.parameters()]
+    assert (unet["lr"], text["lr"]) == (1e-3, 1e-5) and set(map(id, text["params"])) == set(map(id, text_parameters))
 
 
 def test_training_lowers_the_validation_loss(pipeline, tmp_path) -> None:
