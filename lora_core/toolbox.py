@@ -84,17 +84,21 @@ def checked_rule(rule: str, parameter: float) -> None:
         raise ValueError(f"{rule} = {parameter} is out of range: use {allowed}")
 
 
-def resize(weights: LoRAWeights, rule: str = "rank", parameter: float = 8) -> tuple[LoRAWeights, list[ModuleReport]]:
+def resize(weights: LoRAWeights, rule: str = "rank", parameter: float = 8, max_rank: int | None = None
+           ) -> tuple[LoRAWeights, list[ModuleReport]]:
     """Every LoRA (or DoRA) module refactored by SVD of its ΔW to the rank `rule` picks (kohya's `resize_lora.py`:
-    a fixed rank, or dynamic by `sv_ratio` / `sv_fro` / `sv_cumulative`), never above its present rank. The discarded
-    singular values are exactly what is lost: ‖ΔW − ΔW_r‖_F² = Σ of their squares. DoRA's magnitudes are kept."""
+    a fixed rank, or dynamic by `sv_ratio` / `sv_fro` / `sv_cumulative` capped at `max_rank`, its `new_rank`), never
+    above its present rank. The discarded singular values are exactly what is lost: ‖ΔW − ΔW_r‖_F² = Σ of their
+    squares. DoRA's magnitudes are kept."""
     checked_rule(rule, parameter)
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"max_rank = {max_rank} is out of range: use a whole number ≥ 1, or None for no cap")
     tensors, reports = {}, []
     for name, module in modules_of(weights).items():
         delta = lora_delta(name, module, LORA_KEYS | {"dora_scale"})
         rank_before = module["lora_down.weight"].shape[0]
         values = singular_values(delta)
-        rank = min(rank_by_rule(values, rule, parameter), rank_before)
+        rank = min(rank_by_rule(values, rule, parameter), rank_before, max_rank or rank_before)
         factors, _ = factor_tensors(delta, rank)
         if "dora_scale" in module:
             factors["dora_scale"] = module["dora_scale"].float()
@@ -148,11 +152,13 @@ def concatenated(name: str, modules: list[tuple[dict[str, torch.Tensor], float]]
 
 @torch.no_grad()
 def extract(base: dict[str, nn.Module], tuned: dict[str, nn.Module], rule: str = "rank", parameter: float = 8,
-            clamp_quantile: float = 0.99, min_diff: float = 0.0) -> tuple[LoRAWeights, list[ModuleReport]]:
+            clamp_quantile: float = 0.99, min_diff: float = 0.0, max_rank: int | None = None
+            ) -> tuple[LoRAWeights, list[ModuleReport]]:
     """A LoRA of the difference between a fine-tuned model and its base, layer by layer (kohya's
     `extract_lora_from_models.py`): ΔW = W_tuned − W_base, factored by SVD at the rank `rule` picks. `base` and
     `tuned` map the same kohya names to the two models' layers. Layers whose largest |ΔW| is at most `min_diff` are
-    left out; `clamp_quantile` < 1 clamps outlying factor entries as kohya does (0.99 is its default)."""
+    left out; `clamp_quantile` < 1 clamps outlying factor entries as kohya does (0.99 is its default); `max_rank` caps
+    a dynamic rule's rank."""
     checked_rule(rule, parameter)
     missing = sorted(set(base) ^ set(tuned))
     if missing:
@@ -160,14 +166,15 @@ def extract(base: dict[str, nn.Module], tuned: dict[str, nn.Module], rule: str =
                          "fine-tune of this very base")
     tensors, reports = {}, []
     for name, layer in base.items():
-        delta = dense_weight(tuned[name]).float() - dense_weight(layer).float()
+        tuned_weight = dense_weight(tuned[name]).float()
+        delta = tuned_weight - dense_weight(layer).float().to(tuned_weight.device)
         if delta.shape != dense_weight(layer).shape:
             raise ValueError(f"layer {name} has shape {tuple(dense_weight(tuned[name]).shape)} in the fine-tune and "
                              f"{tuple(dense_weight(layer).shape)} in the base: not a fine-tune of this base")
         if float(delta.abs().max()) <= min_diff:
             continue
         values = singular_values(delta)
-        rank = rank_by_rule(values, rule, parameter)
+        rank = min(rank_by_rule(values, rule, parameter), max_rank or len(values))
         factors, _ = factor_tensors(delta.cpu(), rank, clamp_quantile)
         tensors.update({f"{name}.{suffix}": value for suffix, value in factors.items()})
         reports.append(ModuleReport(name, len(values), rank, retained_energy(values, rank)))

@@ -1,5 +1,6 @@
 """LoRA Lab's ComfyUI nodes (V1 API): thin adapters over `lora_core`."""
 from .lora_nodes import ApplyLoRA, LoadLoRA, SaveLoRA
+from .toolbox_nodes import ExtractLoRA, MergeLoRAs, ResizeLoRA
 from .train_nodes import InjectLoRA, LoadDataset, TrainingOptions, TrainLoRA, TrainLoRAAllSettings
 
 NODE_CLASS_MAPPINGS = {
@@ -11,6 +12,9 @@ NODE_CLASS_MAPPINGS = {
     "LoraLab_SaveLoRA": SaveLoRA,
     "LoraLab_LoadLoRA": LoadLoRA,
     "LoraLab_ApplyLoRA": ApplyLoRA,
+    "LoraLab_ResizeLoRA": ResizeLoRA,
+    "LoraLab_MergeLoRAs": MergeLoRAs,
+    "LoraLab_ExtractLoRA": ExtractLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLab_LoadDataset": "Load Dataset (LoRA Lab)",
@@ -21,4 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLab_SaveLoRA": "Save LoRA (LoRA Lab)",
     "LoraLab_LoadLoRA": "Load LoRA (LoRA Lab)",
     "LoraLab_ApplyLoRA": "Apply LoRA (LoRA Lab)",
+    "LoraLab_ResizeLoRA": "Resize LoRA (LoRA Lab)",
+    "LoraLab_MergeLoRAs": "Merge LoRAs (LoRA Lab)",
+    "LoraLab_ExtractLoRA": "Extract LoRA (LoRA Lab)",
 }
