@@ -1,7 +1,8 @@
 // LoRA Lab's front-end extension: a panel drawn with canvas at the bottom of the pack's nodes, after they run.
 // - Train LoRA: a live loss chart, fed by the `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
 // - Save LoRA: the saved file's name and size; Load Dataset: the image and caption counts.
-// After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs.
+// After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs:
+// into the first graph the page shows, which the legacy front end loads before `setup` and the current ones after.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { CHART_HEIGHT, LossChart } from "./loss_chart.js";
@@ -160,8 +161,7 @@ async function lastRunOutputs() {
     console.warn("LoRA Lab: could not read the last run from /history", error);
     return {};
   }
-  // This tab's runs; a front end that gives the reloaded page a new client id (1.58) finds none, and then the
-  // newest runs in the history stand in.
+  // This tab's runs (a reload keeps the tab's client id); a new tab has none, and the newest runs stand in.
   const entries = Object.values(history);
   const mine = entries.filter((entry) => entry.prompt?.[3]?.client_id === clientId);
   const outputs = {};
@@ -174,7 +174,9 @@ async function lastRunOutputs() {
   return outputs;
 }
 
-let pendingRestore = null; // the last run's outputs, for the first graph shown after the page (re)loaded
+let pendingRestore = null; // the last run's outputs, read at setup, for the first graph shown
+let graphShown = false; // a graph was configured (before setup on the legacy front end)
+let lastRunRestored = false; // the first graph got the last run's outputs, or there were none
 
 async function restoreLastRun() {
   const outputs = await pendingRestore;
@@ -183,6 +185,7 @@ async function restoreLastRun() {
     const last = outputs[node.id];
     if (isPackNode(node) && last?.type === node.type) showOutput(node, last.output);
   }
+  lastRunRestored = true;
 }
 
 // --- read-only view for tests and debugging ------------------------------------------------------------------
@@ -195,6 +198,7 @@ function chartSnapshot(nodeId) {
 }
 
 window.LoraLab = Object.freeze({
+  lastRunRestored: () => lastRunRestored,
   chart: chartSnapshot,
   note: (nodeId) => [...(findPanel(app.graph.getNodeById(nodeId))?.lines ?? [])],
 });
@@ -206,10 +210,10 @@ app.registerExtension({
   },
   async setup() {
     pendingRestore = lastRunOutputs();
-    // The legacy front end has restored the workflow by now; the current one restores it after setup.
-    if (app.graph._nodes.length) await restoreLastRun();
+    if (graphShown) await restoreLastRun();
   },
   async afterConfigureGraph() {
+    graphShown = true;
     if (pendingRestore) await restoreLastRun();
   },
   // Current front end: outputs put back on switching workflow tabs or loading a queue/history entry.

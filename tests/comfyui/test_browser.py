@@ -74,7 +74,9 @@ def open_app(browser, comfy: ComfyServer):
 
 
 def wait_for_app(page) -> None:
-    page.wait_for_function("window.app?.graph && window.LoraLab", timeout=60_000)
+    """Waits until the page shows its first graph, given the last run's outputs: the current front ends load it
+    after `window.app` is up, and the extension reads `/history` for it."""
+    page.wait_for_function("window.app?.graph && window.LoraLab?.lastRunRestored()", timeout=60_000)
 
 
 def load_shrunk_workflow(page, steps: int = TRAINING_OVERRIDES["LoraLab_Train"]["steps"]) -> None:
@@ -202,10 +204,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         assert saved_widget_values(page) == widget_values, "the panels must not change what a saved workflow holds"
         assert log.pack_errors() == []
 
-        if comfy.version is not None:  # 0.3.64 with its front end 1.27.10, or serving 1.58.1
-            pytest.xfail("open: on the current front ends (1.27.10, 1.58.1) the chart does not come back after a page "
-                         "reload (the live chart, notes and saved widget values above pass); it does on the 2024 one")
-        # Neither ComfyUI front end keeps node outputs over a reload: the extension reads the tab's last run back.
+        # No ComfyUI front end keeps node outputs over a reload: the extension reads the tab's last run back.
         page.reload()
         wait_for_app(page)
         restored = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
