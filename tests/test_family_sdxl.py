@@ -13,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, kohya_metadata, load_file, save_lora, train
+from lora_core import (
+    DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, kohya_metadata, load_file, save_lora, train,
+)
 from lora_core.backend import SIZE_CONDITIONING
 from lora_core.demo import make_concept_images
 from lora_core.diffusers_backend import generate
@@ -21,9 +23,7 @@ from lora_core.encoded import EncodedDataset
 from lora_core.families.sdxl import SDXLBackend
 from lora_core.targets import TEXT_ENCODER_PRESET, find_targets
 from lora_core.training import parameter_groups
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_sdxl import COMFY_CLIP_OPTIONS, COMFY_UNET_CONFIG, build_tiny_sdxl  # noqa: E402
+from tiny_sdxl import COMFY_CLIP_OPTIONS, COMFY_UNET_CONFIG, build_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI = ROOT / ".cache" / "comfyui-0.3.64"  # scripts/setup_comfyui.sh unpacks it
@@ -171,16 +171,20 @@ def test_cli_detects_sdxl_and_trains(pipeline, tmp_path) -> None:
 def test_strength_zero_is_the_base_image(pipeline) -> None:
     backend = SDXLBackend(pipeline)
     network = trained_looking(LoRANetwork.create(backend.adapter_targets("full", True), rank=4))
-    base = np.asarray(generate(pipeline, None, PROMPTS[0], seed=5, steps=3, size=64))
-    assert np.array_equal(np.asarray(generate(pipeline, network, PROMPTS[0], strength=0, seed=5, steps=3, size=64)), base)
-    assert not np.array_equal(np.asarray(generate(pipeline, network, PROMPTS[0], strength=1, seed=5, steps=3, size=64)),
-                              base)
+
+    def image(network: LoRANetwork | None, strength: float = 1.0) -> np.ndarray:
+        return np.asarray(generate(pipeline, network, PROMPTS[0], strength=strength, seed=5, steps=3, size=64))
+
+    base = image(None)
+    assert np.array_equal(image(network, 0.0), base)
+    assert not np.array_equal(image(network, 1.0), base)
 
 
 def saved_network(pipeline, path: Path) -> tuple[LoRANetwork, Path]:
     """A trained-looking LoRA on every layer kind the presets reach (full UNet preset and both text encoders)."""
     targets = SDXLBackend(pipeline).adapter_targets("full", True)
-    selected = [*find_targets(pipeline.unet, "full").values(), *find_targets(pipeline.text_encoder, TEXT_ENCODER_PRESET).values(),
+    selected = [*find_targets(pipeline.unet, "full").values(),
+                *find_targets(pipeline.text_encoder, TEXT_ENCODER_PRESET).values(),
                 *find_targets(pipeline.text_encoder_2, TEXT_ENCODER_PRESET).values()]
     assert len(targets) == len(selected) and set(map(id, targets.values())) == set(map(id, selected)), \
         "every selected layer needs a name of its own"

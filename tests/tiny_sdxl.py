@@ -68,7 +68,8 @@ def build_tiny_sdxl(seed: int = 0, resolution: int = 64, prediction_type: str = 
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         cross_attention_dim=2 * TEXT_WIDTH, norm_num_groups=32, addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_WIDTH, projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_WIDTH,
+        addition_time_embed_dim=TIME_EMBED_WIDTH,
+        projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * TIME_EMBED_WIDTH,  # pooled G + six size/crop numbers
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
