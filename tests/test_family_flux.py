@@ -16,7 +16,7 @@ from lora_core import load_file
 from lora_core.config import TrainingConfig
 from lora_core.dataset import DatasetConfig, ImageFolderDataset
 from lora_core.diffusers_backend import generate
-from lora_core.families.flux import FluxBackend, FluxFileError, fuse, split
+from lora_core.families.flux import FluxBackend, FluxFileError, bfl_layers, fuse, split
 from lora_core.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training import train
@@ -178,21 +178,31 @@ def test_diffusers_reads_the_kohya_file_with_every_module_applied(tmp_path) -> N
 
 
 def test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it() -> None:
-    """On Flux.1's real widths (tensors only): `fuse`'s linear1 through diffusers' kohya converter gives each of
-    to_q/to_k/to_v/proj_mlp its own ΔW."""
+    """On Flux.1's real widths (a transformer on the meta device, random LoRA tensors): every kohya layer `fuse`
+    writes, linear1 included, goes through diffusers' kohya converter to each diffusers layer's own ΔW, so the
+    file's names and row orders are the ones diffusers (and kohya) read."""
+    from diffusers import FluxTransformer2DModel
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
-    widths = (3072, 3072, 3072, 12288)
-    layers = [torch.nn.Linear(3072, width, device="meta") for width in widths]
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    modules = dict(transformer.named_modules())
     generator = torch.Generator().manual_seed(0)
-    pieces = [{"lora_down.weight": torch.randn(2, 3072, generator=generator),
-               "lora_up.weight": torch.randn(width, 2, generator=generator), "alpha": torch.tensor(1.0)} for width in widths]
-    fused = fuse("lora_unet_single_blocks_0_linear1", pieces, layers)
-    converted = _convert_kohya_flux_lora_to_diffusers({f"lora_unet_single_blocks_0_linear1.{k}": v for k, v in fused.items()})
-    for part, piece in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), pieces):
-        key = f"transformer.single_transformer_blocks.0.{part}"
-        delta = converted[f"{key}.lora_B.weight"] @ converted[f"{key}.lora_A.weight"]
-        torch.testing.assert_close(delta, piece["lora_up.weight"] @ piece["lora_down.weight"] * 0.5)
+    pieces, file = {}, {}
+    for file_name, paths in bfl_layers(transformer).items():
+        for path in paths:
+            rows, columns = modules[path].weight.shape
+            pieces[path] = {"lora_down.weight": torch.randn(2, columns, generator=generator),
+                            "lora_up.weight": torch.randn(rows, 2, generator=generator), "alpha": torch.tensor(1.0)}
+        fused = fuse(file_name, [pieces[path] for path in paths], [modules[path] for path in paths])
+        file |= {f"{file_name}.{suffix}": value for suffix, value in fused.items()}
+    converted = _convert_kohya_flux_lora_to_diffusers(file)
+    assert len(converted) == 2 * len(pieces)
+    for path, piece in pieces.items():  # ΔW on random inputs: the dense ΔWs of Flux's widths would take seconds
+        inputs = torch.randn(modules[path].weight.shape[1], 3, generator=generator)
+        theirs = converted[f"transformer.{path}.lora_B.weight"] @ (converted[f"transformer.{path}.lora_A.weight"] @ inputs)
+        ours = piece["lora_up.weight"] @ (piece["lora_down.weight"] @ inputs) * 0.5
+        torch.testing.assert_close(theirs, ours, msg=path)
 
 
 @pytest.mark.skipif(not COMFYUI.is_dir(), reason="ComfyUI 0.3.64 is set up by scripts/setup_comfyui.sh")
@@ -227,3 +237,18 @@ def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
     tensors, metadata = load_file(out)
     assert metadata["ss_base_model_version"] == "flux1"
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in tensors
+
+
+def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> None:
+    """Checkpointing the double and single blocks changes memory, not the losses (CLIP-L training included)."""
+    from lora_core.demo import make_concept_images
+
+    backend = FluxBackend(dev)
+    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    losses = []
+    for checkpointing in (False, True):
+        network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)
+        losses.append(train(backend, network, dataset, TrainingConfig(
+            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
+            gradient_checkpointing=checkpointing)).losses)
+    assert losses[0] == losses[1]

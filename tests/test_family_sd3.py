@@ -160,3 +160,17 @@ def test_cli_trains_a_saved_sd3_base(sd3, tmp_path) -> None:
     tensors, metadata = load_file(out)
     assert metadata["ss_base_model_version"] == "sd3" and metadata["ss_discrete_flow_shift"] == "3.0"
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
+
+
+def test_gradient_checkpointing_recomputes_the_same_training(sd3, tmp_path) -> None:
+    from lora_core.demo import make_concept_images
+
+    backend = SD3Backend(sd3)
+    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    losses = []
+    for checkpointing in (False, True):
+        network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)
+        losses.append(train(backend, network, dataset, TrainingConfig(
+            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
+            gradient_checkpointing=checkpointing)).losses)
+    assert losses[0] == losses[1]
