@@ -252,3 +252,25 @@ def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> N
             steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
             gradient_checkpointing=checkpointing)).losses)
     assert losses[0] == losses[1]
+
+
+def test_qlora_over_a_4bit_transformer_trains_and_saves_exactly(tmp_path) -> None:
+    """DoRA over NF4 layers (the CLI's QLoRA path): it trains, and the fused file (single blocks' linear1 padded
+    with the 4-bit proj_mlp's own row norms) loads back to the same ΔW and magnitudes."""
+    from lora_core.demo import make_concept_images
+    from lora_core.quantize import quantize_linear_layers
+
+    pipeline = build_tiny_flux(seed=4)
+    assert quantize_linear_layers(pipeline.transformer) > 0
+    backend = FluxBackend(pipeline)
+    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "dora", 4, 4)
+    result = train(backend, network, dataset, TrainingConfig(steps=2, learning_rate=1e-2, gradient_accumulation=1,
+                                                              validation_every=0))
+    assert np.isfinite(result.losses).all()
+    path = save_lora(tmp_path / "qlora.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    loaded, _ = load_lora(path, backend.loadable_modules(), network_tensors=backend.network_tensors)
+    assert set(loaded.adapters) == set(network.adapters)
+    for name, adapter in network.items():
+        torch.testing.assert_close(loaded.adapters[name].delta_weight(), adapter.delta_weight(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded.adapters[name].dora_scale, adapter.dora_scale, rtol=0, atol=0)

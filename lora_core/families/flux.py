@@ -11,6 +11,7 @@ from torch import nn
 
 from ..backend import Conditioning
 from ..config import TrainingConfig
+from ..adapters.base import dense_weight
 from ..functional.dora import output_norm
 from ..objectives import FlowMatchingObjective
 from ..targets import kohya_name
@@ -96,12 +97,12 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
     fold = next(key for key in OUT_FACTORS if key in keys)
     padded = []
     for piece, layer in zip(pieces, layers):
-        out_rows, in_columns = layer.weight.shape
+        out_rows, in_columns = layer.out_features, layer.in_features  # a 4-bit (QLoRA) weight is packed
         if piece is None:
             piece = {key: torch.zeros(rank, in_columns) for key in IN_FACTORS if key in keys}
             piece |= {key: torch.zeros(out_rows, rank) for key in OUT_FACTORS if key in keys}
             if "dora_scale" in keys:
-                piece["dora_scale"] = output_norm(layer.weight.detach().float().cpu())
+                piece["dora_scale"] = output_norm(dense_weight(layer).detach().cpu())
             padded.append(piece)
             continue
         extra = rank - piece_rank(piece)
@@ -127,7 +128,7 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     in_keys = [key for key in IN_FACTORS if key in fused]
     if not out_keys or not in_keys:
         raise FluxFileError(f"{file_name}: no LoRA/LoHa factors in {sorted(fused)}")
-    rows = [layer.weight.shape[0] for layer in layers]
+    rows = [layer.out_features for layer in layers]
     if fused[out_keys[0]].shape[0] != sum(rows):
         raise FluxFileError(f"{file_name} has {fused[out_keys[0]].shape[0]} output rows, but this model's "
                             f"{', '.join(paths)} have {sum(rows)}: the LoRA was trained for another Flux model")
