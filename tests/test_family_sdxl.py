@@ -21,7 +21,7 @@ from lora_core.demo import make_concept_images
 from lora_core.diffusers_backend import generate
 from lora_core.encoded import EncodedDataset
 from lora_core.families.sdxl import SDXLBackend
-from lora_core.targets import TEXT_ENCODER_PRESET, find_targets
+from lora_core.targets import all_adaptable
 from lora_core.training import parameter_groups
 from tiny_sdxl import COMFY_CLIP_OPTIONS, COMFY_UNET_CONFIG, build_tiny_sdxl
 
@@ -181,14 +181,14 @@ def test_strength_zero_is_the_base_image(pipeline) -> None:
 
 
 def saved_network(pipeline, path: Path) -> tuple[LoRANetwork, Path]:
-    """A trained-looking LoRA on every layer kind the presets reach (full UNet preset and both text encoders)."""
-    targets = SDXLBackend(pipeline).adapter_targets("full", True)
-    selected = [*find_targets(pipeline.unet, "full").values(),
-                *find_targets(pipeline.text_encoder, TEXT_ENCODER_PRESET).values(),
-                *find_targets(pipeline.text_encoder_2, TEXT_ENCODER_PRESET).values()]
-    assert len(targets) == len(selected) and set(map(id, targets.values())) == set(map(id, selected)), \
-        "every selected layer needs a name of its own"
-    network = trained_looking(LoRANetwork.create(targets, rank=4, alpha=2))
+    """A trained-looking LoRA on every layer a file may name: all of the UNet (conv_in to conv_out, the time and
+    size embeddings, every block; each preset's layers among them) and both text encoders."""
+    modules = SDXLBackend(pipeline).loadable_modules()
+    layers = [module for component in (pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2)
+              for module in all_adaptable(component).values()]
+    assert len(modules) == len(layers) and set(map(id, modules.values())) == set(map(id, layers)), \
+        "every layer needs a name of its own"
+    network = trained_looking(LoRANetwork.create(modules, rank=4, alpha=2))
     return network, save_lora(path, network, kohya_metadata(network, model={"version": "sdxl_base_v1-0"}),
                               dtype="float32")
 
@@ -272,6 +272,8 @@ def test_comfyui_load_lora_maps_every_module_to_the_same_layer(pipeline, tmp_pat
             clip, encoder = ("clip_l", pipeline.text_encoder) if name.startswith("lora_te1_") else \
                 ("clip_g", pipeline.text_encoder_2)
             path = {module: path for path, module in encoder.named_modules()}[layers[name]]
-            expected = f"{clip}.transformer.{path if path.startswith('text_model.') else 'text_model.' + path}.weight"
+            if not hasattr(encoder, "text_model"):  # transformers 5's CLIPTextModel: no text_model wrapper
+                path = f"text_model.{path}"
+            expected = f"{clip}.transformer.{path}.weight"
         assert target == expected, name
         assert comfy["shapes"][target] == list(layers[name].weight.shape), name
