@@ -142,8 +142,21 @@ def test_a_dense_fused_file_splits_into_the_same_rows_of_delta_w(dev) -> None:
     network = LoRANetwork.create(backend.adapter_targets("attention", False), "lokr", 4)
     with pytest.raises(FluxFileError, match="LoKr.*Flux.*double_blocks_0_img_attn_qkv|LoKr.*Flux.*single_blocks_0_linear1"):
         backend.file_tensors(network.kohya_tensors())
-    with pytest.raises(FluxFileError, match="LoKr"):
-        fuse("x", [{"lokr_w1": down, "lokr_w2": down, "alpha": torch.tensor(1.0)}], layers[:1])
+    with pytest.raises(FluxFileError, match="linear1: LoKr"):
+        split("lora_unet_single_blocks_0_linear1", {"lokr_w1": down, "lokr_w2": down}, backend.layers[
+            "lora_unet_single_blocks_0_linear1"], layers)
+
+
+def test_lokr_on_layers_that_are_not_fused_is_saved_as_it_is(dev) -> None:
+    backend = FluxBackend(dev)
+    unfused = {name: module for name, module in backend.adapter_targets("transformer", False).items()
+               if "_ff" in name or name.endswith(("proj_out", "to_out_0", "to_add_out"))}
+    network = randomized(LoRANetwork.create(unfused, "lokr", 4))
+    tensors = network.kohya_tensors()
+    written = backend.file_tensors(tensors)
+    assert "lora_unet_double_blocks_0_img_mlp_0.lokr_w1" in written and "lora_unet_single_blocks_0_linear2.lokr_w1" in written
+    back = backend.network_tensors(written)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[key], tensors[key]) for key in tensors)
 
 
 def test_diffusers_reads_the_kohya_file_with_every_module_applied(tmp_path) -> None:

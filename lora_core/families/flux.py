@@ -86,8 +86,10 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
     """One adapter on the fused layer whose ΔW rows are the pieces' ΔW exactly: ranks padded to the largest with
     zeros, in-factors stacked, out-factors block-diagonal, each piece's alpha/rank folded into its out-factor where it
     differs from the first's, alpha = that scale × the fused rank. A piece the network does not train (None) is a
-    zero block (DoRA: the layer's own row norms, which leave it unchanged)."""
+    zero block (DoRA: the layer's own row norms, which leave it unchanged). A layer of one piece is kept as it is."""
     present = [piece for piece in pieces if piece is not None]
+    if len(pieces) == 1:
+        return present[0]
     keys = set(present[0])
     if any(key.startswith("lokr_") for key in keys):
         raise FluxFileError(
@@ -95,14 +97,15 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
             "and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
     rank, scale = max(piece_rank(piece) for piece in present), piece_scale(present[0])
     fold = next(key for key in OUT_FACTORS if key in keys)
+    dtype = present[0][fold].dtype
     padded = []
     for piece, layer in zip(pieces, layers):
         out_rows, in_columns = layer.out_features, layer.in_features  # a 4-bit (QLoRA) weight is packed
         if piece is None:
-            piece = {key: torch.zeros(rank, in_columns) for key in IN_FACTORS if key in keys}
-            piece |= {key: torch.zeros(out_rows, rank) for key in OUT_FACTORS if key in keys}
+            piece = {key: torch.zeros(rank, in_columns, dtype=dtype) for key in IN_FACTORS if key in keys}
+            piece |= {key: torch.zeros(out_rows, rank, dtype=dtype) for key in OUT_FACTORS if key in keys}
             if "dora_scale" in keys:
-                piece["dora_scale"] = output_norm(dense_weight(layer).detach().cpu())
+                piece["dora_scale"] = output_norm(dense_weight(layer).detach().cpu()).to(dtype)
             padded.append(piece)
             continue
         extra = rank - piece_rank(piece)
@@ -110,9 +113,8 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
         piece |= {key: torch.cat([piece[key], piece[key].new_zeros(extra, in_columns)]) for key in IN_FACTORS if key in keys}
         piece |= {key: torch.cat([piece[key], piece[key].new_zeros(out_rows, extra)], 1) for key in OUT_FACTORS if key in keys}
         padded.append(piece)
-    dtype = present[0][fold].dtype
-    fused = {key: torch.cat([piece[key] for piece in padded]).to(dtype) for key in (*IN_FACTORS, *ROW_VALUES) if key in keys}
-    fused |= {key: torch.block_diag(*[piece[key] for piece in padded]).to(dtype) for key in OUT_FACTORS if key in keys}
+    fused = {key: torch.cat([piece[key] for piece in padded]) for key in (*IN_FACTORS, *ROW_VALUES) if key in keys}
+    fused |= {key: torch.block_diag(*[piece[key] for piece in padded]) for key in OUT_FACTORS if key in keys}
     fused["alpha"] = torch.tensor(scale * rank * len(pieces), dtype=torch.float32)
     return fused
 
@@ -120,7 +122,10 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
 def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[nn.Module]) -> dict[str, Tensors]:
     """The pieces of a fused layer's adapter, each with exactly its rows of ΔW: block-diagonal out-factors (as
     `fuse` writes them) give each piece its rank's share, all-zero (padding) pieces dropped; a dense out-factor
-    (kohya's own fused training) gives each piece the whole in-factor and its rows of the out-factor."""
+    (kohya's own fused training) gives each piece the whole in-factor and its rows of the out-factor. A layer of one
+    piece is kept as it is."""
+    if len(paths) == 1:
+        return {kohya_name("lora_unet", paths[0]): fused}
     if any(key.startswith("lokr_") for key in fused):
         raise FluxFileError(f"{file_name}: LoKr on kohya's fused Flux layers cannot be split into diffusers' separate "
                             "layers exactly; LoRA Lab reads LoRA, DoRA and LoHa there")
