@@ -20,7 +20,7 @@ from lora_core.backend import SIZE_CONDITIONING
 from lora_core.demo import make_concept_images
 from lora_core.diffusers_backend import generate
 from lora_core.encoded import EncodedDataset
-from lora_core.families.sdxl import SDXLBackend
+from lora_core.families.sdxl import SDXLBackend, SDXLNamingError, sgm_names
 from lora_core.targets import all_adaptable
 from lora_core.training import parameter_groups
 from tiny_sdxl import COMFY_CLIP_OPTIONS, COMFY_UNET_CONFIG, build_tiny_sdxl
@@ -191,6 +191,13 @@ def saved_network(pipeline, path: Path) -> tuple[LoRANetwork, Path]:
     network = trained_looking(LoRANetwork.create(modules, rank=4, alpha=2))
     return network, save_lora(path, network, kohya_metadata(network, model={"version": "sdxl_base_v1-0"}),
                               dtype="float32")
+
+
+def test_a_layer_outside_sdxls_layout_is_a_clear_error(pipeline) -> None:
+    unet = copy.deepcopy(pipeline.unet)
+    unet.encoder_hid_proj = torch.nn.Linear(64, 64)  # what an IP-Adapter adds
+    with pytest.raises(SDXLNamingError, match="encoder_hid_proj has no name in SDXL's SGM layout"):
+        sgm_names(unet, all_adaptable(unet))
 
 
 def component_outputs(pipeline) -> tuple[torch.Tensor, ...]:

@@ -78,8 +78,9 @@ def sgm_path(path: str, blocks: dict[str, str]) -> str:
                     break
                 inner = RESNET_LAYERS[inner]
             return f"{sgm}.{inner}"
-    raise SDXLNamingError(f"UNet layer {path} has no name in SDXL's SGM layout; kohya, ComfyUI and diffusers could "
-                          "not load a LoRA on it")
+    raise SDXLNamingError(f"UNet layer {path} has no name in SDXL's SGM layout, so kohya, ComfyUI and diffusers "
+                          "could not load a LoRA on it; train on the SDXL UNet as saved, without layers added to it "
+                          "(an IP-Adapter's, for example)")
 
 
 def sgm_names(unet: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
