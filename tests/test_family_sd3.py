@@ -136,7 +136,7 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(sd3, tmp_path) -> Non
     network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
     path = save_lora(tmp_path / "sd3.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
     unet = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
-            "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "qk_norm": "rms",
+            "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "qk_norm": "rms", "x_block_self_attn_layers": [0],
             "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}}}
     report = comfy_reads("SD3", unet, path)
     assert report["not_loaded"] == [] and report["errors"] == []

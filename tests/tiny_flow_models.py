@@ -92,7 +92,8 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
 
 
 def build_tiny_sd3(seed: int = 0):
-    """A random StableDiffusion3Pipeline in SD3.5's layout (qk RMSNorm, shift 3), 2 joint blocks of width 128."""
+    """A random StableDiffusion3Pipeline in SD3.5's layout (qk RMSNorm, shift 3; block 0 with SD3.5 Medium's second
+    self-attention), 2 joint blocks of width 128."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
@@ -100,7 +101,7 @@ def build_tiny_sd3(seed: int = 0):
     transformer = SD3Transformer2DModel(  # ComfyUI's MMDiT: width 64·heads, as many blocks as heads (depth)
         sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
         joint_attention_dim=T5_WIDTH, caption_projection_dim=128, pooled_projection_dim=2 * CLIP_WIDTH,
-        out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm",
+        out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,),
     )
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
