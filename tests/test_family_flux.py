@@ -61,6 +61,19 @@ def test_objective_noises_as_the_scheduler_and_passes_sigma_as_the_pipeline_does
     torch.testing.assert_close(sigmas, dev.scheduler.time_shift(mu, 1.0, raw))
 
 
+def test_objective_settings_override_the_family_defaults_and_discrete_ones_are_refused(dev) -> None:
+    from lora_core.config import TrainingError
+
+    backend = FluxBackend(dev)
+    objective = backend.objective(TrainingConfig(timestep_sampling="uniform", flow_shift=2.0, loss_weighting="cosmap"))
+    assert (objective.sampling, objective.shift, objective.resolution_shift, objective.weighting) == \
+        ("uniform", 2.0, False, "cosmap")
+    schnell = FluxBackend(build_tiny_flux(seed=1, guidance_embeds=False)).objective(TrainingConfig())
+    assert (schnell.shift, schnell.resolution_shift) == (1.0, False)  # its scheduler's: no dynamic shifting
+    with pytest.raises(TrainingError, match="min_snr_gamma.*Flux.1 trains by flow matching"):
+        backend.objective(TrainingConfig(min_snr_gamma=5.0))
+
+
 @pytest.mark.parametrize("variant", ["dev", "schnell"])
 def test_predict_packs_ids_and_guidance_as_the_pipeline(dev, variant: str) -> None:
     """The transformer output of one pipeline step (guidance 2.5 on dev) equals `predict` on the unpacked latents."""
