@@ -292,7 +292,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
             "result"]]
         (network,) = InjectLoRA().inject(model, "lora", 4, 4.0, "transformer", text_encoder, clip)
         (options,) = TrainingOptions().options(**{
-            **{name: spec[1]["default"] for name, spec in TrainingOptions.INPUT_TYPES()["required"].items()},
+            **{name: spec[1]["default"] for section in TrainingOptions.INPUT_TYPES().values()
+               for name, spec in section.items()},
             "gradient_checkpointing": fp8})
         loss_before = fixed_loss(backend_module, model, clip, vae, dataset)
         started = time.perf_counter()

@@ -123,7 +123,7 @@ def test_family_workflows_are_valid_on_the_server_but_for_the_base_model_files(c
     if "flux" not in comfy_object_info.get("DualCLIPLoader", {}).get("input", {}).get("required", {}).get(
             "type", [[]])[0] and "flux" in name:
         pytest.skip("this ComfyUI predates Flux")
-    graph = load(name, comfy_object_info)
+    graph = load(name, comfy_object_info, {"LoraLab_LoadDataset": {"folder": "lora_lab_no_such_dataset"}})
     assert "LoraLab_Train" in {node["class_type"] for node in graph.values()}
     with pytest.raises(urllib.error.HTTPError) as refused:
         comfy._request("POST", "/prompt", {"prompt": graph, "client_id": comfy.client_id})
