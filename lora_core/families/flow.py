@@ -13,7 +13,9 @@ from ..config import TrainingConfig
 from ..diffusers_backend import generate
 from ..files import data_hash
 from ..objectives import FlowMatchingObjective
-from ..targets import TEXT_ENCODER_PRESET, TargetError, TargetPreset, all_adaptable, find_targets, kohya_paths, named_for_kohya
+from ..targets import (
+    TEXT_ENCODER_PRESET, TargetError, TargetPreset, all_adaptable, find_targets, kohya_paths, named_for_kohya,
+)
 
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
 DEFAULT_SIGMA_SAMPLING = "logit_normal"  # SD3 paper §3.1 and kohya's/diffusers' scripts for both families

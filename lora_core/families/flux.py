@@ -29,6 +29,8 @@ OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block
 IN_FACTORS = ("lora_down.weight", "hada_w1_b", "hada_w2_b")  # [rank, in]: stacked along the rank
 ROW_VALUES = ("dora_scale",)  # [out, 1]: stacked along the rows
 
+SINGLE_BLOCK_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # BFL's linear1, rows in this order
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -54,7 +56,7 @@ def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
     for index in range(len(transformer.single_transformer_blocks)):
         block = f"single_transformer_blocks.{index}."
         name = f"single_blocks_{index}"
-        layers[f"{name}_linear1"] = tuple(f"{block}{part}" for part in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+        layers[f"{name}_linear1"] = tuple(f"{block}{part}" for part in SINGLE_BLOCK_LINEAR1)
         layers[f"{name}_linear2"] = (f"{block}proj_out",)
         layers[f"{name}_modulation_lin"] = (f"{block}norm.linear",)
     return {f"lora_unet_{name}": paths for name, paths in layers.items()}
@@ -110,8 +112,10 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
             continue
         extra = rank - piece_rank(piece)
         piece = {**piece, fold: piece[fold] * (piece_scale(piece) / scale)}
-        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(extra, in_columns)]) for key in IN_FACTORS if key in keys}
-        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(out_rows, extra)], 1) for key in OUT_FACTORS if key in keys}
+        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(extra, in_columns)])
+                  for key in IN_FACTORS if key in keys}
+        piece |= {key: torch.cat([piece[key], piece[key].new_zeros(out_rows, extra)], 1)
+                  for key in OUT_FACTORS if key in keys}
         padded.append(piece)
     fused = {key: torch.cat([piece[key] for piece in padded]) for key in (*IN_FACTORS, *ROW_VALUES) if key in keys}
     fused |= {key: torch.block_diag(*[piece[key] for piece in padded]) for key in OUT_FACTORS if key in keys}
@@ -141,8 +145,8 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     scale = float(fused.get("alpha", total)) / total
     starts = [sum(rows[:index]) for index in range(len(rows))]
     rank = total // len(paths)
-    block = total % len(paths) == 0 and all(
-        not fused[key][start:start + count, :index * rank].any() and not fused[key][start:start + count, (index + 1) * rank:].any()
+    block = total % len(paths) == 0 and not any(  # nothing outside each piece's own rows × rank columns
+        fused[key][start:start + count, :index * rank].any() or fused[key][start:start + count, (index + 1) * rank:].any()
         for key in out_keys for index, (start, count) in enumerate(zip(starts, rows)))
     if not block:
         rank = total

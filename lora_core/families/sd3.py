@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..backend import Conditioning
 from ..config import TrainingConfig
 from ..objectives import FlowMatchingObjective
-from ..targets import all_adaptable, find_targets, kohya_paths
-from .flow import FlowBackend, flow_objective, transformer_presets
+from ..targets import all_adaptable, find_targets, kohya_name, kohya_paths
+from .flow import CLIP_L_PREFIX, FlowBackend, flow_objective, transformer_presets
 
 SD3_BLOCKS = frozenset({"JointTransformerBlock"})
 SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -39,16 +38,12 @@ class SD3Backend(FlowBackend):
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
         self.file_names = {  # network name → the module's name in files
-            **{name: f"transformer.{path}" for name, path in self.named_paths(
-                "lora_unet", find_targets(self.transformer, SD3_PRESETS["full"])).items()},
-            **{name: f"text_encoder.{path}" for name, path in self.named_paths(
-                "lora_te1", kohya_paths(self.text_encoder, all_adaptable(self.text_encoder))).items()},
+            **{kohya_name("lora_unet", path): f"transformer.{path}"
+               for path in find_targets(self.transformer, SD3_PRESETS["full"])},
+            **{kohya_name(CLIP_L_PREFIX, path): f"text_encoder.{path}"
+               for path in kohya_paths(self.text_encoder, all_adaptable(self.text_encoder))},
         }
         self.network_names = {file: name for name, file in self.file_names.items()}
-
-    @staticmethod
-    def named_paths(prefix: str, modules: dict[str, nn.Module]) -> dict[str, str]:
-        return {f"{prefix}_{path}".replace(".", "_"): path for path in modules}
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
         """Logit-normal σ with the scheduler's fixed shift (3.0 for SD3.5), σ·1000 as the transformer's time input
