@@ -237,17 +237,22 @@ def test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it() -> 
 
 @pytest.mark.skipif(not COMFYUI.is_dir(), reason="ComfyUI 0.3.64 is set up by scripts/setup_comfyui.sh")
 def test_comfyui_maps_and_applies_every_module_of_the_file(dev, tmp_path) -> None:
+    """LoRA, DoRA and LoHa files (fused qkv/linear1, CLIP-L) on ComfyUI's own Flux: every key loaded, every module a
+    patch that changes its weight."""
     backend = FluxBackend(dev)
-    network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
-    path = save_lora(tmp_path / "flux.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    files, modules = [], []
+    for algorithm in ("lora", "dora", "loha"):
+        network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), algorithm, 4, 2))
+        files.append(save_lora(tmp_path / f"{algorithm}.safetensors", network, {}, "float32",
+                               file_tensors=backend.file_tensors))
+        modules.append({key.split(".")[0] for key in load_file(files[-1])[0]})
     unet = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
             "context_in_dim": 64, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
             "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "guidance_embed": True}
-    report = comfy_reads("Flux", unet, path)
-    modules = {key.split(".")[0] for key in backend.file_tensors(network.kohya_tensors())}
-    assert report["not_loaded"] == [] and report["errors"] == []
-    assert report["unchanged"] == []
-    assert report["patches"] == len(modules)
+    for report, file_modules in zip(comfy_reads("Flux", unet, files), modules):
+        assert report["not_loaded"] == [] and report["errors"] == []
+        assert report["unchanged"] == []
+        assert report["patches"] == len(file_modules)
 
 
 def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:

@@ -132,16 +132,22 @@ def test_diffusers_reads_the_file_with_every_module_applied(tmp_path) -> None:
 
 @pytest.mark.skipif(not COMFYUI.is_dir(), reason="ComfyUI 0.3.64 is set up by scripts/setup_comfyui.sh")
 def test_comfyui_maps_and_applies_every_module_of_the_file(sd3, tmp_path) -> None:
+    """LoRA, DoRA and LoKr files on ComfyUI's own SD3 (MMDiT): every key loaded, every module a patch (q/k/v into
+    slices of its fused qkv) that changes its weight."""
     backend = SD3Backend(sd3)
-    network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
-    path = save_lora(tmp_path / "sd3.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)
+    files, counts = [], []
+    for algorithm in ("lora", "dora", "lokr"):
+        network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), algorithm, 4, 2))
+        files.append(save_lora(tmp_path / f"{algorithm}.safetensors", network, {}, "float32",
+                               file_tensors=backend.file_tensors))
+        counts.append(len(network.adapters))
     unet = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 64,
             "pos_embed_max_size": 16, "pos_embed_scaling_factor": None, "qk_norm": "rms", "x_block_self_attn_layers": [0],
             "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}}}
-    report = comfy_reads("SD3", unet, path)
-    assert report["not_loaded"] == [] and report["errors"] == []
-    assert report["unchanged"] == []
-    assert report["patches"] == len(network.adapters)
+    for report, count in zip(comfy_reads("SD3", unet, files), counts):
+        assert report["not_loaded"] == [] and report["errors"] == []
+        assert report["unchanged"] == []
+        assert report["patches"] == count
 
 
 def test_cli_trains_a_saved_sd3_base(sd3, tmp_path) -> None:

@@ -118,15 +118,15 @@ COMFY_CLIP_L = {"num_hidden_layers": 2, "hidden_size": CLIP_WIDTH, "num_attentio
                 "hidden_act": "quick_gelu", "max_position_embeddings": 77, "eos_token_id": 2, "vocab_size": 1000}
 
 
-def comfy_reads(family: str, unet_config: dict, lora_file: Path) -> dict:
-    """What ComfyUI 0.3.64's core Load LoRA does with `lora_file` on its own `family` model (see the probe)."""
+def comfy_reads(family: str, unet_config: dict, lora_files: list[Path]) -> list[dict]:
+    """What ComfyUI 0.3.64's core Load LoRA does with each file on its own `family` model (see the probe)."""
     import json
     import subprocess
     import sys
 
     probe = Path(__file__).with_name("comfy_flow_lora_probe.py")
     config = json.dumps({"unet": unet_config, "clip_l": COMFY_CLIP_L})
-    done = subprocess.run([sys.executable, str(probe), str(COMFYUI), family, config, str(lora_file)],
+    done = subprocess.run([sys.executable, str(probe), str(COMFYUI), family, config, *map(str, lora_files)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
