@@ -166,8 +166,9 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
 class FluxBackend(FlowBackend):
     """FluxPipeline for training: the trainer sees unpacked latents [B, 16, H, W]; `predict` packs them 2×2.
 
-    `guidance` is the value of dev's guidance input while training (1.0, as kohya's and diffusers' Flux scripts
-    default); schnell has no guidance input, so any other value is refused there rather than silently ignored."""
+    `guidance` is the value of dev's guidance input while training: 1.0 by default, as kohya's README trains dev
+    LoRAs (its and diffusers' scripts default to 3.5). Schnell has no guidance input, so any other value is refused
+    there rather than silently ignored."""
 
     family = FAMILY
     presets = FLUX_PRESETS
