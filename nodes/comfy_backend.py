@@ -84,6 +84,7 @@ class Family:
     flow: bool = False  # flow matching on CONST sampling; else ε/v on a discrete schedule
     timestep_sampling: str = "uniform"  # flow matching's default σ sampling
     guidance: bool = False  # Flux: extra_conds takes a guidance value
+    diffusers_files: bool = False  # SD3: files in diffusers' naming (q/k/v apart), as lora_core's SD3 files
     sample_cfg: float = 7.0
     sample_scheduler: str = "normal"
 
@@ -97,9 +98,9 @@ FAMILIES = {
     "SD20": Family("SD2.x", "sd_v2", "UNetModel", {"clip_h": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False),
     "SDXL": Family("SDXL", "sdxl_base_v1-0", "UNetModel", {"clip_l": "lora_te1", "clip_g": "lora_te2"}, UNET_PRESETS,
                    UNET_BLOCKS, adm=True),
-    "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1", "clip_g": "lora_te2"},
+    "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1"},
                   SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, timestep_sampling="logit_normal", sample_cfg=5.0,
-                  sample_scheduler="simple"),
+                  sample_scheduler="simple", diffusers_files=True),
     "Flux": FLUX_FAMILY,
     "FluxSchnell": FLUX_FAMILY,
 }
@@ -255,6 +256,57 @@ def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
+DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds
+
+
+def sd3_file_parts(model: Any) -> dict[str, list[FilePart]]:
+    """ComfyUI's SD3 module path → the diffusers module(s) SD3 LoRA files name it by, from ComfyUI's own map
+    (`comfy.utils.mmdit_to_diffusers`): fused qkv → to_q/to_k/to_v (add_*_proj for the context stream), each with its
+    rows. Layers whose diffusers weight is reordered (the last context block's adaLN) have no file name."""
+    parts: dict[str, list[FilePart]] = {}
+    reordered = set()
+    mapping = comfy.utils.mmdit_to_diffusers(model.model.model_config.unet_config, output_prefix="diffusion_model.")
+    for diffusers, target in mapping.items():
+        if not diffusers.endswith(".weight"):
+            continue
+        module = f"transformer.{diffusers[:-len('.weight')]}"
+        key, rows = (target, None) if isinstance(target, str) else target[:2]
+        path = key[len("diffusion_model."):-len(".weight")]
+        if not isinstance(target, str) and (len(target) != 2 or rows[0] != 0):  # (key, None, swap_scale_shift)
+            reordered.add(path)
+            continue
+        parts.setdefault(path, []).append((module, None if rows is None else (rows[1], rows[2])))
+    return {path: sorted(found, key=lambda part: part[1] or (0, 0)) for path, found in parts.items()
+            if path not in reordered}
+
+
+def split_lora(parts: dict[str, torch.Tensor], pieces: list[FilePart]) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA module's tensors as diffusers' files hold them: alpha/rank folded into lora_B (no alpha), and a fused
+    layer's lora_B split by rows over its pieces, each with the same lora_A; ΔW of the pieces is that of the module."""
+    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+    scale = float(parts.get("alpha", down.shape[0])) / down.shape[0]
+    up = (up.float() * scale).to(up.dtype)
+    return {module: {"lora_A.weight": down, "lora_B.weight": up if rows is None else up[rows[0]:rows[0] + rows[1]]}
+            for module, rows in pieces}
+
+
+def fused_lora(pieces: list[tuple[tuple[int, int], dict[str, torch.Tensor]]], out_features: int
+               ) -> dict[str, torch.Tensor]:
+    """The LoRA of a fused layer from its pieces' (rows, {lora_A, lora_B}): one lora_A where all pieces share it,
+    else the pieces' ranks side by side (lora_B block-diagonal); rows no piece covers stay zero. Scale 1."""
+    downs = [tensors["lora_A.weight"] for _, tensors in pieces]
+    shared = all(torch.equal(down, downs[0]) for down in downs)
+    down = downs[0] if shared else torch.cat(downs)
+    up = torch.zeros(out_features, down.shape[0], dtype=pieces[0][1]["lora_B.weight"].dtype)
+    column = 0
+    for (start, size), tensors in pieces:
+        rank = tensors["lora_A.weight"].shape[0]
+        up[start:start + size, (0 if shared else column):(0 if shared else column) + rank] = tensors["lora_B.weight"]
+        column += rank
+    return {"lora_down.weight": down, "lora_up.weight": up}
+
+
 IN_PLACE_INPUT_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
 
 
@@ -299,6 +351,15 @@ class ComfyBackend(TrainingBackend):
         self.guidance = guidance if has_guidance else None
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
+        self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
+        if self.spec.diffusers_files:
+            parts = sd3_file_parts(model)
+            self._unet_names = {path: name for path, name in self._unet_names.items() if path in parts}
+            self._file_parts = {
+                **{name: parts[path] for path, name in self._unet_names.items()},
+                **{name: [(f"text_encoder.{path[path.index('text_model.'):]}", None)]
+                   for path, name in self._text_names.items()},
+            }
 
     @contextmanager
     def training(self, train_text_encoder: bool) -> Iterator[None]:
@@ -411,6 +472,67 @@ class ComfyBackend(TrainingBackend):
             if layer_name == name:
                 return f"{path}.weight", "clip"
         raise ComfyBackendError(f"no layer of this model is called {name}")
+
+    def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """SD3: diffusers' names (`transformer.….lora_A/lora_B`, `text_encoder.…`) that diffusers and ComfyUI read,
+        alpha folded into lora_B; ComfyUI's fused qkv split into to_q/to_k/to_v exactly. Other families: kohya's."""
+        if not self._file_parts:
+            return tensors
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            name, _, suffix = key.partition(".")
+            modules.setdefault(name, {})[suffix] = value
+        out = {}
+        for name, parts in modules.items():
+            pieces = self._file_parts.get(name, [(name, None)])
+            if "lora_down.weight" in parts:
+                for module, split in split_lora(parts, pieces).items():
+                    out |= {f"{module}.{suffix}": value for suffix, value in split.items()}
+            elif len(pieces) == 1:  # LyCORIS tensors keep their suffixes (and alpha) under the diffusers name
+                out |= {f"{pieces[0][0]}.{suffix}": value for suffix, value in parts.items()}
+            else:
+                raise ComfyBackendError(f"{name} is q, k and v fused in ComfyUI's {self.family}, which SD3 files name "
+                                        "apart; only a LoRA splits into them exactly: train this layer with "
+                                        "algorithm lora")
+        return out
+
+    def network_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`file_tensors` undone: diffusers' to_q/to_k/to_v fused back into ComfyUI's qkv (one lora_A if the pieces
+        share it, else their ranks side by side), lora_A/lora_B as lora_down/lora_up at scale 1. Names that are not
+        the family's file names (kohya-style checkpoints) pass as they are."""
+        if not self._file_parts:
+            return tensors
+        owners = {module: (name, rows) for name, pieces in self._file_parts.items() for module, rows in pieces}
+        layers = self.loadable_modules()
+        out, fused = {}, {}
+        for key, value in tensors.items():
+            module, _, suffix = key.rpartition(".")
+            if suffix == "weight":  # lora_A.weight, lora_B.weight, hada_w1_a.weight…
+                module, _, leaf = module.rpartition(".")
+                suffix = f"{leaf}.weight"
+            if module not in owners:
+                out[key] = value
+                continue
+            name, rows = owners[module]
+            if rows is None:
+                suffixes = {file: network for network, file in DIFFUSERS_SUFFIXES.items()}
+                out[f"{name}.{suffixes.get(suffix, suffix)}"] = value
+            else:
+                fused.setdefault(name, {}).setdefault(rows, {})[suffix] = value
+        for name, pieces in fused.items():
+            out_features = layers[name].weight.shape[0] if name in layers else sum(size for _, size in pieces)
+            out |= {f"{name}.{suffix}": value
+                    for suffix, value in fused_lora(sorted(pieces.items()), out_features).items()}
+        return out
+
+    def check_algorithm(self, algorithm: str, names: list[str]) -> None:
+        """Refuse, before training, an algorithm whose adapters this family's files cannot hold."""
+        fused = [name for name in names if len(self._file_parts.get(name, ())) > 1]
+        if fused and algorithm != "lora":
+            raise ComfyBackendError(
+                f"{algorithm} cannot train {fused[0]} (and {len(fused) - 1} more): ComfyUI's {self.family} fuses q, k "
+                "and v into one layer, which SD3 files name apart as diffusers does, and only a LoRA splits into them "
+                "exactly; use algorithm lora")
 
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
         if preset not in self.spec.presets:

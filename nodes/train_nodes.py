@@ -155,6 +155,8 @@ class InjectLoRA:
             LoRANetwork.from_tensors(backend.network_tensors(lora.tensors), backend.loadable_modules(), strict=True)
         elif not backend.adapter_targets(target, train_text_encoder):
             raise ComfyBackendError(f"the target {target!r} matches no layer of this model")
+        else:
+            backend.check_algorithm(algorithm, list(backend.adapter_targets(target, train_text_encoder)))
         return (NetworkSpec(model, clip, algorithm, rank, alpha, target, train_text_encoder, lora),)
 
 

@@ -31,11 +31,12 @@ TIMESTEPS = [10, 500, 999]  # discrete families
 
 
 def reset_to_torch_default_init(module: torch.nn.Module) -> None:
-    """torch's own `reset_parameters` on every submodule (ComfyUI's layers skip init), with a fixed seed; weights
-    no `reset_parameters` sets (SD3's positional table) are zero."""
+    """torch's own `reset_parameters` on every submodule (ComfyUI's layers skip init), with a fixed seed; tensors
+    no `reset_parameters` sets (SD3's positional table, a buffer) are zero."""
     torch.manual_seed(0)
-    for parameter in module.parameters():
-        parameter.zero_()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            tensor.zero_()
     for submodule in module.modules():
         for cls in type(submodule).__mro__:
             if cls.__module__.startswith("torch.nn") and "reset_parameters" in vars(cls):
@@ -270,6 +271,39 @@ def sample(model, clip, seed: int = 3):
         return sampled["samples"]
 
 
+def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch.Tensor]) -> dict:
+    """ComfyUI's core loader on a file's `tensors` (its "lora key not loaded" lines), and the prediction of the MODEL
+    and CLIP it patches against lora_core's adapters (from the backend's `network_tensors`) on the base."""
+    import comfy.sd
+    from comfyui_lora_lab.lora_core.network import LoRANetwork
+
+    lines = LogLines()
+    logging.getLogger().addHandler(lines)
+    try:
+        core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(lines)
+    backend = backend_module.ComfyBackend(model, clip)
+    latents, noise = fixed_tensors(model, 2)
+    context, pooled = core_clip.encode_from_tokens(core_clip.tokenize("a photo of sks"), return_pooled=True)
+    times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
+    conditioning = {"context": context.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1), "size_and_crop": sizes(2)}
+    core_backend = backend_module.ComfyBackend(core_model, core_clip)
+    with core_backend.training(False), torch.inference_mode(False), torch.no_grad():
+        core_prediction = core_backend.predict(latents + noise, times, conditioning)
+    with backend.training(True), torch.inference_mode(False), torch.no_grad():
+        trained, _ = LoRANetwork.from_tensors(backend.network_tensors(tensors), backend.loadable_modules(),
+                                              strict=True)
+        with trained.applied(1.0):
+            own_context, own_pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
+            own = {**conditioning, "context": own_context.repeat(2, 1, 1), "pooled": own_pooled.repeat(2, 1)}
+            lora_prediction = backend.predict(latents + noise, times, own)
+    return {"not_loaded": [line for line in lines.lines if "lora key not loaded" in line.lower()],
+            "core_vs_lora_core": float((core_prediction - lora_prediction).abs().max()),
+            "prediction_scale": float(lora_prediction.abs().max()),
+            "text_context_difference": float((own["context"] - conditioning["context"]).abs().max())}
+
+
 def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path) -> dict:
     """Train LoRA through the pack's nodes on a fixed concept, then: the fixed-noise loss before and after, MODEL
     and CLIP unchanged, ComfyUI's core loader on the file (unmatched keys, its prediction against the trained network
@@ -278,12 +312,11 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
 
     import comfy.sd
     from comfyui_lora_lab.lora_core.demo import make_concept_images
-    from comfyui_lora_lab.lora_core.network import LoRANetwork
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
     from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainingOptions, TrainLoRA
 
     folder_paths.set_input_directory(str(work_dir / "input"))
-    make_concept_images(work_dir / "input" / "concept", count=2, resolution=RESOLUTION)
+    make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
     fp8 = family == "flux_fp8"
     text_encoder = not fp8
     with torch.inference_mode():  # as ComfyUI's executor runs every node
@@ -315,33 +348,13 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
         if fp8:
             return result
 
-        lines = LogLines()
-        logging.getLogger().addHandler(lines)
-        try:
-            core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
-        finally:
-            logging.getLogger().removeHandler(lines)
-        result["not_loaded"] = [line for line in lines.lines if "lora key not loaded" in line.lower()]
-
-        # ComfyUI's patched weights against lora_core's adapters on the base, on the same tensors
-        backend = backend_module.ComfyBackend(model, clip)
-        latents, noise = fixed_tensors(model, 2)
-        context, pooled = core_clip.encode_from_tokens(core_clip.tokenize("a photo of sks"), return_pooled=True)
-        times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
-        conditioning = {"context": context.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1), "size_and_crop": sizes(2)}
-        core_backend = backend_module.ComfyBackend(core_model, core_clip)
-        with core_backend.training(False), torch.inference_mode(False), torch.no_grad():
-            core_prediction = core_backend.predict(latents + noise, times, conditioning)
-        with backend.training(True), torch.inference_mode(False), torch.no_grad():
-            trained, _ = LoRANetwork.from_tensors(backend.network_tensors(weights.tensors), backend.loadable_modules(),
-                                                  strict=True)
-            with trained.applied(1.0):
-                own_context, own_pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
-                own = {**conditioning, "context": own_context.repeat(2, 1, 1), "pooled": own_pooled.repeat(2, 1)}
-                lora_prediction = backend.predict(latents + noise, times, own)
-        result["core_vs_lora_core"] = float((core_prediction - lora_prediction).abs().max())
-        result["prediction_scale"] = float(lora_prediction.abs().max())
-        result["text_context_difference"] = float((own["context"] - conditioning["context"]).abs().max())
+        result |= core_against_lora_core(backend_module, model, clip, weights.tensors)
+        if family == "sd3":  # a file whose q, k and v have their own lora_A, as diffusers trains them
+            foreign = {key: value + 0.05 * torch.randn(value.shape, generator=torch.Generator().manual_seed(5))
+                       if key.endswith(("to_k.lora_A.weight", "add_v_proj.lora_A.weight")) else value
+                       for key, value in weights.tensors.items()}
+            result["foreign"] = core_against_lora_core(backend_module, model, clip, foreign)
+        core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
 
         applied_model, applied_clip = ApplyLoRA().apply(model, clip, weights, 1.0, 1.0)
         result["applied_equals_core"] = bool(torch.equal(sample(applied_model, applied_clip), sample(core_model, core_clip)))
@@ -355,6 +368,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.config import TrainingConfig
+    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA
 
     backend = backend_module.ComfyBackend(model, clip)
     settings = ({"timestep_sampling": "uniform"} if backend.prediction_type != "flow" else {"min_snr_gamma": 5.0})
@@ -362,6 +376,7 @@ def refusals(backend_module, model, clip) -> dict:
     for name, attempt in {
         "settings": lambda: backend.objective(TrainingConfig(**settings)),
         "guidance": lambda: backend_module.ComfyBackend(model, clip, guidance=3.5),
+        "loha": lambda: InjectLoRA().inject(model, "loha", 4, 4.0, "attention", False, clip),
     }.items():
         try:
             attempt()

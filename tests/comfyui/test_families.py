@@ -20,10 +20,12 @@ from .harness import CURRENT_COMFY_DIR, VENV_PYTHON
 
 PROBE = Path(__file__).with_name("families_probe.py")
 RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
-        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8")]
+        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "sd3")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
-                "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")}
+                "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
+                # diffusers' naming, as lora_core's SD3 files: q, k and v apart, CLIP-L only
+                "sd3": ("transformer.transformer_blocks.", "text_encoder.text_model.")}
 _results: dict[tuple[str, str], dict] = {}
 
 
@@ -52,11 +54,12 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "sdxl", "objective", "v_prediction"),
     ("0.3.64", CURRENT_COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
     ("0.3.64", CURRENT_COMFY_DIR, "flux", "objective", "flow"),
-], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64"])
+    ("0.3.64", CURRENT_COMFY_DIR, "sd3", "objective", "flow"),
+], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
-    """ModelSamplingDiscrete v_prediction (SDXL) and ModelSamplingFlux (Flux, its resolution shift) applied before
-    training set the target and the noise levels: the loss per sample on fixed tensors, with SDXL's size/crop ADM and
+    """ModelSamplingDiscrete v_prediction (SDXL), ModelSamplingFlux (Flux, its resolution shift) and ModelSamplingSD3
+    (shift 3) applied before training set the target and the noise levels: the loss per sample on fixed tensors, with SDXL's size/crop ADM and
     Flux's guidance, equals the hand computation from `apply_model`; the σ drawn are the patched schedule's."""
     outcome = check(probe(server, comfy_dir, family, tmp_path_factory), objective)
     assert outcome["prediction_type"] == prediction_type
@@ -83,22 +86,31 @@ def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, com
     and the MODEL/CLIP it patches predict what lora_core's adapters on the base predict; Apply LoRA samples the same
     image as core, strength 0 the base image."""
     outcome = check(probe(server, comfy_dir, family, tmp_path_factory), "train_and_load")
-    assert outcome["not_loaded"] == []
-    modules = {key.partition(".")[0] for key in outcome["file_keys"]}
+    keys = outcome["file_keys"]
     for prefix in KEY_PREFIXES[family]:
-        assert any(name.startswith(prefix) for name in modules), prefix
-    assert all(name.startswith(KEY_PREFIXES[family]) for name in modules), sorted(modules)
-    assert outcome["core_vs_lora_core"] <= 1e-4 * outcome["prediction_scale"]
+        assert any(key.startswith(prefix) for key in keys), prefix
+    assert all(key.startswith(KEY_PREFIXES[family]) for key in keys), keys
+    if family == "sd3":  # ComfyUI's fused qkv split exactly; alpha folded into lora_B
+        assert not any(".qkv." in key or key.endswith(".alpha") for key in keys)
+        assert {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj"} <= {
+            ".".join(key.split(".")[-4:-2]) for key in keys}
+    for loaded in [outcome] + ([outcome["foreign"]] if family == "sd3" else []):
+        assert loaded["not_loaded"] == []
+        assert loaded["core_vs_lora_core"] <= 1e-4 * loaded["prediction_scale"], loaded
     assert outcome["applied_equals_core"] and outcome["strength_zero_equals_base"] and outcome["lora_changes_image"]
 
 
 @pytest.mark.parametrize(("family", "family_name", "setting"), [
-    ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma")])
-def test_settings_of_the_other_objective_and_flux_guidance_are_refused_naming_the_family(
+    ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma"), ("sd3", "SD3", "min_snr_gamma")])
+def test_what_a_family_cannot_train_is_refused_naming_the_family(
         family, family_name, setting, tmp_path_factory) -> None:
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
     assert setting in outcome["settings"] and family_name in outcome["settings"]
-    if family == "sdxl":
-        assert "flux_guidance" in outcome["guidance"] and "SDXL" in outcome["guidance"]
-    else:
+    if family == "flux":
         assert outcome["guidance"] is None  # Flux.1-dev has a guidance input
+    else:
+        assert "flux_guidance" in outcome["guidance"] and family_name in outcome["guidance"]
+    if family == "sd3":  # Inject LoRA refuses, before any training, what SD3's files cannot hold
+        assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
+    else:
+        assert outcome["loha"] is None
