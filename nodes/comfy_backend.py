@@ -38,7 +38,8 @@ PREDICTION_TYPES = {
 }
 # Flow matching (SD3, Flux): ComfyUI's CONST sampling and its schedules (absent from ComfyUI before mid-2024)
 CONST = getattr(comfy.model_sampling, "CONST", None)
-FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
+FLOW_SAMPLING_NAMES = ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
+FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMPLING_NAMES
                        if hasattr(comfy.model_sampling, name))
 FAMILY_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
                 "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SD3": "SD3", "Flux": "Flux.1",
@@ -82,7 +83,7 @@ class Family:
     ldm_names: bool = True  # lora_unet_ + ComfyUI's module path (kohya's SDXL, Flux); else the diffusers path
     adm: bool = False  # the UNet takes pooled/ADM conditioning `y` (SDXL's size/crop embedding)
     flow: bool = False  # flow matching on CONST sampling; else ε/v on a discrete schedule
-    timestep_sampling: str = "uniform"  # flow matching's default σ sampling
+    timestep_sampling: str = "logit_normal"  # flow matching's default σ sampling (lora_core's for SD3 and Flux)
     guidance: bool = False  # Flux: extra_conds takes a guidance value
     diffusers_files: bool = False  # SD3: files in diffusers' naming (q/k/v apart), as lora_core's SD3 files
     sample_cfg: float = 7.0
@@ -91,7 +92,8 @@ class Family:
 
 UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 SD1_FAMILY = Family("SD1.x", "sd_v1", "UNetModel", {"clip_l": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False)
-FLUX_FAMILY = Family("Flux.1", "flux1", "Flux", {"clip_l": "lora_te1"}, FLUX_PRESETS, ("double_blocks", "single_blocks"),
+FLUX_FAMILY = Family("Flux.1", "flux1", "Flux", {"clip_l": "lora_te1"}, FLUX_PRESETS,
+                     ("double_blocks", "single_blocks"),
                      flow=True, guidance=True, sample_cfg=1.0, sample_scheduler="simple")
 FAMILIES = {
     "SD15": SD1_FAMILY,
@@ -99,8 +101,8 @@ FAMILIES = {
     "SDXL": Family("SDXL", "sdxl_base_v1-0", "UNetModel", {"clip_l": "lora_te1", "clip_g": "lora_te2"}, UNET_PRESETS,
                    UNET_BLOCKS, adm=True),
     "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1"},
-                  SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, timestep_sampling="logit_normal", sample_cfg=5.0,
-                  sample_scheduler="simple", diffusers_files=True),
+                  SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, sample_cfg=5.0, sample_scheduler="simple",
+                  diffusers_files=True),
     "Flux": FLUX_FAMILY,
     "FluxSchnell": FLUX_FAMILY,
 }
@@ -419,7 +421,8 @@ class ComfyBackend(TrainingBackend):
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L) per caption."""
-        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True) for caption in captions]
+        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+                   for caption in captions]
         return {"context": torch.cat([context for context, _ in encoded]).to(self.device),
                 "pooled": torch.cat([pooled for _, pooled in encoded]).to(self.device)}
 

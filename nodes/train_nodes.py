@@ -192,7 +192,7 @@ class TrainingOptions:
             "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
             "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
         }, "optional": {  # after the settings of workflows saved before SD3/Flux, which keep loading
-            "timestep_sampling": (["default", *SIGMA_SAMPLINGS], {"default": "default", "tooltip": "SD3/Flux (flow matching): how noise levels σ are drawn. default: the family's (SD3 logit_normal, Flux uniform). Refused for SD1.x/2.x/SDXL."}),
+            "timestep_sampling": (["default", *SIGMA_SAMPLINGS], {"default": "default", "tooltip": "SD3/Flux (flow matching): how noise levels σ are drawn. default: logit_normal, as lora_core trains SD3 and Flux. Refused for SD1.x/2.x/SDXL."}),
             "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "SD3/Flux: a fixed shift of σ (kohya's discrete_flow_shift; 3.0 for SD3.5). 0: the model's own schedule, including a ModelSamplingSD3 / ModelSamplingFlux node before Train LoRA."}),
             "logit_mean": ("FLOAT", {"default": DEFAULTS.logit_mean, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier)."}),
             "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),

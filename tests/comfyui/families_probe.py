@@ -159,9 +159,9 @@ def sizes(count: int) -> torch.Tensor:
 def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
     """Loss per sample as Train LoRA computes it (the backend's objective on fixed tensors) and by hand from
     ComfyUI's patched `model_sampling`: x = `noise_scaling(σ, ε, x0)`, x̂0 = `apply_model(x, σ)` with the conditions
-    the samplers build; the ε error is (x0 − x̂0)/σ, the v error (x0 − x̂0)/√(1−ᾱ), the flow-velocity error
-    (x0 − x̂0)/σ (CONST: x̂0 = x − σ·v̂ and v − v̂ = (x0 − x̂0)/σ). Also: the σ the objective draws are the
-    patched schedule's."""
+    the samplers build; the ε error is (x0 − x̂0)/σ, the v error (x0 − x̂0)/√(1−ᾱ), the flow-velocity
+    error (x0 − x̂0)/σ (CONST: x̂0 = x − σ·v̂ and v − v̂ = (x0 − x̂0)/σ). Also: the σ the objective draws are
+    the patched schedule's."""
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingFlux, ModelSamplingSD3
 
     from comfyui_lora_lab.lora_core.config import TrainingConfig
@@ -294,6 +294,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
     with backend.training(True), torch.inference_mode(False), torch.no_grad():
         trained, _ = LoRANetwork.from_tensors(backend.network_tensors(tensors), backend.loadable_modules(),
                                               strict=True)
+        base_prediction = backend.predict(latents + noise, times, conditioning)
         with trained.applied(1.0):
             own_context, own_pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
             own = {**conditioning, "context": own_context.repeat(2, 1, 1), "pooled": own_pooled.repeat(2, 1)}
@@ -301,6 +302,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
     return {"not_loaded": [line for line in lines.lines if "lora key not loaded" in line.lower()],
             "core_vs_lora_core": float((core_prediction - lora_prediction).abs().max()),
             "prediction_scale": float(lora_prediction.abs().max()),
+            "lora_effect": float((lora_prediction - base_prediction).abs().max()),
             "text_context_difference": float((own["context"] - conditioning["context"]).abs().max())}
 
 
@@ -357,7 +359,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
         core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
 
         applied_model, applied_clip = ApplyLoRA().apply(model, clip, weights, 1.0, 1.0)
-        result["applied_equals_core"] = bool(torch.equal(sample(applied_model, applied_clip), sample(core_model, core_clip)))
+        result["applied_equals_core"] = bool(torch.equal(sample(applied_model, applied_clip),
+                                                         sample(core_model, core_clip)))
         zero_model, zero_clip = ApplyLoRA().apply(model, clip, weights, 0.0, 0.0)
         base_image = sample(model, clip)
         result["strength_zero_equals_base"] = bool(torch.equal(sample(zero_model, zero_clip), base_image))

@@ -59,8 +59,9 @@ def check(results: dict, name: str) -> dict:
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
     """ModelSamplingDiscrete v_prediction (SDXL), ModelSamplingFlux (Flux, its resolution shift) and ModelSamplingSD3
-    (shift 3) applied before training set the target and the noise levels: the loss per sample on fixed tensors, with SDXL's size/crop ADM and
-    Flux's guidance, equals the hand computation from `apply_model`; the σ drawn are the patched schedule's."""
+    (shift 3) applied before training set the target and the noise levels: the loss per sample on fixed tensors,
+    with SDXL's size/crop ADM and Flux's guidance, equals the hand computation from `apply_model`; the σ drawn
+    are the patched schedule's."""
     outcome = check(probe(server, comfy_dir, family, tmp_path_factory), objective)
     assert outcome["prediction_type"] == prediction_type
     np.testing.assert_allclose(outcome["trainer_loss"], outcome["hand_loss"], rtol=2e-5)
@@ -97,6 +98,7 @@ def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, com
     for loaded in [outcome] + ([outcome["foreign"]] if family == "sd3" else []):
         assert loaded["not_loaded"] == []
         assert loaded["core_vs_lora_core"] <= 1e-4 * loaded["prediction_scale"], loaded
+        assert loaded["lora_effect"] > 1000 * loaded["core_vs_lora_core"], loaded  # the LoRA moves the prediction
     assert outcome["applied_equals_core"] and outcome["strength_zero_equals_base"] and outcome["lora_changes_image"]
 
 
