@@ -20,7 +20,7 @@ from lora_core.families.flux import FluxBackend, FluxFileError, bfl_layers, fuse
 from lora_core.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training import train
-from tiny_flow_models import COMFYUI, build_tiny_flux, comfy_reads, randomized
+from tiny_flow_models import COMFYUI, build_tiny_flux, comfy_reads, concept_images, randomized
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,11 +107,9 @@ def test_schnell_refuses_a_guidance_it_would_ignore() -> None:
 
 
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(dev, tmp_path) -> None:
-    from lora_core.demo import make_concept_images
-
     backend = FluxBackend(dev)
     backend.sample_size = 64
-    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 4, 64), DatasetConfig(resolution=64))
+    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
     network = LoRANetwork.create(backend.adapter_targets("attention", True), "lora", 4, 4)
     result = train(backend, network, dataset, TrainingConfig(
         steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
@@ -256,10 +254,8 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(dev, tmp_path) -> Non
 
 
 def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
-    from lora_core.demo import make_concept_images
-
     dev.save_pretrained(tmp_path / "base")
-    data = make_concept_images(tmp_path / "concept", 4, 64)
+    data = concept_images(tmp_path / "concept", 4)
     out = tmp_path / "flux.safetensors"
     done = subprocess.run(
         [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
@@ -276,10 +272,8 @@ def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> None:
     """Checkpointing the double and single blocks changes memory, not the losses (CLIP-L training included)."""
-    from lora_core.demo import make_concept_images
-
     backend = FluxBackend(dev)
-    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
     losses = []
     for checkpointing in (False, True):
         network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)
@@ -292,13 +286,12 @@ def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> N
 def test_qlora_over_a_4bit_transformer_trains_and_saves_exactly(tmp_path) -> None:
     """DoRA over NF4 layers (the CLI's QLoRA path): it trains, and the fused file (single blocks' linear1 padded
     with the 4-bit proj_mlp's own row norms) loads back to the same ΔW and magnitudes."""
-    from lora_core.demo import make_concept_images
     from lora_core.quantize import quantize_linear_layers
 
     pipeline = build_tiny_flux(seed=4)
     assert quantize_linear_layers(pipeline.transformer) > 0
     backend = FluxBackend(pipeline)
-    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
     network = LoRANetwork.create(backend.adapter_targets("attention", False), "dora", 4, 4)
     result = train(backend, network, dataset, TrainingConfig(steps=2, learning_rate=1e-2, gradient_accumulation=1,
                                                               validation_every=0))

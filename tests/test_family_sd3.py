@@ -20,7 +20,7 @@ from lora_core.families.sd3 import SD3Backend
 from lora_core.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training import train
-from tiny_flow_models import COMFYUI, build_tiny_sd3, comfy_reads, randomized
+from tiny_flow_models import COMFYUI, build_tiny_sd3, comfy_reads, concept_images, randomized
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +77,8 @@ def test_predict_is_the_pipelines_transformer_call(sd3) -> None:
 
 
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(sd3, tmp_path) -> None:
-    from lora_core.demo import make_concept_images
-
     backend = SD3Backend(sd3)
-    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 4, 64), DatasetConfig(resolution=64))
+    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
     network = LoRANetwork.create(backend.adapter_targets("attention", True), "lora", 4, 4)
     result = train(backend, network, dataset, TrainingConfig(
         steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
@@ -151,10 +149,8 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(sd3, tmp_path) -> Non
 
 
 def test_cli_trains_a_saved_sd3_base(sd3, tmp_path) -> None:
-    from lora_core.demo import make_concept_images
-
     sd3.save_pretrained(tmp_path / "base")
-    data = make_concept_images(tmp_path / "concept", 4, 64)
+    data = concept_images(tmp_path / "concept", 4)
     out = tmp_path / "sd3.safetensors"
     done = subprocess.run(
         [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
@@ -169,10 +165,8 @@ def test_cli_trains_a_saved_sd3_base(sd3, tmp_path) -> None:
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(sd3, tmp_path) -> None:
-    from lora_core.demo import make_concept_images
-
     backend = SD3Backend(sd3)
-    dataset = ImageFolderDataset(make_concept_images(tmp_path / "concept", 2, 64), DatasetConfig(resolution=64))
+    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
     losses = []
     for checkpointing in (False, True):
         network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)

@@ -132,6 +132,22 @@ def comfy_reads(family: str, unet_config: dict, lora_files: list[Path]) -> list[
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def concept_images(directory: Path, count: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """`count` red circles of varying size and place on white, captioned "a photo of sks, red circle"."""
+    from PIL import Image, ImageDraw
+
+    generator = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        radius, x, y = (size * (0.22 + 0.1 * torch.rand((), generator=generator).item()),
+                        *(size * (0.4 + 0.2 * torch.rand(2, generator=generator))).tolist())
+        image = Image.new("RGB", (size, size), (245, 245, 240))
+        ImageDraw.Draw(image).ellipse((x - radius, y - radius, x + radius, y + radius), fill=(210, 30, 40))
+        image.save(directory / f"circle_{index:02d}.png")
+        (directory / f"circle_{index:02d}.txt").write_text("a photo of sks, red circle")
+    return directory
+
+
 def randomized(network, seed: int = 0, std: float = 0.1):
     """`network` with every parameter moved randomly off its initialisation, so ΔW ≠ 0 everywhere."""
     generator = torch.Generator().manual_seed(seed)
