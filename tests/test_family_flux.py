@@ -174,18 +174,44 @@ def test_lokr_on_layers_that_are_not_fused_is_saved_as_it_is(dev) -> None:
     assert back.keys() == tensors.keys() and all(torch.equal(back[key], tensors[key]) for key in tensors)
 
 
-def test_diffusers_reads_the_kohya_file_with_every_module_applied(tmp_path) -> None:
-    """diffusers' kohya converter splits qkv evenly (exact on any width) but linear1 at Flux.1's full widths
-    3072/12288, so this tiny model has no single blocks; the transformer (and CLIP-L) output after
-    `load_lora_weights` equals lora_core's attached network on the same inputs. linear1 at full width is checked on
-    tensors alone in `test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it`."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+def flux_without_single_blocks():
+    """The tiny dev pipeline with one double block and no single blocks, whose linear1 diffusers' kohya converter
+    could only split at Flux.1's full widths."""
+    from diffusers import FluxTransformer2DModel
 
     pipeline = build_tiny_flux(seed=2)
     torch.manual_seed(0)
     pipeline.transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=0, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    return pipeline
+
+
+def test_a_file_in_diffusers_naming_loads_as_the_network_it_came_from(tmp_path) -> None:
+    """diffusers' own naming (its converter's output from our kohya file, as diffusers' scripts and ai-toolkit
+    write Flux LoRAs: `transformer.….lora_A/lora_B`, no alpha) loads back to every layer's ΔW. (The converter writes
+    CLIP-L in diffusers' pre-PEFT naming, which lora_core does not read, so this network has no CLIP-L layers.)"""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from safetensors.torch import save_file
+
+    backend = FluxBackend(flux_without_single_blocks())
+    network = randomized(LoRANetwork.create(backend.adapter_targets("full", False), "lora", 4, 2))
+    converted = _convert_kohya_flux_lora_to_diffusers(backend.file_tensors(network.kohya_tensors()))
+    assert all(key.startswith("transformer.") for key in converted)
+    save_file(converted, tmp_path / "diffusers.safetensors")
+    loaded, _ = load_lora(tmp_path / "diffusers.safetensors", backend.loadable_modules(),
+                          network_tensors=backend.network_tensors)
+    assert set(loaded.adapters) == set(network.adapters)
+    for name, adapter in network.items():
+        torch.testing.assert_close(loaded.adapters[name].delta_weight(), adapter.delta_weight(), rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_reads_the_kohya_file_with_every_module_applied(tmp_path) -> None:
+    """diffusers' kohya converter splits qkv evenly (exact on any width) but linear1 at Flux.1's full widths
+    3072/12288, so this tiny model has no single blocks; the transformer (and CLIP-L) output after
+    `load_lora_weights` equals lora_core's attached network on the same inputs. linear1 at full width is checked on
+    tensors alone in `test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it`."""
+    pipeline = flux_without_single_blocks()
     backend = FluxBackend(pipeline, guidance=2.0)
     network = randomized(LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 2))
     path = save_lora(tmp_path / "flux.safetensors", network, {}, "float32", file_tensors=backend.file_tensors)

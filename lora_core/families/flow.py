@@ -3,6 +3,7 @@ pipeline with a transformer denoiser, a 16-channel VAE (scale and shift), CLIP-L
 train) beside frozen ones (T5 is never trained)."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from ..targets import (
 )
 
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
+DIFFUSERS_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": f"{CLIP_L_PREFIX}_"}  # file → network names
+DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}  # network → file
 DEFAULT_SIGMA_SAMPLING = "logit_normal"  # SD3 paper §3.1 and kohya's/diffusers' scripts for both families
 
 
@@ -34,6 +37,39 @@ def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: flo
         config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
         base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
     )
+
+
+def grouped(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Network module name → its tensors by suffix (`lora_down.weight`, `alpha`…)."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        modules[name][suffix] = value
+    return modules
+
+
+def flattened(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{suffix}": value for name, parts in modules.items() for suffix, value in parts.items()}
+
+
+def from_diffusers_naming(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors of diffusers' LoRA naming (`transformer.<path>.lora_A.weight`, `text_encoder.<path>…`, as diffusers'
+    scripts, ai-toolkit and SD3 files here write them) under the network's names (`lora_unet_<path>.lora_down.weight`,
+    `lora_te1_…`); other keys unchanged. Without `.alpha` a LoRA's scale is 1, as diffusers and ComfyUI apply it."""
+    suffixes = {file: network for network, file in DIFFUSERS_SUFFIXES.items()}
+    named = {}
+    for key, value in tensors.items():
+        prefix = next((prefix for prefix in DIFFUSERS_PREFIXES if key.startswith(prefix)), None)
+        if prefix is None:
+            named[key] = value
+            continue
+        module, _, suffix = key.rpartition(".")
+        if suffix == "weight":  # lora_A.weight, lora_B.weight
+            module, _, leaf = module.rpartition(".")
+            suffix = f"{leaf}.weight"
+        name = DIFFUSERS_PREFIXES[prefix] + module[len(prefix):].replace(".", "_")
+        named[f"{name}.{suffixes.get(suffix, suffix)}"] = value
+    return named
 
 
 def transformer_presets(blocks: frozenset[str], attention: tuple[str, ...], mlp: tuple[str, ...]

@@ -3,7 +3,6 @@ context, σ as the time input (the transformer scales it by 1000), the guidance 
 naming over Black Forest Labs' layer names, whose fused layers (qkv, linear1) hold diffusers' separate ones."""
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from ..adapters.base import dense_weight
 from ..functional.dora import output_norm
 from ..objectives import FlowMatchingObjective
 from ..targets import kohya_name
-from .flow import FlowBackend, flow_objective, transformer_presets
+from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming, grouped, transformer_presets
 
 FAMILY = "Flux.1"
 FLUX_BLOCKS = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock"})
@@ -60,19 +59,6 @@ def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
         layers[f"{name}_linear2"] = (f"{block}proj_out",)
         layers[f"{name}_modulation_lin"] = (f"{block}norm.linear",)
     return {f"lora_unet_{name}": paths for name, paths in layers.items()}
-
-
-def grouped(tensors: Tensors) -> dict[str, Tensors]:
-    """Module name → its tensors by suffix (`lora_down.weight`, `alpha`…)."""
-    modules: dict[str, Tensors] = defaultdict(dict)
-    for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
-        modules[name][suffix] = value
-    return modules
-
-
-def flattened(modules: dict[str, Tensors]) -> Tensors:
-    return {f"{name}.{suffix}": value for name, parts in modules.items() for suffix, value in parts.items()}
 
 
 def piece_rank(piece: Tensors) -> int:
@@ -236,8 +222,9 @@ class FluxBackend(FlowBackend):
         return flattened({**out, **modules})
 
     def network_tensors(self, tensors: Tensors) -> Tensors:
-        """kohya's fused layers split into the network's diffusers layers; other modules as they are."""
-        modules = grouped(tensors)
+        """kohya's fused layers split into the network's diffusers layers; files in diffusers' own naming (its
+        scripts', ai-toolkit's) renamed; other modules as they are."""
+        modules = grouped(from_diffusers_naming(tensors))
         out: dict[str, Tensors] = {}
         for file_name, paths in self.layers.items():
             if file_name in modules:

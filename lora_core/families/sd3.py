@@ -15,14 +15,15 @@ from ..backend import Conditioning
 from ..config import TrainingConfig
 from ..objectives import FlowMatchingObjective
 from ..targets import all_adaptable, find_targets, kohya_name, kohya_paths
-from .flow import CLIP_L_PREFIX, FlowBackend, flow_objective, transformer_presets
+from .flow import (
+    CLIP_L_PREFIX, DIFFUSERS_SUFFIXES, FlowBackend, flow_objective, from_diffusers_naming, grouped, transformer_presets,
+)
 
 SD3_BLOCKS = frozenset({"JointTransformerBlock"})
 SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 SD3_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 SD3_PRESETS = transformer_presets(SD3_BLOCKS, SD3_ATTENTION, SD3_MLP)
-DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 Tensors = dict[str, torch.Tensor]
 
@@ -43,7 +44,6 @@ class SD3Backend(FlowBackend):
             **{kohya_name(CLIP_L_PREFIX, path): f"text_encoder.{path}"
                for path in kohya_paths(self.text_encoder, all_adaptable(self.text_encoder))},
         }
-        self.network_names = {file: name for name, file in self.file_names.items()}
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
         """Logit-normal σ with the scheduler's fixed shift (3.0 for SD3.5), σ·1000 as the transformer's time input
@@ -69,12 +69,8 @@ class SD3Backend(FlowBackend):
 
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """diffusers' names; LoRA as lora_A/lora_B with alpha/rank folded into lora_B and no alpha."""
-        modules: dict[str, Tensors] = {}
-        for key, value in tensors.items():
-            name, _, suffix = key.partition(".")
-            modules.setdefault(name, {})[suffix] = value
         out: Tensors = {}
-        for name, parts in modules.items():
+        for name, parts in grouped(tensors).items():
             if "lora_down.weight" in parts:
                 rank = parts["lora_down.weight"].shape[0]
                 up = parts["lora_up.weight"]
@@ -84,15 +80,5 @@ class SD3Backend(FlowBackend):
         return out
 
     def network_tensors(self, tensors: Tensors) -> Tensors:
-        """The network's names back; lora_A/lora_B as lora_down/lora_up (no alpha: scale 1, as both readers apply
-        them). A module this model lacks keeps a kohya-style name, so that loading names it."""
-        suffixes = {value: key for key, value in DIFFUSERS_SUFFIXES.items()}
-        out: Tensors = {}
-        for key, value in tensors.items():
-            module, _, suffix = key.rpartition(".")
-            if suffix == "weight":  # lora_A.weight, lora_B.weight
-                module, _, leaf = module.rpartition(".")
-                suffix = f"{leaf}.weight"
-            name = self.network_names.get(module) or module.replace(".", "_").replace("transformer_", "lora_unet_", 1)
-            out[f"{name}.{suffixes.get(suffix, suffix)}"] = value
-        return out
+        """The network's names back (lora_A/lora_B as lora_down/lora_up, scale 1 without alpha)."""
+        return from_diffusers_naming(tensors)
