@@ -21,7 +21,7 @@ from ..targets import (
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
 DIFFUSERS_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": f"{CLIP_L_PREFIX}_"}  # file → network names
 DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}  # network → file
-DEFAULT_SIGMA_SAMPLING = "logit_normal"  # SD3 paper §3.1 and kohya's/diffusers' scripts for both families
+DEFAULT_SIGMA_SAMPLING = "logit_normal"  # the SD3 paper's best (§3.1), diffusers' SD3 script's default
 
 
 def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: float, shift: float | None,
