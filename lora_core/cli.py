@@ -106,9 +106,10 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
     pipeline = load_pipeline(Path(args.base), str(distributed.device))
     if args.qlora:
+        from .families import denoiser
         from .quantize import quantize_linear_layers
 
-        quantize_linear_layers(pipeline.unet)
+        quantize_linear_layers(denoiser(pipeline))
     backend = make_backend(pipeline, args, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(
         resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
@@ -125,6 +126,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
             backend.adapter_targets(args.preset, args.text_encoder), args.algorithm, args.rank, args.alpha, args.seed
         )
     network.to(backend.device)
+    backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now, not at saving
     config = TrainingConfig(
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
         gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
@@ -198,7 +200,7 @@ def command_generate(args: argparse.Namespace) -> None:
         backend = backend_class(pipeline)(pipeline)
         network, _ = load_lora(args.lora, backend.loadable_modules(), strict=not args.non_strict,
                                network_tensors=backend.network_tensors)
-        network.to(pipeline.unet.device)
+        network.to(backend.device)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import load_file
 from lora_core.config import TrainingConfig
@@ -294,6 +295,20 @@ def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
     tensors, metadata = load_file(out)
     assert metadata["ss_base_model_version"] == "flux1"
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in tensors
+
+    picture = tmp_path / "grid.png"  # generate reads the file back through the Flux naming
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_core", "generate", "--base", str(tmp_path / "base"), "--lora", str(out),
+         "--prompt", "a photo of sks", "--strength", "0", "1", "--size", "64", "--steps", "2", "--guidance", "3.5",
+         "--out", str(picture)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(picture).size[0] > 64  # a labelled grid of two strengths
+
+    refused = subprocess.run(  # LoKr cannot be fused into qkv: refused before the dataset is encoded
+        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
+         str(tmp_path / "lokr.safetensors"), "--algorithm", "lokr", "--steps", "1", "--resolution", "64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "LoKr" in refused.stderr and "training:" not in refused.stderr
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> None:

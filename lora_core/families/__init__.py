@@ -52,3 +52,8 @@ def load_pipeline(base: Path, device: str) -> Any:
     pipeline = cls.from_pretrained(base, local_files_only=True, **extra)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def denoiser(pipeline: Any) -> Any:
+    """The pipeline's denoiser: its UNet (SD1.x/2.x, SDXL) or its transformer (SD3, Flux)."""
+    return pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
