@@ -271,16 +271,17 @@ def sample(model, clip, seed: int = 3):
         return sampled["samples"]
 
 
-def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch.Tensor]) -> dict:
-    """ComfyUI's core loader on a file's `tensors` (its "lora key not loaded" lines), and the prediction of the MODEL
-    and CLIP it patches against lora_core's adapters (from the backend's `network_tensors`) on the base."""
+def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch.Tensor], loader=None) -> dict:
+    """ComfyUI's core loader (or `loader`) on a file's `tensors` (its "lora key not loaded" lines), and the
+    prediction of the MODEL and CLIP it patches against lora_core's adapters (from the backend's `network_tensors`)
+    on the base."""
     import comfy.sd
     from comfyui_lora_lab.lora_core.network import LoRANetwork
 
     lines = LogLines()
     logging.getLogger().addHandler(lines)
     try:
-        core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)
+        core_model, core_clip = (loader or comfy.sd.load_lora_for_models)(model, clip, tensors, 1.0, 1.0)
     finally:
         logging.getLogger().removeHandler(lines)
     backend = backend_module.ComfyBackend(model, clip)
@@ -368,6 +369,29 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     return result
 
 
+def algorithms(backend_module, model, clip, vae, work_dir: Path) -> dict:
+    """DoRA, LoHa and LoKr trained a few steps through the nodes: core Load LoRA (LoHa, LoKr) and Apply LoRA (DoRA,
+    applied with the trained math) against lora_core's adapters on the base."""
+    from comfyui_lora_lab.lora_core.files import LoRAWeights
+    from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
+    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+
+    def apply_lora(model, clip, tensors, strength_model, strength_clip):
+        return ApplyLoRA().apply(model, clip, LoRAWeights(tensors), strength_model, strength_clip)
+
+    results = {}
+    with torch.inference_mode():
+        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
+            "result"]]
+        for algorithm in ("dora", "loha", "lokr"):
+            (network,) = InjectLoRA().inject(model, algorithm, 4, 4.0, "attention", False, clip)
+            output = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a photo of sks")
+            tensors = output["result"][0].tensors
+            results[algorithm] = core_against_lora_core(backend_module, model, clip, tensors,
+                                                        apply_lora if algorithm == "dora" else None)
+    return results
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.config import TrainingConfig
@@ -400,6 +424,8 @@ def main() -> None:
     if family == "sdxl":
         checks["objective_eps"] = (objective_against_comfy, backend_module, model, clip, "sdxl_eps")
     checks["refusals"] = (refusals, backend_module, model, clip)
+    if family in ("sdxl", "flux"):
+        checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     results = {"parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}
     for name, (check, *arguments) in checks.items():
         try:

@@ -116,3 +116,14 @@ def test_what_a_family_cannot_train_is_refused_naming_the_family(
         assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
     else:
         assert outcome["loha"] is None
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("algorithm", ["dora", "loha", "lokr"])
+def test_dora_loha_and_lokr_files_apply_as_trained(family, algorithm, tmp_path_factory) -> None:
+    """LoHa and LoKr through core Load LoRA, DoRA through Apply LoRA (the trained math), each predicting what
+    lora_core's adapters predict; SD3 refuses them for its fused qkv (test above)."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "algorithms")[algorithm]
+    assert outcome["not_loaded"] == []
+    assert outcome["core_vs_lora_core"] <= 1e-4 * outcome["prediction_scale"], outcome
+    assert outcome["lora_effect"] > 1000 * outcome["core_vs_lora_core"], outcome
