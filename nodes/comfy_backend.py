@@ -116,7 +116,10 @@ def model_sampling(model: Any) -> Any:
     """The MODEL's noise schedule with its object patches applied, as the samplers use it."""
     if hasattr(model, "get_model_object"):
         return model.get_model_object("model_sampling")
-    return model.object_patches.get("model_sampling", model.model.model_sampling)  # ComfyUI before mid-2024
+    # ComfyUI before mid-2024: while another clone's patch is applied, the shared backup holds the original
+    if "model_sampling" in model.object_patches:
+        return model.object_patches["model_sampling"]
+    return model.object_patches_backup.get("model_sampling", model.model.model_sampling)
 
 
 def model_family(model: Any) -> str:

@@ -10,6 +10,7 @@ ComfyUI's core LoRA loader, and prints one JSON object `{check: result}`; a chec
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import sys
@@ -90,6 +91,7 @@ def patcher(config, weight_dtype: torch.dtype | None = None):
 
 
 def build_sdxl():
+    import comfy.sd
     import comfy.sdxl_clip
     import comfy.supported_models
     import comfy.supported_models_base
@@ -101,9 +103,37 @@ def build_sdxl():
                    "context_dim": 64, "adm_in_channels": 32 + 6 * 256, "use_checkpoint": False}
     config = comfy.supported_models.SDXL(unet_config)
     config.unet_config.update(num_head_channels=16)
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
-    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    if "model_options" in inspect.signature(comfy.sd.CLIP).parameters:
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP})
+    else:  # the 2024 ComfyUI reads CLIP configs from files only
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, small_sdxl_clip_2024)
+        clip = comfy.sd.CLIP(target)
+        reset_to_torch_default_init(clip.cond_stage_model)
     return patcher(config), clip, build_vae(4)
+
+
+def small_sdxl_clip_2024(device="cpu", dtype=None):
+    """The 2024 ComfyUI's SDXLClipModel, its CLIP-L and CLIP-G built as it builds them from small config files."""
+    import tempfile
+
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    folder = Path(tempfile.mkdtemp())
+    configs = {}
+    for name, source in (("l", "sd1_clip_config.json"), ("g", "clip_config_bigg.json")):
+        config = json.loads((Path(comfy.sd1_clip.__file__).parent / source).read_text())
+        configs[name] = folder / f"clip_{name}.json"
+        configs[name].write_text(json.dumps({**config, **SMALL_CLIP}))
+    model = comfy.sdxl_clip.SDXLClipModel.__new__(comfy.sdxl_clip.SDXLClipModel)
+    torch.nn.Module.__init__(model)
+    model.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                              layer_norm_hidden_state=False, textmodel_json_config=str(configs["l"]))
+    model.clip_g = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                              textmodel_json_config=str(configs["g"]), layer_norm_hidden_state=False,
+                                              special_tokens={"start": 49406, "end": 49407, "pad": 0})
+    return model
 
 
 def build_flux(weight_dtype: torch.dtype | None = None):
@@ -145,7 +175,7 @@ BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3,
 
 
 def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    channels = model.model.latent_format.latent_channels
+    channels = getattr(model.model.latent_format, "latent_channels", 4)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(count, channels, 8, 8, generator=generator)
     return latents, torch.randn(latents.shape, generator=generator)
@@ -162,22 +192,22 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
     the samplers build; the ε error is (x0 − x̂0)/σ, the v error (x0 − x̂0)/√(1−ᾱ), the flow-velocity
     error (x0 − x̂0)/σ (CONST: x̂0 = x − σ·v̂ and v − v̂ = (x0 − x̂0)/σ). Also: the σ the objective draws are
     the patched schedule's."""
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingFlux, ModelSamplingSD3
+    import comfy_extras.nodes_model_advanced as advanced  # ModelSamplingFlux/SD3: not in the 2024 ComfyUI
 
     from comfyui_lora_lab.lora_core.config import TrainingConfig
     from comfyui_lora_lab.lora_core.objectives import sample_sigmas
 
     import comfy.model_management
 
-    patches = {"sdxl": lambda: ModelSamplingDiscrete().patch(model, "v_prediction", False),
+    patches = {"sdxl": lambda: advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False),
                "sdxl_eps": lambda: (model,),
-               "flux": lambda: ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
-               "sd3": lambda: ModelSamplingSD3().patch(model, 3.0)}
+               "flux": lambda: advanced.ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
+               "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0)}
     with torch.inference_mode():
         (patched,) = patches[family]()
         backend = backend_module.ComfyBackend(patched, clip)
         comfy.model_management.load_models_gpu([patched])
-        sampling = patched.get_model_object("model_sampling")
+        sampling = backend_module.model_sampling(patched)
         count = len(SIGMAS)
         latents, noise = fixed_tensors(patched, count)
         context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
@@ -263,7 +293,7 @@ def sample(model, clip, seed: int = 3):
 
     with torch.inference_mode():
         backend = ComfyBackend(model, clip)
-        channels = model.model.latent_format.latent_channels
+        channels = getattr(model.model.latent_format, "latent_channels", 4)
         latent = {"samples": torch.zeros(1, channels, RESOLUTION // 8, RESOLUTION // 8)}
         (sampled,) = comfy_nodes.common_ksampler(model, seed, 4, backend.spec.sample_cfg, "euler",
                                                  backend.spec.sample_scheduler, backend.conditioning("a photo of sks"),

@@ -1,6 +1,6 @@
 """Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 weights) and SD3, each a tiny model built from ComfyUI's own
-classes in `families_probe.py`, run in ComfyUI 0.3.64's Python (its own process, no server). The 2024 ComfyUI cannot
-build a small CLIP (its `comfy.sd.CLIP` takes no model_options) and predates SD3 and Flux.
+classes in `families_probe.py`, run in a ComfyUI checkout's Python (its own process, no server): 0.3.64 for all,
+the 2024 ComfyUI for SDXL (it predates SD3 and Flux).
 
 Per family: the loss equals the one computed by hand from ComfyUI's patched `model_sampling`; training lowers the
 loss on a fixed concept and leaves MODEL and CLIP as they were; ComfyUI's core LoRA loader reads every key of the
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .harness import CURRENT_COMFY_DIR, VENV_PYTHON
+from .harness import COMFY_DIR, CURRENT_COMFY_DIR, VENV_PYTHON
 
 PROBE = Path(__file__).with_name("families_probe.py")
 RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
-        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "sd3")]
+        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -55,7 +55,9 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
     ("0.3.64", CURRENT_COMFY_DIR, "flux", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "sd3", "objective", "flow"),
-], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64"])
+    ("2024", COMFY_DIR, "sdxl", "objective", "v_prediction"),
+    ("2024", COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
+], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64", "sdxl-v-2024", "sdxl-eps-2024"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
     """ModelSamplingDiscrete v_prediction (SDXL), ModelSamplingFlux (Flux, its resolution shift) and ModelSamplingSD3
@@ -118,12 +120,17 @@ def test_what_a_family_cannot_train_is_refused_naming_the_family(
         assert outcome["loha"] is None
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+ALGORITHM_RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
+                  ("2024", COMFY_DIR, "sdxl")]
+
+
+@pytest.mark.parametrize(("server", "comfy_dir", "family"), ALGORITHM_RUNS,
+                         ids=[f"{f}-{s}" for s, _, f in ALGORITHM_RUNS])
 @pytest.mark.parametrize("algorithm", ["dora", "loha", "lokr"])
-def test_dora_loha_and_lokr_files_apply_as_trained(family, algorithm, tmp_path_factory) -> None:
+def test_dora_loha_and_lokr_files_apply_as_trained(server, comfy_dir, family, algorithm, tmp_path_factory) -> None:
     """LoHa and LoKr through core Load LoRA, DoRA through Apply LoRA (the trained math), each predicting what
     lora_core's adapters predict; SD3 refuses them for its fused qkv (test above)."""
-    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "algorithms")[algorithm]
+    outcome = check(probe(server, comfy_dir, family, tmp_path_factory), "algorithms")[algorithm]
     assert outcome["not_loaded"] == []
     assert outcome["core_vs_lora_core"] <= 1e-4 * outcome["prediction_scale"], outcome
     assert outcome["lora_effect"] > 1000 * outcome["core_vs_lora_core"], outcome
