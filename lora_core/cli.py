@@ -471,12 +471,16 @@ def parser() -> argparse.ArgumentParser:
     output_options(extract, "the .safetensors file to write")
     extract.set_defaults(run=command_extract)
 
-    demo = commands.add_parser("demo", help="the offline demo: tiny random SD1.x model learns a synthetic concept")
+    demo = commands.add_parser("demo", help="the offline demo: the shipped tiny SD1.x base learns a new shape")
     demo.add_argument("--out", required=True)
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(run=command_demo)
+
+    from .pretrain import add_arguments as make_base_arguments
+    make_base_arguments(commands.add_parser("make-base", help="pretrain the demo's tiny SD1.x base on procedural "
+                                                              "scenes (writes lora_core/base/ by default)"))
     return root
 
 
