@@ -20,7 +20,7 @@ from ..lora_core.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from ..lora_core.optim import OFFERED_OPTIMIZERS, SCHEDULERS
 from ..lora_core.precision import AUTOCAST_DTYPES
 from ..lora_core.plots import loss_curve, smooth
-from ..lora_core.targets import UNET_PRESETS
+from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
 from ..lora_core.checkpoints import Checkpointer, load_state
 from ..lora_core.training import StepReport, TrainingConfig, train
 from .comfy_backend import FLUX_PRESETS, FLUX_TRAINING_GUIDANCE, SD3_PRESETS, ComfyBackend, ComfyBackendError
@@ -116,6 +116,10 @@ class NetworkSpec:
         if self.start is not None:
             tensors = backend.network_tensors(self.start.tensors)
             network, _ = LoRANetwork.from_tensors(tensors, backend.loadable_modules(), strict=True)
+            if not self.text_encoder:  # the continued LoRA's text-encoder layers stay applied, as they are
+                for name, adapter in network.items():
+                    if name.startswith(TEXT_ENCODER_PREFIX):
+                        adapter.requires_grad_(False)
             return network
         return LoRANetwork.create(
             backend.adapter_targets(self.preset, self.text_encoder), self.algorithm, self.rank, self.alpha, seed
@@ -139,7 +143,7 @@ class InjectLoRA:
                 "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
                 "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX_PRESETS.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3_PRESETS.items()) + "."}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): SDXL's and SD3's CLIP-L and CLIP-G, Flux's CLIP-L; T5 is never trained. Needs CLIP."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): SDXL's and SD3's CLIP-L and CLIP-G, Flux's CLIP-L; T5 is never trained. Needs CLIP. When continuing a LoRA (the lora input) that has text-encoder layers, off keeps them applied as they are, on trains them."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoder; needed to train it and to continue a LoRA that adapts it."}),

@@ -263,6 +263,19 @@ def test_text_encoder_lora_matches_comfys_loraloader_at_clip_strength(comfy: Com
     assert not np.array_equal(pixels(comfy, entry, "25"), pixels(comfy, entry, "35")), "the text encoder changed"
 
 
+    # continuing it: train_text_encoder off keeps its text-encoder layers applied as they are, on trains them
+    trained = load_file(comfy.loras_dir / name)
+    for train_text_encoder in (False, True):
+        graph = training_graph(dataset, steps=2, prefix=f"lora_lab_text_more_{train_text_encoder}",
+                               train_text_encoder=train_text_encoder, learning_rate=1e-2)
+        graph["6"] = {"class_type": "LoraLab_LoadLoRA", "inputs": {"lora_name": name}}
+        graph["3"]["inputs"]["lora"] = ["6", 0]
+        continued = load_file(comfy.loras_dir / saved_name(comfy.run(graph, timeout=300)))
+        changed = {key.split(".")[0].startswith("lora_te_") for key in trained
+                   if key.endswith("lora_up.weight") and not np.array_equal(trained[key].numpy(), continued[key].numpy())}
+        assert changed == ({False, True} if train_text_encoder else {False}), train_text_encoder
+
+
 def test_checkpoints_resume_and_memory_options_through_the_node(comfy: ComfyServer, dataset, new_loras) -> None:
     graph = training_graph(dataset, steps=4, prefix="lora_lab_whole")
     whole = load_file(comfy.loras_dir / saved_name(comfy.run(graph, timeout=300)))
