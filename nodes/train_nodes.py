@@ -68,34 +68,44 @@ class LoadDataset:
             "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that an image is trained with an empty caption."}),
             "tag_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that each tag after keep_tokens is left out."}),
             "no_upscale": ("BOOLEAN", {"default": False, "tooltip": "With bucketing: never enlarge an image; its bucket is its own size (scaled down to about resolution² pixels if larger) cropped to 64 px steps (kohya's bucket_no_upscale)."}),
+            "regularization_folder": (["none", *list_dataset_folders()], {"default": "none", "tooltip": "Class images for prior preservation (kohya's reg images), a folder beside the dataset's: repeated to as many examples as the dataset has, their loss weighted by Training Options' prior_loss_weight."}),
+            "regularization_caption": ("STRING", {"default": "", "tooltip": "Caption of class images without a caption file; empty: the name of their N_class folder (kohya's class token)."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, folder, **_):
-        """The folder's listing with sizes and times, so that ComfyUI reloads it after images or captions change."""
+    def IS_CHANGED(cls, folder, regularization_folder="none", **_):
+        """The folders' listings with sizes and times, so that ComfyUI reloads them after images or captions change."""
         try:
-            return dataset_fingerprint(resolve_dataset(folder))
+            fingerprint = dataset_fingerprint(resolve_dataset(folder))
+            if regularization_folder != "none":
+                fingerprint += dataset_fingerprint(resolve_dataset(regularization_folder))
+            return fingerprint
         except (PathError, OSError):
             return float("nan")  # never equal to itself: the node runs and `load` reports the problem
 
     def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip, bucketing=False,
              min_bucket_size=256, max_bucket_size=1024, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0,
-             tag_dropout=0.0, no_upscale=False):
+             tag_dropout=0.0, no_upscale=False, regularization_folder="none", regularization_caption=""):
+        regularization = None if regularization_folder == "none" else resolve_dataset(regularization_folder)
         dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(
             resolution=resolution, caption_extension=caption_extension, default_caption=default_caption,
             token=token, repeats=repeats, flip=flip, bucketing=bucketing, min_bucket_size=min_bucket_size,
             max_bucket_size=max_bucket_size, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
             caption_dropout=caption_dropout, tag_dropout=tag_dropout, no_upscale=no_upscale,
-        ))
+            regularization_caption=regularization_caption,
+        ), regularization_root=regularization)
         size = dataset.examples[0].bucket  # a batch holds one size: the preview shows the images of the first one
         preview = torch.stack([
             dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5
-            for index in range(dataset.num_images) if dataset.examples[index].bucket == size
+            for index in range(dataset.num_training_images) if dataset.examples[index].bucket == size
         ][:PREVIEW_IMAGES])
-        summary = {"images": dataset.num_images, "captioned": dataset.captioned_count,
-                   "defaulted": dataset.defaulted_count, "examples": len(dataset), "skipped": len(dataset.skipped)}
-        text = (f"{dataset.num_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
-                f"default caption), {len(dataset)} per epoch" + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
+        summary = {"images": dataset.num_training_images, "captioned": dataset.captioned_count,
+                   "defaulted": dataset.defaulted_count, "regularization": dataset.num_regularization_images,
+                   "examples": len(dataset), "skipped": len(dataset.skipped)}
+        text = (f"{dataset.num_training_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
+                f"default caption)" + (f", {dataset.num_regularization_images} class images"
+                                       if dataset.num_regularization_images else "")
+                + f", {len(dataset)} per epoch" + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
         return {"ui": {"text": [text], "lora_lab_dataset": [summary]}, "result": (dataset, preview)}
 
 
@@ -202,6 +212,7 @@ class TrainingOptions:
             "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),
             "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
             "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the guidance input while training (1.0 as kohya and diffusers train). Refused for models without a guidance input."}),
+            "prior_loss_weight": ("FLOAT", {"default": DEFAULTS.prior_loss_weight, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the class images' loss (Load Dataset's regularization_folder), kohya's prior_loss_weight; refused without class images."}),
         }}
 
     def options(self, **options):
@@ -277,6 +288,7 @@ class TrainLoRA:
             timestep_sampling=None if options["timestep_sampling"] == "default" else options["timestep_sampling"],
             flow_shift=options["flow_shift"] or None, logit_mean=options["logit_mean"],
             logit_std=options["logit_std"], loss_weighting=options["loss_weighting"],
+            prior_loss_weight=options["prior_loss_weight"],
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
                                guidance=options["flux_guidance"])

@@ -6,7 +6,9 @@ import os
 
 from lora_core.demo import make_concept_images
 
-from .harness import ComfyServer, prompt_status
+from safetensors import safe_open
+
+from .harness import TEST_CHECKPOINT, ComfyServer, prompt_status
 
 
 def dataset_graph(folder: str) -> dict:
@@ -26,7 +28,8 @@ def cached_nodes(entry: dict) -> list[str]:
 def test_load_dataset_runs_again_after_captions_or_images_change(comfy: ComfyServer) -> None:
     folder = make_concept_images(comfy.input_dir / "lora_lab_changing", count=2, resolution=64)
     graph = dataset_graph(folder.name)
-    assert found(comfy.run(graph)) == {"images": 2, "captioned": 1, "defaulted": 1, "examples": 2, "skipped": 0}
+    assert found(comfy.run(graph)) == {"images": 2, "captioned": 1, "defaulted": 1, "regularization": 0,
+                                       "examples": 2, "skipped": 0}
     assert "1" in cached_nodes(comfy.run(graph)), "an unchanged folder is not read again"
 
     (folder / "circle_00.txt").write_text("")  # the caption edited away: that image gets the default caption
@@ -51,3 +54,42 @@ def test_links_inside_a_dataset_that_lead_out_of_the_input_folder_are_refused(co
     other = make_concept_images(comfy.input_dir / "lora_lab_link_target", count=2, resolution=64)
     (inside / "3_more").symlink_to(other)  # a link that stays inside input/ is fine
     assert found(comfy.run(dataset_graph(inside.name)))["images"] == 2 + 2
+
+
+def defaults(node_info: dict) -> dict:
+    """The default of every required widget of a node, from /object_info."""
+    return {name: spec[1]["default"] for name, spec in node_info["input"]["required"].items()
+            if len(spec) > 1 and "default" in spec[1]}
+
+
+def test_class_images_from_a_second_folder_train_with_their_prior_loss_weight(comfy: ComfyServer,
+                                                                               comfy_object_info) -> None:
+    concept = make_concept_images(comfy.input_dir / "lora_lab_concept_reg", count=2, resolution=64)
+    classes = make_concept_images(comfy.input_dir / "lora_lab_classes" / "1_shape", count=3, resolution=64)
+    for caption in classes.glob("*.txt"):
+        caption.unlink()  # captioned by their folder's class name
+    graph = dataset_graph(concept.name)
+    graph["1"]["inputs"].update(regularization_folder=classes.parent.name)
+    graph.update({
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TEST_CHECKPOINT}},
+        "4": {"class_type": "LoraLab_InjectLoRA", "inputs": {"model": ["3", 0], "clip": ["3", 1], "algorithm": "lora",
+                                                             "rank": 4, "alpha": 4.0, "target": "attention",
+                                                             "train_text_encoder": False}},
+        "5": {"class_type": "LoraLab_TrainingOptions", "inputs": {
+            **defaults(comfy_object_info["LoraLab_TrainingOptions"]), "gradient_accumulation": 1,
+            "validation_every": 0, "prior_loss_weight": 0.5}},
+        "6": {"class_type": "LoraLab_Train", "inputs": {
+            **defaults(comfy_object_info["LoraLab_Train"]), "network": ["4", 0], "dataset": ["1", 0],
+            "vae": ["3", 2], "steps": 2, "batch_size": 2, "sample_every": 0, "options": ["5", 0]}},
+        "7": {"class_type": "LoraLab_SaveLoRA", "inputs": {"lora": ["6", 0], "filename_prefix": "lora_lab_reg",
+                                                           "precision": "float16"}},
+    })
+    entry = comfy.run(graph, timeout=300)
+    assert found(entry)["regularization"] == 3 and found(entry)["examples"] == 4  # 2 concept + 2 of the 3 classes
+    [saved] = comfy.loras_dir.glob("lora_lab_reg_*.safetensors")
+    try:
+        with safe_open(str(saved), "pt") as file:
+            metadata = file.metadata()
+        assert (metadata["ss_num_reg_images"], metadata["ss_prior_loss_weight"]) == ("3", "0.5")
+    finally:
+        saved.unlink()
