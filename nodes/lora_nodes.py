@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..lora_core.files import SAVE_DTYPES, LoRAFileError, LoRAWeights
-from .patches import apply_lora
+from .patches import apply_lora, apply_lora_by_block
 from .paths import loras_root, lora_files, next_lora_path, resolve_lora
 
 CATEGORY = "LoRA Lab"
@@ -74,7 +74,11 @@ class ApplyLoRA:
             "lora": ("LORA", {"tooltip": "From Load LoRA or Train LoRA."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How strongly the LoRA changes the diffusion model; 0 leaves it as it is."}),
             "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "How strongly the LoRA changes the text encoder."}),
+        }, "optional": {
+            "block_weights": ("STRING", {"default": "", "tooltip": "Per-block strengths, as LoRA Block Weight gives them: a preset (NONE, ALL, ALL0.5; SD1.x also INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL) or one weight per block, comma-separated: SD1.x 17 (BASE,IN01,IN02,IN04,IN05,IN07,IN08,MID,OUT03-OUT11) or 26, SDXL 12 (BASE,IN04,IN05,IN07,IN08,MID,OUT00-OUT05) or 20, Flux BASE + one per double block + one per single block (58), SD3 BASE + one per joint block. BASE scales the text encoder. Empty: every block 1."}),
         }}
 
-    def apply(self, model, clip, lora: LoRAWeights, strength_model: float, strength_clip: float):
+    def apply(self, model, clip, lora: LoRAWeights, strength_model: float, strength_clip: float, block_weights: str = ""):
+        if block_weights.strip():
+            return apply_lora_by_block(model, clip, lora, strength_model, strength_clip, block_weights)
         return apply_lora(model, clip, lora, strength_model, strength_clip)

@@ -10,9 +10,10 @@ import comfy.utils
 import torch
 from torch import nn
 
+from ..lora_core import block_weights
 from ..lora_core.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
-from .comfy_backend import ComfyBackend
+from .comfy_backend import ComfyBackend, config_family, model_family
 
 
 def original_weight(patcher: Any, key: str) -> torch.Tensor:
@@ -70,3 +71,33 @@ def apply_lora(model: Any, clip: Any, weights: LoRAWeights, strength_model: floa
     if any(key.endswith(".dora_scale") for key in weights.tensors):
         return dora_as_diffs(model, clip, weights, strength_model, strength_clip)
     return comfy.sd.load_lora_for_models(model, clip, weights.tensors, strength_model, strength_clip)
+
+
+BLOCK_FAMILIES = {"SD1.x": "SD1.x", "SD2.x": "SD1.x", "SDXL": "SDXL", "SD3": "SD3", "Flux.1": "Flux"}
+
+
+def block_layout(model: Any) -> tuple[str, tuple[int, ...]]:
+    """The MODEL's block-weight family and depth (Flux's double/single block counts, SD3's joint block count)."""
+    family = config_family(model)
+    if family is None or family.name not in BLOCK_FAMILIES:
+        raise block_weights.BlockWeightError(f"block weights know {', '.join(block_weights.FAMILIES)}; this MODEL is "
+                                             f"{model_family(model)}: leave block_weights empty")
+    name, denoiser = BLOCK_FAMILIES[family.name], model.model.diffusion_model
+    return name, () if name in block_weights.UNET_LAYOUTS else tuple(len(getattr(denoiser, blocks))
+                                                                     for blocks in family.blocks)
+
+
+def apply_lora_by_block(model: Any, clip: Any, weights: LoRAWeights, strength_model: float, strength_clip: float,
+                        spec: str):
+    """`apply_lora` with each module's strength times its block's weight in `spec` (see lora_core.block_weights):
+    the modules of each distinct strength are applied together, so all-ones patches as `apply_lora` does."""
+    family, depth = block_layout(model)
+    weight_of = block_weights.key_weights(weights.tensors, family, block_weights.parse(spec, family, depth))
+    groups: dict[tuple[float, float], dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.tensors.items():
+        text_encoder = block_weights.module_block(key, family) == block_weights.TEXT_ENCODER
+        strengths = (0.0, strength_clip * weight_of[key]) if text_encoder else (strength_model * weight_of[key], 0.0)
+        groups.setdefault(strengths, {})[key] = tensor
+    for (model_strength, clip_strength), tensors in groups.items():
+        model, clip = apply_lora(model, clip, LoRAWeights(tensors, weights.metadata), model_strength, clip_strength)
+    return model, clip
