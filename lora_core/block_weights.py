@@ -7,10 +7,10 @@ Layouts (the number of weights a spec must have):
 - SDXL: 12 — BASE, IN04, IN05, IN07, IN08, MID, OUT00–OUT05, or 20 — BASE, IN00–IN08, MID, OUT00–OUT08.
 - Flux: 1 + double + single — BASE, D00… (one per double block), S00… (one per single block); 58 for Flux.1.
 - SD3: 1 + joint — BASE, J00… (one per joint block); 25 for SD3 medium.
-Presets: NONE, ALL and ALL0.5 for every family; for SD1.x also INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL with the
+Presets: NONE, ALL and ALL0.5 (every block of the longest layout) for every family; for SD1.x also INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL with the
 values of hako-mikan's sd-webui-lora-block-weight. IN/OUT numbers are the LDM UNet's input_blocks/output_blocks
 indices; diffusers' down_blocks.i.{resnets,attentions}.j is IN(3i+j+1), its downsampler IN(3i+3), up_blocks.i.*.j
-is OUT(3i+j), its upsampler OUT(3i+2), for SD1.x and SDXL alike.
+is OUT(3i+j), its upsampler OUT(3i+2), for SD1.x and SDXL alike (two res blocks per level down, three up).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ UNIFORM_PRESETS = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5}
 
 
 def layouts(family: str, depth: tuple[int, ...] = ()) -> tuple[tuple[str, ...], ...]:
-    """The block layouts a spec for `family` may use, the preset one first. `depth`: Flux's (double, single) block
+    """The block layouts a spec for `family` may use, the longest (every block) last. `depth`: Flux's (double, single) block
     counts, SD3's (joint,); unused for the UNet families."""
     if family in UNET_LAYOUTS:
         return UNET_LAYOUTS[family]
@@ -65,7 +65,7 @@ def parse(spec: str, family: str, depth: tuple[int, ...] = ()) -> dict[str, floa
     options = layouts(family, depth)
     name = spec.strip().upper()
     if name in UNIFORM_PRESETS:
-        return dict.fromkeys(options[0], UNIFORM_PRESETS[name])
+        return dict.fromkeys(options[-1], UNIFORM_PRESETS[name])
     if family == "SD1.x" and name in SD1_PRESETS:
         spec = SD1_PRESETS[name]
     presets = [*UNIFORM_PRESETS, *(SD1_PRESETS if family == "SD1.x" else ())]

@@ -1,6 +1,13 @@
 """Apply LoRA's block_weights in the real server on the SD1.5 test checkpoint: all-ones samples like plain Apply LoRA,
-all-zeros like the checkpoint alone, and a zero for one block like the LoRA with that block's modules removed."""
+all-zeros like the checkpoint alone, and a zero for one block like the LoRA with that block's modules removed; on tiny
+SDXL, Flux.1 and SD3 models (block_weights_probe.py, ComfyUI 0.3.64) each weight gets exactly strength x its block's
+weight as its ComfyUI patch, and none for a zero block."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_core.block_weights import layouts, module_block
 
-from .harness import TEST_CHECKPOINT, ComfyError, ComfyServer
+from .harness import CURRENT_COMFY_DIR, TEST_CHECKPOINT, VENV_PYTHON, ComfyError, ComfyServer
 from .test_toolbox_nodes import random_lora, sampled, sampling_from
 
 LORA, WITHOUT_BLOCK = "lora_lab_blocks.safetensors", "lora_lab_blocks_without.safetensors"
@@ -60,3 +67,17 @@ def test_block_weights_scale_each_blocks_patches(comfy: ComfyServer, zeroed_bloc
 def test_a_wrong_length_names_family_and_lengths(comfy: ComfyServer, zeroed_block: str) -> None:
     with pytest.raises(ComfyError, match=r"block weights for SD1\.x take 17 .* or 26 .* values, one per block; got 3"):
         image(comfy, LORA, "1,0,1")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "sd3"])
+def test_each_weight_is_patched_at_its_blocks_strength(family: str) -> None:
+    completed = subprocess.run([str(VENV_PYTHON), str(Path(__file__).with_name("block_weights_probe.py")),
+                                str(CURRENT_COMFY_DIR), family], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["model_untouched"]
+    weights = {weight for _, weight, _ in result["keys"].values()}
+    assert 0 in weights and len(weights) > 1, result["keys"]
+    for key, (block, weight, strengths) in result["keys"].items():
+        assert strengths == ([] if weight == 0 else [pytest.approx(0.7 * weight)]), (key, block)
