@@ -4,7 +4,8 @@ builders), run inside a ComfyUI checkout: `python block_weights_probe.py COMFY_D
 A rank-2 LoRA on every Linear of the denoiser's blocks, named as ComfyUI's key map names them (kohya's LDM names; the
 diffusers UNet names' block numbers hold for SDXL's two res blocks per level, not for the tiny UNet's one), is applied with weight
 2, 1, 0, 2, 1, 0 … counting back from the last block (0) of the family's full layout; prints `{weight key: [block, weight, strengths]}` with
-the strengths of the patches ComfyUI's ModelPatcher holds for that weight, as JSON.
+the strengths of the patches ComfyUI's ModelPatcher holds for that weight, and the same for one CLIP-L layer (BASE),
+as JSON.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from families_probe import BUILDERS  # noqa: E402
 from model_machinery_probe import PACK_NAME, import_backend  # noqa: E402
 
 FAMILIES = {"sdxl": "SDXL", "flux": "Flux", "sd3": "SD3"}
-STRENGTH_MODEL = 0.7
+STRENGTH_MODEL, STRENGTH_CLIP = 0.7, 0.6
 
 
 def main() -> None:
@@ -50,10 +51,17 @@ def main() -> None:
         tensors[f"{lora_name}.lora_down.weight"] = torch.randn(2, weight.shape[1], generator=generator)
         tensors[f"{lora_name}.lora_up.weight"] = torch.randn(weight.shape[0], 2, generator=generator)
         modules[key] = block
-    applied, _ = ApplyLoRA().apply(model, clip, LoRAWeights(tensors), STRENGTH_MODEL, 1.0, spec)
-    print(json.dumps({"layout": list(layout), "model_untouched": not model.patches,
+    clip_state = clip.cond_stage_model.state_dict()
+    text_encoder_key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    clip_key = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})[text_encoder_key]
+    tensors[f"{text_encoder_key}.lora_down.weight"] = torch.randn(2, clip_state[clip_key].shape[1], generator=generator)
+    tensors[f"{text_encoder_key}.lora_up.weight"] = torch.randn(clip_state[clip_key].shape[0], 2, generator=generator)
+    applied, applied_clip = ApplyLoRA().apply(model, clip, LoRAWeights(tensors), STRENGTH_MODEL, STRENGTH_CLIP, spec)
+    print(json.dumps({"layout": list(layout), "untouched": not model.patches and not clip.patcher.patches,
                       "keys": {key: [block, weights[block], [entry[0] for entry in applied.patches.get(key, [])]]
-                               for key, block in modules.items()}}))
+                               for key, block in modules.items()},
+                      "text_encoder": [weights["BASE"], [entry[0] for entry in applied_clip.patcher.patches[clip_key]]],
+                      "other_clip_keys": sorted(applied_clip.patcher.patches.keys() - {clip_key})}))
 
 
 if __name__ == "__main__":

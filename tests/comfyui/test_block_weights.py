@@ -76,7 +76,9 @@ def test_each_weight_is_patched_at_its_blocks_strength(family: str) -> None:
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert result["model_untouched"]
+    assert result["untouched"] and not result["other_clip_keys"]
+    base, strengths = result["text_encoder"]
+    assert strengths == ([] if base == 0 else [pytest.approx(0.6 * base)])
     weights = {weight for _, weight, _ in result["keys"].values()}
     assert 0 in weights and len(weights) > 1, result["keys"]
     for key, (block, weight, strengths) in result["keys"].items():
