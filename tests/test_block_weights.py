@@ -11,7 +11,8 @@ SD1_17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
 
 
 def test_sd1_presets_have_the_lora_block_weight_values() -> None:
-    assert tuple(parse("ALL", "SD1.x")) == SD1_17
+    assert tuple(parse("INS", "SD1.x")) == SD1_17
+    assert len(parse("ALL", "SD1.x")) == 26 and len(parse("NONE", "SDXL")) == 20  # every block
     assert set(parse("all", "SD1.x").values()) == {1.0}
     assert set(parse("NONE", "SD1.x").values()) == {0.0}
     assert set(parse("ALL0.5", "SD1.x").values()) == {0.5}
@@ -126,7 +127,7 @@ def test_a_module_outside_the_layout_is_named() -> None:
     conv = "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight"
     with pytest.raises(BlockWeightError, match="lora_unet_down_blocks_0_downsamplers_0_conv is in block IN03, which "
                                                "the 17-value SD1.x layout has no weight for"):
-        key_weights([conv], "SD1.x", parse("ALL", "SD1.x"))
+        key_weights([conv], "SD1.x", parse("INALL", "SD1.x"))
     assert key_weights([conv], "SD1.x", parse(",".join(["1"] * 26), "SD1.x")) == {conv: 1.0}
     with pytest.raises(BlockWeightError, match=r"LoRA module transformer\.pos_embed\.proj is in no SD3 block"):
         key_weights(["transformer.pos_embed.proj.lora_A.weight"], "SD3", parse("ALL", "SD3", (2,)))
