@@ -33,6 +33,10 @@ def zeroed_block(comfy: ComfyServer):
         zeroed = blocks[-1]
         save_file({key: tensor for key, tensor in tensors.items() if module_block(key, "SD1.x") != zeroed},
                   str(comfy.loras_dir / WITHOUT_BLOCK))
+        # ComfyUI lists a folder again only when its modification time differs from the one it cached; on a
+        # filesystem with coarse timestamps two quick writes can leave it equal, so move it on by a second
+        folder = comfy.loras_dir.stat()
+        os.utime(comfy.loras_dir, ns=(folder.st_atime_ns, folder.st_mtime_ns + 1_000_000_000))
         yield zeroed
     finally:
         for name in (LORA, WITHOUT_BLOCK):
