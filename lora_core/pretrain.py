@@ -301,8 +301,14 @@ def recipe(settings: Settings, **measured) -> dict[str, str]:
 
 
 def write_metadata(directory: Path, metadata: dict[str, str]) -> None:
+    """`metadata` into every weights file. The text encoder's keys get back the `text_model.` prefix that
+    transformers 5 leaves out when saving, so that transformers 4 loads the file too (5 reads both)."""
     for path in directory.rglob("*.safetensors"):
-        save_file(load_file(path), path, metadata=metadata)
+        tensors = load_file(path)
+        if path.parent.name == "text_encoder":
+            tensors = {key if key.startswith("text_model.") else f"text_model.{key}": value
+                       for key, value in tensors.items()}
+        save_file(tensors, path, metadata=metadata)
 
 
 def make_base(out: Path, settings: Settings) -> dict:
@@ -339,6 +345,7 @@ def make_base(out: Path, settings: Settings) -> dict:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipeline.save_pretrained(out)
+        write_tokenizer_files(out / "tokenizer", WORDS)  # vocab.json + merges.txt: what transformers 4 reads
         write_metadata(out, recipe(settings, unet_steps_done=step))
         log(f"saved {out} at unet step {step}")
 

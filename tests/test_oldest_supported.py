@@ -2,6 +2,7 @@
 CLIPTextModel still has its `text_model` wrapper), installed by scripts/setup.sh into .cache/oldest-supported."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +32,29 @@ def test_naming_and_loading_pass_on_the_oldest_supported_libraries() -> None:
     result = run_on_oldest("-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "tests/pytest.ini",
                            "tests/test_network.py", "tests/test_files.py", "-k", SELECTION)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_shipped_demo_base_loads_whole_on_the_oldest_supported_libraries() -> None:
+    """The base in lora_core/base/ was written by transformers 5; transformers 4 must get every weight and the same
+    token ids (it reads vocab.json/merges.txt and the `text_model.`-prefixed keys), or the demo would run on a text
+    encoder initialised at random."""
+    script = (
+        "import json, torch\n"
+        "from diffusers import StableDiffusionPipeline\n"
+        "from transformers import CLIPTextModel\n"
+        "_, info = CLIPTextModel.from_pretrained('lora_core/base/text_encoder', output_loading_info=True)\n"
+        "pipe = StableDiffusionPipeline.from_pretrained('lora_core/base', safety_checker=None,"
+        " requires_safety_checker=False)\n"
+        "ids = pipe.tokenizer(['a red sks on a white background'], padding='max_length', max_length=77,"
+        " return_tensors='pt').input_ids\n"
+        "with torch.no_grad(): out = pipe.text_encoder(ids)[0]\n"
+        "print(json.dumps({'missing': sorted(info['missing_keys']), 'unexpected': sorted(info['unexpected_keys']),"
+        " 'ids': ids[0, :10].tolist(), 'sum': out.double().sum().item()}))\n"
+    )
+    oldest = run_on_oldest("-c", script)
+    assert oldest.returncode == 0, oldest.stderr[-3000:]
+    today = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert today.returncode == 0, today.stderr[-3000:]
+    old, new = (json.loads(result.stdout.strip().splitlines()[-1]) for result in (oldest, today))
+    assert old["missing"] == old["unexpected"] == [] and old["ids"] == new["ids"]
+    assert abs(old["sum"] - new["sum"]) <= 1e-4 * abs(new["sum"])
