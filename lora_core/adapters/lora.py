@@ -33,18 +33,18 @@ class LoRAAdapter(Adapter):
     def delta_weight(self) -> torch.Tensor:
         return lora.delta_weight(self.lora_down.weight, self.lora_up.weight, self.scale, self.weight_shape)
 
-    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """up(down(x)) · scale: the low-rank path on activations, never forming ΔW, computed in the activations'
-        dtype from the fp32 weights (as autocast would), so a bf16 base is not slowed by fp32 copies of x."""
-        down, up = self.lora_down.weight.to(x.dtype), self.lora_up.weight.to(x.dtype)
+    def lora_output(self, x: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+        """up(down(x)) · scale · factor: the low-rank path on activations, never forming ΔW. The scale goes into
+        the small up weight (in fp32, before the cast) rather than onto the activations, and the weights are cast to
+        the activations' dtype as autocast would, so a bf16 base is not slowed by fp32 copies of x."""
+        down, up = self.lora_down.weight.to(x.dtype), (self.lora_up.weight * (self.scale * factor)).to(x.dtype)
         if self.is_conv:
             base = self.base
-            hidden = F.conv2d(x, down, None, base.stride, base.padding, base.dilation)
-            return F.conv2d(hidden, up) * self.scale.to(x.dtype)
-        return F.linear(F.linear(x, down), up) * self.scale.to(x.dtype)
+            return F.conv2d(F.conv2d(x, down, None, base.stride, base.padding, base.dilation), up)
+        return F.linear(F.linear(x, down), up)
 
     def forward(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        return self.lora_output(x) * self.multiplier
+        return self.lora_output(x, self.multiplier)
 
     @classmethod
     def from_tensors(cls, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoRAAdapter:
