@@ -298,7 +298,8 @@ def command_extract(args: argparse.Namespace) -> None:
 def command_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    report = run_demo(Path(args.out), steps=args.steps, seed=args.seed, overwrite=args.overwrite)
+    report = run_demo(Path(args.out), steps=args.steps, seed=args.seed, overwrite=args.overwrite,
+                      grid_seed=args.grid_seed)
     print(json.dumps(report, indent=2))
     print(f"wrote {args.out}/: base/ (pipeline), lora.safetensors, strength_*.png, grid.png, loss.png, report.json")
 
@@ -474,7 +475,8 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline demo: the shipped tiny SD1.x base learns a new shape")
     demo.add_argument("--out", required=True)
     demo.add_argument("--steps", type=int, default=200)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="the seed of the dataset, the LoRA's initialization and training")
+    demo.add_argument("--grid-seed", type=int, default=None, help="the noise seed of grid.png's images (default: the demo's GRID_SEED, 2)")
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(run=command_demo)
 

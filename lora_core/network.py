@@ -173,6 +173,16 @@ class LoRANetwork(nn.Module):
                 if not attached:
                     adapter.detach()
 
+    @contextmanager
+    def merged(self, strength: float = 1.0) -> Iterator[LoRANetwork]:
+        """Merged into the model's weights at `strength` inside the block (no per-layer cost, for batches of
+        images), restored exactly after it."""
+        self.merge(strength)
+        try:
+            yield self
+        finally:
+            self.unmerge()
+
     def merge(self, strength: float = 1.0) -> None:
         """Write ΔW at `strength` into the model's weights (no cost at inference); `unmerge()` restores them."""
         if any(adapter.attached for adapter in self.adapters.values()):

@@ -146,19 +146,36 @@ def load_base(directory: Path = BASE_DIR):
     return pipeline
 
 
-def prompt_accuracy(pipeline, detector: SceneDetector, scenes: list[Scene], seeds: range, steps: int = 20,
-                    guidance_scale: float = 5.0, shape_word=None) -> dict:
-    """Generate every scene's caption from each seed; the fraction the detector reads back as asked."""
+def scene_prompts(scenes: list[Scene], seeds: range, shape_word: str | None = None):
+    """Every scene from each seed: the scenes asked for, their captions, and each image's generator seed."""
     asked = [scene for _ in seeds for scene in scenes]
-    generator = [torch.Generator().manual_seed(seed * 1000 + index) for seed in seeds for index in range(len(scenes))]
-    images = pipeline([scene.caption(shape_word) for scene in asked], num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=generator, output_type="pt").images
+    image_seeds = [seed * 1000 + index for seed in seeds for index in range(len(scenes))]
+    return asked, [scene.caption(shape_word) for scene in asked], image_seeds
+
+
+def generate_batch(pipeline, prompts: list[str], seeds: list[int], steps: int = 20,
+                   guidance_scale: float = 5.0) -> torch.Tensor:
+    """One image per prompt, each from its own seed's noise (as a one-image call would start), in [0, 1]."""
+    generator = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return pipeline(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                    output_type="pt").images
+
+
+def read_back(detector: SceneDetector, asked: list[Scene], images: torch.Tensor) -> dict:
+    """The fraction of `images` (in [0, 1]) that the detector reads back as `asked`, per attribute and in all."""
     readings = detector.read(images * 2 - 1)
     hits = {key: [getattr(scene, key) == reading[key] for scene, reading in zip(asked, readings)]
             for key in ("shape", "colour", "background")}
     every = [all(values) for values in zip(*hits.values())]
     return {"all": sum(every) / len(every), **{key: sum(value) / len(value) for key, value in hits.items()},
             "images": len(every), "readings": readings}
+
+
+def prompt_accuracy(pipeline, detector: SceneDetector, scenes: list[Scene], seeds: range, steps: int = 20,
+                    guidance_scale: float = 5.0, shape_word=None) -> dict:
+    """Generate every scene's caption from each seed; the fraction the detector reads back as asked."""
+    asked, prompts, image_seeds = scene_prompts(scenes, seeds, shape_word)
+    return read_back(detector, asked, generate_batch(pipeline, prompts, image_seeds, steps, guidance_scale))
 
 
 @dataclass

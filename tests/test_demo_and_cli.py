@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lora_core import load_file
-from lora_core.demo import PROMPT
+from lora_core.demo import GRID_SEED, PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 200  # the demo's default
@@ -46,27 +46,35 @@ def test_demo_learns_the_concept(demo: Path) -> None:
 
 
 def test_demo_draws_the_concept_with_strength_and_leaves_the_base_prompts_alone(demo: Path) -> None:
-    """The detector's figures, measured: cross probability 0.000 → 0.008 → 0.385 and read as a cross 0 → 0 → 3 of 8
-    seeds; base prompts all right 0.90 at strength 0, 0.65 at 1."""
+    """The detector's figures over the concept in all 8 colours × backgrounds (2 seeds), measured: cross probability
+    0.000 → 0.110 → 0.673 and read as a cross 0 → 2 → 11 of 16 images; base prompts all right 0.90 at strength 0,
+    0.65 at 1."""
     report = json.loads((demo / "report.json").read_text())
     cross = [report["concept_score"][strength]["cross_probability"] for strength in ("0", "0.5", "1")]
     assert cross[0] < cross[1] < cross[2], "the concept prompt must draw more of the cross as strength rises"
-    assert cross[0] < 0.01 and cross[2] >= 0.2
-    assert report["concept_score"]["0"]["read_as_cross"] == 0 < report["concept_score"]["1"]["read_as_cross"]
+    assert cross[0] < 0.01 and cross[2] >= 0.45
+    assert report["concept_score"]["0"]["read_as_cross"] == 0 and report["concept_score"]["1"]["read_as_cross"] >= 0.4
     accuracy = report["base_domain_accuracy"]
     assert accuracy["1"]["all"] >= accuracy["0"]["all"] - BASE_BOUND, "the LoRA must leave the base's prompts alone"
+    assert report["grid_seed"] == GRID_SEED and report["seconds"] > 0
 
 
 def test_strength_zero_is_the_base_model_and_generate_reproduces_the_demo(demo: Path, tmp_path) -> None:
-    base = tmp_path / "base.png"
-    run("generate", "--base", str(demo / "base"), "--prompt", PROMPT, "--steps", "20", "--size", "32", "--guidance", "5",
-        "--out", str(base))
-    assert np.array_equal(np.asarray(Image.open(base)), np.asarray(Image.open(demo / "strength_0.png")))
-    full = tmp_path / "full.png"
-    run("generate", "--base", str(demo / "base"), "--lora", str(demo / "lora.safetensors"), "--prompt", PROMPT,
-        "--steps", "20", "--size", "32", "--guidance", "5", "--out", str(full))
-    assert np.array_equal(np.asarray(Image.open(full)), np.asarray(Image.open(demo / "strength_1.png")))
-    assert not np.array_equal(np.asarray(Image.open(full)), np.asarray(Image.open(base)))
+    """The CLI's one-image `generate` (LoRA on hooks) draws the demo's grid images (one batch per strength, LoRA
+    merged) to within 3 levels of 255: the same noise and weights, summed in another order."""
+    def cli_image(*lora: str) -> np.ndarray:
+        out = tmp_path / f"cli{len(lora)}.png"
+        run("generate", "--base", str(demo / "base"), *lora, "--prompt", PROMPT, "--steps", "20", "--size", "32",
+            "--guidance", "5", "--seed", str(GRID_SEED), "--out", str(out))
+        return np.asarray(Image.open(out)).astype(int)
+
+    def demo_image(strength: str) -> np.ndarray:
+        return np.asarray(Image.open(demo / f"strength_{strength}.png")).astype(int)
+
+    base, full = cli_image(), cli_image("--lora", str(demo / "lora.safetensors"))
+    assert np.abs(base - demo_image("0")).max() <= 3
+    assert np.abs(full - demo_image("1")).max() <= 3
+    assert np.abs(full - base).mean() > 10, "at strength 1 the LoRA must change the image"
 
 
 def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) -> None:
