@@ -1,4 +1,5 @@
-"""Train-step benchmark: LoRA Lab against the diffusers + PEFT reference loop on the same SD1.5-architecture UNet.
+"""Train-step benchmark: LoRA Lab against the diffusers + PEFT reference loop on the same SD1.5- or SDXL-architecture
+UNet.
 
 The reference is the loop of diffusers' `train_text_to_image_lora.py`: PEFT LoRA on to_q/to_k/to_v/to_out.0,
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
@@ -8,6 +9,8 @@ optimizer step, peak memory above the resident weights, and the ratios LoRA Lab 
 
     python bench/train_step.py --size small                       # the routine CPU check, well under a minute
     python bench/train_step.py --size full --device cuda --dtype bf16   # full-size SD1.5 UNet at 512 px
+    python bench/train_step.py --size sdxl --device cuda --dtype bf16   # full-size SDXL UNet at 1024 px
+    python bench/train_step.py --size sdxl-block --resolution 256       # SDXL's widths, 2 of its 10 deepest layers
 """
 from __future__ import annotations
 
@@ -31,6 +34,13 @@ from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingCo
 from lora_core.backend import TrainingBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
+SDXL = dict(  # SDXL 1.0's UNet configuration (2.6 B parameters)
+    sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), use_linear_projection=True, cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
 UNETS = {
     "full": dict(  # Stable Diffusion 1.5's UNet configuration (860 M parameters)
         sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
@@ -42,7 +52,15 @@ UNETS = {
         norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ),
+    "sdxl": SDXL,
+    # SDXL's widths and blocks with 2 of the 10 transformer layers of its deepest level (1.3 B parameters): the
+    # reference's copy and LoRA Lab's model fit a 24 GB CPU machine in fp32
+    "sdxl-block": {**SDXL, "transformer_layers_per_block": (1, 2, 2)},
+    "sdxl-small": {**SDXL, "block_out_channels": (32, 64, 64), "transformer_layers_per_block": (1, 1, 1),
+                   "attention_head_dim": (2, 4, 4), "cross_attention_dim": 32, "addition_time_embed_dim": 8,
+                   "projection_class_embeddings_input_dim": 16 + 6 * 8, "sample_size": 8, "layers_per_block": 1},
 }
+DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024}  # 64 px for the small variants
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANK = 8
 
@@ -55,6 +73,12 @@ class SyntheticBackend(TrainingBackend):
         generator = torch.Generator().manual_seed(0)
         self.latent = torch.randn(4, latent_size, latent_size, generator=generator).to(device)
         self.embedding = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator).to(device, unet.dtype)
+        self.added = None  # SDXL's pooled text embedding and size/crop numbers
+        if unet.config.addition_embed_type == "text_time":
+            pooled_width = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            self.added = {"text_embeds": torch.randn(1, pooled_width, generator=generator).to(device, unet.dtype),
+                          "time_ids": torch.tensor([[8.0 * latent_size] * 2 + [0.0] * 2 + [8.0 * latent_size] * 2],
+                                                   device=device, dtype=unet.dtype)}
 
     def alphas_cumprod(self):
         return self.scheduler.alphas_cumprod
@@ -66,8 +90,10 @@ class SyntheticBackend(TrainingBackend):
         return {"context": self.embedding.expand(len(captions), -1, -1)}
 
     def predict(self, noisy_latents, timesteps, conditioning):
-        context = conditioning["context"]
-        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
+        context, batch = conditioning["context"], noisy_latents.shape[0]
+        added = None if self.added is None else {key: value.expand(batch, -1) for key, value in self.added.items()}
+        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context,
+                         added_cond_kwargs=added).sample
 
     def adapter_targets(self, preset, text_encoder):
         return named_for_kohya(UNET_PREFIX, find_targets(self.unet, preset))
@@ -124,7 +150,7 @@ def reference_block(unet, scheduler, backend, steps: int, dtype: torch.dtype) ->
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(noisy, timesteps, backend.embedding).sample
+            prediction = unet(noisy, timesteps, backend.embedding, added_cond_kwargs=backend.added).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -141,7 +167,8 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(UNETS), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 (full), 64 (small)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="default: 512 (full), 1024 (sdxl, sdxl-block), 64 (small, sdxl-small)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per block (after 2 warm-up steps)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks of each trainer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -154,7 +181,7 @@ def main() -> None:
     from peft import LoraConfig
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    resolution = args.resolution or (512 if args.size == "full" else 64)
+    resolution = args.resolution or DEFAULT_RESOLUTION.get(args.size, 64)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**UNETS[args.size]).to(device, dtype)

@@ -21,6 +21,14 @@ def test_train_step_benchmark_small_variant() -> None:
     assert report["lora_lab_parameter_dtypes"] == ["torch.float32"]
 
 
+def test_train_step_benchmark_sdxl_small_variant() -> None:
+    """SDXL's UNet (text-time conditioning) through both trainers: same adapter size, both train."""
+    report = run_bench("bench/train_step.py", "--size", "sdxl-small", "--steps", "2", "--blocks", "1")
+    assert report["unet"] == "sdxl-small" and report["resolution"] == 64
+    assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
+    assert report["losses_finite"] and report["lora_lab_weights_changed"]
+
+
 def test_file_size_benchmark_small_variant() -> None:
     rows = run_bench("bench/file_size.py", "--size", "small")
     assert {row["preset"] for row in rows} == {"attention", "transformer", "full"}
