@@ -53,7 +53,7 @@ UNETS = {
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ),
     "sdxl": SDXL,
-    # SDXL's widths and blocks with 2 of the 10 transformer layers of its deepest level (1.3 B parameters): the
+    # SDXL's widths and blocks with 2 of the 10 transformer layers of its deepest level (0.9 B parameters): the
     # reference's copy and LoRA Lab's model fit a 24 GB CPU machine in fp32
     "sdxl-block": {**SDXL, "transformer_layers_per_block": (1, 2, 2)},
     "sdxl-small": {**SDXL, "block_out_channels": (32, 64, 64), "transformer_layers_per_block": (1, 1, 1),
