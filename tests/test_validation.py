@@ -85,7 +85,7 @@ def test_early_stopping_waits_for_the_validation_loss_and_keeps_the_weights_of_i
     backend = DiffusersBackend(pipeline)
     network = LoRANetwork.create(backend.adapter_targets("transformer", False), rank=8)
     patience, every = 3, 5
-    config = TrainingConfig(steps=60, learning_rate=0.05, batch_size=2, gradient_accumulation=1, seed=0,
+    config = TrainingConfig(steps=60, learning_rate=0.03, batch_size=2, gradient_accumulation=1, seed=0,
                             validation_every=every, validation_images=2, validation_timesteps=2,
                             early_stopping_patience=patience)
     states = {0: snapshot(network)}
