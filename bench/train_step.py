@@ -1,7 +1,8 @@
 """Train-step benchmark: LoRA Lab against the diffusers + PEFT reference loop on the same SD1.5- or SDXL-architecture
-UNet.
+UNet or Flux.1 transformer.
 
-The reference is the loop of diffusers' `train_text_to_image_lora.py`: PEFT LoRA on to_q/to_k/to_v/to_out.0,
+The reference is the loop of diffusers' `train_text_to_image_lora.py` (UNets: PEFT LoRA on to_q/to_k/to_v/to_out.0)
+or `train_dreambooth_lora_flux.py` (Flux: flow matching, LoRA on the attention projections of both streams):
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
 targets through `lora_core.train` (fp32 adapters, no autocast). Both run in one process, in alternating blocks
 after warm-up, with random weights, latents and text embeddings (no download). Prints JSON with median seconds per
@@ -11,16 +12,21 @@ optimizer step, peak memory above the resident weights, and the ratios LoRA Lab 
     python bench/train_step.py --size full --device cuda --dtype bf16   # full-size SD1.5 UNet at 512 px
     python bench/train_step.py --size sdxl --device cuda --dtype bf16   # full-size SDXL UNet at 1024 px
     python bench/train_step.py --size sdxl-block --resolution 256       # SDXL's widths, 2 of its 10 deepest layers
+    python bench/train_step.py --size flux --device cuda --dtype bf16   # Flux.1-dev's transformer at 1024 px
+    python bench/train_step.py --size flux-block --resolution 256       # Flux's widths, 1 double + 2 single blocks
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train  # noqa: E402
 from lora_core.backend import TrainingBackend  # noqa: E402
+from lora_core.families.flux import FLUX_ATTENTION, FluxBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
 SDXL = dict(  # SDXL 1.0's UNet configuration (2.6 B parameters)
@@ -60,7 +67,16 @@ UNETS = {
                    "attention_head_dim": (2, 4, 4), "cross_attention_dim": 32, "addition_time_embed_dim": 8,
                    "projection_class_embeddings_input_dim": 16 + 6 * 8, "sample_size": 8, "layers_per_block": 1},
 }
-DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024}  # 64 px for the small variants
+FLUX = dict(num_layers=19, num_single_layers=38, guidance_embeds=True)  # Flux.1-dev's transformer (12 B parameters)
+TRANSFORMERS = {
+    "flux": FLUX,
+    # Flux's widths with 1 of its 19 double and 2 of its 38 single blocks (0.7 B parameters): fits a CPU in fp32
+    "flux-block": {**FLUX, "num_layers": 1, "num_single_layers": 2},
+    "flux-small": {**FLUX, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+                   "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": (4, 6, 6)},
+}
+FLUX_TEXT_TOKENS = 512  # T5 tokens of Flux.1-dev
+DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024, "flux": 1024, "flux-block": 1024}  # small: 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANK = 8
 
@@ -105,6 +121,33 @@ class SyntheticBackend(TrainingBackend):
         return [self.unet]
 
 
+class SyntheticFluxBackend(FluxBackend):
+    """Flux's transformer with fixed random latents and T5/CLIP outputs standing in for the VAE and text encoders;
+    the denoiser call (2×2 packing, ids, guidance 1) is FluxBackend's."""
+
+    def __init__(self, transformer, latent_size: int, device: torch.device) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        super().__init__(SimpleNamespace(transformer=transformer, vae=None, text_encoder=None, scheduler=scheduler,
+                                         vae_scale_factor=8, components={}))
+        generator = torch.Generator().manual_seed(0)
+        config, dtype = transformer.config, transformer.dtype
+        self.latent = torch.randn(16, latent_size, latent_size, generator=generator).to(device)
+        self.context = torch.randn(1, FLUX_TEXT_TOKENS, config.joint_attention_dim, generator=generator).to(device, dtype)
+        self.pooled = torch.randn(1, config.pooled_projection_dim, generator=generator).to(device, dtype)
+
+    def encode_images(self, pixels, generator):
+        return self.latent.expand(pixels.shape[0], -1, -1, -1)
+
+    def encode_text(self, captions):
+        return {"context": self.context.expand(len(captions), -1, -1), "pooled": self.pooled.expand(len(captions), -1)}
+
+    def frozen_modules(self):
+        return [self.transformer]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -122,7 +165,8 @@ def peak_above(device: torch.device, baseline: int) -> int:
     return torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
 
 
-def lora_lab_block(backend, dataset, network, steps: int, precision: str) -> tuple[list[float], int, list[float]]:
+def lora_lab_block(backend, dataset, network, steps: int, precision: str,
+                   conv_kernels: str) -> tuple[list[float], int, list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory, losses."""
     baseline = memory_baseline(backend.device)
     stamps: list[float] = []
@@ -131,70 +175,113 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str) -> tup
         synchronize(backend.device)
         stamps.append(time.perf_counter())
 
-    config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision)
+    config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision,
+                            cpu_conv_kernels=conv_kernels)
     result = train(backend, network, dataset, config, callback=record)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
 
-def reference_block(unet, scheduler, backend, steps: int, dtype: torch.dtype) -> tuple[list[float], int, list[float]]:
-    """The diffusers LoRA script's inner loop on a PEFT-adapted UNet."""
-    device = backend.device
-    parameters = [p for p in unet.parameters() if p.requires_grad]
+def reference_block(model: torch.nn.Module, loss: Callable[[torch.Generator], torch.Tensor], device: torch.device,
+                    steps: int) -> tuple[list[float], int, list[float]]:
+    """The diffusers LoRA scripts' inner loop on a PEFT-adapted denoiser: `loss` draws noise and time and predicts."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    latents = backend.latent[None]
     baseline = memory_baseline(device)
     stamps, losses = [], []
     for _ in range(steps):
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(noisy, timesteps, backend.embedding, added_cond_kwargs=backend.added).sample
-        loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
+        value = loss(generator)
+        value.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(value.item())
         synchronize(device)
         stamps.append(time.perf_counter())
     return list(np.diff(stamps)), peak_above(device, baseline), losses
 
 
+def unet_loss(unet, scheduler, backend: SyntheticBackend, dtype: torch.dtype) -> Callable[[torch.Generator], torch.Tensor]:
+    """train_text_to_image_lora.py: ε-prediction at a uniform timestep, the forward under autocast."""
+    device, latents = backend.device, backend.latent[None]
+
+    def loss(generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = unet(noisy, timesteps, backend.embedding, added_cond_kwargs=backend.added).sample
+        return F.mse_loss(prediction.float(), noise.float())
+
+    return loss
+
+
+def flux_loss(backend: SyntheticFluxBackend, dtype: torch.dtype) -> Callable[[torch.Generator], torch.Tensor]:
+    """train_dreambooth_lora_flux.py: σ logit-normal, x_σ = (1 − σ)·x + σ·noise, the velocity noise − x as the
+    target; the transformer called on packed latents with image/text ids and guidance, as `backend.predict` does."""
+    device, latents = backend.device, backend.latent[None]
+    conditioning = backend.encode_text([""])
+
+    def loss(generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        sigmas = torch.sigmoid(torch.randn((1,), generator=generator)).to(device)
+        noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = backend.predict(noisy, sigmas, conditioning)
+        return F.mse_loss(prediction.float(), (noise - latents).float())
+
+    return loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(UNETS), default="small")
+    parser.add_argument("--size", choices=sorted({**UNETS, **TRANSFORMERS}), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="default: 512 (full), 1024 (sdxl, sdxl-block), 64 (small, sdxl-small)")
+                        help="default: 512 (full), 1024 (sdxl, sdxl-block, flux, flux-block), 64 (the small ones)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per block (after 2 warm-up steps)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks of each trainer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                         help="LoRA Lab's autocast setting (the reference always autocasts to --dtype)")
+    parser.add_argument("--cpu-conv-kernels", choices=["by_size", "pytorch", "both"], default="by_size",
+                        help="LoRA Lab's TrainingConfig.cpu_conv_kernels; both: also time LoRA Lab with PyTorch's own "
+                        "kernel choice (the lever's before/after in one run)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of "
                         "one block of each trainer to stderr")
     args = parser.parse_args()
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     resolution = args.resolution or DEFAULT_RESOLUTION.get(args.size, 64)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNETS[args.size]).to(device, dtype)
-    reference_unet = copy.deepcopy(unet)
-    unet.requires_grad_(False)
-    reference_unet.requires_grad_(False)
-    reference_unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                          target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    for parameter in reference_unet.parameters():
+    if args.size in TRANSFORMERS:
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(**TRANSFORMERS[args.size]).to(device, dtype)
+        targets = list(FLUX_ATTENTION)
+    else:
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        model = UNet2DConditionModel(**UNETS[args.size]).to(device, dtype)
+        targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    reference_model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    reference_model.requires_grad_(False)
+    reference_model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                           target_modules=targets))
+    for parameter in reference_model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
 
-    backend = SyntheticBackend(unet, scheduler, resolution // 8, device)
+    if args.size in TRANSFORMERS:
+        backend = SyntheticFluxBackend(model, resolution // 8, device)
+        reference_loss = flux_loss(SyntheticFluxBackend(reference_model, resolution // 8, device), dtype)
+    else:
+        backend = SyntheticBackend(model, scheduler, resolution // 8, device)
+        reference_loss = unet_loss(reference_model, scheduler, backend, dtype)
     network = LoRANetwork.create(backend.adapter_targets("attention", False), rank=RANK).to(device)
     with tempfile.TemporaryDirectory() as folder:
         rng = np.random.default_rng(0)
@@ -203,43 +290,50 @@ def main() -> None:
         dataset = ImageFolderDataset(folder, DatasetConfig(resolution=resolution))
 
     before = {k: v.clone() for k, v in network.state_dict().items()}
-    ours, reference = {"seconds": [], "memory": [], "losses": []}, {"seconds": [], "memory": [], "losses": []}
+    kernel_choices = ["by_size", "pytorch"] if args.cpu_conv_kernels == "both" else [args.cpu_conv_kernels]
+    trainers = {"reference": lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)}
+    for choice in kernel_choices:
+        name = "lora_lab" if choice == kernel_choices[0] else f"lora_lab_{choice}_kernels"
+        trainers[name] = functools.partial(lora_lab_block, backend, dataset, network, args.steps + 2,
+                                           args.mixed_precision, choice)
+    results = {name: {"seconds": [], "memory": [], "losses": []} for name in trainers}
     for _ in range(args.blocks):
-        for name, results, block in (
-            ("reference", reference, lambda: reference_block(reference_unet, scheduler, backend, args.steps + 2, dtype)),
-            ("lora_lab", ours, lambda: lora_lab_block(backend, dataset, network, args.steps + 2, args.mixed_precision)),
-        ):
+        for name, block in trainers.items():
             seconds, memory, losses = block()
-            results["seconds"] += seconds[1:]  # the first interval still warms up
-            results["memory"].append(memory)
-            results["losses"] += losses
+            results[name]["seconds"] += seconds[1:]  # the first interval still warms up
+            results[name]["memory"].append(memory)
+            results[name]["losses"] += losses
+    ours, reference = results["lora_lab"], results["reference"]
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        for name, block in (("reference", lambda: reference_block(reference_unet, scheduler, backend, 3, dtype)),
-                            ("lora_lab", lambda: lora_lab_block(backend, dataset, network, 3, args.mixed_precision))):
+        for name, block in (("reference", lambda: reference_block(reference_model, reference_loss, device, 3)),
+                            ("lora_lab", lambda: lora_lab_block(backend, dataset, network, 3, args.mixed_precision,
+                                                                kernel_choices[0]))):
             with profile(activities=activities) as profiler:
                 block()
             print(f"== {name}\n{profiler.key_averages().table(sort_by=sort, row_limit=18)}", file=sys.stderr)
 
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "unet": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
-        "resolution": resolution, "rank": RANK,
-        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "denoiser": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
+        "resolution": resolution, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
+        "denoiser_parameters": sum(p.numel() for p in model.parameters()),
         "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters()),
-                            "reference": sum(p.numel() for p in reference_unet.parameters() if p.requires_grad)},
-        "median_step_seconds": {"lora_lab": statistics.median(ours["seconds"]),
-                                "reference": statistics.median(reference["seconds"])},
-        "peak_memory_bytes": {"lora_lab": max(ours["memory"]), "reference": max(reference["memory"])},
+                            "reference": sum(p.numel() for p in reference_model.parameters() if p.requires_grad)},
+        "median_step_seconds": {name: statistics.median(result["seconds"]) for name, result in results.items()},
+        "peak_memory_bytes": {name: max(result["memory"]) for name, result in results.items()},
         "lora_lab_parameter_dtypes": sorted({str(p.dtype) for p in network.parameters()}),
-        "losses_finite": bool(np.isfinite(ours["losses"]).all() and np.isfinite(reference["losses"]).all()),
+        "losses_finite": all(bool(np.isfinite(result["losses"]).all()) for result in results.values()),
         "lora_lab_weights_changed": any(not torch.equal(v, before[k]) for k, v in network.state_dict().items()),
     }
-    report["step_ratio"] = report["median_step_seconds"]["lora_lab"] / report["median_step_seconds"]["reference"]
+    seconds = report["median_step_seconds"]
+    report["step_ratio"] = seconds["lora_lab"] / seconds["reference"]
+    for name in seconds.keys() - {"lora_lab", "reference"}:
+        report[f"step_ratio_{name}"] = seconds[name] / seconds["reference"]
     if device.type == "cuda":
         report["memory_ratio"] = report["peak_memory_bytes"]["lora_lab"] / report["peak_memory_bytes"]["reference"]
     print(json.dumps(report, indent=2))

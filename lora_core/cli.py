@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .adapters import ALGORITHMS
+from .cpu_convolution import KERNEL_CHOICES
 from .distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
 from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .optim import SCHEDULERS
@@ -138,6 +139,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         early_stopping_min_steps=args.early_stopping_min_steps, keep_best=args.keep_best,
         text_encoder_lr=args.text_encoder_lr,
         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        cpu_conv_kernels=args.cpu_conv_kernels,
         sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
         latent_cache_dir=args.latent_cache_dir, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
         logit_std=args.logit_std, mode_scale=args.mode_scale, flow_shift=args.flow_shift,
@@ -356,6 +358,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--text-encoder-lr", type=float, default=None, help="default: --lr")
     train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
     train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--cpu-conv-kernels", choices=KERNEL_CHOICES, default="by_size",
+                       help="frozen fp32 convolutions on CPU: by_size runs those with small outputs on PyTorch's GEMM "
+                            "kernel (faster there than oneDNN's); pytorch leaves the choice to PyTorch")
     train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes)")
     train.add_argument("--latent-cache-dir", help="keep encoded latents on disk for later runs")
     train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)

@@ -11,6 +11,7 @@ from .metadata import kohya_metadata
 from .network import LoRANetwork
 from .optim import OptimizerError, check_learning_rate
 from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
+from .cpu_convolution import KERNEL_CHOICES
 from .precision import AUTOCAST_DTYPES
 
 # Settings of the flow-matching objective (SD3, Flux), with the values that mean "not set" on other families.
@@ -50,6 +51,7 @@ class TrainingConfig:
     text_encoder_lr: float | None = None  # None: the learning rate
     mixed_precision: str = "no"  # "bf16" or "fp16": autocast; adapters stay fp32 (see precision.py)
     gradient_checkpointing: bool = False
+    cpu_conv_kernels: str = "by_size"  # frozen fp32 convolutions on CPU: "by_size" (see cpu_convolution.py) or "pytorch"
     sample_every: int = 0  # steps between sample images (0: none)
     sample_prompts: tuple[str, ...] = ("a photo of sks",)
     sample_seed: int = 0
@@ -84,6 +86,7 @@ class TrainingConfig:
              "False while validation_every is 0: the best weights are those of the lowest validation loss"),
             ("loss_smoothing", 0 <= self.loss_smoothing < 1, "from 0 to below 1"),
             ("mixed_precision", self.mixed_precision in AUTOCAST_DTYPES, f"one of {sorted(AUTOCAST_DTYPES)}"),
+            ("cpu_conv_kernels", self.cpu_conv_kernels in KERNEL_CHOICES, f"one of {KERNEL_CHOICES}"),
             ("sample_every", self.sample_every >= 0, "0 (off) or a number of steps"),
             ("timestep_sampling", self.timestep_sampling in (None, *SIGMA_SAMPLINGS),
              f"one of {SIGMA_SAMPLINGS}, or None for the model family's default"),

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backend import Conditioning, TrainingBackend
+from . import cpu_convolution
 from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .dataset import Batch, ImageFolderDataset
@@ -227,7 +228,8 @@ def train(
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()),
           backend.training(network.has_text_encoder), network.applied(1.0),
           checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
-          tuned_convolutions(backend.device.type == "cuda")):
+          tuned_convolutions(backend.device.type == "cuda"),
+          cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size")):
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat
             state.record_validation(validation_loss(), keep_best)

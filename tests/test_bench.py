@@ -15,16 +15,26 @@ def run_bench(*args: str) -> object:
 
 
 def test_train_step_benchmark_small_variant() -> None:
-    report = run_bench("bench/train_step.py", "--size", "small", "--steps", "2", "--blocks", "1")
+    report = run_bench("bench/train_step.py", "--size", "small", "--steps", "2", "--blocks", "1",
+                       "--cpu-conv-kernels", "both")
     assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
     assert report["step_ratio"] > 0 and report["losses_finite"] and report["lora_lab_weights_changed"]
+    assert report["step_ratio_lora_lab_pytorch_kernels"] > 0  # the kernel lever's before, timed in the same run
     assert report["lora_lab_parameter_dtypes"] == ["torch.float32"]
 
 
 def test_train_step_benchmark_sdxl_small_variant() -> None:
     """SDXL's UNet (text-time conditioning) through both trainers: same adapter size, both train."""
     report = run_bench("bench/train_step.py", "--size", "sdxl-small", "--steps", "2", "--blocks", "1")
-    assert report["unet"] == "sdxl-small" and report["resolution"] == 64
+    assert report["denoiser"] == "sdxl-small" and report["resolution"] == 64
+    assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
+    assert report["losses_finite"] and report["lora_lab_weights_changed"]
+
+
+def test_train_step_benchmark_flux_small_variant() -> None:
+    """Flux's transformer (flow matching, packed latents) through both trainers: same adapter size, both train."""
+    report = run_bench("bench/train_step.py", "--size", "flux-small", "--steps", "2", "--blocks", "1")
+    assert report["denoiser"] == "flux-small"
     assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
     assert report["losses_finite"] and report["lora_lab_weights_changed"]
 
