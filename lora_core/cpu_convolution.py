@@ -88,7 +88,7 @@ def routable(module: nn.Module) -> bool:
 def kernels_by_size(modules: list[nn.Module], enabled: bool = True) -> Iterator[None]:
     """Inside the block, the 2-D convolutions under `modules` run frozen fp32 CPU work on the faster kernel for its
     size (see the module docstring); everything else as before. Their methods are restored after it."""
-    convolutions = list({id(m): m for root in modules for m in root.modules() if routable(m)}.values()) if enabled else []
+    convolutions = modules_under(modules, routable) if enabled else []
     for module in convolutions:
         module._conv_forward = functools.partial(conv_forward, module)
     try:
@@ -96,3 +96,27 @@ def kernels_by_size(modules: list[nn.Module], enabled: bool = True) -> Iterator[
     finally:
         for module in convolutions:
             del module._conv_forward
+
+
+@contextmanager
+def pytorch_kernels(modules: list[nn.Module]) -> Iterator[None]:
+    """Inside the block, convolutions under `modules` that `kernels_by_size` routes take PyTorch's own kernels again,
+    as they do outside training (for sample images that must equal later generations bit for bit)."""
+    routed = modules_under(modules, is_routed)
+    for module in routed:
+        del module._conv_forward
+    try:
+        yield
+    finally:
+        for module in routed:
+            module._conv_forward = functools.partial(conv_forward, module)
+
+
+def modules_under(roots: list[nn.Module], predicate) -> list[nn.Module]:
+    """Each module under `roots` for which `predicate` holds, once."""
+    return list({id(m): m for root in roots for m in root.modules() if predicate(m)}.values())
+
+
+def is_routed(module: nn.Module) -> bool:
+    patched = module.__dict__.get("_conv_forward")
+    return isinstance(patched, functools.partial) and patched.func is conv_forward

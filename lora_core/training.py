@@ -289,10 +289,12 @@ def train(
 
 @torch.no_grad()
 def sample(backend: TrainingBackend, network: LoRANetwork, config: TrainingConfig) -> list:
-    """Images for the sample prompts with the network as it is now, from a fixed seed."""
+    """Images for the sample prompts with the network as it is now, from a fixed seed: on PyTorch's own convolution
+    kernels, so that they equal what generating with the saved LoRA gives later, bit for bit."""
     network.eval()
     try:
-        return backend.sample_images(list(config.sample_prompts), config.sample_seed, config.sample_steps)
+        with cpu_convolution.pytorch_kernels(backend.frozen_modules()):
+            return backend.sample_images(list(config.sample_prompts), config.sample_seed, config.sample_steps)
     finally:
         network.train()
 

@@ -76,6 +76,19 @@ def test_the_modules_and_the_global_flag_are_restored_even_after_an_error():
     assert torch.backends.mkldnn.enabled == flag
 
 
+def test_pytorch_kernels_inside_the_block_take_pytorchs_path_and_then_route_again():
+    conv = nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 1280, 8, 8)
+    with torch.no_grad():
+        expected = conv(x)
+        with kernels_by_size([conv]):
+            with cpu_convolution.pytorch_kernels([conv, conv]):
+                assert "aten::_slow_conv2d_forward" not in kernels_run(lambda: conv(x))
+                assert torch.equal(conv(x), expected)  # bit for bit: what generating after training gives
+            assert "aten::_slow_conv2d_forward" in kernels_run(lambda: conv(x))
+    assert "_conv_forward" not in conv.__dict__
+
+
 def test_a_frozen_convolution_keeps_only_its_weight_for_backward():
     """PyTorch's convolution keeps its input for backward even where the weight is frozen; the routed one keeps
     only the weight (which exists anyway), so the activations it would have held are not kept."""
