@@ -3,8 +3,8 @@
 PyTorch runs every fp32 convolution on CPU whose input has more than 20,480 values through oneDNN, which reorders
 the weight into its blocked layout on every call, forward and backward. Where the output has few pixels (a UNet's
 deepest levels: 1280 channels at 8×8), reordering a weight of up to 118 MB costs more than the arithmetic, and
-PyTorch's own im2col + GEMM kernel ("slow_conv2d") is up to 5× faster; from 32×32 output pixels on, oneDNN wins
-(numbers in README.md, "Benchmarks"). A frozen layer needs only the gradient of its input, so its backward
+PyTorch's own im2col + GEMM kernel ("slow_conv2d") is up to 5× faster; from 32×32 output pixels on, oneDNN wins,
+and weights below about a million values reorder too fast to matter (numbers in README.md, "Benchmarks"). A frozen layer needs only the gradient of its input, so its backward
 (`conv2d_input`) picks its kernel by the same rule and keeps no copy of the input. Both kernels compute the same
 convolution; results differ by fp32 rounding only.
 """
@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.grad import conv2d_input
 
 GEMM_MAX_OUTPUT_PIXELS = 256  # batch × height × width of the output up to which im2col + GEMM beats oneDNN
+GEMM_MIN_WEIGHT_VALUES = 1_000_000  # smaller weights (4 MB) reorder in microseconds: routing them only adds overhead
 ONEDNN_MIN_INPUT_VALUES = 20_481  # PyTorch's own rule: smaller single-image inputs already take GEMM
 KERNEL_CHOICES = ("by_size", "pytorch")  # TrainingConfig.cpu_conv_kernels: this module's choice, or PyTorch's own
 
@@ -60,13 +61,14 @@ def output_pixels(module: nn.Conv2d, input: torch.Tensor) -> int:
 
 
 def takes_gemm(module: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A frozen fp32 convolution on CPU, outside autocast, whose output is small enough for GEMM to win."""
+    """A frozen fp32 convolution on CPU, outside autocast, whose weight is large and output small enough for GEMM to
+    win."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     plain = not weight.is_inference() and input.dim() == 4 and (bias is None or bias.dtype == torch.float32)
     onednn_by_default = input.shape[0] > 1 or input.numel() >= ONEDNN_MIN_INPUT_VALUES
     return (frozen and plain and onednn_by_default and input.device.type == "cpu"
             and input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and output_pixels(module, input) <= GEMM_MAX_OUTPUT_PIXELS)
+            and weight.numel() >= GEMM_MIN_WEIGHT_VALUES and output_pixels(module, input) <= GEMM_MAX_OUTPUT_PIXELS)
 
 
 def conv_forward(module: nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):

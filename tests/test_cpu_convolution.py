@@ -1,6 +1,7 @@
 """Frozen CPU convolutions by size: the same numbers as PyTorch's own choice, on the kernel the rule names."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ def forward_and_input_gradient(conv: nn.Module, x: torch.Tensor, grad: torch.Ten
     (1280, 8, 1, True),     # a UNet's deepest level: 64 output pixels, 14.7 M weights
     (640, 16, 1, True),     # 256 output pixels: the rule's limit
     (320, 32, 1, False),    # 1024 output pixels: oneDNN's
-    (64, 8, 4, True),       # a batch of 4: PyTorch would take oneDNN for any batch above 1
+    (640, 8, 4, True),      # a batch of 4 at 8×8: 256 output pixels
+    (64, 8, 4, False),      # a 37 k-value weight: its reorder costs microseconds, nothing to gain
     (64, 8, 1, False),      # 4,096 input values: PyTorch already takes GEMM, nothing to route
 ])
 def test_frozen_convolutions_run_on_the_kernel_the_rule_names_and_compute_the_same(channels, size, batch, gemm):
@@ -108,7 +110,10 @@ def test_a_frozen_convolution_keeps_only_its_weight_for_backward():
 
 def test_training_by_size_matches_pytorchs_kernels_within_fp32_rounding(pipeline, concept_dir, monkeypatch):
     """The same run (batch 2, so PyTorch would take oneDNN everywhere) with both settings: equal losses and LoRA
-    weights up to fp32 rounding, and the by-size run did route the UNet's convolutions."""
+    weights up to fp32 rounding, and the by-size run did route the UNet's convolutions (every one with a small
+    output: the tiny UNet's weights are all below the size limit, which is lifted here). Its sample image is drawn on
+    PyTorch's kernels and equals a generation after training bit for bit."""
+    monkeypatch.setattr(cpu_convolution, "GEMM_MIN_WEIGHT_VALUES", 0)
     routed = []
     apply = cpu_convolution.FrozenConvolution.apply
     monkeypatch.setattr(cpu_convolution.FrozenConvolution, "apply",
@@ -118,12 +123,19 @@ def test_training_by_size_matches_pytorchs_kernels_within_fp32_rounding(pipeline
         backend = DiffusersBackend(pipeline)
         dataset = ImageFolderDataset(concept_dir, DatasetConfig(resolution=64))
         network = LoRANetwork.create(backend.adapter_targets("attention", False), rank=4, seed=3)
+        draw = backend.sample_images
+        backend.sample_images = lambda *args: routed.append("sampling") or draw(*args)
         initial = {k: v.clone() for k, v in network.state_dict().items()}
         config = TrainingConfig(steps=4, learning_rate=1e-3, batch_size=2, gradient_accumulation=1, seed=5,
-                                validation_every=2, cpu_conv_kernels=kernels)
+                                validation_every=2, sample_every=4, sample_steps=2, cpu_conv_kernels=kernels)
         result = train(backend, network, dataset, config)
         results[kernels] = (result, {k: v.clone() for k, v in network.state_dict().items()})
-        assert bool(routed) == (kernels == "by_size")
+        assert bool(set(routed) - {"sampling"}) == (kernels == "by_size")
+        assert routed[routed.index("sampling") + 1:] == [], "samples are drawn on PyTorch's kernels"
+        with network.applied(1.0):
+            again = backend.sample_images(list(config.sample_prompts), config.sample_seed, config.sample_steps)
+        assert np.array_equal(np.asarray(result.samples[0][1][0]), np.asarray(again[0]))
+        routed.clear()
     (plain, plain_weights), (by_size, by_size_weights) = results["pytorch"], results["by_size"]
     assert len(plain.losses) == 4
     torch.testing.assert_close(by_size.losses, plain.losses, rtol=1e-4, atol=1e-6)
@@ -133,7 +145,6 @@ def test_training_by_size_matches_pytorchs_kernels_within_fp32_rounding(pipeline
     update = torch.cat([(plain_weights[k] - initial[k]).flatten() for k in initial])
     difference = torch.cat([(by_size_weights[k] - plain_weights[k]).flatten() for k in initial])
     assert difference.norm() <= 0.01 * update.norm()
-    assert any(shape[0] == 2 for shape in routed)
     assert "_conv_forward" not in pipeline.unet.conv_in.__dict__
 
 
