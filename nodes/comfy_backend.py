@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.utils
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -261,6 +262,38 @@ def copied_norm_inputs(roots: list[nn.Module]) -> Iterator[None]:
             handle.remove()
 
 
+def fp8_matmul_layers(roots: list[nn.Module]) -> list[nn.Module]:
+    """ComfyUI's fp8 Linear layers (`comfy.ops.fp8_ops` and the scaled-fp8 ops; both hold `scale_weight`): on a GPU
+    with fp8 compute they multiply through `torch._scaled_mm`, which has no backward."""
+    cast_linear = comfy.ops.manual_cast.Linear
+    return [module for root in roots for module in root.modules()
+            if isinstance(module, cast_linear) and hasattr(module, "scale_weight")]
+
+
+@contextmanager
+def differentiable_fp8_layers(roots: list[nn.Module]) -> Iterator[None]:
+    """Inside the block, ComfyUI's fp8 Linear layers run the path ComfyUI takes without fp8 matrix multiplication
+    (weight cast to the compute dtype per layer, times `scale_weight`, `F.linear`), through which gradients flow;
+    the same numbers as ComfyUI's own path on devices without fp8 compute."""
+    layers = fp8_matmul_layers(roots)
+
+    def unfused(layer: nn.Module):
+        def forward_comfy_cast_weights(input: torch.Tensor) -> torch.Tensor:
+            weight, bias = comfy.ops.cast_bias_weight(layer, input)
+            if layer.scale_weight is not None:
+                weight = weight * layer.scale_weight.to(device=weight.device, dtype=weight.dtype)
+            return nn.functional.linear(input, weight, bias)
+        return forward_comfy_cast_weights
+
+    for layer in layers:
+        layer.forward_comfy_cast_weights = unfused(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward_comfy_cast_weights
+
+
 DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds
 
@@ -378,7 +411,8 @@ class ComfyBackend(TrainingBackend):
         with torch.inference_mode(False), torch.no_grad():  # patching (fp8 stochastic rounding too) needs no graph
             comfy.model_management.load_models_gpu(patchers)
         modules = self.frozen_modules()
-        with trainable_weights(modules), copied_norm_inputs(modules), copied_block_inputs(modules):
+        with (trainable_weights(modules), copied_norm_inputs(modules), copied_block_inputs(modules),
+              differentiable_fp8_layers(modules)):
             yield
 
     def objective(self, config: TrainingConfig) -> Objective:

@@ -32,13 +32,23 @@ def with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return stand_in
 
 
+def diff_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a diff patch for a weight stored in `weight_dtype`: its own where it has 16 bits or more; for an
+    fp8 weight the compute dtype (float32 if that is fp8 too). ComfyUI adds a diff to a float32 copy of the weight
+    (in true units for scaled fp8), and fp8's smallest step of 2⁻⁹ would round most of a trained change to zero."""
+    if weight_dtype.itemsize >= 2:
+        return weight_dtype
+    return compute_dtype if compute_dtype.itemsize >= 2 else torch.float32
+
+
 def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: float, strength_clip: float):
     """Each layer's `W_DoRA − W` from `lora_core`, added as ComfyUI "diff" patches, so that strength s gives
     W + s·(W_DoRA − W), as ComfyUI's loader defines DoRA strength.
 
     ComfyUI's own DoRA (`weight_decompose`) is not the math DoRA trains with: 0.3.64 divides by the norm of W
     instead of W + ΔW when `dora_scale` is on the output axis, mid-2024 builds broadcast it per input, and the
-    March 2024 one ignores it. Each diff costs the memory of its layer's weight.
+    March 2024 one ignores it. Each diff costs the memory of its layer's weight, in the compute dtype over an fp8
+    weight (see `diff_dtype`). Diffs are in true units: a scaled-fp8 layer's `scale_weight` is applied.
     """
     backend = ComfyBackend(model, clip)
     modules, tensors = backend.loadable_modules(), backend.network_tensors(weights.tensors)
@@ -52,11 +62,12 @@ def dora_as_diffs(model: Any, clip: Any, weights: LoRAWeights, strength_model: f
         key, owner = keys[name]
         stand_ins[name] = with_weight(modules[name], original_weight(patchers[owner], key))
     network, _ = LoRANetwork.from_tensors(tensors, stand_ins, strict=False)
+    compute_dtype = backend.compute_dtype()
     patches: dict[str, dict[str, tuple]] = {"model": {}, "clip": {}}
     for name, adapter in network.items():
         key, owner = keys[name]
-        base = adapter.base.weight
-        patches[owner][key] = ("diff", ((adapter.merged_weight(1.0) - base.float()).to(base.dtype),))
+        diff = adapter.merged_weight(1.0) - adapter.base_weight()
+        patches[owner][key] = ("diff", (diff.to(diff_dtype(adapter.base.weight.dtype, compute_dtype)),))
     new_model, new_clip = model.clone(), clip.clone() if clip is not None else None
     new_model.add_patches(patches["model"], strength_model)
     if new_clip is not None:

@@ -114,7 +114,7 @@ class Adapter(nn.Module):
             raise AdapterError("a LoRA cannot be merged into a 4-bit quantized layer; apply it attached instead")
         weight = self.base.weight
         self._weight_backup = weight.detach().clone()
-        weight.copy_(self.merged_weight(strength).to(weight.dtype))
+        weight.copy_(stored_weight(self.base, self.merged_weight(strength)))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -172,13 +172,30 @@ def is_quantized(module: nn.Module) -> bool:
     return getattr(module.weight, "quant_state", None) is not None
 
 
+def weight_scale(module: nn.Module) -> torch.Tensor | None:
+    """The factor a layer stores its weight divided by, as ComfyUI's "scaled fp8" layers hold it (`scale_weight`:
+    true weight = stored weight × scale_weight); None where the weight is stored as it is."""
+    scale = getattr(module, "scale_weight", None)
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """`module.weight` in fp32; a bitsandbytes 4-bit weight is dequantized."""
+    """The true `module.weight` in fp32, detached (the base is frozen): a bitsandbytes 4-bit weight is dequantized,
+    a scaled-fp8 weight is multiplied by its `scale_weight`."""
     if is_quantized(module):
         from bitsandbytes.functional import dequantize_4bit
 
         return dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    return module.weight.float()
+    weight, scale = module.weight.detach().float(), weight_scale(module)
+    return weight if scale is None else weight * scale.detach().float().to(weight.device)
+
+
+def stored_weight(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A true weight in the units and dtype `module` stores it in (`dense_weight` undone, up to rounding)."""
+    scale = weight_scale(module)
+    if scale is not None:
+        weight = weight / scale.float().to(weight.device)
+    return weight.to(module.weight.dtype)
 
 
 def fp32_parameter(*shape: int, device: torch.device) -> nn.Parameter:

@@ -1,6 +1,7 @@
 """Train LoRA on tiny SDXL / Flux.1 / SD3 models built from ComfyUI's own classes, run inside a ComfyUI checkout.
 
-`python families_probe.py COMFY_DIR FAMILY WORK_DIR` builds FAMILY ("sdxl", "flux", "flux_fp8", "sd3") small:
+`python families_probe.py COMFY_DIR FAMILY WORK_DIR` builds FAMILY ("sdxl", "flux", "flux_fp8", "flux_scaled_fp8",
+"sd3") small:
 `comfy.supported_models` config with a tiny unet_config → `model_base` model in a `ModelPatcher`, real `comfy.sd.CLIP`
 objects with small transformer configs, a small `comfy.sd.VAE`; all under `torch.inference_mode()` as ComfyUI's loaders
 run. It then runs the pack's node classes (Load Dataset, Inject LoRA, Training Options, Train LoRA, Apply LoRA) and
@@ -136,20 +137,48 @@ def small_sdxl_clip_2024(device="cpu", dtype=None):
     return model
 
 
-def build_flux(weight_dtype: torch.dtype | None = None):
-    import comfy.supported_models
+FLUX_CONFIG = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+               "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+               "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True}
+
+
+def flux_clip():
     import comfy.supported_models_base
     import comfy.text_encoders.flux
 
-    unet_config = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
-                   "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2,
-                   "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2,
-                   "qkv_bias": True}
-    config = comfy.supported_models.Flux(unet_config)
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
                                                     comfy.text_encoders.flux.flux_clip())
-    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "t5xxl_model_config": SMALL_T5})
-    return patcher(config, weight_dtype), clip, build_vae(16)
+    return build_clip(target, {"clip_l_model_config": SMALL_CLIP, "t5xxl_model_config": SMALL_T5})
+
+
+def build_flux(weight_dtype: torch.dtype | None = None):
+    import comfy.supported_models
+
+    return patcher(comfy.supported_models.Flux(dict(FLUX_CONFIG)), weight_dtype), flux_clip(), build_vae(16)
+
+
+def build_flux_scaled_fp8():
+    """Flux as ComfyUI loads an "fp8_scaled" file on a GPU with fp8 compute (`--supports-fp8-compute`): the file's
+    empty `scaled_fp8` marker makes `model_detection` set the scaled-fp8 ops with fp8 optimizations, so every Linear
+    stores e4m3 weights over a per-layer `scale_weight` and multiplies through `torch._scaled_mm`."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    comfy.model_management.SUPPORT_FP8_OPS = True
+    source = patcher(comfy.supported_models.Flux(dict(FLUX_CONFIG))).model.diffusion_model
+    config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    config.scaled_fp8, config.optimizations["fp8"] = torch.float8_e4m3fn, True  # as model_detection sets them
+    config.set_inference_dtype(torch.float32, None)  # as load_diffusion_model_state_dict does on a CPU
+    model = config.get_model({})
+    state = {}
+    for name, layer in source.named_modules():
+        if isinstance(layer, torch.nn.Linear):  # scaled as the fp8_scaled files are: absmax to e4m3's 448
+            scale = layer.weight.abs().max() / 448
+            state |= {f"{name}.weight": (layer.weight / scale).to(torch.float8_e4m3fn), f"{name}.scale_weight": scale}
+    model.load_model_weights({**source.state_dict(), **state}, "")  # as load_diffusion_model_state_dict does
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device), flux_clip(), build_vae(16)
 
 
 def build_sd3():
@@ -171,7 +200,8 @@ def build_sd3():
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3,
-            "flux_fp8": lambda: build_flux(torch.float8_e4m3fn)}
+            "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
+FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 
 
 def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +380,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
 
     folder_paths.set_input_directory(str(work_dir / "input"))
     make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
-    fp8 = family == "flux_fp8"
+    fp8 = family in FP8_FAMILIES
     text_encoder = not fp8
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
@@ -422,6 +452,58 @@ def algorithms(backend_module, model, clip, vae, work_dir: Path) -> dict:
     return results
 
 
+def algorithms_in_weights(backend_module, model, clip, vae, work_dir: Path) -> dict:
+    """fp8 models: DoRA (Apply LoRA) and LoHa/LoKr (core Load LoRA) trained a few steps; each weight patch ComfyUI
+    holds, applied as ComfyUI's `patch_weight_to_device` applies it (`calculate_weight` on the float32 true weight,
+    before it is rounded back to fp8), against lora_core's merged weight on the same base. Also DoRA's magnitude as
+    a new adapter sets it on ComfyUI's layer, against the row norms of the true weight (`convert_weight`)."""
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+    from comfyui_lora_lab.lora_core.adapters import DoRAAdapter
+    from comfyui_lora_lab.lora_core.files import LoRAWeights
+    from comfyui_lora_lab.lora_core.network import LoRANetwork
+    from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
+    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+
+    def true_weight(layer) -> torch.Tensor:
+        weight = layer.weight.float()
+        return layer.convert_weight(weight) if hasattr(layer, "convert_weight") else weight
+
+    results = {}
+    with torch.inference_mode():
+        backend = backend_module.ComfyBackend(model, clip)
+        with backend.training(False), torch.inference_mode(False), torch.no_grad():
+            layer = backend.loadable_modules()["lora_unet_double_blocks_0_img_attn_qkv"]
+            magnitude = DoRAAdapter(layer, 4).dora_scale.reshape(-1)
+            norms = true_weight(layer).norm(dim=1)
+            results["dora_scale_error"] = float(((magnitude - norms).abs() / norms).max())
+        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
+            "result"]]
+        for algorithm in ("dora", "loha", "lokr"):
+            (network,) = InjectLoRA().inject(model, algorithm, 4, 4.0, "attention", False, clip)
+            tensors = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a photo of sks")[
+                "result"][0].tensors
+            if algorithm == "dora":
+                patched, _ = ApplyLoRA().apply(model, clip, LoRAWeights(tensors), 1.0, 1.0)
+            else:
+                patched, _ = comfy.sd.load_lora_for_models(model, clip, tensors, 1.0, 1.0)
+            with backend.training(False), torch.inference_mode(False), torch.no_grad():
+                trained, _ = LoRANetwork.from_tensors(backend.network_tensors(tensors), backend.loadable_modules(),
+                                                      strict=True)
+                errors, diff_dtypes = [], set()
+                for name, adapter in trained.items():
+                    key, _ = backend.weight_key(name)
+                    base = true_weight(comfy.utils.get_attr(model.model, key.rpartition(".")[0]))
+                    comfy_weight = comfy.lora.calculate_weight(patched.patches[key], base.clone(), key)
+                    update = adapter.merged_weight(1.0) - base
+                    errors.append(float((comfy_weight - base - update).norm() / update.norm()))
+                    diff_dtypes |= {str(patch[1][1][0].dtype) for patch in patched.patches[key]
+                                    if isinstance(patch[1], tuple) and patch[1][0] == "diff"}
+            results[algorithm] = {"layers": len(errors), "update_error": max(errors), "diff_dtypes": sorted(diff_dtypes)}
+    return results
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.config import TrainingConfig
@@ -449,13 +531,15 @@ def main() -> None:
     with torch.inference_mode():  # as ComfyUI's loaders run
         model, clip, vae = BUILDERS[family]()
     checks = {"train_and_load": (train_and_load, backend_module, model, clip, vae, family, work_dir)}
-    if family != "flux_fp8":
+    if family not in FP8_FAMILIES:
         checks["objective"] = (objective_against_comfy, backend_module, model, clip, family)
     if family == "sdxl":
         checks["objective_eps"] = (objective_against_comfy, backend_module, model, clip, "sdxl_eps")
     checks["refusals"] = (refusals, backend_module, model, clip)
     if family in ("sdxl", "flux"):
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
+    if family in FP8_FAMILIES:
+        checks["algorithms_in_weights"] = (algorithms_in_weights, backend_module, model, clip, vae, work_dir)
     results = {"parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}
     for name, (check, *arguments) in checks.items():
         try:

@@ -1,4 +1,4 @@
-"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 weights) and SD3, each a tiny model built from ComfyUI's own
+"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 and scaled-fp8 weights) and SD3, each a tiny model built from ComfyUI's own
 classes in `families_probe.py`, run in a ComfyUI checkout's Python (its own process, no server): 0.3.64 for all,
 the 2024 ComfyUI for SDXL (it predates SD3 and Flux).
 
@@ -19,8 +19,10 @@ import pytest
 from .harness import COMFY_DIR, CURRENT_COMFY_DIR, VENV_PYTHON
 
 PROBE = Path(__file__).with_name("families_probe.py")
+FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
-        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("2024", COMFY_DIR, "sdxl")]
+        ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "flux_scaled_fp8"),
+        ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -77,12 +79,26 @@ def test_training_lowers_the_loss_and_leaves_the_model_as_it_was(server, comfy_d
     assert outcome["steps"] == 20
     assert outcome["loss_after"] < 0.98 * outcome["loss_before"], outcome  # fixed noise and times: no chance
     assert outcome["model_unchanged"]
-    if family == "flux_fp8":  # UNETLoader's weight_dtype fp8_e4m3fn: stored in fp8, computed in fp32 per layer
+    if family in FP8_FAMILIES:  # UNETLoader's fp8_e4m3fn, or an fp8_scaled file whose layers multiply in fp8 on
+        # a GPU with fp8 compute (torch._scaled_mm, no backward): stored in fp8, trained in fp32 per layer
         assert outcome["weight_dtype"] == "torch.float8_e4m3fn" and outcome["compute_dtype"] == "torch.float32"
 
 
-@pytest.mark.parametrize(("server", "comfy_dir", "family"), [run for run in RUNS if run[2] != "flux_fp8"],
-                         ids=[f"{f}-{s}" for s, _, f in RUNS if f != "flux_fp8"])
+@pytest.mark.parametrize("family", FP8_FAMILIES)
+def test_fp8_models_get_the_trained_weights_in_true_units(family, tmp_path_factory) -> None:
+    """DoRA through Apply LoRA, LoHa and LoKr through core Load LoRA on fp8 Flux, plain and scaled: the weight
+    ComfyUI computes from the patches before rounding to fp8 is lora_core's merged weight (the DoRA diff is not
+    rounded to fp8 first, and a scaled layer's patches are in true units); DoRA's magnitude starts at the true
+    weight's row norms."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "algorithms_in_weights")
+    assert outcome["dora_scale_error"] <= 1e-5, outcome
+    for algorithm in ("dora", "loha", "lokr"):
+        assert outcome[algorithm]["layers"] == 6 and outcome[algorithm]["update_error"] <= 1e-4, outcome
+    assert outcome["dora"]["diff_dtypes"] == ["torch.float32"]  # the compute dtype on this CPU
+
+
+@pytest.mark.parametrize(("server", "comfy_dir", "family"), [run for run in RUNS if run[2] not in FP8_FAMILIES],
+                         ids=[f"{f}-{s}" for s, _, f in RUNS if f not in FP8_FAMILIES])
 def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, comfy_dir, family,
                                                                      tmp_path_factory) -> None:
     """kohya's names from ComfyUI's own key maps: `comfy.sd.load_lora_for_models` logs no "lora key not loaded",
