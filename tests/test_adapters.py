@@ -168,3 +168,42 @@ def test_from_tensors_rebuilds_the_same_adapter(algorithm: str, kind: str) -> No
     torch.testing.assert_close(rebuilt.delta_weight(), adapter.delta_weight(), rtol=0, atol=0)
     with pytest.raises(AdapterError, match="shape"):
         type(adapter).from_tensors(nn.Linear(8, 8) if kind == "conv3x3" else nn.Conv2d(24, 36, 3), adapter.state_dict())
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear storing its weight divided by `scale_weight`, as ComfyUI's scaled-fp8 layers do (fp32 here)."""
+
+    def __init__(self, source: nn.Linear, scale: float) -> None:
+        super().__init__(source.in_features, source.out_features)
+        self.scale_weight = nn.Parameter(torch.tensor(scale), requires_grad=False)
+        with torch.no_grad():
+            self.weight.copy_(source.weight / scale)
+            self.bias.copy_(source.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.scale_weight, self.bias)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_scaled_weights_are_adapted_in_true_units(algorithm: str) -> None:
+    """On a layer storing weight / scale_weight, every adapter predicts, merges and unmerges as on the plain layer
+    holding the true weight; DoRA's magnitude is the true weight's row norm."""
+    plain, x = make_layers()["linear"]
+    scaled = ScaledLinear(plain, 0.01)
+    stored = scaled.weight.detach().clone()
+    outputs = []
+    for layer in (plain, scaled):
+        torch.manual_seed(0)
+        adapter, hooked = hooked_output(ALGORITHMS[algorithm], layer, x, multiplier=1.0)
+        outputs.append((adapter, hooked))
+    (plain_adapter, plain_output), (scaled_adapter, scaled_output) = outputs
+    torch.testing.assert_close(scaled_output, plain_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scaled_adapter.merged_weight(1.0), plain_adapter.merged_weight(1.0))
+    if algorithm == "dora":
+        torch.testing.assert_close(DoRAAdapter(scaled, rank=4).dora_scale.reshape(-1),
+                                   plain.weight.detach().norm(dim=1), rtol=1e-6, atol=0)
+    scaled_adapter.merge(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x), scaled_output, rtol=1e-5, atol=1e-5)
+    scaled_adapter.unmerge()
+    assert torch.equal(scaled.weight, stored)
