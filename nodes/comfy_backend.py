@@ -8,6 +8,7 @@ named as ComfyUI's own LoRA key maps (`comfy.lora.model_lora_keys_unet` / `_clip
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -370,6 +371,30 @@ def copied_block_inputs(roots: list[nn.Module]) -> Iterator[None]:
             del block.forward
 
 
+@contextmanager
+def sampled_posterior(vae: Any) -> Iterator[None]:
+    """Inside the block the VAE samples its diagonal-Gaussian posterior, as lora_core, kohya and diffusers encode
+    training images: ComfyUI 0.3.64's VAE returns the posterior mean (`DiagonalGaussianRegularizer(sample=False)`),
+    the 2024 one samples. A VAE without such a posterior encodes as it is, with a warning."""
+    regularizer = getattr(vae.first_stage_model, "regularization", None)
+    if not hasattr(regularizer, "sample"):
+        if type(vae.first_stage_model).__name__ not in _WARNED_DETERMINISTIC_VAES:
+            _WARNED_DETERMINISTIC_VAES.add(type(vae.first_stage_model).__name__)
+            logging.warning("LoRA Lab: this VAE (%s) has no posterior to sample; training latents are its encoder's "
+                            "deterministic output", type(vae.first_stage_model).__name__)
+        yield
+        return
+    sampling = regularizer.sample
+    regularizer.sample = True
+    try:
+        yield
+    finally:
+        regularizer.sample = sampling
+
+
+_WARNED_DETERMINISTIC_VAES: set[str] = set()
+
+
 class ComfyBackend(TrainingBackend):
     """Trains MODEL's denoiser through its patched `model_sampling`; encodes with the given VAE and CLIP."""
 
@@ -448,10 +473,10 @@ class ComfyBackend(TrainingBackend):
             raise ComfyBackendError("a VAE is needed to encode the dataset; connect one to Train LoRA")
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        # ComfyUI's VAE samples its posterior from the global generators; manual_seed reseeds the CPU's and every
-        # CUDA device's, so all of them are restored afterwards
+        # the posterior is sampled from the global generators; manual_seed reseeds the CPU's and every CUDA device's,
+        # so all of them are restored afterwards
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=cuda_devices):
+        with torch.random.fork_rng(devices=cuda_devices), sampled_posterior(self.vae):
             torch.manual_seed(seed)
             latents = self.vae.encode((pixels.movedim(1, -1) + 1) / 2)
         return self.base_model.process_latent_in(latents.to(self.device))

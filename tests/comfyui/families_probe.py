@@ -504,6 +504,28 @@ def algorithms_in_weights(backend_module, model, clip, vae, work_dir: Path) -> d
     return results
 
 
+def vae_posterior(backend_module, model, clip, vae) -> dict:
+    """Train LoRA's latents of one image against a hand sample of the posterior ComfyUI's own encoder computes (the
+    moments that enter its `regularization`): mean + std·ε with ε from the seed the backend draws; the same
+    generator seed gives the same latents, another seed others."""
+    backend = backend_module.ComfyBackend(model, clip, vae)
+    pixels = torch.rand(1, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    moments = []
+    hook = vae.first_stage_model.regularization.register_forward_pre_hook(lambda _, args: moments.append(args[0]))
+    with torch.inference_mode():
+        latents = [backend.encode_images(pixels, torch.Generator().manual_seed(seed)) for seed in (11, 11, 12)]
+    hook.remove()
+    mean, logvar = moments[0].float().chunk(2, dim=1)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(11))))
+    by_hand = mean + (0.5 * logvar.clamp(-30.0, 20.0)).exp() * torch.randn(mean.shape)
+    with torch.inference_mode():
+        by_hand, mean = (model.model.process_latent_in(tensor) for tensor in (by_hand, mean))
+    return {"sampled_vs_hand": float((latents[0] - by_hand).abs().max()),
+            "sampled_vs_mean": float((latents[0] - mean).abs().max()),
+            "same_seed_equal": bool(torch.equal(latents[0], latents[1])),
+            "other_seed_differs": not torch.equal(latents[0], latents[2])}
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.config import TrainingConfig
@@ -536,6 +558,8 @@ def main() -> None:
     if family == "sdxl":
         checks["objective_eps"] = (objective_against_comfy, backend_module, model, clip, "sdxl_eps")
     checks["refusals"] = (refusals, backend_module, model, clip)
+    if family == "sdxl":
+        checks["vae_posterior"] = (vae_posterior, backend_module, model, clip, vae)
     if family in ("sdxl", "flux"):
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     if family in FP8_FAMILIES:

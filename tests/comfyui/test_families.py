@@ -150,3 +150,14 @@ def test_dora_loha_and_lokr_files_apply_as_trained(server, comfy_dir, family, al
     assert outcome["not_loaded"] == []
     assert outcome["core_vs_lora_core"] <= 1e-4 * outcome["prediction_scale"], outcome
     assert outcome["lora_effect"] > 1000 * outcome["core_vs_lora_core"], outcome
+
+
+@pytest.mark.parametrize(("server", "comfy_dir"), [("0.3.64", CURRENT_COMFY_DIR), ("2024", COMFY_DIR)],
+                         ids=["0.3.64", "2024"])
+def test_training_latents_sample_the_vae_posterior(server, comfy_dir, tmp_path_factory) -> None:
+    """As lora_core, kohya and diffusers encode: a seeded sample of the posterior, not its mean (ComfyUI 0.3.64's
+    VAE returns the mean unless told to sample)."""
+    outcome = check(probe(server, comfy_dir, "sdxl", tmp_path_factory), "vae_posterior")
+    assert outcome["sampled_vs_hand"] <= 1e-5, outcome
+    assert outcome["sampled_vs_mean"] > 1e-3, outcome
+    assert outcome["same_seed_equal"] and outcome["other_seed_differs"], outcome
