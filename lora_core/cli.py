@@ -396,7 +396,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--loss-weighting", choices=SD3_WEIGHTINGS, default=DEFAULTS.loss_weighting,
                        help="SD3/Flux: diffusers' SD3 loss weighting")
     train.add_argument("--flux-guidance", type=float, default=None,
-                       help="Flux.1-dev: the guidance input during training (default 1.0)")
+                       help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
+                            "LoRAs; kohya's and diffusers' scripts default to 3.5)")
     train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     train.add_argument("--resolution", type=int, default=512)
     train.add_argument("--caption-extension", default=".txt")

@@ -51,7 +51,7 @@ IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input c
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
              "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5 and Flux.1 dev/schnell by "
              "flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux)")
-FLUX_TRAINING_GUIDANCE = 1.0  # Flux.1-dev's guidance input while training (kohya's and diffusers' default)
+FLUX_TRAINING_GUIDANCE = 1.0  # Flux.1-dev's guidance input while training (kohya's docs; both scripts default to 3.5)
 
 FLUX_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
 FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")

@@ -23,7 +23,9 @@ from ..lora_core.plots import loss_curve, smooth
 from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
 from ..lora_core.checkpoints import Checkpointer, load_state
 from ..lora_core.training import StepReport, TrainingConfig, train
-from .comfy_backend import FLUX_PRESETS, FLUX_TRAINING_GUIDANCE, SD3_PRESETS, ComfyBackend, ComfyBackendError
+from .comfy_backend import (
+    FAMILIES, FLUX_PRESETS, FLUX_TRAINING_GUIDANCE, SD3_PRESETS, ComfyBackend, ComfyBackendError,
+)
 from .patches import apply_lora
 from .paths import (
     LATENT_CACHE_FOLDER, PathError, check_name, dataset_fingerprint, latent_cache_folder, list_dataset_folders,
@@ -136,6 +138,16 @@ class NetworkSpec:
         )
 
 
+CLIP_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H"}
+
+
+def trained_text_encoders() -> str:
+    """Which CLIP encoders train_text_encoder adapts, per family, from the family table; T5 never."""
+    encoders = {family.name: " and ".join(CLIP_NAMES[name] for name in family.text_encoders)
+                for family in FAMILIES.values()}
+    return "; ".join(f"{family} {names}" for family, names in encoders.items()) + " (T5 and other encoders never)"
+
+
 class InjectLoRA:
     DESCRIPTION = "Chooses which layers of MODEL (and CLIP) get a LoRA and of what kind. MODEL and CLIP stay unchanged."
     CATEGORY = CATEGORY
@@ -153,7 +165,7 @@ class InjectLoRA:
                 "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
                 "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX_PRESETS.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3_PRESETS.items()) + "."}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): SDXL's and SD3's CLIP-L and CLIP-G, Flux's CLIP-L; T5 is never trained. Needs CLIP. When continuing a LoRA (the lora input) that has text-encoder layers, off keeps them applied as they are, on trains them."}),
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): " + trained_text_encoders() + ". Needs CLIP. When continuing a LoRA (the lora input) that has text-encoder layers, off keeps them applied as they are, on trains them."}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoder; needed to train it and to continue a LoRA that adapts it."}),
@@ -191,7 +203,7 @@ class TrainingOptions:
             "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step: each step sees batch_size × this many images."}),
             "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
             "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
-            "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "Min-SNR-γ loss weighting; 0 is off, 5 is usual."}),
+            "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "SD1.x/2.x/SDXL (ε/v): Min-SNR-γ loss weighting; 0 is off, 5 is usual. Refused for SD3/Flux."}),
             "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
             "validation_every": ("INT", {"default": DEFAULTS.validation_every, "min": 0, "max": 100000, "tooltip": "Steps between validation losses: fixed images, noise and timesteps, so it moves only when the weights do. Early stopping and keep_best judge it; 0 is off."}),
             "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many validation losses without a new lowest one, and keep the weights of the lowest; 0 is off."}),
@@ -199,7 +211,7 @@ class TrainingOptions:
             "text_encoder_lr": (list(TEXT_ENCODER_LR_CHOICES), {"default": "same as learning_rate", "tooltip": "Learning rate of a text-encoder LoRA (Inject LoRA's train_text_encoder): the same as the UNet's, frozen (kept as it is), or text_encoder_custom_lr."}),
             "text_encoder_custom_lr": ("FLOAT", {"default": 5e-5, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "The text encoder's learning rate when text_encoder_lr is custom."}),
             "mixed_precision": (list(AUTOCAST_DTYPES), {"default": "no", "tooltip": "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays fp32. fp16 adds a gradient scaler."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in backward: much less memory, about a third slower."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the denoiser's block activations (UNet or transformer blocks) in backward: much less memory, about a third slower."}),
             "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps for each sample image."}),
             "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
             "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
@@ -211,7 +223,7 @@ class TrainingOptions:
             "logit_mean": ("FLOAT", {"default": DEFAULTS.logit_mean, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier)."}),
             "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),
             "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
-            "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the guidance input while training (1.0 as kohya and diffusers train). Refused for models without a guidance input."}),
+            "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
             "prior_loss_weight": ("FLOAT", {"default": DEFAULTS.prior_loss_weight, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the class images' loss (Load Dataset's regularization_folder), kohya's prior_loss_weight; refused without class images."}),
         }}
 

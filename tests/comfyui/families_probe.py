@@ -407,7 +407,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
                   "train_seconds": summary["seconds"], "node_seconds": seconds,
                   "model_unchanged": unchanged, "file_keys": sorted(weights.tensors),
                   "compute_dtype": str(backend_module.ComfyBackend(model, clip).compute_dtype()),
-                  "weight_dtype": str(model.model.diffusion_model.final_layer.linear.weight.dtype) if fp8 else None}
+                  "weight_dtype": str(model.model.diffusion_model.final_layer.linear.weight.dtype) if fp8 else None,
+                  "text_encoder_tooltip": InjectLoRA.INPUT_TYPES()["required"]["train_text_encoder"][1]["tooltip"]}
         if fp8:
             return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -118,6 +119,21 @@ def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, com
         assert loaded["core_vs_lora_core"] <= 1e-4 * loaded["prediction_scale"], loaded
         assert loaded["lora_effect"] > 1000 * loaded["core_vs_lora_core"], loaded  # the LoRA moves the prediction
     assert outcome["applied_equals_core"] and outcome["strength_zero_equals_base"] and outcome["lora_changes_image"]
+
+
+TEXT_ENCODER_FILE_PREFIXES = {"lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "text_encoder.": "CLIP-L",
+                              "text_encoder_2.": "CLIP-G"}
+
+
+@pytest.mark.parametrize(("family", "family_name"), [("sdxl", "SDXL"), ("flux", "Flux.1"), ("sd3", "SD3")])
+def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name, tmp_path_factory) -> None:
+    """Inject LoRA's train_text_encoder tooltip names, for each family, exactly the CLIP encoders whose layers the
+    trained file holds."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "train_and_load")
+    trained = {encoder for prefix, encoder in TEXT_ENCODER_FILE_PREFIXES.items()
+               if any(key.startswith(prefix) for key in outcome["file_keys"])}
+    named = re.search(rf"\b{re.escape(family_name)} ([^;(]+)", outcome["text_encoder_tooltip"]).group(1)
+    assert set(named.strip().split(" and ")) == trained, outcome["text_encoder_tooltip"]
 
 
 @pytest.mark.parametrize(("family", "family_name", "setting"), [
