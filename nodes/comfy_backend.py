@@ -56,8 +56,9 @@ FLUX_TRAINING_GUIDANCE = 1.0  # Flux.1-dev's guidance input while training (kohy
 FLUX_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
 FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
 FLUX_PRESETS = {
-    "attention": TargetPreset(FLUX_BLOCKS, False, FLUX_ATTENTION, "qkv/proj of the double blocks' attention and "
-                              "linear1/linear2 of the single blocks (which fuse attention with the MLP)"),
+    "attention": TargetPreset(FLUX_BLOCKS, False, FLUX_ATTENTION, "qkv/proj of the double blocks' attention (both "
+                              "streams); the single blocks' linear1 and linear2 whole, where attention is fused with "
+                              "the MLP"),
     "transformer": TargetPreset(FLUX_BLOCKS, False, (*FLUX_ATTENTION, "_mlp.0", "_mlp.2"),
                                 "attention plus the double blocks' MLPs"),
     "full": TargetPreset(FLUX_BLOCKS, False, (), "every Linear of the double and single blocks, modulation included"),
@@ -68,7 +69,8 @@ SD3_PRESETS = {
     "attention": TargetPreset(MMDIT_BLOCKS, False, MMDIT_ATTENTION, "qkv/proj of every joint block's attention"),
     "transformer": TargetPreset(MMDIT_BLOCKS, False, (*MMDIT_ATTENTION, "mlp.fc1", "mlp.fc2"),
                                 "attention plus the MLPs"),
-    "full": TargetPreset(MMDIT_BLOCKS, False, (), "every Linear of the joint blocks, adaLN modulation included"),
+    "full": TargetPreset(MMDIT_BLOCKS, False, (), "every Linear of the joint blocks, adaLN modulation included but "
+                         "the last block's context adaLN"),
 }
 
 

@@ -72,13 +72,16 @@ def from_diffusers_naming(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return named
 
 
-def transformer_presets(blocks: frozenset[str], attention: tuple[str, ...], mlp: tuple[str, ...]
+def transformer_presets(blocks: frozenset[str], attention: tuple[str, ...], mlp: tuple[str, ...],
+                        attention_description: str = "attention q/k/v/out of every block",
+                        full_description: str = "every Linear of every block, modulation included"
                         ) -> dict[str, TargetPreset]:
-    """The shared preset names over a transformer's blocks: attention projections, attention + MLP, every Linear."""
+    """The shared preset names over a transformer's blocks: attention projections, attention + MLP, every Linear.
+    They adapt the same layers as the ComfyUI nodes' presets of the same name (tests/comfyui/presets_probe.py)."""
     return {
-        "attention": TargetPreset(blocks, False, attention, "attention q/k/v/out of every block"),
+        "attention": TargetPreset(blocks, False, attention, attention_description),
         "transformer": TargetPreset(blocks, False, attention + mlp, "attention and MLP Linears of every block"),
-        "full": TargetPreset(blocks, False, (), "every Linear of every block, modulation included"),
+        "full": TargetPreset(blocks, False, (), full_description),
     }
 
 

@@ -18,10 +18,16 @@ from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming,
 
 FAMILY = "Flux.1"
 FLUX_BLOCKS = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock"})
+# A single block's attention is fused with its MLP in BFL's layout (which ComfyUI and kohya's files use): linear1 =
+# q, k, v and the MLP's input (proj_mlp), linear2 = the attention's output and the MLP's (proj_out). "attention"
+# takes both whole, as the nodes do and kohya trains them, so that its files hold no zero blocks.
 FLUX_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-FLUX_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
-FLUX_PRESETS = transformer_presets(FLUX_BLOCKS, FLUX_ATTENTION, FLUX_MLP)
+                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "proj_mlp", "proj_out")
+FLUX_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+FLUX_PRESETS = transformer_presets(
+    FLUX_BLOCKS, FLUX_ATTENTION, FLUX_MLP,
+    "q/k/v/out of the double blocks' attention (both streams); the single blocks' linear1 and linear2 whole, where "
+    "attention is fused with the MLP")
 
 # Factors of the adapters that fuse exactly along a fused layer's output rows (LoRA, DoRA, LoHa):
 OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block-diagonal in the fused layer

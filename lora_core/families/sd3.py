@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..backend import Conditioning
 from ..config import TrainingConfig
@@ -23,7 +24,9 @@ SD3_BLOCKS = frozenset({"JointTransformerBlock"})
 SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 SD3_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-SD3_PRESETS = transformer_presets(SD3_BLOCKS, SD3_ATTENTION, SD3_MLP)
+SD3_PRESETS = transformer_presets(
+    SD3_BLOCKS, SD3_ATTENTION, SD3_MLP,
+    full_description="every Linear of every block, adaLN modulation included but the last block's context adaLN")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -44,6 +47,15 @@ class SD3Backend(FlowBackend):
             **{kohya_name(CLIP_L_PREFIX, path): f"text_encoder.{path}"
                for path in kohya_paths(self.text_encoder, all_adaptable(self.text_encoder))},
         }
+
+    def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
+        """The preset's layers but the last block's context adaLN (`norm1_context.linear` of a `context_pre_only`
+        block), whose rows Stability's and ComfyUI's layout hold as (shift, scale) where diffusers has (scale, shift):
+        the nodes leave it out, so both backends adapt the same layers. Files that adapt it still load."""
+        reordered = {kohya_name("lora_unet", f"transformer_blocks.{index}.norm1_context.linear")
+                     for index, block in enumerate(self.transformer.transformer_blocks) if block.context_pre_only}
+        return {name: layer for name, layer in super().adapter_targets(preset, text_encoder).items()
+                if name not in reordered}
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
         """Logit-normal σ with the scheduler's fixed shift (3.0 for SD3.5), σ·1000 as the transformer's time input
