@@ -343,3 +343,20 @@ def test_qlora_over_a_4bit_transformer_trains_and_saves_exactly(tmp_path) -> Non
     for name, adapter in network.items():
         torch.testing.assert_close(loaded.adapters[name].delta_weight(), adapter.delta_weight(), rtol=0, atol=1e-6)
         torch.testing.assert_close(loaded.adapters[name].dora_scale, adapter.dora_scale, rtol=0, atol=0)
+
+
+def test_a_bf16_transformer_gets_its_timestep_in_fp32() -> None:
+    """As diffusers' Flux training script and ComfyUI pass it (FluxPipeline rounds it to the latents' dtype): in bf16
+    σ = 0.7311 would be 0.7305."""
+    pipeline = build_tiny_flux(seed=1)
+    pipeline.transformer.to(torch.bfloat16)
+    backend = FluxBackend(pipeline)
+    calls = []
+    hook = pipeline.transformer.register_forward_pre_hook(lambda _, args, kwargs: calls.append(kwargs["timestep"]),
+                                                          with_kwargs=True)
+    times = torch.tensor([0.7311, 0.0883])
+    with torch.no_grad():
+        backend.predict(torch.randn(2, 16, 8, 8), times, backend.encode_text(["a photo of sks", "a red circle"]))
+    hook.remove()
+    (timestep,) = calls
+    assert timestep.dtype == torch.float32 and torch.equal(timestep, times)

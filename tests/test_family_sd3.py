@@ -174,3 +174,21 @@ def test_gradient_checkpointing_recomputes_the_same_training(sd3, tmp_path) -> N
             steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
             gradient_checkpointing=checkpointing)).losses)
     assert losses[0] == losses[1]
+
+
+def test_a_bf16_transformer_gets_its_timestep_in_fp32() -> None:
+    """As StableDiffusion3Pipeline, diffusers' SD3 training script and ComfyUI pass it: in bf16 σ·1000 = 731.1 would
+    be 732."""
+    pipeline = build_tiny_sd3(seed=1)
+    pipeline.transformer.to(torch.bfloat16)
+    backend = SD3Backend(pipeline)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    times = torch.tensor([731.1, 88.3])
+    with torch.no_grad():
+        conditioning = backend.encode_text(["a photo of sks", "a red circle"])
+        ours = backend.predict(latents, times, conditioning)
+        reference = pipeline.transformer(
+            hidden_states=latents.to(torch.bfloat16), timestep=times, return_dict=False,
+            encoder_hidden_states=conditioning["context"].to(torch.bfloat16),
+            pooled_projections=conditioning["pooled"].to(torch.bfloat16))[0]
+    assert torch.equal(ours, reference.float())

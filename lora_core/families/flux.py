@@ -191,6 +191,8 @@ class FluxBackend(FlowBackend):
         return {"context": context, "pooled": pooled}
 
     def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The transformer's velocity; σ goes in as fp32, as diffusers' training script and ComfyUI pass it
+        (FluxPipeline rounds it to the latents' dtype)."""
         from diffusers import FluxPipeline
 
         batch, channels, height, width = noisy_latents.shape
@@ -205,7 +207,7 @@ class FluxBackend(FlowBackend):
         guidance = (torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
                     if self.has_guidance else None)
         velocity = self.transformer(
-            hidden_states=packed, timestep=times.to(dtype), guidance=guidance,
+            hidden_states=packed, timestep=times.float(), guidance=guidance,
             pooled_projections=conditioning["pooled"].to(dtype), encoder_hidden_states=context,
             txt_ids=text_ids, img_ids=image_ids, return_dict=False,
         )[0]

@@ -69,9 +69,11 @@ class SD3Backend(FlowBackend):
         return {"context": context, "pooled": pooled}
 
     def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """The transformer's velocity; σ·1000 goes in as fp32, as the pipeline, its training script and ComfyUI
+        pass it (in bf16 731.1 would be 732)."""
         dtype = self.transformer.dtype
         return self.transformer(
-            hidden_states=noisy_latents.to(dtype), timestep=times.to(dtype),
+            hidden_states=noisy_latents.to(dtype), timestep=times.float(),
             encoder_hidden_states=conditioning["context"].to(dtype),
             pooled_projections=conditioning["pooled"].to(dtype), return_dict=False,
         )[0]
