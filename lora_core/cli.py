@@ -143,7 +143,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
         latent_cache_dir=args.latent_cache_dir, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
         logit_std=args.logit_std, mode_scale=args.mode_scale, flow_shift=args.flow_shift,
-        loss_weighting=args.loss_weighting,
+        loss_weighting=args.loss_weighting, precondition_outputs=args.precondition_outputs,
     )
 
     def metadata(steps: int) -> dict[str, str]:
@@ -395,6 +395,9 @@ def parser() -> argparse.ArgumentParser:
                        help="SD3/Flux: fixed noise-level shift (default: the family's; Flux's depends on resolution)")
     train.add_argument("--loss-weighting", choices=SD3_WEIGHTINGS, default=DEFAULTS.loss_weighting,
                        help="SD3/Flux: diffusers' SD3 loss weighting")
+    train.add_argument("--precondition-outputs", action=argparse.BooleanOptionalAction, default=None,
+                       help="SD3/Flux: the loss on the denoised estimate x_σ − σ·v̂ against x0, as diffusers' SD3 "
+                            "script and kohya's SD3 trainer (default: on for SD3, off for Flux)")
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
                             "LoRAs; kohya's and diffusers' scripts default to 3.5)")

@@ -15,7 +15,8 @@ from .cpu_convolution import KERNEL_CHOICES
 from .precision import AUTOCAST_DTYPES
 
 # Settings of the flow-matching objective (SD3, Flux), with the values that mean "not set" on other families.
-FLOW_MATCHING_SETTINGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "loss_weighting")
+FLOW_MATCHING_SETTINGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "loss_weighting",
+                          "precondition_outputs")
 
 
 class TrainingError(ValueError):
@@ -64,6 +65,7 @@ class TrainingConfig:
     mode_scale: float = 1.29  # mode's scale
     flow_shift: float | None = None  # fixed σ shift (SD3.5: 3.0); None: the family's (Flux: by resolution)
     loss_weighting: str = "none"  # none, sigma_sqrt or cosmap (diffusers' SD3 weighting schemes)
+    precondition_outputs: bool | None = None  # loss on x̂0 = x_σ − σ·v̂ (diffusers' and kohya's SD3); None: family's
 
     def validate(self) -> None:
         checks = [
@@ -93,6 +95,8 @@ class TrainingConfig:
             ("loss_weighting", self.loss_weighting in SD3_WEIGHTINGS, f"one of {SD3_WEIGHTINGS}"),
             ("flow_shift", self.flow_shift is None or self.flow_shift > 0, "a number > 0 (1: no shift), or None"),
             ("logit_std", self.logit_std > 0, "a number > 0"),
+            ("precondition_outputs", self.precondition_outputs in (None, True, False),
+             "True, False, or None for the model family's default"),
         ]
         for name, ok, allowed in checks:
             if not ok:

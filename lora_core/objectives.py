@@ -166,7 +166,9 @@ class FlowMatchingObjective:
     (SD3) or, with `resolution_shift`, by Flux's μ from the latents' size (unpacked (B, C, H, W); H/2·W/2 tokens), or
     mapped by `schedule`, the model's own shifted schedule (ComfyUI's patched `model_sampling`).
     diffusers' one `--weighting_scheme X` is `sampling` X for logit_normal/mode (else uniform) and `weighting` X for
-    sigma_sqrt/cosmap (else none)."""
+    sigma_sqrt/cosmap (else none). With `precondition_outputs` the loss compares x̂0 = x_σ − σ·v̂ with x0, as
+    diffusers' `train_dreambooth_lora_sd3.py` (`--precondition_outputs 1`, its default) and kohya's
+    `sd3_train_network.py` train SD3: σ²·‖v̂ − v‖², where the plain loss is ‖v̂ − v‖²."""
 
     timestep_multiplier: float
     sampling: str = "uniform"
@@ -179,6 +181,7 @@ class FlowMatchingObjective:
     max_shift: float = 1.15
     weighting: str = "none"
     schedule: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's own σ of a drawn σ ∈ [0, 1]
+    precondition_outputs: bool = False  # the loss on x̂0 = x_σ − σ·v̂ against x0 (diffusers' and kohya's SD3)
 
     def __post_init__(self) -> None:
         if self.schedule is not None and (self.shift != 1 or self.resolution_shift):
@@ -214,7 +217,7 @@ class FlowMatchingObjective:
         else:
             shift = {"discrete_flow_shift": self.shift}
         return {"timestep_sampling": self.sampling, "weighting_scheme": self.weighting,
-                **sampling, **shift}
+                "precondition_outputs": self.precondition_outputs, **sampling, **shift}
 
     def stratified(self, count: int) -> torch.Tensor:
         """Fixed times for the validation loss: `count` noise levels at the centres of equal strata of (0, 1),
@@ -239,10 +242,15 @@ class FlowMatchingObjective:
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
              ) -> torch.Tensor:
-        """The weighted MSE between `predict`'s velocity and ε − x0, one value per sample (fp32)."""
+        """The weighted MSE between `predict`'s velocity and ε − x0 (preconditioned: between x_σ − σ·velocity and x0),
+        one value per sample (fp32)."""
         noise, sigmas = noise.to(latents.device), sigmas.to(latents.device, torch.float32)
-        noisy, target = flow_noised_and_target(latents, noise, sigmas.reshape(-1, *[1] * (latents.dim() - 1)))
-        error = F.mse_loss(predict(noisy, sigmas * self.timestep_multiplier).float(), target, reduction="none")
+        per_sample = sigmas.reshape(-1, *[1] * (latents.dim() - 1))
+        noisy, target = flow_noised_and_target(latents, noise, per_sample)
+        prediction = predict(noisy, sigmas * self.timestep_multiplier).float()
+        if self.precondition_outputs:
+            prediction, target = prediction * -per_sample + noisy.float(), latents.float()
+        error = F.mse_loss(prediction, target, reduction="none")
         return error.flatten(1).mean(dim=1) * sd3_loss_weight(sigmas, self.weighting)
 
 

@@ -90,6 +90,7 @@ class Family:
     timestep_sampling: str = "logit_normal"  # flow matching's default σ sampling (lora_core's for SD3 and Flux)
     guidance: bool = False  # Flux: extra_conds takes a guidance value
     diffusers_files: bool = False  # SD3: files in diffusers' naming (q/k/v apart), as lora_core's SD3 files
+    precondition_outputs: bool = False  # SD3: the loss on x̂0 by default, as diffusers' and kohya's SD3 trainers
     sample_cfg: float = 7.0
     sample_scheduler: str = "normal"
 
@@ -106,7 +107,7 @@ FAMILIES = {
                    UNET_BLOCKS, adm=True),
     "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1"},
                   SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, sample_cfg=5.0, sample_scheduler="simple",
-                  diffusers_files=True),
+                  diffusers_files=True, precondition_outputs=True),
     "Flux": FLUX_FAMILY,
     "FluxSchnell": FLUX_FAMILY,
 }
@@ -452,7 +453,9 @@ class ComfyBackend(TrainingBackend):
         return FlowMatchingObjective(
             timestep_multiplier=1, sampling=config.timestep_sampling or self.spec.timestep_sampling,
             logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale,
-            weighting=config.loss_weighting, schedule=None if fixed else self.model_sigma, **fixed)
+            weighting=config.loss_weighting, schedule=None if fixed else self.model_sigma, **fixed,
+            precondition_outputs=(self.spec.precondition_outputs if config.precondition_outputs is None
+                                  else config.precondition_outputs))
 
     def model_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The MODEL's own σ at the fraction `sigma` of its schedule: SD3's shift (ModelSamplingSD3), Flux's μ

@@ -187,6 +187,7 @@ class InjectLoRA:
 
 
 TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
+PRECONDITION_CHOICES = {"default": None, "on": True, "off": False}
 
 
 class TrainingOptions:
@@ -225,6 +226,7 @@ class TrainingOptions:
             "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
             "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
             "prior_loss_weight": ("FLOAT", {"default": DEFAULTS.prior_loss_weight, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the class images' loss (Load Dataset's regularization_folder), kohya's prior_loss_weight; refused without class images."}),
+            "precondition_outputs": (list(PRECONDITION_CHOICES), {"default": "default", "tooltip": "SD3/Flux: on, the loss compares the denoised estimate x_σ − σ·v̂ with x0 (σ² times the velocity loss), as diffusers' SD3 script (its default) and kohya's SD3 trainer train; off, the plain velocity loss. default: on for SD3, off for Flux. Refused for SD1.x/2.x/SDXL."}),
         }}
 
     def options(self, **options):
@@ -301,6 +303,7 @@ class TrainLoRA:
             flow_shift=options["flow_shift"] or None, logit_mean=options["logit_mean"],
             logit_std=options["logit_std"], loss_weighting=options["loss_weighting"],
             prior_loss_weight=options["prior_loss_weight"],
+            precondition_outputs=PRECONDITION_CHOICES[options["precondition_outputs"]],
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
                                guidance=options["flux_guidance"])

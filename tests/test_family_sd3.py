@@ -32,7 +32,8 @@ def sd3():
 
 def test_objective_noises_and_shifts_as_the_scheduler_and_passes_its_timesteps(sd3) -> None:
     """x_σ from FlowMatchEulerDiscreteScheduler.scale_noise, the time input the scheduler's timestep (σ·1000, as the
-    pipeline passes it), the target ε − x0, and drawn σ shifted exactly as the scheduler shifts its sigmas (3.0)."""
+    pipeline passes it), the loss on x̂0 = x_σ − σ·v̂ against x0, and drawn σ shifted exactly as the scheduler shifts
+    its sigmas (3.0)."""
     objective = SD3Backend(sd3).objective(TrainingConfig())
     scheduler = sd3.scheduler
     generator = torch.Generator().manual_seed(1)
@@ -49,7 +50,8 @@ def test_objective_noises_and_shifts_as_the_scheduler_and_passes_its_timesteps(s
     expected = torch.cat([scheduler.scale_noise(latents[i:i + 1], timesteps[i:i + 1], noise[i:i + 1]) for i in range(2)])
     torch.testing.assert_close(seen["noisy"], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(seen["times"], timesteps, rtol=0, atol=1e-3)
-    torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
+    # preconditioned (SD3's default): x̂0 = x_σ − σ·0 against x0, i.e. σ² times the velocity error
+    torch.testing.assert_close(loss, scheduler.sigmas[[1, 2]] ** 2 * ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
     _, sigmas = objective.draw((3, 16, 8, 8), torch.Generator().manual_seed(5))
     replay = torch.Generator().manual_seed(5)
     torch.randn((3, 16, 8, 8), generator=replay)

@@ -96,6 +96,38 @@ def test_weighted_loss_equals_diffusers_training_scripts(weighting: str) -> None
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("weighting", ["none", "cosmap"])
+def test_preconditioned_loss_equals_diffusers_sd3_script(weighting: str) -> None:
+    """train_dreambooth_lora_sd3.py with `--precondition_outputs 1` (its default; kohya's sd3_train_network.py too):
+    model_pred · (−σ) + noisy_model_input against the latents, weighted, per sample."""
+    generator = torch.Generator().manual_seed(2)
+    latents, noise, velocity = (torch.randn(4, 16, 4, 6, generator=generator) for _ in range(3))
+    sigmas = torch.tensor([0.05, 0.3, 0.7, 1.0])
+    objective = FlowMatchingObjective(timestep_multiplier=1000, weighting=weighting, precondition_outputs=True)
+    loss = objective.loss(lambda noisy, time_input: velocity, latents, noise, sigmas)
+    per_sample = sigmas.reshape(-1, 1, 1, 1)
+    noisy_model_input = (1.0 - per_sample) * latents + per_sample * noise
+    model_pred = velocity * (-per_sample) + noisy_model_input
+    weighting_diffusers = compute_loss_weighting_for_sd3(weighting, per_sample)
+    expected = torch.mean((weighting_diffusers * (model_pred - latents) ** 2).reshape(4, -1), 1)
+    torch.testing.assert_close(loss, expected)
+    plain = FlowMatchingObjective(timestep_multiplier=1000, weighting=weighting).loss(
+        lambda noisy, time_input: velocity, latents, noise, sigmas)
+    torch.testing.assert_close(loss, plain * sigmas**2)  # σ² times the velocity loss
+
+
+def test_preconditioning_is_sd3s_default_and_refused_on_discrete_families() -> None:
+    from lora_core.config import TrainingConfig, TrainingError
+    from lora_core.families.flow import flow_objective
+
+    assert flow_objective(TrainingConfig(), "SD3", 1000, 3.0, precondition_outputs=True).precondition_outputs
+    assert not flow_objective(TrainingConfig(precondition_outputs=False), "SD3", 1000, 3.0,
+                              precondition_outputs=True).precondition_outputs
+    assert not flow_objective(TrainingConfig(), "Flux.1", 1, None).precondition_outputs
+    with pytest.raises(TrainingError, match="precondition_outputs set the flow-matching objective"):
+        TrainingConfig(precondition_outputs=True).check_discrete("SDXL")
+
+
 def test_sd3_weightings_equal_diffusers_and_sigma_sqrt_stays_finite_at_zero() -> None:
     sigmas = torch.linspace(SIGMA_SQRT_FLOOR, 1, 101)
     for weighting in ("none", "sigma_sqrt", "cosmap"):

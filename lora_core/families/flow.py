@@ -25,10 +25,12 @@ DEFAULT_SIGMA_SAMPLING = "logit_normal"  # the SD3 paper's best (§3.1), diffuse
 
 
 def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: float, shift: float | None,
-                   base_shift: float = 0.5, max_shift: float = 1.15) -> FlowMatchingObjective:
+                   base_shift: float = 0.5, max_shift: float = 1.15, precondition_outputs: bool = False
+                   ) -> FlowMatchingObjective:
     """The family's flow-matching objective with the run's settings: σ logit-normal unless `timestep_sampling` says
     otherwise, shifted by `config.flow_shift` if set, else by the family's fixed `shift`, or by Flux's
-    resolution-dependent shift (μ between `base_shift` and `max_shift`) where `shift` is None."""
+    resolution-dependent shift (μ between `base_shift` and `max_shift`) where `shift` is None; the loss on
+    preconditioned outputs where `config.precondition_outputs` (else the family's `precondition_outputs`) says so."""
     config.check_flow_matching(family)
     if config.flow_shift is not None:
         shift = config.flow_shift
@@ -36,6 +38,7 @@ def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: flo
         timestep_multiplier, config.timestep_sampling or DEFAULT_SIGMA_SAMPLING, config.logit_mean, config.logit_std,
         config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
         base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
+        precondition_outputs=precondition_outputs if config.precondition_outputs is None else config.precondition_outputs,
     )
 
 

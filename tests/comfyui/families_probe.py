@@ -262,6 +262,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
             for i in range(count)])
         if backend.prediction_type == "v_prediction":
             scale = sigma / (1 + sigma**2).sqrt()
+        elif getattr(objective, "precondition_outputs", False):  # SD3: the loss on x̂0 itself
+            scale = torch.ones_like(sigma)
         else:
             scale = sigma
         by_hand = ((latents - denoised) / scale.reshape(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
@@ -275,6 +277,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
             uniform = sample_sigmas(objective.sampling, 4, generator, objective.logit_mean, objective.logit_std)
             expected = sampling.sigma(uniform * getattr(sampling, "multiplier", 1.0)).tolist()
     return {"prediction_type": backend.prediction_type, "trainer_loss": trained.tolist(), "hand_loss": by_hand.tolist(),
+            "precondition_outputs": getattr(objective, "precondition_outputs", None),
             "drawn_sigmas": drawn.tolist() if expected is not None else None, "schedule_sigmas": expected,
             "sampling": type(sampling).__name__}
 

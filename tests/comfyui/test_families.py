@@ -69,6 +69,8 @@ def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir
     are the patched schedule's."""
     outcome = check(probe(server, comfy_dir, family, tmp_path_factory), objective)
     assert outcome["prediction_type"] == prediction_type
+    if prediction_type == "flow":  # SD3 on the preconditioned x̂0 by default, as diffusers' and kohya's SD3 trainers
+        assert outcome["precondition_outputs"] == (family == "sd3")
     np.testing.assert_allclose(outcome["trainer_loss"], outcome["hand_loss"], rtol=2e-5)
     if prediction_type == "flow":
         np.testing.assert_allclose(outcome["drawn_sigmas"], outcome["schedule_sigmas"], rtol=1e-6)
