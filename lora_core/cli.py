@@ -29,12 +29,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pipeline(base: Path, device: str):
+def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
-    from .families import FamilyError, load_pipeline as load_family_pipeline
+    from .families import FamilyError, base_dtype, load_pipeline as load_family_pipeline
 
     try:
-        return load_family_pipeline(base, device)
+        return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser)
     except FamilyError as error:
         raise SystemExit(f"error: {error}") from None
 
@@ -105,12 +105,11 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
-    pipeline = load_pipeline(Path(args.base), str(distributed.device))
-    if args.qlora:
-        from .families import denoiser
-        from .quantize import quantize_linear_layers
+    pipeline = load_pipeline(Path(args.base), str(distributed.device), args.base_dtype, args.qlora)
+    if distributed.is_main:
+        from .families import describe_memory
 
-        quantize_linear_layers(denoiser(pipeline))
+        print(describe_memory(pipeline), flush=True)
     backend = make_backend(pipeline, args, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(
         resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
@@ -361,7 +360,10 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--cpu-conv-kernels", choices=KERNEL_CHOICES, default="by_size",
                        help="frozen fp32 convolutions on CPU: by_size runs those with small outputs on PyTorch's GEMM "
                             "kernel (faster there than oneDNN's); pytorch leaves the choice to PyTorch")
-    train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes)")
+    train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes), "
+                       "quantized on the CPU before the base moves to --device")
+    train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "
+                       "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; the VAE stays fp32, the LoRA is fp32")
     train.add_argument("--latent-cache-dir", help="keep encoded latents on disk for later runs")
     train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     train.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation)

@@ -98,6 +98,8 @@ def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) 
     ("the old name of --start-from-lora", ["--resume-from", "{tmp}/x.safetensors"],
      "--resume-from was renamed: use --start-from-lora"),
     ("Prodigy's lr for AdamW", ["--lr", "1.0"], "learning_rate = 1.0 is out of range for AdamW"),
+    ("an unknown base dtype", ["--base-dtype", "fp64"], "--base-dtype 'fp64' is not a dtype lora_core loads bases in"),
+    ("an fp8 base", ["--base-dtype", "fp8"], "train an fp8 base in ComfyUI"),
     ("LBFGS", ["--optimizer", "LBFGS"], "cannot train a LoRA: it needs a closure"),
 ])
 def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, args: list[str], message: str) -> None:
@@ -113,6 +115,50 @@ def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, arg
     result = run(*base, check=False)
     assert result.returncode != 0, problem
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_base_dtype_loads_denoiser_and_text_encoder_in_it_and_the_cli_shows_their_memory(demo: Path, tmp_path) -> None:
+    """bf16 base: UNet and text encoder in bf16, the VAE in fp32, a new LoRA in fp32; the CLI prints what each
+    component takes (bytes of its tensors) before training. The default on a CPU is fp32."""
+    import torch
+
+    from lora_core.families import load_pipeline, memory_of
+    from lora_core.network import LoRANetwork
+    from lora_core.targets import UNET_PRESETS, find_targets, named_for_kohya
+
+    pipeline = load_pipeline(demo / "base", "cpu", torch.bfloat16)
+    assert {p.dtype for p in [*pipeline.unet.parameters(), *pipeline.text_encoder.parameters()]} == {torch.bfloat16}
+    assert {p.dtype for p in pipeline.vae.parameters()} == {torch.float32}
+    network = LoRANetwork.create(named_for_kohya("lora_unet", find_targets(pipeline.unet, UNET_PRESETS["attention"])))
+    assert {p.dtype for p in network.parameters()} == {torch.float32}
+    unet_bytes = sum(t.numel() * t.element_size() for t in [*pipeline.unet.parameters(), *pipeline.unet.buffers()])
+    assert memory_of(pipeline)["unet"] == (unet_bytes, ["bfloat16"])
+
+    for dtype, expected in (("bf16", "bfloat16"), ("auto", "float32")):
+        out = tmp_path / f"{dtype}.safetensors"
+        result = run("train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out", str(out),
+                     "--steps", "2", "--resolution", "32", "--base-dtype", dtype)
+        line = next(line for line in result.stdout.splitlines() if line.startswith("base in memory:"))
+        size = unet_bytes * (2 if expected == "float32" else 1)
+        assert f"unet {size / 2**20:,.1f} MiB ({expected})" in line and "vae" in line and "(float32)" in line, line
+        assert out.exists()
+
+
+def test_qlora_quantizes_the_denoiser_before_the_base_moves(demo: Path, monkeypatch) -> None:
+    """Flux.1-dev in fp32 is ~67 GB: the base is quantized where it is read (the CPU), then moved to the device."""
+    import diffusers
+
+    import lora_core.quantize
+    from lora_core.families import load_pipeline
+
+    calls = []
+    monkeypatch.setattr(lora_core.quantize, "quantize_linear_layers",
+                        lambda root: calls.append(("quantize", next(root.parameters()).device.type)))
+    move = diffusers.DiffusionPipeline.to
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to",
+                        lambda self, *args, **kwargs: calls.append(("to", args)) or move(self, *args, **kwargs))
+    load_pipeline(demo / "base", "cpu", quantize_denoiser=True)
+    assert calls == [("quantize", "cpu"), ("to", ("cpu",))]
 
 
 def test_cli_resume_continues_a_checkpointed_run_to_the_same_lora(demo: Path, tmp_path) -> None:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..backend import TrainingBackend
 
 # diffusers pipeline class → (module under lora_core, backend class)
@@ -43,15 +45,61 @@ def backend_class(pipeline: Any) -> type[TrainingBackend]:
     raise FamilyError(f"a {type(pipeline).__name__} cannot be trained; lora_core trains {', '.join(FAMILIES)}")
 
 
-def load_pipeline(base: Path, device: str) -> Any:
-    """The pipeline saved in the local folder `base` (nothing is downloaded), as its model_index.json names it."""
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def base_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype `--base-dtype name` loads the denoiser and text encoders in: "auto" is bf16 on CUDA (as kohya's and
+    diffusers' scripts train), fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name == "fp8":
+        raise FamilyError("--base-dtype fp8 is not available in lora_core yet (weights stored in fp8 and cast per "
+                          "layer): train an fp8 base in ComfyUI (Load Diffusion Model's weight_dtype fp8_e4m3fn, or an "
+                          "fp8_scaled file), or use --qlora (NF4) here")
+    if name not in BASE_DTYPES:
+        raise FamilyError(f"--base-dtype {name!r} is not a dtype lora_core loads bases in; use auto, "
+                          f"{', '.join(BASE_DTYPES)} (fp8: in ComfyUI)")
+    return BASE_DTYPES[name]
+
+
+def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, quantize_denoiser: bool = False) -> Any:
+    """The pipeline saved in the local folder `base` (nothing is downloaded), as its model_index.json names it: read on
+    the CPU with the denoiser and text encoders in `dtype` and the VAE in fp32 (as diffusers' SDXL script keeps it:
+    SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), then moved to
+    `device`, so no full-precision copy of a big base ever reaches the device."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class(base))
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
-    pipeline = cls.from_pretrained(base, local_files_only=True, **extra)
+    _, vae_class = json.loads((base / "model_index.json").read_text())["vae"]
+    vae = getattr(diffusers, vae_class).from_pretrained(base, subfolder="vae", local_files_only=True)
+    pipeline = cls.from_pretrained(base, local_files_only=True, torch_dtype=dtype, vae=vae, **extra)
     pipeline.set_progress_bar_config(disable=True)
+    if quantize_denoiser:
+        from ..quantize import quantize_linear_layers
+
+        quantize_linear_layers(denoiser(pipeline))
     return pipeline.to(device)
+
+
+def memory_of(pipeline: Any) -> dict[str, tuple[int, list[str]]]:
+    """Bytes of each model component's parameters and buffers (4-bit weights as packed), and their dtypes."""
+    sizes = {}
+    for name, component in pipeline.components.items():
+        if isinstance(component, torch.nn.Module):
+            tensors = [*component.parameters(), *component.buffers()]
+            sizes[name] = (sum(tensor.numel() * tensor.element_size() for tensor in tensors),
+                           sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors
+                                   if tensor.is_floating_point()}))
+    return sizes
+
+
+def describe_memory(pipeline: Any) -> str:
+    """One line: what the base takes in memory, component by component."""
+    sizes = memory_of(pipeline)
+    parts = [f"{name} {size / 2**20:,.1f} MiB ({'/'.join(dtypes)})" for name, (size, dtypes) in sizes.items()]
+    return f"base in memory: {', '.join(parts)}; {sum(size for size, _ in sizes.values()) / 2**30:.2f} GiB in all"
 
 
 def denoiser(pipeline: Any) -> Any:
