@@ -137,6 +137,23 @@ def chart_pixels(page, rgb: tuple[int, int, int]) -> int:
     }""", [TRAIN, list(rgb)])
 
 
+def overlapping_nodes(page) -> list[list[str]]:
+    """Pairs of nodes of the graph whose boxes overlap, each with its box (x, y, width, height; the title bar, which
+    LiteGraph draws above `pos`, included), as the canvas has them now."""
+    return page.evaluate("""() => {
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        const boxes = app.graph._nodes.map((node) => ({
+            name: `${node.type} #${node.id}`, x: node.pos[0], y: node.pos[1] - title, w: node.size[0],
+            h: node.size[1] + title}));
+        const text = (b) => `${b.name} at ${[b.x, b.y, b.w, b.h].map(Math.round).join(",")}`;
+        const pairs = [];
+        boxes.forEach((a, i) => boxes.slice(i + 1).forEach((b) => {
+            if (a.x < b.x + b.w && b.x < a.x + a.w && a.y < b.y + b.h && b.y < a.y + a.h) pairs.push([text(a), text(b)]);
+        }));
+        return pairs;
+    }""")
+
+
 def size_text(size: int) -> str:
     """How web/lora_lab.js writes a file size."""
     return f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
@@ -155,6 +172,20 @@ def test_the_pack_scripts_load_without_console_errors(browser, comfy: ComfyServe
         show_nodes(page)
         assert page.evaluate("(id) => LoraLab.chart(id)", TRAIN) is None
         assert log.pack_errors() == []
+    finally:
+        page.close()
+
+
+def test_no_shipped_workflow_has_a_node_over_another(browser, comfy: ComfyServer) -> None:
+    """Every workflow in workflows/ as the front end lays it out on loading (train_lora.json is checked again at its
+    size after training, above)."""
+    page, _ = open_app(browser, comfy)
+    try:
+        overlaps = {}
+        for path in sorted(WORKFLOWS.glob("*.json")):
+            page.evaluate("(workflow) => app.loadGraphData(workflow)", json.loads(path.read_text()))
+            overlaps[path.name] = overlapping_nodes(page)
+        assert overlaps == dict.fromkeys(overlaps, []), json.dumps(overlaps, indent=1)
     finally:
         page.close()
 
@@ -201,6 +232,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
                                 f"{found['examples']} per epoch"]
 
         page.screenshot(path=str(ARTIFACTS / "train_lora_browser.png"))
+        assert overlapping_nodes(page) == [], "a node covers another at its size after training (the chart grows)"
         assert saved_widget_values(page) == widget_values, "the panels must not change what a saved workflow holds"
         assert log.pack_errors() == []
 
