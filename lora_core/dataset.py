@@ -14,7 +14,7 @@ import torch
 
 from .buckets import Size, bucket_sizes, fit, select_bucket
 from .captions import LEGACY_ENCODINGS, augment_caption, decode_caption
-from .images import load_image, to_tensor
+from .images import DatasetWarning, load_image, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -22,10 +22,6 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 class DatasetError(ValueError):
     """Raised for a dataset that cannot be used; the message names the path and the fix."""
-
-
-class DatasetWarning(UserWarning):
-    """Warns about an image that was skipped, or a caption read in a legacy encoding, while loading a dataset."""
 
 
 @dataclass(frozen=True)

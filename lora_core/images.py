@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,14 @@ from PIL import Image, ImageCms, ImageOps
 
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 WHITE = (255, 255, 255)
-ICC_MODES = ("L", "RGB", "CMYK")  # the colour modes an embedded profile is applied to
+PROFILE_SPACES = {"L": "GRAY", "RGB": "RGB", "CMYK": "CMYK"}  # colour mode → the ICC colour space that describes it
+ICC_MODES = tuple(PROFILE_SPACES)  # the colour modes an embedded profile is applied to
 GREY_MODES = ("1", "L", "LA", "La")
+
+
+class DatasetWarning(UserWarning):
+    """An image skipped, or an image or caption read in a way its owner should know about, while loading a dataset
+    (exported by `lora_core.dataset`; defined here, where images are read)."""
 
 
 def load_image(path: Path, max_image_pixels: int) -> Image.Image:
@@ -27,6 +34,7 @@ def load_image(path: Path, max_image_pixels: int) -> Image.Image:
         profile = image.info.get("icc_profile")
         image = ImageOps.exif_transpose(image)
     colour, alpha = split_alpha(image)
+    profile = profile and embedded_profile(colour, profile, path)
     rgb = to_srgb(colour, profile) if profile else colour.convert("RGB")
     return rgb if alpha is None else Image.composite(rgb, Image.new("RGB", rgb.size, WHITE), alpha)
 
@@ -48,10 +56,27 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     return with_alpha.convert(with_alpha.mode[:-1]), alpha
 
 
-def to_srgb(colour: Image.Image, icc_profile: bytes) -> Image.Image:
-    """RGB in sRGB from an L/RGB/CMYK image encoded in the embedded ICC profile (Adobe RGB, Display P3, ...)."""
+def embedded_profile(colour: Image.Image, icc_profile: bytes, path: Path) -> ImageCms.ImageCmsProfile | None:
+    """The embedded profile, or None with one warning naming the file where it describes another colour space than
+    the pixels' (Pillow keeps an RGB image's profile when converting it to grey, so grey photos with an sRGB profile
+    are common; kohya and diffusers read their pixels as they are, and so does this)."""
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    except (OSError, ImageCms.PyCMSError) as error:
+        raise ValueError(f"its embedded ICC profile cannot be read ({error}); re-save the image in sRGB or with a "
+                         "valid profile") from error
+    space = profile.profile.xcolor_space.strip()
+    if space != PROFILE_SPACES[colour.mode]:
+        warnings.warn(f"{path}: its embedded ICC profile describes {space} pixels, not {colour.mode}; the profile is "
+                      "ignored and the pixels read as they are (re-save the image without it to silence this)",
+                      DatasetWarning, stacklevel=4)
+        return None
+    return profile
+
+
+def to_srgb(colour: Image.Image, profile: ImageCms.ImageCmsProfile) -> Image.Image:
+    """RGB in sRGB from an L/RGB/CMYK image encoded in the embedded ICC profile (Adobe RGB, Display P3, ...)."""
+    try:
         return ImageCms.profileToProfile(colour, profile, SRGB, outputMode="RGB")
     except (OSError, ImageCms.PyCMSError) as error:
         raise ValueError(

@@ -107,3 +107,25 @@ def test_unusable_icc_profile_skips_the_image_with_a_warning(tmp_path: Path) -> 
     with pytest.warns(DatasetWarning, match="broken.png.*ICC profile"):
         dataset = ImageFolderDataset(tmp_path, CONFIG)
     assert [example.path.name for example in dataset.examples] == ["good.png"]
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_grey_photo_with_an_rgb_profile_is_read_as_it_is_with_one_warning(tmp_path: Path, mode: str) -> None:
+    """Pillow keeps an RGB photo's sRGB profile when converting it to grey; such a profile cannot describe grey
+    pixels, so it is ignored (one warning naming the file) and the image trains, as kohya and diffusers read it."""
+    ramp = np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 251
+    grey = Image.fromarray((ramp * 257).astype(np.uint16) if mode == "I;16" else ramp.astype(np.uint8))
+    assert grey.mode == mode
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "tagged").mkdir()
+    grey.save(tmp_path / "plain" / "grey.png")
+    grey.save(tmp_path / "tagged" / "grey.png", icc_profile=srgb)
+    assert Image.open(tmp_path / "tagged" / "grey.png").info["icc_profile"] == srgb
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [example] = ImageFolderDataset(tmp_path / "tagged", CONFIG).examples
+    messages = [str(warning.message) for warning in caught if issubclass(warning.category, DatasetWarning)]
+    assert len(messages) == 1 and "grey.png" in messages[0] and "describes RGB pixels, not L" in messages[0], messages
+    assert torch.equal(example.pixels, dataset_pixels(tmp_path / "plain"))
