@@ -282,6 +282,7 @@ def command_merge(args: argparse.Namespace) -> None:
 
 def command_extract(args: argparse.Namespace) -> None:
     from .families import backend_class
+    from .files import LoRAWeights
     from .toolbox import extract
 
     backends = []
@@ -291,6 +292,7 @@ def command_extract(args: argparse.Namespace) -> None:
     base, tuned = (backend.adapter_targets(args.preset, args.text_encoder) for backend in backends)
     weights, reports = extract(base, tuned, *rank_rule(args), clamp_quantile=args.clamp_quantile,
                                min_diff=args.min_diff)
+    weights = LoRAWeights(backends[0].file_tensors(weights.tensors), weights.metadata)  # the family's file names
     weights.metadata.update(ss_sd_model_name=Path(args.base).name,
                             ss_base_model_version=backends[0].model_info()["version"])
     write_lora(weights, args, reports)

@@ -15,6 +15,12 @@ from .functional import lora
 from .functional.svd import RANK_RULES, low_rank_factors, rank_by_rule, singular_values
 
 LORA_KEYS = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
+DIFFUSERS_LORA_KEYS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # scale 1, no alpha
+# The suffixes a module's tensors end in, in the files of LoRA Lab, kohya, LyCORIS and diffusers (whose module names
+# hold dots: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`)
+MODULE_SUFFIXES = (*LORA_KEYS, *DIFFUSERS_LORA_KEYS, "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                   "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                   "lokr_t2")
 
 
 @dataclass(frozen=True)
@@ -29,16 +35,33 @@ class ModuleReport:
 
 
 def modules_of(weights: LoRAWeights) -> dict[str, dict[str, torch.Tensor]]:
-    """The file's tensors grouped by module: name → {suffix: tensor}."""
+    """The file's tensors grouped by module: name → {suffix: tensor}, the name ending where a known suffix starts
+    (else at the first dot, as kohya's names have none)."""
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in weights.tensors.items():
-        name, _, suffix = key.partition(".")
+        suffix = next((suffix for suffix in MODULE_SUFFIXES if key.endswith(f".{suffix}")), None)
+        name, _, suffix = (key[:-len(suffix) - 1], ".", suffix) if suffix else key.partition(".")
         grouped[name][suffix] = value
     return dict(grouped)
 
 
+def kohya_module(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A module's tensors with diffusers' lora_A/lora_B read as kohya's lora_down/lora_up (scale 1: no alpha)."""
+    return {DIFFUSERS_LORA_KEYS.get(suffix, suffix): value for suffix, value in tensors.items()}
+
+
+def named_like(source: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """New `factors` (α = rank, scale 1) under the naming of the module they replace: diffusers' lora_A/lora_B
+    without alpha where the source had them, kohya's otherwise."""
+    if "lora_A.weight" not in source:
+        return factors
+    names = {kohya: diffusers for diffusers, kohya in DIFFUSERS_LORA_KEYS.items()}
+    return {names.get(suffix, suffix): value for suffix, value in factors.items() if suffix != "alpha"}
+
+
 def lora_delta(name: str, tensors: dict[str, torch.Tensor], allowed: frozenset[str] = LORA_KEYS) -> torch.Tensor:
     """ΔW of a LoRA module (scale α/r included), shaped like the layer's weight; other algorithms are refused."""
+    tensors, allowed = kohya_module(tensors), set(kohya_module(dict.fromkeys(allowed)))
     unexpected = set(tensors) - allowed
     if unexpected or "lora_down.weight" not in tensors:
         raise LoRAFileError(f"module {name} holds {sorted(tensors)}; this tool handles LoRA modules "
@@ -96,13 +119,13 @@ def resize(weights: LoRAWeights, rule: str = "rank", parameter: float = 8, max_r
     tensors, reports = {}, []
     for name, module in modules_of(weights).items():
         delta = lora_delta(name, module, LORA_KEYS | {"dora_scale"})
-        rank_before = module["lora_down.weight"].shape[0]
+        rank_before = kohya_module(module)["lora_down.weight"].shape[0]
         values = singular_values(delta)
         rank = min(rank_by_rule(values, rule, parameter), rank_before, max_rank or rank_before)
         factors, _ = factor_tensors(delta, rank)
         if "dora_scale" in module:
             factors["dora_scale"] = module["dora_scale"].float()
-        tensors.update({f"{name}.{suffix}": value for suffix, value in factors.items()})
+        tensors.update({f"{name}.{suffix}": value for suffix, value in named_like(module, factors).items()})
         reports.append(ModuleReport(name, rank_before, rank, retained_energy(values, rank)))
     metadata = network_metadata(weights.metadata, [r.rank_after for r in reports], f"resized: {rule} {parameter:g}")
     if any("dora_scale" in module for module in modules_of(weights).values()):
@@ -128,7 +151,7 @@ def merge(parts: list[tuple[LoRAWeights, float]], rank: int | None = None) -> Lo
         else:
             factors, _ = factor_tensors(sum(w * lora_delta(name, m) for m, w in modules), rank)
         ranks.append(factors["lora_down.weight"].shape[0])
-        tensors.update({f"{name}.{suffix}": value for suffix, value in factors.items()})
+        tensors.update({f"{name}.{suffix}": value for suffix, value in named_like(modules[0][0], factors).items()})
     described = ", ".join(f"{weights.metadata.get('ss_output_name', '?')} × {weight:g}" for weights, weight in parts)
     how = "concatenated" if rank is None else f"SVD to rank {rank}"
     return LoRAWeights(tensors, network_metadata(parts[0][0].metadata, ranks, f"merged ({how}): {described}"))
@@ -140,6 +163,7 @@ def concatenated(name: str, modules: list[tuple[dict[str, torch.Tensor], float]]
     downs, ups = [], []
     for module, weight in modules:
         lora_delta(name, module)  # refuses what is not LoRA
+        module = kohya_module(module)
         down, up = module["lora_down.weight"].float(), module["lora_up.weight"].float()
         scale = float(module["alpha"]) / down.shape[0] if "alpha" in module else 1.0
         downs.append(down)

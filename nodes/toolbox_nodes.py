@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import comfy.model_management
 
+from ..lora_core.files import LoRAWeights
 from ..lora_core.functional.svd import RANK_RULES
 from ..lora_core.targets import UNET_PRESETS
 from ..lora_core.toolbox import ModuleReport, extract, merge, resize
@@ -113,7 +114,9 @@ class ExtractLoRA:
         # own only while it is (another patcher of the same checkpoint, e.g. with a LoRA, may hold them otherwise).
         patchers = [tuned_model, base_model] + ([tuned_clip.patcher, base_clip.patcher] if with_clip else [])
         comfy.model_management.load_models_gpu(patchers)
+        backend = ComfyBackend(base_model, base_clip)
         tuned = ComfyBackend(tuned_model, tuned_clip).adapter_targets(target, with_clip)
-        base = ComfyBackend(base_model, base_clip).adapter_targets(target, with_clip)
-        weights, reports = extract(base, tuned, rule, parameter, clamp_quantile, max_rank=cap)
+        weights, reports = extract(backend.adapter_targets(target, with_clip), tuned, rule, parameter, clamp_quantile,
+                                   max_rank=cap)
+        weights = LoRAWeights(backend.file_tensors(weights.tensors), weights.metadata)  # SD3: diffusers' names
         return {"ui": {"text": [summary(reports)]}, "result": (weights,)}

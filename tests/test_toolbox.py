@@ -146,3 +146,76 @@ def test_the_command_line_tools_resize_merge_into_a_base_and_extract_it_back(pip
     assert extracted.metadata["ss_base_model_version"] == "sd_v1"
     for name, delta in deltas(known).items():  # the pipeline saved with 1.5 × ΔW merged in gives back 1.5 × ΔW
         torch.testing.assert_close(deltas(extracted)[name], 1.5 * delta, rtol=1e-3, atol=1e-5)
+
+
+def family_pipeline(family: str):
+    """The tiny pipeline the family's tests train (random weights, the real architecture)."""
+    from tiny_flow_models import build_tiny_flux, build_tiny_sd3
+    from tiny_sdxl import build_tiny_sdxl
+
+    from lora_core.tiny_model import build_tiny_pipeline
+
+    return {"sd1": build_tiny_pipeline, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux}[family]()
+
+
+def family_file(backend, seed: int) -> LoRAWeights:
+    """A LoRA as LoRA Lab writes it for the backend's family (kohya names; SD3: diffusers' lora_A/lora_B; Flux:
+    BFL's fused layers), with random non-zero ups."""
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", rank=4, alpha=2, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_up" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return LoRAWeights.from_network(network, {}, file_tensors=backend.file_tensors)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+def test_every_familys_own_files_resize_merge_and_extract(family: str) -> None:
+    """The files LoRA Lab writes for each family: resize keeps the best rank-2 ΔW of every module (SVD truncation),
+    merge gives the weighted sum, extract recovers a fine-tune's ΔW; each result keeps the family's naming and loads
+    back into the model it is for."""
+    from lora_core.families import backend_class, denoiser
+
+    pipeline = family_pipeline(family)
+    backend = backend_class(pipeline)(pipeline)
+    first, second = family_file(backend, 1), family_file(backend, 2)
+
+    def loads(weights: LoRAWeights) -> None:
+        LoRANetwork.from_tensors(backend.network_tensors(weights.tensors), backend.loadable_modules(), strict=True)
+
+    resized, _ = resize(first, "rank", 2)
+    assert {key.rsplit(".", 2)[-2] for key in resized.tensors} == {key.rsplit(".", 2)[-2] for key in first.tensors}
+    before, after = deltas(first), deltas(resized)
+    assert set(before) == set(after)
+    for name, delta in before.items():
+        u, s, vh = torch.linalg.svd(delta.reshape(delta.shape[0], -1).double(), full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        torch.testing.assert_close(after[name].reshape(best.shape).double(), best, rtol=1e-4, atol=1e-6)
+    loads(resized)
+
+    merged = merge([(first, 0.5), (second, 1.0)])
+    second_deltas = deltas(second)
+    for name, delta in deltas(merged).items():
+        torch.testing.assert_close(delta, 0.5 * before[name] + second_deltas[name], rtol=1e-5, atol=1e-6)
+    loads(merged)
+
+    tuned = copy.deepcopy(pipeline)
+    targets = backend.adapter_targets("attention", False)
+    tuned_backend = backend_class(tuned)(tuned)
+    tuned_targets = tuned_backend.adapter_targets("attention", False)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, layer in tuned_targets.items():  # a rank-1 change of every attention layer
+            out_features, in_features = layer.weight.shape[:2]
+            layer.weight += torch.outer(torch.randn(out_features, generator=generator),
+                                        torch.randn(in_features, generator=generator)).reshape(layer.weight.shape) * 0.01
+    extracted, _ = extract(targets, tuned_targets, "rank", 4, clamp_quantile=1.0)
+    named = LoRAWeights(backend.file_tensors(extracted.tensors), extracted.metadata)
+    loads(named)
+    network, _ = LoRANetwork.from_tensors(backend.network_tensors(named.tensors), backend.loadable_modules(),
+                                          strict=True)
+    for name, adapter in network.items():
+        change = tuned_targets[name].weight - targets[name].weight
+        torch.testing.assert_close(adapter.delta_weight(), change.float(), rtol=1e-4, atol=1e-6)
+    assert denoiser(pipeline) is not denoiser(tuned)
