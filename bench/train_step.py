@@ -2,7 +2,8 @@
 UNet or Flux.1 transformer.
 
 The reference is the loop of diffusers' `train_text_to_image_lora.py` (UNets: PEFT LoRA on to_q/to_k/to_v/to_out.0)
-or `train_dreambooth_lora_flux.py` (Flux: flow matching, LoRA on the attention projections of both streams):
+or `train_dreambooth_lora_flux.py` (Flux: flow matching, LoRA on the layers of LoRA Lab's `attention` preset:
+both streams' attention projections, the single blocks' fused q/k/v/MLP-in and output layers):
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
 targets through `lora_core.train` (fp32 adapters, no autocast). Both run in one process, in alternating blocks
 after warm-up, with random weights, latents and text embeddings (no download). Prints JSON with median seconds per
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train  # noqa: E402
 from lora_core.backend import TrainingBackend  # noqa: E402
-from lora_core.families.flux import FLUX_ATTENTION, FluxBackend  # noqa: E402
+from lora_core.families.flux import FLUX_PRESETS, FluxBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
 SDXL = dict(  # SDXL 1.0's UNet configuration (2.6 B parameters)
@@ -260,7 +261,7 @@ def main() -> None:
         from diffusers import FluxTransformer2DModel
 
         model = FluxTransformer2DModel(**TRANSFORMERS[args.size]).to(device, dtype)
-        targets = list(FLUX_ATTENTION)
+        targets = list(find_targets(model, FLUX_PRESETS["attention"]))  # the very layers LoRA Lab adapts
     else:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
