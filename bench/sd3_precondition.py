@@ -2,9 +2,9 @@
 x0-preconditioned one (σ²·‖v̂ − v‖², diffusers' `--precondition_outputs 1` and kohya's SD3 trainer). Each seed trains
 one LoRA per loss on the same images with the same settings; both are then judged on one common yardstick, the
 x0 error ‖x̂0 − x0‖² (what a sampler's denoised estimate gets wrong) and the velocity error, on fixed noise at 8
-stratified σ of the training images. Prints JSON.
+stratified σ of held-out images of the same concept (other circles, never trained on). Prints JSON.
 
-    python bench/sd3_precondition.py --seeds 3 --steps 40
+    python bench/sd3_precondition.py --seeds 5 --steps 100   # bench/results/cpu_sd3_precondition.json
 """
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         images = concept_images(Path(folder) / "concept", 4)
+        held_out = ImageFolderDataset(concept_images(Path(folder) / "held_out", 4, seed=1),
+                                      DatasetConfig(resolution=64))
         for seed in range(args.seeds):
             pipeline = build_tiny_sd3(seed=seed)
             backend = SD3Backend(pipeline)
@@ -62,10 +64,10 @@ def main() -> None:
             row = {"seed": seed}
             for precondition in (False, True):
                 network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4, seed=seed)
-                row["base"] = errors(backend, network, dataset) if "base" not in row else row["base"]
+                row["base"] = errors(backend, network, held_out) if "base" not in row else row["base"]
                 train(backend, network, dataset, TrainingConfig(
                     steps=args.steps, learning_rate=1e-2, seed=seed, precondition_outputs=precondition))
-                row["preconditioned" if precondition else "plain"] = errors(backend, network, dataset)
+                row["preconditioned" if precondition else "plain"] = errors(backend, network, held_out)
             results.append(row)
     mean = {loss: {metric: sum(row[loss][metric] for row in results) / len(results) for metric in ("x0", "velocity")}
             for loss in ("base", "plain", "preconditioned")}
