@@ -7,10 +7,9 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms, ImageFile
+from PIL import Image, ImageFile
 
 from lora_core.dataset import (
     IMAGE_EXTENSIONS,
@@ -261,29 +260,6 @@ def test_truncated_image_is_skipped(tmp_path: Path) -> None:
         dataset = ImageFolderDataset(tmp_path, SMALL)
     assert dataset.num_images == 1
     assert [path for path, _ in dataset.skipped] == [truncated]
-
-
-def test_grey_images_with_an_srgb_profile_all_load_with_one_warning_each(tmp_path: Path) -> None:
-    """Grey photos (8- and 16-bit) keep the sRGB profile of the colour photo Pillow converted them from; they train,
-    read as without the profile, and each is named in one warning."""
-    ramp = np.arange(24 * 24).reshape(24, 24) % 251
-    greys = {"grey8.png": ramp.astype(np.uint8), "grey16.png": (ramp * 257).astype(np.uint16)}
-    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    for folder, profile in (("plain", {}), ("tagged", {"icc_profile": srgb})):
-        (tmp_path / folder).mkdir()
-        for name, levels in greys.items():
-            Image.fromarray(levels).save(tmp_path / folder / name, **profile)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = ImageFolderDataset(tmp_path / "tagged", SMALL)
-    messages = sorted(str(warning.message) for warning in caught if issubclass(warning.category, DatasetWarning))
-    assert dataset.skipped == [] and len(messages) == 2, messages
-    assert "grey16.png" in messages[0] and "grey8.png" in messages[1]
-    plain = load_quietly(tmp_path / "plain")
-    assert [example.path.name for example in dataset.examples] == [example.path.name for example in plain.examples]
-    for tagged_example, plain_example in zip(dataset.examples, plain.examples):
-        assert torch.equal(tagged_example.pixels, plain_example.pixels)
 
 
 def test_oversized_image_is_skipped_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
