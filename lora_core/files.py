@@ -30,20 +30,6 @@ SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 Naming = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # file names ↔ network names
 
 
-DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}  # network → file
-
-
-def module_and_suffix(key: str) -> tuple[str, str]:
-    """A file key split into its module and its suffix: the last part, or the last two where it is `weight`
-    (`lora_unet_x.lora_down.weight`, `lora_unet_x.alpha`, `transformer.blocks.0.attn.to_q.lora_A.weight`), so that
-    module names may hold dots, as diffusers' do."""
-    module, _, suffix = key.rpartition(".")
-    if suffix == "weight":  # lora_down.weight, lora_A.weight, hada_w1_a.weight…
-        module, _, leaf = module.rpartition(".")
-        suffix = f"{leaf}.weight"
-    return module, suffix
-
-
 def keep_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD1.x/2.x and SDXL files name layers as the network does."""
     return tensors

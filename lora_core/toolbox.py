@@ -1,6 +1,5 @@
 """What users reach for after training, as kohya sd-scripts' `networks/` tools do it: extract a LoRA from a fine-tuned
-model, resize a LoRA's rank, merge LoRAs. Each works on the tensors as the file names them (kohya's, or diffusers'
-lora_A/lora_B) and keeps the file's metadata."""
+model, resize a LoRA's rank, merge LoRAs. Each works on kohya-named tensors and keeps the file's metadata."""
 from __future__ import annotations
 
 import json
@@ -11,12 +10,17 @@ import torch
 from torch import nn
 
 from .adapters.base import dense_weight
-from .files import DIFFUSERS_SUFFIXES, LoRAFileError, LoRAWeights, module_and_suffix
+from .files import LoRAFileError, LoRAWeights
 from .functional import lora
 from .functional.svd import RANK_RULES, low_rank_factors, rank_by_rule, singular_values
 
 LORA_KEYS = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
-DIFFUSERS_LORA_KEYS = {file: network for network, file in DIFFUSERS_SUFFIXES.items()}  # scale 1, no alpha
+DIFFUSERS_LORA_KEYS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}  # scale 1, no alpha
+# The suffixes a module's tensors end in, in the files of LoRA Lab, kohya, LyCORIS and diffusers (whose module names
+# hold dots: `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`)
+MODULE_SUFFIXES = (*LORA_KEYS, *DIFFUSERS_LORA_KEYS, "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                   "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                   "lokr_t2")
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,12 @@ class ModuleReport:
 
 
 def modules_of(weights: LoRAWeights) -> dict[str, dict[str, torch.Tensor]]:
-    """The file's tensors grouped by module: name → {suffix: tensor} (diffusers' names hold dots)."""
+    """The file's tensors grouped by module: name → {suffix: tensor}, the name ending where a known suffix starts
+    (else at the first dot, as kohya's names have none)."""
     grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in weights.tensors.items():
-        name, suffix = module_and_suffix(key)
+        suffix = next((suffix for suffix in MODULE_SUFFIXES if key.endswith(f".{suffix}")), None)
+        name, _, suffix = (key[:-len(suffix) - 1], ".", suffix) if suffix else key.partition(".")
         grouped[name][suffix] = value
     return dict(grouped)
 
@@ -49,7 +55,8 @@ def named_like(source: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]
     without alpha where the source had them, kohya's otherwise."""
     if "lora_A.weight" not in source:
         return factors
-    return {DIFFUSERS_SUFFIXES.get(suffix, suffix): value for suffix, value in factors.items() if suffix != "alpha"}
+    names = {kohya: diffusers for diffusers, kohya in DIFFUSERS_LORA_KEYS.items()}
+    return {names.get(suffix, suffix): value for suffix, value in factors.items() if suffix != "alpha"}
 
 
 def lora_delta(name: str, tensors: dict[str, torch.Tensor], allowed: frozenset[str] = LORA_KEYS) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 from ..backend import TrainingBackend
 from ..config import TrainingConfig
 from ..diffusers_backend import generate
-from ..files import DIFFUSERS_SUFFIXES, data_hash, module_and_suffix
+from ..files import data_hash
 from ..objectives import FlowMatchingObjective
 from ..targets import (
     TEXT_ENCODER_PRESET, TargetError, TargetPreset, all_adaptable, find_targets, kohya_paths, named_for_kohya,
@@ -20,6 +20,7 @@ from ..targets import (
 
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
 DIFFUSERS_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": f"{CLIP_L_PREFIX}_"}  # file → network names
+DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}  # network → file
 DEFAULT_SIGMA_SAMPLING = "logit_normal"  # the SD3 paper's best (§3.1), diffusers' SD3 script's default
 
 
@@ -65,7 +66,10 @@ def from_diffusers_naming(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
         if prefix is None:
             named[key] = value
             continue
-        module, suffix = module_and_suffix(key)
+        module, _, suffix = key.rpartition(".")
+        if suffix == "weight":  # lora_A.weight, lora_B.weight
+            module, _, leaf = module.rpartition(".")
+            suffix = f"{leaf}.weight"
         name = DIFFUSERS_PREFIXES[prefix] + module[len(prefix):].replace(".", "_")
         named[f"{name}.{suffixes.get(suffix, suffix)}"] = value
     return named
