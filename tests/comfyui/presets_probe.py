@@ -6,16 +6,12 @@ lora_core tests train and ComfyUI's model of the same layout (detected from the 
 detect them; Flux from its config, which ComfyUI's detection fixes at full width). Each adapted layer is written in
 ComfyUI's naming as (weight key, rows): lora_core's diffusers layers through ComfyUI's own maps
 (`unet_to_diffusers`, `mmdit_to_diffusers`, `flux_to_diffusers`; a piece of a fused layer is its rows), the nodes'
-layers as whole weights. "trainable" counts each backend's LoRA parameters at rank `RANK`; "extra_down_factors" is
-what lora_core's one adapter per piece of a fused weight adds to the nodes' one adapter on it (a down factor per
-further piece). Prints one JSON object {family: {preset: {"lora_core_only", "nodes_only", "values", "trainable",
-"extra_down_factors"}}}.
+layers as whole weights. Prints one JSON object {family: {preset: {"lora_core_only", "nodes_only", "values"}}}.
 """
 from __future__ import annotations
 
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,7 +23,6 @@ from model_machinery_probe import import_backend  # noqa: E402
 from tiny_sdxl import COMFY_UNET_CONFIG  # noqa: E402
 
 PRESETS = ("attention", "transformer", "full")
-RANK = 4
 # lora_core.tiny_model's UNet in ComfyUI's words (SDXL's: tests/tiny_sdxl.py)
 SD1_CONFIG = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
               "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
@@ -99,10 +94,6 @@ def covered(pieces: list[tuple[str, tuple[int, int]]]) -> set[tuple[str, int, in
 
 def compare(backend_module, family: str, pipeline) -> dict:
     from lora_core.families import backend_class, denoiser
-    from lora_core.network import LoRANetwork
-
-    def trainable(targets) -> int:
-        return sum(parameter.numel() for parameter in LoRANetwork.create(targets, rank=RANK).parameters())
 
     diffusers_denoiser = denoiser(pipeline)
     lora_core_backend = backend_class(pipeline)(pipeline)
@@ -114,9 +105,7 @@ def compare(backend_module, family: str, pipeline) -> dict:
     results = {}
     for preset in PRESETS:
         pieces, unmapped = [], []
-        our_targets, node_targets = lora_core_backend.adapter_targets(preset, False), comfy_backend.adapter_targets(
-            preset, False)
-        for module in our_targets.values():
+        for module in lora_core_backend.adapter_targets(preset, False).values():
             target = to_comfy.get(f"{paths[id(module)]}.weight")
             if target is None:
                 unmapped.append(paths[id(module)])
@@ -124,18 +113,14 @@ def compare(backend_module, family: str, pipeline) -> dict:
                 pieces.append(rows_of(target, weights))
         ours = covered(pieces)
         nodes = {(f"{comfy_paths[name]}.weight", 0, weights[f"{comfy_paths[name]}.weight"].shape[0])
-                 for name in node_targets}
-        pieces_per_weight = Counter(key for key, _ in pieces)
+                 for name in comfy_backend.adapter_targets(preset, False)}
 
         def values(layers):
             return sum((end - start) * weights[key][0].numel() for key, start, end in layers)
 
         results[preset] = {"lora_core_only": sorted(map(list, ours - nodes)) + [[path] for path in unmapped],
                            "nodes_only": sorted(map(list, nodes - ours)),
-                           "values": [values(ours), values(nodes)],
-                           "trainable": [trainable(our_targets), trainable(node_targets)],
-                           "extra_down_factors": sum((count - 1) * RANK * weights[key].shape[1]
-                                                     for key, count in pieces_per_weight.items())}
+                           "values": [values(ours), values(nodes)]}
     return results
 
 

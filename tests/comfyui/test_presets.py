@@ -32,14 +32,3 @@ def test_a_preset_adapts_the_same_weights_in_both_backends(adapted, family, pres
     outcome = adapted[family][preset]
     assert outcome["lora_core_only"] == [] and outcome["nodes_only"] == [], outcome
     assert outcome["values"][0] == outcome["values"][1] > 0
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("preset", ["attention", "transformer", "full"])
-def test_a_fused_weight_gets_one_adapter_in_the_nodes_and_one_per_piece_in_lora_core(adapted, family, preset) -> None:
-    """Same weights, and the same rank per adapter: the nodes train one adapter on a fused weight (kohya's), lora_core
-    one per diffusers piece (diffusers'), so lora_core has a down factor more per further piece (README)."""
-    outcome = adapted[family][preset]
-    ours, nodes = outcome["trainable"]
-    assert ours == nodes + outcome["extra_down_factors"], outcome
-    assert (outcome["extra_down_factors"] > 0) == (family in ("sd3", "flux")), outcome
