@@ -365,8 +365,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes), "
                        "quantized on the CPU before the base moves to --device")
     train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "
-                       "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16, fp32 or fp8 (float8_e4m3fn weights, each layer "
-                       "cast to bf16 for its forward); the VAE stays fp32, the LoRA is fp32")
+                       "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; the VAE stays fp32, the LoRA is fp32")
     train.add_argument("--latent-cache-dir", help="keep encoded latents on disk for later runs")
     train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     train.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation)

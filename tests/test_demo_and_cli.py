@@ -99,6 +99,7 @@ def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) 
      "--resume-from was renamed: use --start-from-lora"),
     ("Prodigy's lr for AdamW", ["--lr", "1.0"], "learning_rate = 1.0 is out of range for AdamW"),
     ("an unknown base dtype", ["--base-dtype", "fp64"], "--base-dtype 'fp64' is not a dtype lora_core loads bases in"),
+    ("an fp8 base", ["--base-dtype", "fp8"], "train an fp8 base in ComfyUI"),
     ("LBFGS", ["--optimizer", "LBFGS"], "cannot train a LoRA: it needs a closure"),
 ])
 def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, args: list[str], message: str) -> None:
@@ -141,61 +142,6 @@ def test_base_dtype_loads_denoiser_and_text_encoder_in_it_and_the_cli_shows_thei
         size = unet_bytes * (2 if expected == "float32" else 1)
         assert f"unet {size / 2**20:,.1f} MiB ({expected})" in line and "vae" in line and "(float32)" in line, line
         assert out.exists()
-
-
-def test_fp8_base_stores_layers_in_fp8_and_trains_as_a_bf16_base_of_the_same_weights(demo: Path, tmp_path) -> None:
-    """--base-dtype fp8: the denoiser's and text encoder's Linear/Conv weights are held in float8_e4m3fn (half the
-    bf16 bytes) and cast to bf16 per layer; the output and the gradients (the LoRA's, the input's) equal a bf16 base
-    whose weights are the same fp8-rounded ones, the LoRA stays fp32, and the CLI trains with it. QLoRA's NF4 is
-    another storage for the same layers: the two together are refused."""
-    import torch
-    from torch import nn
-
-    from lora_core.families import FamilyError, load_pipeline, memory_of
-
-    with pytest.raises(FamilyError, match="--qlora holds the denoiser's Linear weights in 4-bit NF4 already"):
-        load_pipeline(demo / "base", "cpu", torch.float8_e4m3fn, quantize_denoiser=True)
-    from lora_core.network import LoRANetwork
-    from lora_core.targets import UNET_PRESETS, find_targets, named_for_kohya
-
-    fp8, bf16 = (load_pipeline(demo / "base", "cpu", dtype) for dtype in (torch.float8_e4m3fn, torch.bfloat16))
-    for component in ("unet", "text_encoder"):
-        stored = {name for name, p in getattr(fp8, component).named_parameters() if p.dtype == torch.float8_e4m3fn}
-        layers = {type(getattr(fp8, component).get_submodule(name.rpartition(".")[0])) for name in stored}
-        assert stored and layers <= {nn.Linear, nn.Conv2d}, (component, layers)
-    assert fp8.unet.dtype == fp8.text_encoder.dtype == torch.bfloat16  # what pipelines cast their inputs to
-    assert memory_of(fp8)["unet"][0] < 0.6 * memory_of(bf16)["unet"][0]
-    with torch.no_grad():
-        for parameter, stored in zip(bf16.unet.parameters(), fp8.unet.parameters()):
-            parameter.copy_(stored)  # the fp8-rounded weights, in bf16 (exactly)
-    generator = torch.Generator().manual_seed(0)
-    config = fp8.unet.config
-    latents = torch.randn(1, config.in_channels, 8, 8, generator=generator, dtype=torch.bfloat16)
-    context = torch.randn(1, 4, config.cross_attention_dim, generator=generator, dtype=torch.bfloat16)
-    results = []
-    for pipeline in (fp8, bf16):
-        network = LoRANetwork.create(named_for_kohya("lora_unet", find_targets(pipeline.unet, UNET_PRESETS["attention"])),
-                                     rank=4, seed=0)
-        with torch.no_grad():
-            for name, parameter in network.named_parameters():
-                if "up" in name:
-                    parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-        assert {p.dtype for p in network.parameters()} == {torch.float32}
-        network.attach()
-        noisy = latents.clone().requires_grad_(True)
-        output = pipeline.unet(noisy, 500, encoder_hidden_states=context).sample
-        output.float().square().mean().backward()
-        results.append((output, noisy.grad, [p.grad for p in network.parameters()]))
-    (output, input_grad, lora_grads), (expected, expected_input_grad, expected_lora_grads) = results
-    assert torch.equal(output, expected) and torch.equal(input_grad, expected_input_grad)
-    assert input_grad.abs().sum() > 0 and all(torch.equal(a, b) for a, b in zip(lora_grads, expected_lora_grads))
-
-    out = tmp_path / "fp8.safetensors"
-    result = run("train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out", str(out),
-                 "--steps", "2", "--resolution", "32", "--base-dtype", "fp8", "--text-encoder")
-    line = next(line for line in result.stdout.splitlines() if line.startswith("base in memory:"))
-    assert f"unet {memory_of(fp8)['unet'][0] / 2**20:,.1f} MiB (bfloat16/float8_e4m3fn)" in line, line
-    assert out.exists()
 
 
 def test_qlora_quantizes_the_denoiser_before_the_base_moves(demo: Path, monkeypatch) -> None:

@@ -45,60 +45,37 @@ def backend_class(pipeline: Any) -> type[TrainingBackend]:
     raise FamilyError(f"a {type(pipeline).__name__} cannot be trained; lora_core trains {', '.join(FAMILIES)}")
 
 
-BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
-FP8_COMPUTE_DTYPE = torch.bfloat16  # what fp8-stored layers are cast to for their forward (as ComfyUI does on GPUs)
+BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def base_dtype(name: str, device: str) -> torch.dtype:
     """The dtype `--base-dtype name` loads the denoiser and text encoders in: "auto" is bf16 on CUDA (as kohya's and
-    diffusers' scripts train), fp32 elsewhere; fp8 stores their layers' weights in float8_e4m3fn."""
+    diffusers' scripts train), fp32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name == "fp8":
+        raise FamilyError("--base-dtype fp8 is not available in lora_core yet (weights stored in fp8 and cast per "
+                          "layer): train an fp8 base in ComfyUI (Load Diffusion Model's weight_dtype fp8_e4m3fn, or an "
+                          "fp8_scaled file), or use --qlora (NF4) here")
     if name not in BASE_DTYPES:
         raise FamilyError(f"--base-dtype {name!r} is not a dtype lora_core loads bases in; use auto, "
-                          f"{', '.join(BASE_DTYPES)}")
+                          f"{', '.join(BASE_DTYPES)} (fp8: in ComfyUI)")
     return BASE_DTYPES[name]
-
-
-def store_in_fp8(model: torch.nn.Module) -> None:
-    """Hold `model`'s Linear and Conv weights in float8_e4m3fn, each cast to bf16 for its own forward only (diffusers'
-    layerwise casting, skipping the embeddings and norms it keeps precise); gradients still reach the inputs, so
-    adapters on these layers train as on a bf16 base holding the same fp8-rounded weights."""
-    try:
-        from diffusers.hooks import apply_layerwise_casting
-    except ImportError as error:
-        raise FamilyError(f"--base-dtype fp8 needs diffusers 0.33 or newer (layerwise casting): pip install -U "
-                          f"diffusers, or use --base-dtype bf16 or --qlora ({error})") from error
-    if hasattr(model, "enable_layerwise_casting"):  # a diffusers model: its own list of layers to keep
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=FP8_COMPUTE_DTYPE)
-    else:
-        # embeddings stay bf16 too: small, and transformers reports the first one's dtype as the model's
-        apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=FP8_COMPUTE_DTYPE,
-                                skip_modules_classes=(torch.nn.Embedding,))
 
 
 def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, quantize_denoiser: bool = False) -> Any:
     """The pipeline saved in the local folder `base` (nothing is downloaded), as its model_index.json names it: read on
-    the CPU with the denoiser and text encoders in `dtype` (float8_e4m3fn: stored so, computing in bf16) and the VAE
-    in fp32 (as diffusers' SDXL script keeps it: SDXL's overflows in fp16), the denoiser's Linear layers quantized to
-    NF4 there if asked (QLoRA), then moved to `device`, so no full-precision copy of a big base ever reaches it."""
+    the CPU with the denoiser and text encoders in `dtype` and the VAE in fp32 (as diffusers' SDXL script keeps it:
+    SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), then moved to
+    `device`, so no full-precision copy of a big base ever reaches the device."""
     import diffusers
 
-    fp8 = dtype == torch.float8_e4m3fn
-    if fp8 and quantize_denoiser:
-        raise FamilyError("--qlora holds the denoiser's Linear weights in 4-bit NF4 already; use it with --base-dtype "
-                          "bf16 (or fp16, fp32), or use --base-dtype fp8 without --qlora")
     cls = getattr(diffusers, pipeline_class(base))
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
     _, vae_class = json.loads((base / "model_index.json").read_text())["vae"]
     vae = getattr(diffusers, vae_class).from_pretrained(base, subfolder="vae", local_files_only=True)
-    pipeline = cls.from_pretrained(base, local_files_only=True, torch_dtype=FP8_COMPUTE_DTYPE if fp8 else dtype,
-                                   vae=vae, **extra)
+    pipeline = cls.from_pretrained(base, local_files_only=True, torch_dtype=dtype, vae=vae, **extra)
     pipeline.set_progress_bar_config(disable=True)
-    if fp8:
-        for name, component in pipeline.components.items():
-            if isinstance(component, torch.nn.Module) and name != "vae":
-                store_in_fp8(component)
     if quantize_denoiser:
         from ..quantize import quantize_linear_layers
 
