@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from comfyui.harness import TEST_CHECKPOINT, ComfyServer  # noqa: E402
-from lora_core.demo import make_concept_images  # noqa: E402
+
+from lora_core.demo.demo import make_concept_images  # noqa: E402
 
 POLL_SECONDS = 0.005
 

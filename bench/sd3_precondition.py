@@ -20,13 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from lora_core.config import TrainingConfig  # noqa: E402
-from lora_core.dataset import DatasetConfig, ImageFolderDataset  # noqa: E402
+from tiny_flow_models import build_tiny_sd3, concept_images  # noqa: E402
+
+from lora_core.data.dataset import DatasetConfig, ImageFolderDataset  # noqa: E402
 from lora_core.families.sd3 import SD3Backend  # noqa: E402
 from lora_core.network import LoRANetwork  # noqa: E402
-from lora_core.objectives import stratified_sigmas  # noqa: E402
-from lora_core.training import train  # noqa: E402
-from tiny_flow_models import build_tiny_sd3, concept_images  # noqa: E402
+from lora_core.training.config import TrainingConfig  # noqa: E402
+from lora_core.training.loop import train  # noqa: E402
+from lora_core.training.objectives import stratified_sigmas  # noqa: E402
 
 
 @torch.no_grad()

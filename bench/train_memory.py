@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from comfyui.harness import TEST_CHECKPOINT, ComfyServer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from comfyui.harness import TEST_CHECKPOINT, ComfyServer  # noqa: E402
-from lora_core.demo import make_concept_images  # noqa: E402
+from lora_core.demo.demo import make_concept_images  # noqa: E402
 
 COMFYUI = ROOT / ".cache" / "comfyui-0.3.64"
 METHODS = ("lora_lab", "comfy_native")

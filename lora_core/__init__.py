@@ -4,15 +4,15 @@ Imports nothing from ComfyUI; the diffusers backend and the demo import diffuser
 """
 from .adapters import ALGORITHMS, Adapter, AdapterError
 from .backend import TrainingBackend
-from .dataset import DatasetConfig, DatasetError, ImageFolderDataset
-from .files import LoRAFileError, LoRAWeights, load_file, load_lora, save_file, save_lora
-from .metadata import kohya_metadata
+from .data.dataset import DatasetConfig, DatasetError, ImageFolderDataset
+from .formats.files import LoRAFileError, LoRAWeights, load_file, load_lora, save_file, save_lora
+from .formats.metadata import kohya_metadata
 from .network import LoRANetwork, NetworkError
 from .quantize import hide_kernels_community_warning
 from .targets import TEXT_ENCODER_PREFIX, UNET_PREFIX, UNET_PRESETS, find_targets, kohya_name
-from .config import TrainingConfig, TrainingError, lora_metadata
-from .state import TrainingResult
-from .training import StepReport, TrainingDiverged, train
+from .training.config import TrainingConfig, TrainingError, lora_metadata
+from .training.loop import StepReport, TrainingDiverged, train
+from .training.state import TrainingResult
 
 hide_kernels_community_warning()
 

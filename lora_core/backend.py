@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .objectives import DiscreteObjective, Objective
+from .training.objectives import DiscreteObjective, Objective
 
 if TYPE_CHECKING:
-    from .config import TrainingConfig
+    from .training.config import TrainingConfig
 
 Conditioning = dict[str, torch.Tensor]
 """What the denoiser is conditioned on, each entry batched along dim 0: what `encode_text` returns (the text

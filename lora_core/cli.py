@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from .adapters import ALGORITHMS
-from .cpu_convolution import KERNEL_CHOICES
-from .distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
-from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
-from .optim import SCHEDULERS
 from .targets import UNET_PRESETS
-from .training import TrainingConfig
+from .training.cpu_convolution import KERNEL_CHOICES
+from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
+from .training.loop import TrainingConfig
+from .training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
+from .training.optim import SCHEDULERS
 
 DEFAULTS = TrainingConfig()
 
@@ -31,7 +31,8 @@ def file_sha256(path: Path) -> str:
 
 def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
-    from .families import FamilyError, base_dtype, load_pipeline as load_family_pipeline
+    from .families import FamilyError, base_dtype
+    from .families import load_pipeline as load_family_pipeline
 
     try:
         return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser)
@@ -59,7 +60,7 @@ def unet_hash(base: Path) -> str:
 
 
 def command_train(args: argparse.Namespace) -> None:
-    """One process, or one rank of a torchrun / accelerate launch (data-parallel, see lora_core.distributed)."""
+    """One process, or one rank of a torchrun / accelerate launch (data-parallel, see lora_core.training.distributed)."""
     distributed = Distributed.from_environment(args.device, args.distributed_timeout)
     distributed.stop_on_sigterm()
     try:
@@ -76,7 +77,7 @@ def command_train(args: argparse.Namespace) -> None:
 
 def peer_failure_message(args: argparse.Namespace, distributed: Distributed, error: BaseException) -> str:
     """Why this rank stops, and where the run can continue from."""
-    from .checkpoints import Checkpointer, state_path
+    from .training.checkpoints import Checkpointer, state_path
 
     out = Path(args.out)
     saved = Checkpointer(out.parent, every=1, name=out.stem).saved() if args.save_every else []
@@ -95,12 +96,12 @@ def peer_failure_message(args: argparse.Namespace, distributed: Distributed, err
 def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     from tqdm import tqdm
 
-    from .checkpoints import Checkpointer, load_state
-    from .dataset import DatasetConfig, ImageFolderDataset
-    from .config import lora_metadata
-    from .files import load_lora, save_lora
+    from .data.dataset import DatasetConfig, ImageFolderDataset
+    from .formats.files import load_lora, save_lora
     from .network import LoRANetwork
-    from .training import TrainingDiverged, train
+    from .training.checkpoints import Checkpointer, load_state
+    from .training.config import lora_metadata
+    from .training.loop import TrainingDiverged, train
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -190,10 +191,10 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
 
 def command_generate(args: argparse.Namespace) -> None:
-    from .diffusers_backend import generate
     from .families import backend_class
-    from .files import load_lora
-    from .plots import image_grid
+    from .families.sd1 import generate
+    from .formats.files import load_lora
+    from .training.plots import image_grid
 
     pipeline = load_pipeline(Path(args.base), args.device)
     network = None
@@ -249,16 +250,16 @@ def weighted_files(specs: list[str]) -> list[tuple[str, float]]:
 
 
 def command_resize(args: argparse.Namespace) -> None:
-    from .files import LoRAWeights
-    from .toolbox import resize
+    from .formats.files import LoRAWeights
+    from .formats.toolbox import resize
 
     weights, reports = resize(LoRAWeights.load(args.lora), *rank_rule(args))
     write_lora(weights, args, reports)
 
 
 def command_merge(args: argparse.Namespace) -> None:
-    from .files import LoRAWeights
-    from .toolbox import merge
+    from .formats.files import LoRAWeights
+    from .formats.toolbox import merge
 
     parts = [(LoRAWeights.load(path), weight) for path, weight in weighted_files(args.lora)]
     if args.base is None:
@@ -282,8 +283,8 @@ def command_merge(args: argparse.Namespace) -> None:
 
 def command_extract(args: argparse.Namespace) -> None:
     from .families import backend_class
-    from .files import LoRAWeights
-    from .toolbox import extract
+    from .formats.files import LoRAWeights
+    from .formats.toolbox import extract
 
     backends = []
     for folder in (args.base, args.tuned):
@@ -299,7 +300,7 @@ def command_extract(args: argparse.Namespace) -> None:
 
 
 def command_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo.demo import run_demo
 
     report = run_demo(Path(args.out), steps=args.steps, seed=args.seed, overwrite=args.overwrite,
                       grid_seed=args.grid_seed)
@@ -493,9 +494,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(run=command_demo)
 
-    from .pretrain import add_arguments as make_base_arguments
+    from .demo.pretrain import add_arguments as make_base_arguments
     make_base_arguments(commands.add_parser("make-base", help="pretrain the demo's tiny SD1.x base on procedural "
-                                                              "scenes (writes lora_core/base/ by default)"))
+                                                              "scenes (writes lora_core/demo/base/ by default)"))
     return root
 
 

@@ -24,14 +24,20 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
 from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend
-from ..lora_core.files import data_hash
-from ..lora_core.objectives import FlowMatchingObjective, Objective
+from ..lora_core.formats.files import data_hash
 from ..lora_core.targets import (
-    TEXT_ENCODER_PRESET, UNET_PREFIX, UNET_PRESETS, TargetPreset, all_adaptable, find_targets, kohya_name,
+    TEXT_ENCODER_PRESET,
+    UNET_PREFIX,
+    UNET_PRESETS,
+    TargetPreset,
+    all_adaptable,
+    find_targets,
+    kohya_name,
 )
+from ..lora_core.training.objectives import FlowMatchingObjective, Objective
 
 if TYPE_CHECKING:
-    from ..lora_core.config import TrainingConfig
+    from ..lora_core.training.config import TrainingConfig
 
 # A discrete schedule's prediction type is what its `calculate_denoised` does with the denoiser's output.
 PREDICTION_TYPES = {
@@ -640,8 +646,9 @@ class ComfyBackend(TrainingBackend):
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
         """KSampler (euler, the family's usual cfg and scheduler) and VAE Decode, as the core nodes do it, with the
         LoRA attached."""
-        import nodes as comfy_nodes  # ComfyUI's own nodes module
         from PIL import Image
+
+        import nodes as comfy_nodes  # ComfyUI's own nodes module
 
         size = self.sample_size // 8
         channels = getattr(self.base_model.latent_format, "latent_channels", 4)

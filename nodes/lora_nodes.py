@@ -1,9 +1,9 @@
 """Save LoRA, Load LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
 from __future__ import annotations
 
-from ..lora_core.files import SAVE_DTYPES, LoRAFileError, LoRAWeights
+from ..lora_core.formats.files import SAVE_DTYPES, LoRAFileError, LoRAWeights
 from .patches import apply_lora, apply_lora_by_block
-from .paths import loras_root, lora_files, next_lora_path, resolve_lora
+from .paths import lora_files, loras_root, next_lora_path, resolve_lora
 
 CATEGORY = "LoRA Lab"
 SAVE_ATTEMPTS = 100

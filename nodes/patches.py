@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..lora_core import block_weights
-from ..lora_core.files import LoRAWeights
+from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
 from .comfy_backend import ComfyBackend, config_family, model_family
 
@@ -100,7 +100,7 @@ def block_layout(model: Any) -> tuple[str, tuple[int, ...]]:
 
 def apply_lora_by_block(model: Any, clip: Any, weights: LoRAWeights, strength_model: float, strength_clip: float,
                         spec: str):
-    """`apply_lora` with each module's strength times its block's weight in `spec` (see lora_core.block_weights):
+    """`apply_lora` with each module's strength times its block's weight in `spec` (see lora_core.formats.block_weights):
     the modules of each distinct strength are applied together, so all-ones patches as `apply_lora` does."""
     family, depth = block_layout(model)
     weight_of = block_weights.key_weights(weights.tensors, family, block_weights.parse(spec, family, depth))

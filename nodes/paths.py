@@ -9,8 +9,8 @@ from pathlib import Path
 
 import folder_paths
 
-from ..lora_core.checkpoints import STATE_SUFFIX
-from ..lora_core.dataset import IMAGE_EXTENSIONS
+from ..lora_core.data.dataset import IMAGE_EXTENSIONS
+from ..lora_core.training.checkpoints import STATE_SUFFIX
 
 DATASET_FOLDER_TYPE = "lora_datasets"
 LATENT_CACHE_FOLDER = "lora_lab_latent_cache"

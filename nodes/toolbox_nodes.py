@@ -1,13 +1,13 @@
-"""Resize LoRA, Merge LoRAs and Extract LoRA: kohya's LoRA tools as nodes over `lora_core.toolbox`. Merging a LoRA
+"""Resize LoRA, Merge LoRAs and Extract LoRA: kohya's LoRA tools as nodes over `lora_core.formats.toolbox`. Merging a LoRA
 into a checkpoint needs no node of its own: Apply LoRA → ComfyUI's Save Checkpoint writes the patched weights."""
 from __future__ import annotations
 
 import comfy.model_management
 
-from ..lora_core.files import LoRAWeights
+from ..lora_core.formats.files import LoRAWeights
+from ..lora_core.formats.toolbox import ModuleReport, extract, merge, resize
 from ..lora_core.functional.svd import RANK_RULES
 from ..lora_core.targets import UNET_PRESETS
-from ..lora_core.toolbox import ModuleReport, extract, merge, resize
 from .comfy_backend import ComfyBackend
 
 CATEGORY = "LoRA Lab/tools"

@@ -12,24 +12,37 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..lora_core.adapters import ALGORITHMS
-from ..lora_core.dataset import DatasetConfig, ImageFolderDataset
-from ..lora_core.files import LoRAWeights
+from ..lora_core.data.dataset import DatasetConfig, ImageFolderDataset
+from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
-from ..lora_core.config import lora_metadata
-from ..lora_core.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
-from ..lora_core.optim import OFFERED_OPTIMIZERS, SCHEDULERS
-from ..lora_core.precision import AUTOCAST_DTYPES
-from ..lora_core.plots import loss_curve, smooth
 from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
-from ..lora_core.checkpoints import Checkpointer, load_state
-from ..lora_core.training import StepReport, TrainingConfig, train
+from ..lora_core.training.checkpoints import Checkpointer, load_state
+from ..lora_core.training.config import lora_metadata
+from ..lora_core.training.loop import StepReport, TrainingConfig, train
+from ..lora_core.training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
+from ..lora_core.training.optim import OFFERED_OPTIMIZERS, SCHEDULERS
+from ..lora_core.training.plots import loss_curve, smooth
+from ..lora_core.training.precision import AUTOCAST_DTYPES
 from .comfy_backend import (
-    FAMILIES, FLUX_PRESETS, FLUX_TRAINING_GUIDANCE, SD3_PRESETS, ComfyBackend, ComfyBackendError,
+    FAMILIES,
+    FLUX_PRESETS,
+    FLUX_TRAINING_GUIDANCE,
+    SD3_PRESETS,
+    ComfyBackend,
+    ComfyBackendError,
 )
 from .patches import apply_lora
 from .paths import (
-    LATENT_CACHE_FOLDER, PathError, check_name, dataset_fingerprint, latent_cache_folder, list_dataset_folders,
-    next_lora_path, resolve_dataset, resolve_lora, training_states,
+    LATENT_CACHE_FOLDER,
+    PathError,
+    check_name,
+    dataset_fingerprint,
+    latent_cache_folder,
+    list_dataset_folders,
+    next_lora_path,
+    resolve_dataset,
+    resolve_lora,
+    training_states,
 )
 from .progress import loss_history, send_event
 

@@ -30,20 +30,20 @@ def test_naming_and_loading_pass_on_the_oldest_supported_libraries() -> None:
     probe = run_on_oldest("-c", "import diffusers, transformers; print(diffusers.__version__, transformers.__version__)")
     assert probe.stdout.split() == [pins["diffusers"], pins["transformers"]], probe.stderr
     result = run_on_oldest("-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", "tests/pytest.ini",
-                           "tests/test_network.py", "tests/test_files.py", "-k", SELECTION)
+                           "tests/engine/test_network.py", "tests/engine/formats/test_files.py", "-k", SELECTION)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
 
 
 def test_the_shipped_demo_base_loads_whole_on_the_oldest_supported_libraries() -> None:
-    """The base in lora_core/base/ was written by transformers 5; transformers 4 must get every weight and the same
+    """The base in lora_core/demo/base/ was written by transformers 5; transformers 4 must get every weight and the same
     token ids (it reads vocab.json/merges.txt and the `text_model.`-prefixed keys), or the demo would run on a text
     encoder initialised at random."""
     script = (
         "import json, torch\n"
         "from diffusers import StableDiffusionPipeline\n"
         "from transformers import CLIPTextModel\n"
-        "_, info = CLIPTextModel.from_pretrained('lora_core/base/text_encoder', output_loading_info=True)\n"
-        "pipe = StableDiffusionPipeline.from_pretrained('lora_core/base', safety_checker=None,"
+        "_, info = CLIPTextModel.from_pretrained('lora_core/demo/base/text_encoder', output_loading_info=True)\n"
+        "pipe = StableDiffusionPipeline.from_pretrained('lora_core/demo/base', safety_checker=None,"
         " requires_safety_checker=False)\n"
         "ids = pipe.tokenizer(['a red sks on a white background'], padding='max_length', max_length=77,"
         " return_tensors='pt').input_ids\n"

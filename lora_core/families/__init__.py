@@ -13,7 +13,7 @@ from ..backend import TrainingBackend
 
 # diffusers pipeline class → (module under lora_core, backend class)
 FAMILIES = {
-    "StableDiffusionPipeline": ("lora_core.diffusers_backend", "DiffusersBackend"),
+    "StableDiffusionPipeline": ("lora_core.families.sd1", "DiffusersBackend"),
     "StableDiffusionXLPipeline": ("lora_core.families.sdxl", "SDXLBackend"),
     "StableDiffusion3Pipeline": ("lora_core.families.sd3", "SD3Backend"),
     "FluxPipeline": ("lora_core.families.flux", "FluxBackend"),

@@ -10,13 +10,19 @@ import torch
 from torch import nn
 
 from ..backend import TrainingBackend
-from ..config import TrainingConfig
-from ..diffusers_backend import generate
-from ..files import data_hash
-from ..objectives import FlowMatchingObjective
+from ..formats.files import data_hash
 from ..targets import (
-    TEXT_ENCODER_PRESET, TargetError, TargetPreset, all_adaptable, find_targets, kohya_paths, named_for_kohya,
+    TEXT_ENCODER_PRESET,
+    TargetError,
+    TargetPreset,
+    all_adaptable,
+    find_targets,
+    kohya_paths,
+    named_for_kohya,
 )
+from ..training.config import TrainingConfig
+from ..training.objectives import FlowMatchingObjective
+from .sd1 import generate
 
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
 DIFFUSERS_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": f"{CLIP_L_PREFIX}_"}  # file → network names

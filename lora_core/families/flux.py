@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backend import Conditioning
-from ..config import TrainingConfig
 from ..adapters.base import dense_weight
+from ..backend import Conditioning
 from ..functional.dora import output_norm
-from ..objectives import FlowMatchingObjective
 from ..targets import kohya_name
+from ..training.config import TrainingConfig
+from ..training.objectives import FlowMatchingObjective
 from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming, grouped, transformer_presets
 
 FAMILY = "Flux.1"

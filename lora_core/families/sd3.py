@@ -13,11 +13,17 @@ import torch
 from torch import nn
 
 from ..backend import Conditioning
-from ..config import TrainingConfig
-from ..objectives import FlowMatchingObjective
 from ..targets import all_adaptable, find_targets, kohya_name, kohya_paths
+from ..training.config import TrainingConfig
+from ..training.objectives import FlowMatchingObjective
 from .flow import (
-    CLIP_L_PREFIX, DIFFUSERS_SUFFIXES, FlowBackend, flow_objective, from_diffusers_naming, grouped, transformer_presets,
+    CLIP_L_PREFIX,
+    DIFFUSERS_SUFFIXES,
+    FlowBackend,
+    flow_objective,
+    from_diffusers_naming,
+    grouped,
+    transformer_presets,
 )
 
 SD3_BLOCKS = frozenset({"JointTransformerBlock"})

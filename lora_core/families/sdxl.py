@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from ..backend import SIZE_CONDITIONING, Conditioning
-from ..diffusers_backend import DiffusersBackend
 from ..targets import (
-    TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_paths, named_for_kohya,
+    TEXT_ENCODER_PRESET,
+    UNET_PREFIX,
+    all_adaptable,
+    find_targets,
+    kohya_paths,
+    named_for_kohya,
 )
+from .sd1 import DiffusersBackend
 
 # SGM names of the layers inside a res block, by diffusers' names (ComfyUI's UNET_MAP_RESNET)
 RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",

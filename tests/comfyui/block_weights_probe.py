@@ -28,8 +28,8 @@ def main() -> None:
     import_backend(comfy_dir)
     import comfy.lora
 
-    block_weights = sys.modules[f"{PACK_NAME}.lora_core.block_weights"]
-    LoRAWeights = sys.modules[f"{PACK_NAME}.lora_core.files"].LoRAWeights
+    block_weights = sys.modules[f"{PACK_NAME}.lora_core.formats.block_weights"]
+    LoRAWeights = sys.modules[f"{PACK_NAME}.lora_core.formats.files"].LoRAWeights
     ApplyLoRA = sys.modules[f"{PACK_NAME}.nodes.lora_nodes"].ApplyLoRA
     patches = sys.modules[f"{PACK_NAME}.nodes.patches"]
     with torch.inference_mode():

@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from families_probe import patcher  # noqa: E402
 from model_machinery_probe import import_backend  # noqa: E402
-from tiny_sdxl import COMFY_UNET_CONFIG  # noqa: E402
+
+from support.tiny_sdxl import COMFY_UNET_CONFIG  # noqa: E402
 
 PRESETS = ("attention", "transformer", "full")
-# lora_core.tiny_model's UNet in ComfyUI's words (SDXL's: tests/tiny_sdxl.py)
+# lora_core.demo.tiny_model's UNet in ComfyUI's words (SDXL's: tests/support/tiny_sdxl.py)
 SD1_CONFIG = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
               "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
               "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [1, 1, 0],
@@ -36,10 +37,9 @@ FLUX_CONFIG = {"image_model": "flux", "guidance_embed": True, "in_channels": 16,
 
 
 def diffusers_pipelines() -> dict:
-    from tiny_flow_models import build_tiny_flux, build_tiny_sd3
-    from tiny_sdxl import build_tiny_sdxl
-
-    from lora_core.tiny_model import build_tiny_pipeline
+    from lora_core.demo.tiny_model import build_tiny_pipeline
+    from support.tiny_flow_models import build_tiny_flux, build_tiny_sd3
+    from support.tiny_sdxl import build_tiny_sdxl
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
             "flux": build_tiny_flux()}

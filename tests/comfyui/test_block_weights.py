@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lora_core.block_weights import layouts, module_block
+from lora_core.formats.block_weights import layouts, module_block
 
 from .harness import CURRENT_COMFY_DIR, TEST_CHECKPOINT, VENV_PYTHON, ComfyError, ComfyServer
 from .test_toolbox_nodes import random_lora, sampled, sampling_from

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from lora_core.demo import make_concept_images
-
 from safetensors import safe_open
+
+from lora_core.demo.demo import make_concept_images
 
 from .harness import TEST_CHECKPOINT, ComfyServer, prompt_status
 

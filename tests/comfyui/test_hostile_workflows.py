@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lora_core import LoRANetwork, save_lora
-from lora_core.demo import make_concept_images
+from lora_core.demo.demo import make_concept_images
 from lora_core.targets import UNET_PREFIX, kohya_name
 
 from .harness import ComfyError, ComfyServer, prompt_status

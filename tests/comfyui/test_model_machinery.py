@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_core.demo import make_concept_images
+from lora_core.demo.demo import make_concept_images
 
 from .harness import TEST_CHECKPOINT, ComfyServer, prompt_status
 from .test_lora_lab_nodes import saved_name, training_graph

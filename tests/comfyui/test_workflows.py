@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from lora_core.demo import make_concept_images
+from lora_core.demo.demo import make_concept_images
 
 from .harness import TEST_CHECKPOINT, ComfyServer, output_images, ui_to_api
 

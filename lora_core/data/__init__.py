@@ -1,0 +1,1 @@
+"""Datasets: image folders, captions, aspect buckets, image reading."""

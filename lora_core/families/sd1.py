@@ -1,0 +1,125 @@
+"""The diffusers backend: a StableDiffusionPipeline (UNet, VAE, CLIP text encoder, its scheduler) for training and
+for generating with a LoRA at a strength."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..backend import Conditioning, TrainingBackend
+from ..formats.files import data_hash
+from ..network import LoRANetwork
+from ..targets import (
+    TEXT_ENCODER_PREFIX,
+    TEXT_ENCODER_PRESET,
+    UNET_PREFIX,
+    all_adaptable,
+    find_targets,
+    kohya_paths,
+    named_for_kohya,
+)
+
+
+class DiffusersBackend(TrainingBackend):
+    """Trains on the pipeline's own modules; `name` and `hash` go into the LoRA file's metadata."""
+
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
+        self.pipeline = pipeline
+        self.unet, self.vae, self.text_encoder, self.tokenizer = (
+            pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+        )
+        self.prediction_type = pipeline.scheduler.config.prediction_type
+        self.device = self.unet.device
+        self.name, self.model_hash = name, model_hash
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.pipeline.scheduler.alphas_cumprod.float()
+
+    def compute_dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        distribution = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return distribution.sample(generator=generator) * self.vae.config.scaling_factor
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )
+        return {"context": self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]}
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+                ) -> torch.Tensor:
+        context = conditioning["context"].to(self.unet.dtype)
+        return self.unet(noisy_latents.to(self.unet.dtype), timesteps, encoder_hidden_states=context).sample
+
+    def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
+        targets = named_for_kohya(UNET_PREFIX, find_targets(self.unet, preset))
+        if text_encoder:
+            targets.update(self.text_encoder_names(find_targets(self.text_encoder, TEXT_ENCODER_PRESET)))
+        return targets
+
+    def loadable_modules(self) -> dict[str, nn.Module]:
+        return {
+            **named_for_kohya(UNET_PREFIX, all_adaptable(self.unet)),
+            **self.text_encoder_names(all_adaptable(self.text_encoder)),
+        }
+
+    def text_encoder_names(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """kohya names (`lora_te_text_model_…`) of text-encoder layers, under transformers 4 and 5 alike."""
+        return named_for_kohya(TEXT_ENCODER_PREFIX, kohya_paths(self.text_encoder, modules))
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.unet, self.vae, self.text_encoder]
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
+    def vae_fingerprint(self) -> str:
+        if not hasattr(self, "_vae_fingerprint"):
+            self._vae_fingerprint = data_hash(self.vae.state_dict())
+        return self._vae_fingerprint
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        return [generate(self.pipeline, None, prompt, seed=seed, steps=steps) for prompt in prompts]
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "hash": self.model_hash, "version": base_model_version(self.unet.config)}
+
+
+def base_model_version(unet_config: Any) -> str:
+    """kohya's `ss_base_model_version` of a UNet: SDXL by its size/crop conditioning, SD2 by OpenCLIP-H's 1024-wide
+    context, anything else (SD1.x and SD1.x-shaped test models) sd_v1."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl_base_v1-0"
+    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
+
+
+@torch.no_grad()
+def generate(
+    pipeline: Any,
+    network: LoRANetwork | None,
+    prompt: str,
+    strength: float = 1.0,
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    size: int | None = None,
+    output_type: str = "pil",
+    negative_prompt: str | None = None,
+):
+    """One image (or latent, with `output_type="latent"`) for `prompt` with `network` applied at `strength`.
+
+    The same seed gives the same starting noise at every strength, so images differ only by the LoRA.
+    """
+    generator = torch.Generator("cpu").manual_seed(seed)
+    arguments = dict(
+        prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+        generator=generator, output_type=output_type, height=size, width=size,
+    )
+    if network is None:
+        return pipeline(**arguments).images[0]
+    with network.applied(strength):
+        return pipeline(**arguments).images[0]

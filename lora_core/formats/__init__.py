@@ -1,0 +1,1 @@
+"""LoRA files: kohya/diffusers naming, metadata, the toolbox (resize, merge, extract) and block weights."""

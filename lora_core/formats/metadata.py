@@ -1,0 +1,102 @@
+"""kohya `ss_*` and `modelspec.*` metadata, so LoRA browsers, A1111 and kohya's tools read our files as theirs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from ..network import LoRANetwork
+
+LYCORIS_ALGORITHMS = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
+# Stability's modelspec architecture ids, as kohya's library/sai_model_spec.py writes them
+MODELSPEC_SD_V1 = "stable-diffusion-v1"
+MODELSPEC_SD_V2_512 = "stable-diffusion-v2-512"
+MODELSPEC_SD_V2_768_V = "stable-diffusion-v2-768-v"
+MODELSPEC_SDXL = "stable-diffusion-xl-v1-base"
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def timestamp() -> int:
+    """Now, or SOURCE_DATE_EPOCH where it is set, so reproducible builds give byte-identical files."""
+    return int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+
+
+def network_args(network: LoRANetwork) -> dict[str, str]:
+    """kohya's `--network_args` that rebuild this network (strings, as kohya parses them); empty for plain LoRA."""
+    args: dict[str, str] = {}
+    if network.algorithm != "lora":
+        args["algo"] = LYCORIS_ALGORITHMS[network.algorithm]
+    if any(adapter.is_conv and adapter.weight_shape[2:] != (1, 1) for _, adapter in network.items()):
+        args.update(conv_dim=str(network.rank), conv_alpha=f"{network.alpha:g}")
+    if network.algorithm == "dora":
+        args["dora_wd"] = "True"
+    args.update({key: str(value) for key, value in network.options.items()})
+    return args
+
+
+def network_metadata(network: LoRANetwork) -> dict[str, str]:
+    """How the network was built, in kohya's and LyCORIS' words (rank and alpha as asked)."""
+    metadata = {
+        "ss_network_module": "networks.lora" if network.algorithm == "lora" else "lycoris.kohya",
+        "ss_network_dim": str(network.rank),
+        "ss_network_alpha": f"{network.alpha:g}",
+    }
+    args = network_args(network)
+    if args:  # kohya writes the key only when there are network args
+        metadata["ss_network_args"] = json.dumps(args)
+    if network.clamped_ranks:
+        metadata["ss_clamped_ranks"] = json.dumps(network.clamped_ranks)
+    return metadata
+
+
+def modelspec_architecture(version: str, prediction_type: str) -> str:
+    """The modelspec id of a LoRA for base model `version` (kohya's `ss_base_model_version`)."""
+    if version.startswith("sdxl"):
+        return f"{MODELSPEC_SDXL}/lora"
+    if version == "sd_v2":
+        return f"{MODELSPEC_SD_V2_768_V if prediction_type == 'v_prediction' else MODELSPEC_SD_V2_512}/lora"
+    if version == "sd_v1":
+        return f"{MODELSPEC_SD_V1}/lora"
+    if version in ("sd3", "flux1"):  # kohya's sai_model_spec ARCH_SD3 / ARCH_FLUX_1_UNKNOWN
+        return {"sd3": "stable-diffusion-3", "flux1": "flux-1"}[version] + "/lora"
+    raise ValueError(f"unknown base model version {version!r}; expected sd_v1, sd_v2, sdxl_base_v1-0, sd3 or flux1")
+
+
+def kohya_metadata(
+    network: LoRANetwork,
+    *,
+    training: dict[str, Any] | None = None,
+    model: dict[str, str] | None = None,
+    dataset: dict[str, Any] | None = None,
+    title: str = "",
+    resolution: int = 512,
+    prediction_type: str = "epsilon",
+) -> dict[str, str]:
+    """The full metadata dict: network, base model, training run and dataset; every value a string."""
+    model = model or {}
+    version = model.get("version", "sd_v1")
+    now = timestamp()
+    metadata = network_metadata(network)
+    metadata.update({
+        "ss_sd_model_name": model.get("name", ""),
+        "ss_sd_model_hash": model.get("hash", "")[:8],
+        "ss_new_sd_model_hash": model.get("hash", ""),
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_output_name": title,
+        "ss_training_finished_at": str(now),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": modelspec_architecture(version, prediction_type),
+        "modelspec.implementation": STABILITY_IMPLEMENTATION if version.startswith("sdxl") else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)),
+    })
+    for key, value in (training or {}).items():
+        metadata[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
+    for key, value in (dataset or {}).items():
+        metadata[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return {key: value for key, value in metadata.items() if value != ""}

@@ -1,0 +1,71 @@
+"""The dataset as the denoiser sees it: latents of every (image, flip) and the conditioning of every caption,
+encoded once before the first step (kohya's `cache_latents`)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_tensors
+
+from ..backend import SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
+from ..data.dataset import Batch, ImageFolderDataset
+from ..formats.files import save_file, tensor_bytes
+
+
+class EncodedDataset:
+    """Later epochs never run the VAE, nor the text encoder while it is frozen. Each image's VAE sample is drawn
+    from a generator seeded by the run's seed and the image's pixels, so a latent is the same whatever the order,
+    and with `cache_dir` it is read back from disk by later runs instead of encoded again.
+    """
+
+    def __init__(
+        self, backend: TrainingBackend, dataset: ImageFolderDataset, seed: int, cache_text: bool,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.backend, self.dataset = backend, dataset
+        flips = (False, True) if dataset.config.flip else (False,)
+        vae = backend.vae_fingerprint() if cache_dir else ""
+        with torch.no_grad():
+            self.latents = {
+                (image, flip): self.encode(dataset.image_pixels(image, flip), seed, vae, cache_dir)
+                for image in range(dataset.num_images)
+                for flip in flips
+            }
+            captions = sorted({example.caption for example in dataset.examples}) if cache_text else []
+            self.text_cache = {caption: backend.encode_text([caption]) for caption in captions}
+
+    def encode(self, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None) -> torch.Tensor:
+        image_key = hashlib.sha256(f"{seed}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
+        cached = None
+        if cache_dir:
+            cached = Path(cache_dir) / f"{hashlib.sha256(f'{image_key}:{vae}'.encode()).hexdigest()}.safetensors"
+            if cached.is_file():
+                return load_tensors(cached)["latent"].to(self.backend.device)
+        generator = torch.Generator().manual_seed(int(image_key[:15], 16))
+        latent = self.backend.encode_images(pixels[None].to(self.backend.device), generator)[0].float()
+        if cached is not None:
+            save_file(cached, {"latent": latent}, {"lora_lab": "cached latent"}, overwrite=True)
+        return latent
+
+    def batch_latents(self, batch: Batch) -> torch.Tensor:
+        return self.stacked(list(zip(batch.images, batch.flipped)))
+
+    def batch_conditioning(self, batch: Batch) -> Conditioning:
+        return self.conditioning(list(zip(batch.images, batch.flipped)), batch.captions)
+
+    def conditioning(self, keys: list[tuple[int, bool]], captions: list[str]) -> Conditioning:
+        """The text conditioning of `captions` with each (image, flipped)'s size and crop (SDXL's micro-conditioning)."""
+        sizes = [self.dataset.examples[image].size_conditioning(flipped) for image, flipped in keys]
+        return {**self.text(captions), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
+
+    def stacked(self, keys: list[tuple[int, bool]]) -> torch.Tensor:
+        """The latents of these (image, flipped) pairs, as one batch."""
+        return torch.stack([self.latents[key] for key in keys])
+
+    def text(self, captions: list[str]) -> Conditioning:
+        """The text conditioning of `captions`: cached while the text encoder is frozen, else encoded (with
+        gradients)."""
+        if self.text_cache:
+            return concatenated([self.text_cache[caption] for caption in captions])
+        return self.backend.encode_text(captions)
