@@ -6,19 +6,21 @@ Needs `scripts/setup_browser.sh` (Chromium and Playwright); skipped without it, 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:  # scripts/setup_browser.sh installs it
     sync_playwright = None
 
-from .harness import REPO_ROOT, ComfyServer
+from .harness import CURRENT_COMFY_DIR, REPO_ROOT, ComfyServer
 from .test_workflows import TRAINED, TRAINING_OVERRIDES, WORKFLOWS, shipped_names  # noqa: F401 (fixture)
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -28,6 +30,12 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 PACK_SCRIPTS = "/extensions/comfyui-lora-lab/"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 VIEWPORT = {"width": 1600, "height": 1000}
+# The README's picture of the training workflow, remade by the training test on the 0.3.64 server with its own front
+# end: the whole workflow fitted into the canvas at the top of this window, the chart readable; the room left below
+# keeps the minimap and the zoom buttons of the current front ends off the nodes.
+DOCS_SCREENSHOT = REPO_ROOT / "docs" / "training_workflow.png"
+DOCS_VIEWPORT = {"width": 2000, "height": 1200}
+DOCS_MARGINS = {"left": 20, "top": 24, "right": 20, "bottom": 60}
 TOLERANCE = 1e-6
 SMOOTHED_RGB = (255, 166, 77)  # COLORS.smoothed in web/loss_chart.js
 VALIDATION_RGB = (255, 95, 210)  # COLORS.validation
@@ -110,6 +118,65 @@ def show_nodes(page) -> None:
         app.canvas.bringToFront(app.graph.getNodeById(trainId));  // as a click on it does
         app.canvas.draw(true, true);
     }""", TRAIN)
+
+
+def fit_workflow(page, margins: dict[str, int]) -> None:
+    """Scales and moves the canvas so that every node, title bar included, fits inside the canvas's visible part
+    (the page's window less the front end's bars) less `margins`, at its top and centred across, and draws it now."""
+    page.evaluate("""([margins, trainId]) => {
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        const nodes = app.graph._nodes;
+        const left = Math.min(...nodes.map((n) => n.pos[0]));
+        const top = Math.min(...nodes.map((n) => n.pos[1] - title));
+        const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
+        const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+        const canvas = app.canvas.canvas.getBoundingClientRect();
+        const visible = {x: Math.max(canvas.left, 0), y: Math.max(canvas.top, 0),
+                         right: Math.min(canvas.right, window.innerWidth),
+                         bottom: Math.min(canvas.bottom, window.innerHeight)};
+        const width = visible.right - visible.x - margins.left - margins.right;
+        const height = visible.bottom - visible.y - margins.top - margins.bottom;
+        const scale = Math.min(width / (right - left), height / (bottom - top));
+        // LiteGraph draws graph point p at (p + offset) * scale from the canvas's corner
+        const x = visible.x - canvas.left + margins.left + (width - (right - left) * scale) / 2;
+        const y = visible.y - canvas.top + margins.top;
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [x / scale - left, y / scale - top];
+        app.canvas.bringToFront(app.graph.getNodeById(trainId));
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+    }""", [margins, TRAIN])
+
+
+def close_dialogs(page) -> None:
+    """Closes what covers the canvas, as Escape does: 1.27.10 greets a new user with its templates dialog."""
+    visible = """() => [...document.querySelectorAll('[role="dialog"], .p-dialog')]
+        .some((element) => element.getClientRects().length > 0)"""
+    for _ in range(3):
+        if not page.evaluate(visible):
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    assert not page.evaluate(visible), "a dialog of the front end covers the workflow"
+
+
+def save_docs_screenshot(page, comfy: ComfyServer) -> None:
+    """On the 0.3.64 server with its own front end, saves the README's picture of the trained workflow with its chart
+    (docs/training_workflow.png), then puts the test's window back as it was."""
+    if comfy.comfy_dir != CURRENT_COMFY_DIR or comfy.front_end_root is not None:
+        return
+    close_dialogs(page)
+    page.set_viewport_size(DOCS_VIEWPORT)
+    page.wait_for_timeout(500)  # the front end resizes its canvas on the window's resize event
+    fit_workflow(page, DOCS_MARGINS)
+    page.wait_for_timeout(500)  # DOM widgets (prompts, previews) follow the canvas on the next frames
+    fit_workflow(page, DOCS_MARGINS)
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    # 256 colours keep the front end's text and lines sharp at a third of the bytes (the previews are noise)
+    shot.quantize(256, method=Image.Quantize.MEDIANCUT).save(DOCS_SCREENSHOT, optimize=True)
+    page.set_viewport_size(VIEWPORT)
+    page.wait_for_timeout(500)
+    show_nodes(page)
 
 
 def saved_widget_values(page) -> dict[str, list]:
@@ -233,6 +300,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
 
         page.screenshot(path=str(ARTIFACTS / "train_lora_browser.png"))
         assert overlapping_nodes(page) == [], "a node covers another at its size after training (the chart grows)"
+        save_docs_screenshot(page, comfy)
         assert saved_widget_values(page) == widget_values, "the panels must not change what a saved workflow holds"
         assert log.pack_errors() == []
 
