@@ -4,7 +4,7 @@ PyTorch runs every fp32 convolution on CPU whose input has more than 20,480 valu
 the weight into its blocked layout on every call, forward and backward. Where the output has few pixels (a UNet's
 deepest levels: 1280 channels at 8×8), reordering a weight of up to 118 MB costs more than the arithmetic, and
 PyTorch's own im2col + GEMM kernel ("slow_conv2d") is up to 5× faster; from 32×32 output pixels on, oneDNN wins,
-and weights below about a million values reorder too fast to matter (numbers in README.md, "Benchmarks"). A frozen layer needs only the gradient of its input, so its backward
+and weights below about a million values reorder too fast to matter (numbers in docs/benchmarks.md). A frozen layer needs only the gradient of its input, so its backward
 (`conv2d_input`) picks its kernel by the same rule and keeps no copy of the input. Both kernels compute the same
 convolution; results differ by fp32 rounding only.
 """
