@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from tiny_flow_models import build_tiny_sd3, concept_images  # noqa: E402
 
-from lora_core.data.dataset import DatasetConfig, ImageFolderDataset  # noqa: E402
+from lora_core.data.config import DatasetConfig  # noqa: E402
+from lora_core.data.dataset import ImageFolderDataset  # noqa: E402
 from lora_core.families.sd3 import SD3Backend  # noqa: E402
 from lora_core.network import LoRANetwork  # noqa: E402
 from lora_core.training.config import TrainingConfig  # noqa: E402

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from .adapters import ALGORITHMS
+from .errors import LoRALabError
 from .targets import UNET_PRESETS
 from .training.cpu_convolution import KERNEL_CHOICES
-from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, DistributedError, is_peer_failure
+from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, is_peer_failure
 from .training.loop import TrainingConfig
 from .training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .training.optim import SCHEDULERS
@@ -31,13 +32,10 @@ def file_sha256(path: Path) -> str:
 
 def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
-    from .families import FamilyError, base_dtype
+    from .families import base_dtype
     from .families import load_pipeline as load_family_pipeline
 
-    try:
-        return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser)
-    except FamilyError as error:
-        raise SystemExit(f"error: {error}") from None
+    return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser)
 
 
 def make_backend(pipeline, args: argparse.Namespace, **identity):
@@ -96,11 +94,12 @@ def peer_failure_message(args: argparse.Namespace, distributed: Distributed, err
 def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     from tqdm import tqdm
 
-    from .data.dataset import DatasetConfig, ImageFolderDataset
+    from .data.config import DatasetConfig
+    from .data.dataset import ImageFolderDataset
     from .formats.files import load_lora, save_lora
+    from .formats.metadata import lora_metadata
     from .network import LoRANetwork
     from .training.checkpoints import Checkpointer, load_state
-    from .training.config import lora_metadata
     from .training.loop import TrainingDiverged, train
 
     out = Path(args.out)
@@ -504,5 +503,5 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileExistsError, DistributedError) as error:
+    except (LoRALabError, ValueError, FileExistsError) as error:  # a library's ValueError too: a bad file, a bad value
         raise SystemExit(f"error: {error}") from error

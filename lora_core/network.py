@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -11,11 +11,24 @@ from torch import nn
 
 from .adapters import ALGORITHMS, Adapter, AdapterError, algorithm_of
 from .adapters.base import checked_rank_and_alpha
+from .errors import LoRALabError
 from .targets import TEXT_ENCODER_PREFIX
 
 
-class NetworkError(ValueError):
+class NetworkError(LoRALabError, ValueError):
     """The network cannot be built or loaded as asked; the message names the modules or keys."""
+
+
+def grouped_by_module(tensors: dict[str, torch.Tensor], suffixes: Collection[str] = ()
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """Module name → its tensors by suffix (`lora_down.weight`, `alpha`…): a name ends where one of `suffixes`
+    starts (diffusers' module names hold dots), else at the first dot, as kohya's names have none."""
+    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        suffix = next((suffix for suffix in suffixes if key.endswith(f".{suffix}")), None)
+        name, _, suffix = (key[:-len(suffix) - 1], ".", suffix) if suffix else key.partition(".")
+        modules[name][suffix] = value
+    return dict(modules)
 
 
 class LoRANetwork(nn.Module):
@@ -95,10 +108,7 @@ class LoRANetwork(nn.Module):
 
         Returns the network and the module names that matched no candidate; with `strict` those are an error.
         """
-        grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for key, value in tensors.items():
-            name, _, suffix = key.partition(".")
-            grouped[name][suffix] = value
+        grouped = grouped_by_module(tensors)
         unmatched = sorted(name for name in grouped if name not in candidates)
         if unmatched and strict:
             raise NetworkError(

@@ -5,6 +5,8 @@ import logging
 
 from torch import nn
 
+from .errors import LoRALabError
+
 # bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package cannot fetch a
 # fused kernel from the Hugging Face hub; its own fallback works, and LoRA Lab never downloads kernels.
 KERNELS_COMMUNITY_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -20,7 +22,7 @@ def not_kernels_community(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith(KERNELS_COMMUNITY_MESSAGE)
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(LoRALabError, RuntimeError):
     """4-bit quantization is not available here; the message says what to install."""
 
 

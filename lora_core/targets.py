@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import LoRALabError
+
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 
@@ -20,7 +22,7 @@ TEXT_ENCODER_BLOCKS = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class TargetError(ValueError):
+class TargetError(LoRALabError, ValueError):
     """A preset is unknown or selects nothing in this model."""
 
 

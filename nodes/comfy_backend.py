@@ -24,6 +24,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
 from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend
+from ..lora_core.errors import LoRALabError
 from ..lora_core.formats.files import data_hash
 from ..lora_core.targets import (
     TEXT_ENCODER_PRESET,
@@ -119,7 +120,7 @@ FAMILIES = {
 }
 
 
-class ComfyBackendError(ValueError):
+class ComfyBackendError(LoRALabError, ValueError):
     """The model cannot be trained here; the message says why."""
 
 

@@ -10,7 +10,7 @@ import comfy.utils
 import torch
 from torch import nn
 
-from ..lora_core import block_weights
+from ..lora_core.formats import block_weights
 from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
 from .comfy_backend import ComfyBackend, config_family, model_family

@@ -10,6 +10,7 @@ from pathlib import Path
 import folder_paths
 
 from ..lora_core.data.dataset import IMAGE_EXTENSIONS
+from ..lora_core.errors import LoRALabError
 from ..lora_core.training.checkpoints import STATE_SUFFIX
 
 DATASET_FOLDER_TYPE = "lora_datasets"
@@ -18,7 +19,7 @@ MAX_NAME_LENGTH = 200
 SAFE_NAME = re.compile(r"^[\w\- .]+(/[\w\- .]+)*$")
 
 
-class PathError(ValueError):
+class PathError(LoRALabError, ValueError):
     """A path a workflow named is outside the folders LoRA Lab may use, or malformed."""
 
 

@@ -12,12 +12,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..lora_core.adapters import ALGORITHMS
-from ..lora_core.data.dataset import DatasetConfig, ImageFolderDataset
+from ..lora_core.data.config import DatasetConfig
+from ..lora_core.data.dataset import ImageFolderDataset
 from ..lora_core.formats.files import LoRAWeights
+from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
 from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
 from ..lora_core.training.checkpoints import Checkpointer, load_state
-from ..lora_core.training.config import lora_metadata
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
 from ..lora_core.training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from ..lora_core.training.optim import OFFERED_OPTIMIZERS, SCHEDULERS

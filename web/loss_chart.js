@@ -1,8 +1,7 @@
 // The loss chart inside the Train LoRA node: raw and smoothed loss per step, the validation loss where it was
 // evaluated, the step, learning rate and times. Plain canvas 2D drawing; the chart knows nothing of ComfyUI.
+// The smoothed loss is lora_core's (training/plots.py `smooth`), as the server sends it: the chart draws no other.
 
-// lora_core's TrainingConfig.loss_smoothing: a run restored from its result is smoothed as during training.
-const SMOOTHING = 0.9;
 const LINE_HEIGHT = 16;
 const TEXT_LINES = 2;
 const PLOT_HEIGHT = 150;
@@ -23,15 +22,6 @@ const COLORS = {
   best: "#7ee07e",
   validation: "#ff5fd2",
 };
-
-/** The bias-corrected exponential moving average that lora_core's training reports as the smoothed loss. */
-function smooth(values, factor = SMOOTHING) {
-  let average = 0;
-  return values.map((value, index) => {
-    average = factor * average + (1 - factor) * value;
-    return average / (1 - factor ** (index + 1));
-  });
-}
 
 /** 75 → "1:15", 3725 → "1:02:05". */
 function formatDuration(seconds) {
@@ -87,7 +77,7 @@ export class LossChart {
     if (!receivedAll) {
       this.steps = [...steps];
       this.losses = [...losses];
-      this.smoothed = summary.smoothed ? [...summary.smoothed] : smooth(losses);
+      this.smoothed = [...summary.smoothed];
     }
     if (summary.validation) this.validation = summary.validation.map(([step, loss]) => [step, loss]);
     this.total = Math.max(this.total, summary.steps);

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import LoRALabError
 
-class AdapterError(ValueError):
+
+class AdapterError(LoRALabError, ValueError):
     """An adapter cannot be built for this module or from these tensors; the message says which and why."""
 
 

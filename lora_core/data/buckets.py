@@ -3,12 +3,10 @@ image, and the scale-to-cover + centre crop that fits it (`trim_and_resize_if_re
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from PIL import Image
 
-if TYPE_CHECKING:
-    from .dataset import DatasetConfig
+from .config import DatasetConfig
 
 Size = tuple[int, int]  # (width, height)
 

@@ -3,12 +3,10 @@ caption augmentation."""
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .dataset import DatasetConfig
+from .config import DatasetConfig
 
 UNICODE_ENCODINGS = (  # by byte-order mark; UTF-32 first, as its little-endian mark starts with UTF-16's
     (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),

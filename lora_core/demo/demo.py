@@ -19,11 +19,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ..data.dataset import DatasetConfig, ImageFolderDataset
+from ..data.config import DatasetConfig
+from ..data.dataset import ImageFolderDataset
 from ..families.sd1 import DiffusersBackend
 from ..formats.files import load_lora, save_lora
+from ..formats.metadata import lora_metadata
 from ..network import LoRANetwork
-from ..training.config import lora_metadata
 from ..training.loop import StepReport, TrainingConfig, train
 from ..training.plots import loss_curve
 from .pretrain import (

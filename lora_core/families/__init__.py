@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..backend import TrainingBackend
+from ..errors import LoRALabError
 
 # diffusers pipeline class → (module under lora_core, backend class)
 FAMILIES = {
@@ -20,7 +21,7 @@ FAMILIES = {
 }
 
 
-class FamilyError(ValueError):
+class FamilyError(LoRALabError, ValueError):
     """A base model lora_core cannot train; the message names it and what is supported."""
 
 

@@ -3,7 +3,6 @@ pipeline with a transformer denoiser, a 16-channel VAE (scale and shift), CLIP-L
 train) beside frozen ones (T5 is never trained)."""
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -46,15 +45,6 @@ def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: flo
         base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
         precondition_outputs=precondition_outputs if config.precondition_outputs is None else config.precondition_outputs,
     )
-
-
-def grouped(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Network module name → its tensors by suffix (`lora_down.weight`, `alpha`…)."""
-    modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in tensors.items():
-        name, _, suffix = key.partition(".")
-        modules[name][suffix] = value
-    return modules
 
 
 def flattened(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

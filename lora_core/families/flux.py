@@ -10,11 +10,13 @@ from torch import nn
 
 from ..adapters.base import dense_weight
 from ..backend import Conditioning
+from ..errors import LoRALabError
 from ..functional.dora import output_norm
+from ..network import grouped_by_module
 from ..targets import kohya_name
 from ..training.config import TrainingConfig
 from ..training.objectives import FlowMatchingObjective
-from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming, grouped, transformer_presets
+from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming, transformer_presets
 
 FAMILY = "Flux.1"
 FLUX_BLOCKS = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock"})
@@ -39,7 +41,7 @@ SINGLE_BLOCK_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")  # BF
 Tensors = dict[str, torch.Tensor]
 
 
-class FluxFileError(ValueError):
+class FluxFileError(LoRALabError, ValueError):
     """A Flux network cannot be written in, or read from, kohya's fused layers; the message says which and why."""
 
 
@@ -220,7 +222,7 @@ class FluxBackend(FlowBackend):
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,
         CLIP-L as `lora_te1_`."""
-        modules = grouped(tensors)
+        modules = grouped_by_module(tensors)
         out: dict[str, Tensors] = {}
         for file_name, paths in self.layers.items():
             names = [kohya_name("lora_unet", path) for path in paths]
@@ -232,7 +234,7 @@ class FluxBackend(FlowBackend):
     def network_tensors(self, tensors: Tensors) -> Tensors:
         """kohya's fused layers split into the network's diffusers layers; files in diffusers' own naming (its
         scripts', ai-toolkit's) renamed; other modules as they are."""
-        modules = grouped(from_diffusers_naming(tensors))
+        modules = grouped_by_module(from_diffusers_naming(tensors))
         out: dict[str, Tensors] = {}
         for file_name, paths in self.layers.items():
             if file_name in modules:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..backend import Conditioning
+from ..network import grouped_by_module
 from ..targets import all_adaptable, find_targets, kohya_name, kohya_paths
 from ..training.config import TrainingConfig
 from ..training.objectives import FlowMatchingObjective
@@ -22,7 +23,6 @@ from .flow import (
     FlowBackend,
     flow_objective,
     from_diffusers_naming,
-    grouped,
     transformer_presets,
 )
 
@@ -93,7 +93,7 @@ class SD3Backend(FlowBackend):
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """diffusers' names; LoRA as lora_A/lora_B with alpha/rank folded into lora_B and no alpha."""
         out: Tensors = {}
-        for name, parts in grouped(tensors).items():
+        for name, parts in grouped_by_module(tensors).items():
             if "lora_down.weight" in parts:
                 rank = parts["lora_down.weight"].shape[0]
                 up = parts["lora_up.weight"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..backend import SIZE_CONDITIONING, Conditioning
+from ..errors import LoRALabError
 from ..targets import (
     TEXT_ENCODER_PRESET,
     UNET_PREFIX,
@@ -37,7 +38,7 @@ OUTER_LAYERS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_
 TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")  # CLIP-L, OpenCLIP-G
 
 
-class SDXLNamingError(ValueError):
+class SDXLNamingError(LoRALabError, ValueError):
     """A UNet layer has no place in SDXL's SGM layout; the message names it."""
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ..errors import LoRALabError
+
 TEXT_ENCODER = "BASE"
 FAMILIES = ("SD1.x", "SDXL", "SD3", "Flux")
 
 
-class BlockWeightError(ValueError):
+class BlockWeightError(LoRALabError, ValueError):
     """A block-weight spec or a LoRA module does not fit the family's layout; the message says which and why."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import LoRALabError
 from ..network import LoRANetwork, NetworkError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -35,7 +36,7 @@ def keep_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class LoRAFileError(ValueError):
+class LoRAFileError(LoRALabError, ValueError):
     """A LoRA file cannot be read or written; the message names the file and what to do."""
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..network import LoRANetwork
+
+if TYPE_CHECKING:
+    from ..backend import TrainingBackend
+    from ..data.dataset import ImageFolderDataset
+    from ..training.config import TrainingConfig
 
 LYCORIS_ALGORITHMS = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
 # Stability's modelspec architecture ids, as kohya's library/sai_model_spec.py writes them
@@ -100,3 +105,15 @@ def kohya_metadata(
     for key, value in (dataset or {}).items():
         metadata[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
     return {key: value for key, value in metadata.items() if value != ""}
+
+
+def lora_metadata(network: LoRANetwork, config: TrainingConfig, backend: TrainingBackend,
+                  dataset: ImageFolderDataset, steps: int, title: str = "") -> dict[str, str]:
+    """The metadata a LoRA file of this run holds after `steps` steps: what the CLI, the node and the demo save."""
+    return kohya_metadata(
+        network, training={**config.metadata(), **backend.objective(config).metadata(), "steps": steps},
+        model=backend.model_info(),
+        dataset={"num_train_images": dataset.num_training_examples, "num_reg_images": dataset.num_regularization_images,
+                 "tag_frequency": dataset.tag_frequency()},
+        title=title, resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
+    )

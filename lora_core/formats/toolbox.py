@@ -12,6 +12,7 @@ from torch import nn
 from ..adapters.base import dense_weight
 from ..functional import lora
 from ..functional.svd import RANK_RULES, low_rank_factors, rank_by_rule, singular_values
+from ..network import grouped_by_module
 from .files import LoRAFileError, LoRAWeights
 
 LORA_KEYS = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
@@ -37,12 +38,7 @@ class ModuleReport:
 def modules_of(weights: LoRAWeights) -> dict[str, dict[str, torch.Tensor]]:
     """The file's tensors grouped by module: name → {suffix: tensor}, the name ending where a known suffix starts
     (else at the first dot, as kohya's names have none)."""
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in weights.tensors.items():
-        suffix = next((suffix for suffix in MODULE_SUFFIXES if key.endswith(f".{suffix}")), None)
-        name, _, suffix = (key[:-len(suffix) - 1], ".", suffix) if suffix else key.partition(".")
-        grouped[name][suffix] = value
-    return dict(grouped)
+    return grouped_by_module(weights.tensors, MODULE_SUFFIXES)
 
 
 def kohya_module(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -85,9 +81,9 @@ def retained_energy(values: torch.Tensor, rank: int) -> float:
     return float((values[:rank] ** 2).sum()) / total if total else 1.0
 
 
-def network_metadata(metadata: dict[str, str], ranks: list[int], comment: str) -> dict[str, str]:
-    """The input's metadata with the new network's dim/alpha (kohya writes "Dynamic" when ranks differ), the
-    algorithm LoRA, and what was done appended to `ss_training_comment`."""
+def result_metadata(metadata: dict[str, str], ranks: list[int], comment: str) -> dict[str, str]:
+    """A tool's result's metadata: the input's, with the new network's dim/alpha (kohya writes "Dynamic" when ranks
+    differ), the algorithm LoRA, and what was done appended to `ss_training_comment`."""
     dim = str(ranks[0]) if len(set(ranks)) == 1 else "Dynamic"
     previous = metadata.get("ss_training_comment", "")
     return {**metadata, "ss_network_dim": dim, "ss_network_alpha": dim, "ss_network_module": "networks.lora",
@@ -127,7 +123,7 @@ def resize(weights: LoRAWeights, rule: str = "rank", parameter: float = 8, max_r
             factors["dora_scale"] = module["dora_scale"].float()
         tensors.update({f"{name}.{suffix}": value for suffix, value in named_like(module, factors).items()})
         reports.append(ModuleReport(name, rank_before, rank, retained_energy(values, rank)))
-    metadata = network_metadata(weights.metadata, [r.rank_after for r in reports], f"resized: {rule} {parameter:g}")
+    metadata = result_metadata(weights.metadata, [r.rank_after for r in reports], f"resized: {rule} {parameter:g}")
     if any("dora_scale" in module for module in modules_of(weights).values()):
         metadata["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": True})
     return LoRAWeights(tensors, metadata), reports
@@ -147,17 +143,17 @@ def merge(parts: list[tuple[LoRAWeights, float]], rank: int | None = None) -> Lo
     tensors, ranks = {}, []
     for name, modules in deltas.items():
         if rank is None:
-            factors = concatenated(name, modules)
+            factors = concatenated_module(name, modules)
         else:
             factors, _ = factor_tensors(sum(w * lora_delta(name, m) for m, w in modules), rank)
         ranks.append(factors["lora_down.weight"].shape[0])
         tensors.update({f"{name}.{suffix}": value for suffix, value in named_like(modules[0][0], factors).items()})
     described = ", ".join(f"{weights.metadata.get('ss_output_name', '?')} × {weight:g}" for weights, weight in parts)
     how = "concatenated" if rank is None else f"SVD to rank {rank}"
-    return LoRAWeights(tensors, network_metadata(parts[0][0].metadata, ranks, f"merged ({how}): {described}"))
+    return LoRAWeights(tensors, result_metadata(parts[0][0].metadata, ranks, f"merged ({how}): {described}"))
 
 
-def concatenated(name: str, modules: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+def concatenated_module(name: str, modules: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
     """One LoRA module whose ΔW is exactly Σ wᵢ·ΔWᵢ: the downs stacked, the ups side by side, each up carrying its
     weight and scale αᵢ/rᵢ, and α = the total rank (scale 1)."""
     downs, ups = [], []
@@ -204,5 +200,5 @@ def extract(base: dict[str, nn.Module], tuned: dict[str, nn.Module], rule: str =
         reports.append(ModuleReport(name, len(values), rank, retained_energy(values, rank)))
     if not tensors:
         raise ValueError(f"no layer differs by more than min_diff = {min_diff}: the two models are the same here")
-    metadata = network_metadata({}, [r.rank_after for r in reports], f"extracted: {rule} {parameter:g}")
+    metadata = result_metadata({}, [r.rank_after for r in reports], f"extracted: {rule} {parameter:g}")
     return LoRAWeights(tensors, metadata), reports

@@ -5,10 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import TrainingBackend
-from ..data.dataset import ImageFolderDataset
-from ..formats.metadata import kohya_metadata
-from ..network import LoRANetwork
+from ..errors import LoRALabError
 from .cpu_convolution import KERNEL_CHOICES
 from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .optim import OptimizerError, check_learning_rate
@@ -19,7 +16,7 @@ FLOW_MATCHING_SETTINGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_
                           "precondition_outputs")
 
 
-class TrainingError(ValueError):
+class TrainingError(LoRALabError, ValueError):
     """A training setting out of its allowed range; the message names it and the range."""
 
 
@@ -152,15 +149,3 @@ class TrainingConfig:
             "seed": self.seed,
             "validate_every_n_steps": self.validation_every or None,
         }
-
-
-def lora_metadata(network: LoRANetwork, config: TrainingConfig, backend: TrainingBackend,
-                  dataset: ImageFolderDataset, steps: int, title: str = "") -> dict[str, str]:
-    """The metadata a LoRA file of this run holds after `steps` steps: what the CLI, the node and the demo save."""
-    return kohya_metadata(
-        network, training={**config.metadata(), **backend.objective(config).metadata(), "steps": steps},
-        model=backend.model_info(),
-        dataset={"num_train_images": dataset.num_training_examples, "num_reg_images": dataset.num_regularization_images,
-                 "tag_frequency": dataset.tag_frequency()},
-        title=title, resolution=dataset.config.resolution, prediction_type=backend.prediction_type,
-    )

@@ -24,11 +24,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import LoRALabError
+
 DEFAULT_TIMEOUT_SECONDS = 120.0
 LAUNCH_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(LoRALabError, RuntimeError):
     """The process group cannot be joined, or it broke: another rank died, stalled or stopped this one."""
 
 

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backend import Conditioning, TrainingBackend
 from ..data.dataset import Batch, ImageFolderDataset
+from ..errors import LoRALabError
 from ..network import LoRANetwork
 from ..targets import TEXT_ENCODER_PREFIX
 from . import cpu_convolution
@@ -35,7 +36,7 @@ from .validation import ValidationSet, validation_images
 __all__ = ["StepReport", "TrainingConfig", "TrainingDiverged", "TrainingError", "TrainingResult", "train"]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LoRALabError, RuntimeError):
     """The loss or the gradients became NaN/inf. The network keeps the weights of the last good step."""
 
     def __init__(self, message: str, result: TrainingResult) -> None:

@@ -9,6 +9,8 @@ from functools import partial
 import torch
 from torch.optim import lr_scheduler
 
+from ..errors import LoRALabError
+
 # name users type (lower case) → (module, class) for optimizers outside torch.optim
 EXTRA_OPTIMIZERS = {
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
@@ -26,7 +28,7 @@ OFFERED_OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop", "Adafactor", "AdamW8bit
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class OptimizerError(ValueError):
+class OptimizerError(LoRALabError, ValueError):
     """An optimizer or scheduler name or setting that cannot be used; the message lists the choices."""
 
 

@@ -8,12 +8,20 @@ from PIL import Image, ImageDraw, ImageFont
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 16, 28, 36
 
 
+def smoothing_step(average: float, value: float, factor: float, count: int) -> tuple[float, float]:
+    """One step of `smooth`: the running average with `value`, the `count`-th value, added, and its bias-corrected
+    value."""
+    average = factor * average + (1 - factor) * value
+    return average, average / (1 - factor**count)
+
+
 def smooth(values: Sequence[float], factor: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction, as training dashboards draw it."""
+    """Exponential moving average with bias correction, as training dashboards draw it: the smoothed loss training
+    reports step by step, the loss curve draws and the node's chart is sent."""
     smoothed, average = [], 0.0
     for count, value in enumerate(values, start=1):
-        average = factor * average + (1 - factor) * value
-        smoothed.append(average / (1 - factor**count))
+        average, corrected = smoothing_step(average, value, factor, count)
+        smoothed.append(corrected)
     return smoothed
 
 

@@ -14,6 +14,7 @@ from ..data.dataset import BatchSampler, ImageFolderDataset
 from ..formats.files import tensor_bytes
 from ..network import LoRANetwork
 from .config import FLOW_MATCHING_SETTINGS, TrainingConfig, TrainingError
+from .plots import smoothing_step
 
 STATE_FORMAT = 2
 # settings a resumed run must share with the run it continues (steps may grow: the schedule is rebuilt for them)
@@ -106,8 +107,8 @@ class TrainerState:
         self.result.steps += 1
         self.result.losses.append(loss)
         self.result.learning_rates.append(learning_rate)
-        self.smoothed = smoothing * self.smoothed + (1 - smoothing) * loss
-        return self.smoothed / (1 - smoothing**self.step)
+        self.smoothed, smoothed = smoothing_step(self.smoothed, loss, smoothing, self.step)
+        return smoothed
 
     def record_validation(self, loss: float, keep_best: bool) -> None:
         """Add a validation loss; a new lowest one becomes the best (and its weights are kept if asked)."""

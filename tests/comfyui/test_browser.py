@@ -311,7 +311,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         assert restored is not None, "the chart did not come back after the reload"
         assert restored["received"] == []  # drawn from the run's result, not from events
         assert_close(restored["losses"], summary["losses"])
-        assert_close(restored["smoothed"], chart["smoothed"])  # the page smooths as the training did
+        assert_close(restored["smoothed"], chart["smoothed"])  # the summary smooths as the steps did (plots.smooth)
         assert page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"])[0] == f"saved {TRAINED}"
         show_nodes(page)
         assert chart_pixels(page, SMOOTHED_RGB) > 50

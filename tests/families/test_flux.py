@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from lora_core import load_file
-from lora_core.data.dataset import DatasetConfig, ImageFolderDataset
+from lora_core.data.config import DatasetConfig
+from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.flux import FluxBackend, FluxFileError, bfl_layers, fuse, split
 from lora_core.families.sd1 import generate
 from lora_core.formats.files import load_lora, save_lora

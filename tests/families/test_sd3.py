@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lora_core import load_file
-from lora_core.data.dataset import DatasetConfig, ImageFolderDataset
+from lora_core.data.config import DatasetConfig
+from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.sd1 import generate
 from lora_core.families.sd3 import SD3Backend
 from lora_core.formats.files import load_lora, save_lora

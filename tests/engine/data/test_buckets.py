@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from lora_core.data.buckets import bucket_sizes
-from lora_core.data.dataset import DatasetConfig, DatasetError, DatasetWarning, ImageFolderDataset
+from lora_core.data.config import DatasetConfig, DatasetError
+from lora_core.data.dataset import ImageFolderDataset
+from lora_core.data.images import DatasetWarning
 
 # 64² pixels in 16 px steps: (32, 128), (48, 80), (64, 64), (80, 48), (96, 32), (112, 32), (128, 32) and transposes.
 BUCKETS = DatasetConfig(resolution=64, bucketing=True, min_bucket_size=32, max_bucket_size=128, bucket_step=16)

@@ -11,13 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from lora_core.data.dataset import (
-    IMAGE_EXTENSIONS,
-    DatasetConfig,
-    DatasetError,
-    DatasetWarning,
-    ImageFolderDataset,
-)
+from lora_core.data.config import DatasetConfig, DatasetError
+from lora_core.data.dataset import IMAGE_EXTENSIONS, ImageFolderDataset
+from lora_core.data.images import DatasetWarning
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

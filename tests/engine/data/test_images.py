@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from lora_core.data.dataset import DatasetConfig, DatasetWarning, ImageFolderDataset
-from lora_core.data.images import load_image
+from lora_core.data.config import DatasetConfig
+from lora_core.data.dataset import ImageFolderDataset
+from lora_core.data.images import DatasetWarning, load_image
 
 SIZE = 64  # images are saved at the training resolution, so what the dataset holds is the decoded image itself
 CONFIG = DatasetConfig(resolution=SIZE)

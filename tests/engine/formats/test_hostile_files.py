@@ -15,7 +15,8 @@ from PIL import Image
 
 from lora_core import DatasetConfig, ImageFolderDataset, LoRAFileError, LoRANetwork, NetworkError, load_file, save_lora
 from lora_core.adapters import AdapterError
-from lora_core.data.dataset import DatasetError, DatasetWarning
+from lora_core.data.config import DatasetError
+from lora_core.data.images import DatasetWarning
 from lora_core.targets import UNET_PREFIX, kohya_name
 from lora_core.training.checkpoints import load_state
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_core.data.dataset import DatasetConfig, ImageFolderDataset
+from lora_core.data.config import DatasetConfig
+from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.sd1 import DiffusersBackend
 from lora_core.formats.files import load_file
 from lora_core.network import LoRANetwork
