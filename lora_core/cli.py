@@ -13,13 +13,10 @@ from pathlib import Path
 from .adapters import ALGORITHMS
 from .errors import LoRALabError
 from .targets import UNET_PRESETS
-from .training.cpu_convolution import KERNEL_CHOICES
 from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, is_peer_failure
-from .training.loop import TrainingConfig
-from .training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
-from .training.optim import SCHEDULERS
-
-DEFAULTS = TrainingConfig()
+from .training.checkpoints import CHECKPOINT_SETTINGS
+from .training.config import TRAINING_SETTINGS, TrainingConfig
+from .training.settings import add_arguments, parsed_settings
 
 
 def file_sha256(path: Path) -> str:
@@ -78,12 +75,12 @@ def peer_failure_message(args: argparse.Namespace, distributed: Distributed, err
     from .training.checkpoints import Checkpointer, state_path
 
     out = Path(args.out)
-    saved = Checkpointer(out.parent, every=1, name=out.stem).saved() if args.save_every else []
+    saved = Checkpointer(out.parent, every=1, name=out.stem).saved() if args.checkpoint_every else []
     if saved:
         last = (f"The last checkpoint is {saved[-1]}; continue from it with --resume-state {state_path(saved[-1])} and "
                 f"the same settings on the same number of processes ({distributed.world_size}).")
     else:
-        last = "No checkpoint was saved (--save-every N saves some to resume from)."
+        last = "No checkpoint was saved (--checkpoint-every N saves some to resume from)."
     cause = " ".join(str(error).split())[:300]
     return (f"error: distributed training stopped on rank {distributed.rank} of {distributed.world_size}: another "
             f"rank probably died or stalled (killed, out of memory, a lost node), and this one stops instead of "
@@ -127,30 +124,14 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         )
     network.to(backend.device)
     backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now, not at saving
-    config = TrainingConfig(
-        steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
-        gradient_accumulation=args.gradient_accumulation, optimizer=args.optimizer, lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps, lr_scheduler_cycles=args.lr_scheduler_cycles,
-        lr_scheduler_power=args.lr_scheduler_power, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-        prior_loss_weight=args.prior_loss_weight,
-        seed=args.seed, validation_every=args.validation_every, validation_images=args.validation_images,
-        validation_timesteps=args.validation_timesteps, early_stopping_patience=args.early_stopping_patience,
-        early_stopping_min_steps=args.early_stopping_min_steps, keep_best=args.keep_best,
-        text_encoder_lr=args.text_encoder_lr,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-        cpu_conv_kernels=args.cpu_conv_kernels,
-        sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt) or DEFAULTS.sample_prompts, sample_steps=args.sample_steps,
-        latent_cache_dir=args.latent_cache_dir, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
-        logit_std=args.logit_std, mode_scale=args.mode_scale, flow_shift=args.flow_shift,
-        loss_weighting=args.loss_weighting, precondition_outputs=args.precondition_outputs,
-    )
+    config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
 
     def metadata(steps: int) -> dict[str, str]:
         return lora_metadata(network, config, backend, dataset, steps, title=out.stem)
 
     checkpointer = None
-    if args.save_every:
-        checkpointer = Checkpointer(out.parent, args.save_every, args.keep_checkpoints, out.stem, metadata,
+    if args.checkpoint_every:
+        checkpointer = Checkpointer(out.parent, args.checkpoint_every, args.keep_checkpoints, out.stem, metadata,
                                     args.save_dtype)
     resume_state = load_state(args.resume_state) if args.resume_state else None
     is_main = distributed.is_main  # rank 0 alone prints and writes files
@@ -336,8 +317,6 @@ def parser() -> argparse.ArgumentParser:
                        help="regularization (class) images for prior preservation, N_class subfolders as kohya's")
     train.add_argument("--reg-caption", default="",
                        help="caption of class images without a caption file (default: the folder's class name)")
-    train.add_argument("--prior-loss-weight", type=float, default=DEFAULTS.prior_loss_weight,
-                       help="weight of the class images' loss (kohya's default 1)")
     train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="lora")
     train.add_argument("--rank", type=int, default=8)
     train.add_argument("--alpha", type=float, default=None, help="default: the rank")
@@ -349,63 +328,14 @@ def parser() -> argparse.ArgumentParser:
                        help="a checkpoint's .state.safetensors: continue that run exactly where it stopped")
     for old, new in RENAMED_OPTIONS.items():
         train.add_argument(old, action=Renamed, new=new, help=argparse.SUPPRESS)
-    train.add_argument("--save-every", type=int, default=0, help="save a checkpoint (LoRA + state) every N steps")
-    train.add_argument("--keep-checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
-    train.add_argument("--sample-every", type=int, default=0, help="save sample images every N steps")
-    train.add_argument("--sample-prompt", action="append", default=[], help="a prompt for samples (repeatable)")
-    train.add_argument("--sample-steps", type=int, default=20)
-    train.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    train.add_argument("--lr", type=float, default=DEFAULTS.learning_rate)
-    train.add_argument("--text-encoder-lr", type=float, default=None, help="default: --lr")
-    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--cpu-conv-kernels", choices=KERNEL_CHOICES, default="by_size",
-                       help="frozen fp32 convolutions on CPU: by_size runs those with small outputs on PyTorch's GEMM "
-                            "kernel (faster there than oneDNN's); pytorch leaves the choice to PyTorch")
+    add_arguments(train, CHECKPOINT_SETTINGS + TRAINING_SETTINGS)
     train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes), "
                        "quantized on the CPU before the base moves to --device")
     train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "
                        "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; the VAE stays fp32, the LoRA is fp32")
-    train.add_argument("--latent-cache-dir", help="keep encoded latents on disk for later runs")
-    train.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    train.add_argument("--gradient-accumulation", type=int, default=DEFAULTS.gradient_accumulation)
-    train.add_argument("--optimizer", default=DEFAULTS.optimizer, help="a torch.optim class, AdamW8bit, Lion or Prodigy")
-    train.add_argument("--lr-scheduler", choices=SCHEDULERS, default=DEFAULTS.lr_scheduler)
-    train.add_argument("--lr-warmup-steps", type=int, default=DEFAULTS.lr_warmup_steps)
-    train.add_argument("--lr-scheduler-cycles", type=int, default=DEFAULTS.lr_scheduler_cycles,
-                       help="cosine_with_restarts: the number of cosine cycles")
-    train.add_argument("--lr-scheduler-power", type=float, default=DEFAULTS.lr_scheduler_power,
-                       help="polynomial: the power of the decay")
-    train.add_argument("--min-snr-gamma", type=float, default=DEFAULTS.min_snr_gamma)
-    train.add_argument("--noise-offset", type=float, default=DEFAULTS.noise_offset)
-    train.add_argument("--validation-every", type=int, default=DEFAULTS.validation_every,
-                       help="steps between validation losses (fixed noise and timesteps); 0: none")
-    train.add_argument("--validation-images", type=int, default=DEFAULTS.validation_images,
-                       help="images the validation loss uses: held out of training when the dataset has 5× as many")
-    train.add_argument("--validation-timesteps", type=int, default=DEFAULTS.validation_timesteps,
-                       help="stratified timesteps per validation image")
-    train.add_argument("--early-stopping-patience", type=int, default=DEFAULTS.early_stopping_patience,
-                       help="stop after this many validation losses without a new lowest one, keeping the best weights")
-    train.add_argument("--early-stopping-min-steps", type=int, default=DEFAULTS.early_stopping_min_steps,
-                       help="never stop early before this step")
-    train.add_argument("--keep-best", action="store_true",
-                       help="end with the weights of the lowest validation loss (early stopping always does)")
-    train.add_argument("--timestep-sampling", choices=SIGMA_SAMPLINGS, default=None,
-                       help="SD3/Flux: how noise levels are drawn (default: the family's)")
-    train.add_argument("--logit-mean", type=float, default=DEFAULTS.logit_mean, help="SD3/Flux, logit_normal")
-    train.add_argument("--logit-std", type=float, default=DEFAULTS.logit_std, help="SD3/Flux, logit_normal")
-    train.add_argument("--mode-scale", type=float, default=DEFAULTS.mode_scale, help="SD3/Flux, mode sampling")
-    train.add_argument("--flow-shift", type=float, default=None,
-                       help="SD3/Flux: fixed noise-level shift (default: the family's; Flux's depends on resolution)")
-    train.add_argument("--loss-weighting", choices=SD3_WEIGHTINGS, default=DEFAULTS.loss_weighting,
-                       help="SD3/Flux: diffusers' SD3 loss weighting")
-    train.add_argument("--precondition-outputs", action=argparse.BooleanOptionalAction, default=None,
-                       help="SD3/Flux: the loss on the denoised estimate x_σ − σ·v̂ against x0, as diffusers' SD3 "
-                            "script and kohya's SD3 trainer (default: on for SD3, off for Flux)")
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
                             "LoRAs; kohya's and diffusers' scripts default to 3.5)")
-    train.add_argument("--seed", type=int, default=DEFAULTS.seed)
     train.add_argument("--resolution", type=int, default=512)
     train.add_argument("--caption-extension", default=".txt")
     train.add_argument("--default-caption", default="a photo of {token}")

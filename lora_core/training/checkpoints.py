@@ -17,9 +17,16 @@ from safetensors import SafetensorError, safe_open
 
 from ..formats.files import LoRAFileError, LoRAWeights, save_file
 from ..network import LoRANetwork
+from .settings import Setting, Widget
 
 STATE_SUFFIX = ".state.safetensors"
 STATE_KEY = "lora_lab_training_state"
+CHECKPOINT_SETTINGS = (  # a Checkpointer's every and keep, as the CLI and Training Options offer them
+    Setting("checkpoint_every", int, 0, "Save a checkpoint every N steps", minimum=0, aliases=("--save-every",),
+            widget=Widget(maximum=100000, note="into models/loras (LoRA + .state file to resume); 0: none.")),
+    Setting("keep_checkpoints", int, 0, "Keep only the newest N checkpoints; 0 keeps all.", minimum=0,
+            widget=Widget(maximum=1000)),
+)
 
 
 def flatten(value: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:

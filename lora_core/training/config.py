@@ -8,12 +8,9 @@ import torch
 from ..errors import LoRALabError
 from .cpu_convolution import KERNEL_CHOICES
 from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
-from .optim import OptimizerError, check_learning_rate
+from .optim import OFFERED_OPTIMIZERS, SCHEDULERS, OptimizerError, check_learning_rate
 from .precision import AUTOCAST_DTYPES
-
-# Settings of the flow-matching objective (SD3, Flux), with the values that mean "not set" on other families.
-FLOW_MATCHING_SETTINGS = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "flow_shift", "loss_weighting",
-                          "precondition_outputs")
+from .settings import DISCRETE, FLOW_MATCHING, Widget, declared_settings, setting
 
 
 class TrainingError(LoRALabError, ValueError):
@@ -22,80 +19,126 @@ class TrainingError(LoRALabError, ValueError):
 
 @dataclass
 class TrainingConfig:
-    """Defaults follow common advice for SD1.x concept LoRAs: lr 1e-4, 1000 steps, batch 1 × accumulation 4."""
+    """Defaults follow common advice for SD1.x concept LoRAs: lr 1e-4, 1000 steps, batch 1 × accumulation 4.
 
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    gradient_accumulation: int = 4
-    optimizer: str = "AdamW"
+    Each field is declared once with `setting` (see settings.py): the CLI's options, the nodes' widgets and the range
+    checks of `validate` are made from these declarations.
+    """
+
+    steps: int = setting(1000, "Optimizer steps; each sees batch_size × gradient_accumulation images.",
+                         minimum=1, allowed="a whole number ≥ 1", widget=Widget(maximum=100000))
+    learning_rate: float = setting(1e-4, "Peak learning rate (1e-4 is a common start for LoRA; Prodigy wants 1.0). "
+                                         "Checked against the optimizer's range.",
+                                   aliases=("--lr",), widget=Widget(minimum=0.000001, maximum=10.0, step=0.000001))
+    batch_size: int = setting(1, "Images per forward pass.", minimum=1, allowed="a whole number ≥ 1",
+                              widget=Widget(maximum=64))
+    gradient_accumulation: int = setting(4, "Forward passes averaged into one optimizer step: each step sees "
+                                            "batch_size × this many images.",
+                                         minimum=1, allowed="a whole number ≥ 1", widget=Widget(maximum=64))
+    optimizer: str = setting("AdamW", "AdamW8bit, Lion and Prodigy need their packages installed; Prodigy wants "
+                                      "learning_rate 1.0.",
+                             widget=Widget(choices=OFFERED_OPTIMIZERS))  # any torch.optim class: checked by optim.py
     optimizer_options: dict = field(default_factory=dict)
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_scheduler_cycles: int = 1  # cosine_with_restarts only
-    lr_scheduler_power: float = 1.0  # polynomial only
-    min_snr_gamma: float = 0.0
-    prior_loss_weight: float = 1.0  # weight of the regularization (class) images' loss, kohya's default 1
-    noise_offset: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    validation_every: int = 50  # steps between validation losses (0: none; early stopping needs them)
-    validation_images: int = 4  # held out when the dataset has 5× as many, else a fixed subset of the training images
-    validation_timesteps: int = 4  # stratified timesteps per validation image
-    early_stopping_patience: int = 0  # validation evaluations without a new best before stopping (0: off)
-    early_stopping_min_steps: int = 0  # never stop before this step
-    keep_best: bool = False  # end with the weights of the lowest validation loss (always so with early stopping)
-    loss_smoothing: float = 0.9  # of the displayed training loss only
-    text_encoder_lr: float | None = None  # None: the learning rate
-    mixed_precision: str = "no"  # "bf16" or "fp16": autocast; adapters stay fp32 (see precision.py)
-    gradient_checkpointing: bool = False
-    cpu_conv_kernels: str = "by_size"  # frozen fp32 convolutions on CPU: "by_size" (see cpu_convolution.py) or "pytorch"
-    sample_every: int = 0  # steps between sample images (0: none)
-    sample_prompts: tuple[str, ...] = ("a photo of sks",)
+    lr_scheduler: str = setting("constant", "How the learning rate changes after warmup.", choices=SCHEDULERS,
+                                widget=Widget())  # checked by optim.py
+    lr_warmup_steps: int = setting(0, "Steps of linear warmup from 0 to the learning rate.",
+                                   widget=Widget(minimum=0, maximum=100000))  # checked by optim.py against steps
+    lr_scheduler_cycles: int = setting(1, "cosine_with_restarts: the number of cosine cycles")
+    lr_scheduler_power: float = setting(1.0, "polynomial: the power of the decay")
+    min_snr_gamma: float = setting(0.0, "SD1.x/2.x/SDXL (ε/v): Min-SNR-γ loss weighting; 0 is off, 5 is usual. "
+                                        "Refused for SD3/Flux.",
+                                   minimum=0.0, allowed="0 (off) or more (5 is usual)", families=DISCRETE,
+                                   widget=Widget(maximum=20.0, step=0.1))
+    prior_loss_weight: float = setting(1.0, "Weight of the class images' loss (Load Dataset's regularization_folder), "
+                                            "kohya's prior_loss_weight; refused without class images.",
+                                       minimum=0.0, allowed="0 or more (1 weighs class images like the concept's)",
+                                       widget=Widget(maximum=10.0, step=0.01))
+    noise_offset: float = setting(0.0, "Offset noise for darker/brighter images; 0 is off, 0.05 is usual.",
+                                  minimum=0.0, maximum=1.0, allowed="from 0 (off) to 1 (0.05–0.1 is usual)",
+                                  families=DISCRETE, widget=Widget(step=0.01))
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", minimum=0.0,
+                                   allowed="0 (no clipping) or more", cli=False)
+    seed: int = setting(0, "The same seed and settings give the same LoRA.",
+                        widget=Widget(minimum=0, maximum=0xFFFFFFFFFFFFFFFF))
+    validation_every: int = setting(50, "Steps between validation losses: fixed images, noise and timesteps, so it "
+                                        "moves only when the weights do. Early stopping and keep_best judge it; 0 is "
+                                        "off.",
+                                    minimum=0, allowed="0 (off) or a number of steps", widget=Widget(maximum=100000))
+    validation_images: int = setting(4, "images the validation loss uses: held out of training when the dataset has "
+                                        "5× as many", minimum=1, allowed="a whole number ≥ 1")
+    validation_timesteps: int = setting(4, "stratified timesteps per validation image", minimum=1,
+                                        allowed="a whole number ≥ 1")
+    early_stopping_patience: int = setting(0, "Stop after this many validation losses without a new lowest one, and "
+                                              "keep the weights of the lowest; 0 is off.",
+                                           minimum=0, allowed="0 (off) or a number of validation evaluations",
+                                           widget=Widget(maximum=100000))
+    early_stopping_min_steps: int = setting(0, "never stop early before this step", minimum=0,
+                                            allowed="0 or a number of steps")
+    keep_best: bool = setting(False, "End with the weights of the lowest validation loss (early stopping always "
+                                     "does).", widget=Widget())
+    loss_smoothing: float = setting(0.9, "smoothing of the displayed training loss only", minimum=0.0, below=1.0,
+                                    allowed="from 0 to below 1", cli=False)
+    text_encoder_lr: float | None = setting(None, "the text encoder LoRA's learning rate (default: the learning "
+                                                  "rate; 0 keeps it fixed)")  # the nodes show it as a choice
+    mixed_precision: str = setting("no", "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays "
+                                         "fp32. fp16 adds a gradient scaler.",
+                                   choices=tuple(AUTOCAST_DTYPES), allowed=f"one of {sorted(AUTOCAST_DTYPES)}",
+                                   widget=Widget())
+    gradient_checkpointing: bool = setting(False, "Recompute the denoiser's block activations (UNet or transformer "
+                                                  "blocks) in backward: much less memory, about a third slower.",
+                                           widget=Widget())
+    cpu_conv_kernels: str = setting("by_size", "frozen fp32 convolutions on CPU: by_size runs those with small outputs "
+                                               "on PyTorch's GEMM kernel (faster there than oneDNN's); pytorch leaves "
+                                               "the choice to PyTorch (see cpu_convolution.py)",
+                                    choices=KERNEL_CHOICES, allowed=f"one of {KERNEL_CHOICES}")
+    sample_every: int = setting(0, "Generate sample images every N steps (0: none); they come out as the samples IMAGE "
+                                   "and as previews.",
+                                minimum=0, allowed="0 (off) or a number of steps", widget=Widget(maximum=100000))
+    sample_prompts: tuple[str, ...] = setting(("a photo of sks",), "One prompt per line for the samples; the seed is "
+                                                                   "fixed, so samples show only the LoRA changing.",
+                                              aliases=("--sample-prompt",), widget=Widget())
     sample_seed: int = 0
-    sample_steps: int = 20
-    latent_cache_dir: str | None = None  # latents kept on disk between runs, keyed by image, VAE and seed
-    # flow matching (SD3, Flux) only; None: the family's default (see `families`)
-    timestep_sampling: str | None = None  # how σ is drawn: uniform, logit_normal or mode (SD3 paper §3.1)
-    logit_mean: float = 0.0  # logit_normal's mean
-    logit_std: float = 1.0  # logit_normal's standard deviation
-    mode_scale: float = 1.29  # mode's scale
-    flow_shift: float | None = None  # fixed σ shift (SD3.5: 3.0); None: the family's (Flux: by resolution)
-    loss_weighting: str = "none"  # none, sigma_sqrt or cosmap (diffusers' SD3 weighting schemes)
-    precondition_outputs: bool | None = None  # loss on x̂0 = x_σ − σ·v̂ (diffusers' and kohya's SD3); None: family's
+    sample_steps: int = setting(20, "Sampler steps for each sample image.", widget=Widget(minimum=1, maximum=200))
+    latent_cache_dir: str | None = setting(None, "keep encoded latents on disk for later runs, keyed by image, VAE and "
+                                                 "seed")  # the nodes: a folder of ComfyUI's output, on or off
+    timestep_sampling: str | None = setting(
+        None, "SD3/Flux (flow matching): how noise levels σ are drawn.", choices=(None, *SIGMA_SAMPLINGS),
+        allowed=f"one of {SIGMA_SAMPLINGS}, or None for the model family's default", families=FLOW_MATCHING,
+        widget=Widget(labels={None: "default"}, note="default: logit_normal, as lora_core trains SD3 and Flux. "
+                                                     "Refused for SD1.x/2.x/SDXL."))
+    logit_mean: float = setting(0.0, "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier).",
+                                families=FLOW_MATCHING, widget=Widget(minimum=-10.0, maximum=10.0, step=0.01))
+    logit_std: float = setting(1.0, "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ.",
+                               above=0.0, allowed="a number > 0", families=FLOW_MATCHING,
+                               widget=Widget(minimum=0.01, maximum=10.0, step=0.01))
+    mode_scale: float = setting(1.29, "SD3/Flux, mode sampling: its scale", families=FLOW_MATCHING)
+    flow_shift: float | None = setting(
+        None, "SD3/Flux: a fixed shift of σ (kohya's discrete_flow_shift; 3.0 for SD3.5).", above=0.0,
+        allowed="a number > 0 (1: no shift), or None", families=FLOW_MATCHING,
+        widget=Widget(minimum=0.0, maximum=100.0, step=0.01, unset=0.0,
+                      note="0: the model's own schedule, including a ModelSamplingSD3 / ModelSamplingFlux node before "
+                           "Train LoRA."))
+    loss_weighting: str = setting("none", "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap).",
+                                  choices=SD3_WEIGHTINGS, allowed=f"one of {SD3_WEIGHTINGS}", families=FLOW_MATCHING,
+                                  widget=Widget())
+    precondition_outputs: bool | None = setting(
+        None, "SD3/Flux: on, the loss compares the denoised estimate x_σ − σ·v̂ with x0 (σ² times the velocity loss), "
+              "as diffusers' SD3 script (its default) and kohya's SD3 trainer train; off, the plain velocity loss.",
+        choices=(None, True, False), allowed="True, False, or None for the model family's default",
+        families=FLOW_MATCHING, widget=Widget(labels={None: "default", True: "on", False: "off"},
+                                              note="default: on for SD3, off for Flux. Refused for SD1.x/2.x/SDXL."))
 
     def validate(self) -> None:
-        checks = [
-            ("steps", self.steps >= 1, "a whole number ≥ 1"),
-            ("batch_size", self.batch_size >= 1, "a whole number ≥ 1"),
-            ("gradient_accumulation", self.gradient_accumulation >= 1, "a whole number ≥ 1"),
-            ("min_snr_gamma", self.min_snr_gamma >= 0, "0 (off) or more (5 is usual)"),
-            ("prior_loss_weight", self.prior_loss_weight >= 0, "0 or more (1 weighs class images like the concept's)"),
-            ("noise_offset", 0 <= self.noise_offset <= 1, "from 0 (off) to 1 (0.05–0.1 is usual)"),
-            ("max_grad_norm", self.max_grad_norm >= 0, "0 (no clipping) or more"),
-            ("validation_every", self.validation_every >= 0, "0 (off) or a number of steps"),
-            ("validation_images", self.validation_images >= 1, "a whole number ≥ 1"),
-            ("validation_timesteps", self.validation_timesteps >= 1, "a whole number ≥ 1"),
-            ("early_stopping_patience", self.early_stopping_patience >= 0,
-             "0 (off) or a number of validation evaluations"),
+        for each in TRAINING_SETTINGS:
+            if each.allowed and not each.in_range(getattr(self, each.name)):
+                raise TrainingError(f"{each.name} = {getattr(self, each.name)!r} is out of range: use {each.allowed}")
+        relations = [
             ("early_stopping_patience", not self.early_stopping_patience or self.validation_every,
              "0 while validation_every is 0: early stopping judges the validation loss, so set validation_every"),
-            ("early_stopping_min_steps", self.early_stopping_min_steps >= 0, "0 or a number of steps"),
             ("keep_best", not self.keep_best or self.validation_every,
              "False while validation_every is 0: the best weights are those of the lowest validation loss"),
-            ("loss_smoothing", 0 <= self.loss_smoothing < 1, "from 0 to below 1"),
-            ("mixed_precision", self.mixed_precision in AUTOCAST_DTYPES, f"one of {sorted(AUTOCAST_DTYPES)}"),
-            ("cpu_conv_kernels", self.cpu_conv_kernels in KERNEL_CHOICES, f"one of {KERNEL_CHOICES}"),
-            ("sample_every", self.sample_every >= 0, "0 (off) or a number of steps"),
-            ("timestep_sampling", self.timestep_sampling in (None, *SIGMA_SAMPLINGS),
-             f"one of {SIGMA_SAMPLINGS}, or None for the model family's default"),
-            ("loss_weighting", self.loss_weighting in SD3_WEIGHTINGS, f"one of {SD3_WEIGHTINGS}"),
-            ("flow_shift", self.flow_shift is None or self.flow_shift > 0, "a number > 0 (1: no shift), or None"),
-            ("logit_std", self.logit_std > 0, "a number > 0"),
-            ("precondition_outputs", self.precondition_outputs in (None, True, False),
-             "True, False, or None for the model family's default"),
         ]
-        for name, ok, allowed in checks:
+        for name, ok, allowed in relations:
             if not ok:
                 raise TrainingError(f"{name} = {getattr(self, name)!r} is out of range: use {allowed}")
         try:
@@ -116,7 +159,7 @@ class TrainingConfig:
 
     def check_flow_matching(self, family: str) -> None:
         """Refuse discrete-schedule settings for a flow-matching family."""
-        set_here = [name for name in ("min_snr_gamma", "noise_offset") if getattr(self, name)]
+        set_here = [name for name in DISCRETE_SETTINGS if getattr(self, name)]
         if set_here:
             raise TrainingError(f"{', '.join(set_here)} apply to ε/v-prediction on a discrete schedule; {family} "
                                 "trains by flow matching: set them to 0 and use timestep_sampling, flow_shift and "
@@ -149,3 +192,9 @@ class TrainingConfig:
             "seed": self.seed,
             "validate_every_n_steps": self.validation_every or None,
         }
+
+
+TRAINING_SETTINGS = declared_settings(TrainingConfig)
+# the flow-matching objective's (SD3, Flux), at values that mean "not set" on other families; and the discrete one's
+FLOW_MATCHING_SETTINGS = tuple(each.name for each in TRAINING_SETTINGS if each.families == FLOW_MATCHING)
+DISCRETE_SETTINGS = tuple(each.name for each in TRAINING_SETTINGS if each.families == DISCRETE)
