@@ -1,4 +1,5 @@
-"""The ComfyUI backend: MODEL, CLIP and VAE as `lora_core` sees a model. No math here, only ComfyUI plumbing.
+"""The ComfyUI backend: MODEL, CLIP and VAE as `lora_core` sees a model. No math here, only ComfyUI plumbing: what a
+family is (presets, file naming, fused layers and how their LoRAs split) is lora_core's family description.
 
 The denoiser is trained as ComfyUI's samplers run it: noise levels and the prediction type come from the MODEL's
 *patched* `model_sampling` (so ModelSamplingDiscrete v_prediction / zsnr, ModelSamplingSD3 and ModelSamplingFlux
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import comfy.lora
@@ -25,23 +25,18 @@ from torch import nn
 
 from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend
 from ..lora_core.errors import LoRALabError
+from ..lora_core.families import FLUX, Family, comfy_family, comfy_model_name
+from ..lora_core.families.flow import DIFFUSERS_SUFFIXES
+from ..lora_core.families.sd3 import FilePart, fused_lora, split_lora
 from ..lora_core.formats.files import data_hash
-from ..lora_core.targets import (
-    TEXT_ENCODER_PRESET,
-    UNET_PREFIX,
-    UNET_PRESETS,
-    TargetPreset,
-    all_adaptable,
-    find_targets,
-    kohya_name,
-)
+from ..lora_core.targets import TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name
 from ..lora_core.training.objectives import FlowMatchingObjective, Objective
 
 if TYPE_CHECKING:
     from ..lora_core.training.config import TrainingConfig
 
 # A discrete schedule's prediction type is what its `calculate_denoised` does with the denoiser's output.
-PREDICTION_TYPES = {
+DISCRETE_PREDICTION_TYPES = {
     comfy.model_sampling.EPS.calculate_denoised: "epsilon",
     comfy.model_sampling.V_PREDICTION.calculate_denoised: "v_prediction",
 }
@@ -50,74 +45,10 @@ CONST = getattr(comfy.model_sampling, "CONST", None)
 FLOW_SAMPLING_NAMES = ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
 FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMPLING_NAMES
                        if hasattr(comfy.model_sampling, name))
-FAMILY_NAMES = {"SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP",
-                "SDXL": "SDXL", "SDXLRefiner": "SDXL Refiner", "SD3": "SD3", "Flux": "Flux.1",
-                "FluxSchnell": "Flux.1 schnell", "SD15_instructpix2pix": "SD1.x instruct-pix2pix",
-                "SDXL_instructpix2pix": "SDXL instruct-pix2pix"}
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
              "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5 and Flux.1 dev/schnell by "
              "flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux)")
-FLUX_TRAINING_GUIDANCE = 1.0  # Flux.1-dev's guidance input while training (kohya's docs; both scripts default to 3.5)
-
-FLUX_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
-FLUX_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
-FLUX_PRESETS = {
-    "attention": TargetPreset(FLUX_BLOCKS, False, FLUX_ATTENTION, "qkv/proj of the double blocks' attention (both "
-                              "streams); the single blocks' linear1 and linear2 whole, where attention is fused with "
-                              "the MLP"),
-    "transformer": TargetPreset(FLUX_BLOCKS, False, (*FLUX_ATTENTION, "_mlp.0", "_mlp.2"),
-                                "attention plus the double blocks' MLPs"),
-    "full": TargetPreset(FLUX_BLOCKS, False, (), "every Linear of the double and single blocks, modulation included"),
-}
-MMDIT_BLOCKS = frozenset({"JointBlock"})
-MMDIT_ATTENTION = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
-SD3_PRESETS = {
-    "attention": TargetPreset(MMDIT_BLOCKS, False, MMDIT_ATTENTION, "qkv/proj of every joint block's attention"),
-    "transformer": TargetPreset(MMDIT_BLOCKS, False, (*MMDIT_ATTENTION, "mlp.fc1", "mlp.fc2"),
-                                "attention plus the MLPs"),
-    "full": TargetPreset(MMDIT_BLOCKS, False, (), "every Linear of the joint blocks, adaLN modulation included but "
-                         "the last block's context adaLN"),
-}
-
-
-@dataclass(frozen=True)
-class Family:
-    """What Train LoRA needs to know of a family ComfyUI loads, keyed by its `supported_models` config class."""
-
-    name: str
-    version: str  # kohya's ss_base_model_version
-    denoiser: str  # class name of ComfyUI's diffusion model
-    text_encoders: dict[str, str]  # ComfyUI's CLIP submodule → kohya prefix of its layers (T5 is never trained)
-    presets: dict[str, TargetPreset]
-    blocks: tuple[str, ...]  # the denoiser's attributes holding the blocks gradient checkpointing recomputes
-    ldm_names: bool = True  # lora_unet_ + ComfyUI's module path (kohya's SDXL, Flux); else the diffusers path
-    adm: bool = False  # the UNet takes pooled/ADM conditioning `y` (SDXL's size/crop embedding)
-    flow: bool = False  # flow matching on CONST sampling; else ε/v on a discrete schedule
-    timestep_sampling: str = "logit_normal"  # flow matching's default σ sampling (lora_core's for SD3 and Flux)
-    guidance: bool = False  # Flux: extra_conds takes a guidance value
-    diffusers_files: bool = False  # SD3: files in diffusers' naming (q/k/v apart), as lora_core's SD3 files
-    precondition_outputs: bool = False  # SD3: the loss on x̂0 by default, as diffusers' and kohya's SD3 trainers
-    sample_cfg: float = 7.0
-    sample_scheduler: str = "normal"
-
-
-UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
-SD1_FAMILY = Family("SD1.x", "sd_v1", "UNetModel", {"clip_l": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False)
-FLUX_FAMILY = Family("Flux.1", "flux1", "Flux", {"clip_l": "lora_te1"}, FLUX_PRESETS,
-                     ("double_blocks", "single_blocks"),
-                     flow=True, guidance=True, sample_cfg=1.0, sample_scheduler="simple")
-FAMILIES = {
-    "SD15": SD1_FAMILY,
-    "SD20": Family("SD2.x", "sd_v2", "UNetModel", {"clip_h": "lora_te"}, UNET_PRESETS, UNET_BLOCKS, ldm_names=False),
-    "SDXL": Family("SDXL", "sdxl_base_v1-0", "UNetModel", {"clip_l": "lora_te1", "clip_g": "lora_te2"}, UNET_PRESETS,
-                   UNET_BLOCKS, adm=True),
-    "SD3": Family("SD3", "sd3", "OpenAISignatureMMDITWrapper", {"clip_l": "lora_te1"},
-                  SD3_PRESETS, ("joint_blocks",), adm=True, flow=True, sample_cfg=5.0, sample_scheduler="simple",
-                  diffusers_files=True, precondition_outputs=True),
-    "Flux": FLUX_FAMILY,
-    "FluxSchnell": FLUX_FAMILY,
-}
 
 
 class ComfyBackendError(LoRALabError, ValueError):
@@ -137,7 +68,7 @@ def model_sampling(model: Any) -> Any:
 def model_family(model: Any) -> str:
     """A reader's name for the MODEL's family: "SDXL", "SD1.x inpainting (9-channel)", …"""
     config = model.model.model_config
-    name = FAMILY_NAMES.get(type(config).__name__, type(config).__name__)
+    name = comfy_model_name(type(config).__name__)
     channels = config.unet_config.get("in_channels", 4)
     if channels in IMAGE_INPUT_FAMILIES and IMAGE_INPUT_FAMILIES[channels] not in name:
         name = f"{name} {IMAGE_INPUT_FAMILIES[channels]} ({channels}-channel)"
@@ -146,10 +77,7 @@ def model_family(model: Any) -> str:
 
 def config_family(model: Any) -> Family | None:
     """The family of the MODEL's config class or of the nearest class it derives from (SSD-1B is an SDXL)."""
-    for cls in type(model.model.model_config).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    return None
+    return comfy_family(cls.__name__ for cls in type(model.model.model_config).__mro__)
 
 
 def trainable_family(model: Any) -> tuple[Family, str]:
@@ -161,8 +89,9 @@ def trainable_family(model: Any) -> tuple[Family, str]:
     denoised = type(sampling).calculate_denoised
     if family is None:
         problem = "Train LoRA does not train this family"
-    elif type(base.diffusion_model).__name__ != family.denoiser:
-        problem = f"its denoiser is a {type(base.diffusion_model).__name__}, not {family.name}'s {family.denoiser}"
+    elif type(base.diffusion_model).__name__ != family.comfy_denoiser:
+        problem = (f"its denoiser is a {type(base.diffusion_model).__name__}, not {family.name}'s "
+                   f"{family.comfy_denoiser}")
     elif in_channels != unet_config.get("out_channels", in_channels):
         problem = f"its denoiser takes {in_channels} input channels (image/mask conditioning)"
     elif not family.adm and (unet_config.get("adm_in_channels") or unet_config.get("num_classes") is not None):
@@ -173,10 +102,10 @@ def trainable_family(model: Any) -> tuple[Family, str]:
         return family, "flow"
     elif not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
         problem = f"its sampling is {type(sampling).__name__}, not a discrete DDPM schedule"
-    elif denoised not in PREDICTION_TYPES:
+    elif denoised not in DISCRETE_PREDICTION_TYPES:
         problem = "its sampling predicts neither ε nor v (lcm, x0)"
     else:
-        return family, PREDICTION_TYPES[denoised]
+        return family, DISCRETE_PREDICTION_TYPES[denoised]
     raise ComfyBackendError(f"this MODEL is {model_family(model)}: {problem}. {SUPPORTED}; other families are not "
                             "supported yet")
 
@@ -305,10 +234,6 @@ def differentiable_fp8_layers(roots: list[nn.Module]) -> Iterator[None]:
             del layer.forward_comfy_cast_weights
 
 
-DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
-FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds
-
-
 def sd3_file_parts(model: Any) -> dict[str, list[FilePart]]:
     """ComfyUI's SD3 module path → the diffusers module(s) SD3 LoRA files name it by, from ComfyUI's own map
     (`comfy.utils.mmdit_to_diffusers`): fused qkv → to_q/to_k/to_v (add_*_proj for the context stream), each with its
@@ -328,32 +253,6 @@ def sd3_file_parts(model: Any) -> dict[str, list[FilePart]]:
         parts.setdefault(path, []).append((module, None if rows is None else (rows[1], rows[2])))
     return {path: sorted(found, key=lambda part: part[1] or (0, 0)) for path, found in parts.items()
             if path not in reordered}
-
-
-def split_lora(parts: dict[str, torch.Tensor], pieces: list[FilePart]) -> dict[str, dict[str, torch.Tensor]]:
-    """A LoRA module's tensors as diffusers' files hold them: alpha/rank folded into lora_B (no alpha), and a fused
-    layer's lora_B split by rows over its pieces, each with the same lora_A; ΔW of the pieces is that of the module."""
-    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-    scale = float(parts.get("alpha", down.shape[0])) / down.shape[0]
-    up = (up.float() * scale).to(up.dtype)
-    return {module: {"lora_A.weight": down, "lora_B.weight": up if rows is None else up[rows[0]:rows[0] + rows[1]]}
-            for module, rows in pieces}
-
-
-def fused_lora(pieces: list[tuple[tuple[int, int], dict[str, torch.Tensor]]], out_features: int
-               ) -> dict[str, torch.Tensor]:
-    """The LoRA of a fused layer from its pieces' (rows, {lora_A, lora_B}): one lora_A where all pieces share it,
-    else the pieces' ranks side by side (lora_B block-diagonal); rows no piece covers stay zero. Scale 1."""
-    downs = [tensors["lora_A.weight"] for _, tensors in pieces]
-    shared = all(torch.equal(down, downs[0]) for down in downs)
-    down = downs[0] if shared else torch.cat(downs)
-    up = torch.zeros(out_features, down.shape[0], dtype=pieces[0][1]["lora_B.weight"].dtype)
-    column = 0
-    for (start, size), tensors in pieces:
-        rank = tensors["lora_A.weight"].shape[0]
-        up[start:start + size, (0 if shared else column):(0 if shared else column) + rank] = tensors["lora_B.weight"]
-        column += rank
-    return {"lora_down.weight": down, "lora_up.weight": up}
 
 
 IN_PLACE_INPUT_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
@@ -409,7 +308,7 @@ class ComfyBackend(TrainingBackend):
     """Trains MODEL's denoiser through its patched `model_sampling`; encodes with the given VAE and CLIP."""
 
     def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512,
-                 guidance: float = FLUX_TRAINING_GUIDANCE) -> None:
+                 guidance: float = FLUX.training_guidance) -> None:
         self.spec, self.prediction_type = trainable_family(model)
         self.family = model_family(model)
         self.model, self.clip, self.vae, self.sample_size = model, clip, vae, sample_size
@@ -418,9 +317,9 @@ class ComfyBackend(TrainingBackend):
         self.sampling = model_sampling(model)
         self.device = comfy.model_management.get_torch_device()
         has_guidance = self.spec.guidance and model.model.model_config.unet_config.get("guidance_embed", False)
-        if guidance != FLUX_TRAINING_GUIDANCE and not has_guidance:
+        if guidance != FLUX.training_guidance and not has_guidance:
             raise ComfyBackendError(f"flux_guidance {guidance} sets Flux.1-dev's guidance input; {self.family} has "
-                                    f"none, so leave it at {FLUX_TRAINING_GUIDANCE}")
+                                    f"none, so leave it at {FLUX.training_guidance}")
         self.guidance = guidance if has_guidance else None
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
@@ -458,7 +357,7 @@ class ComfyBackend(TrainingBackend):
         config.check_flow_matching(self.family)
         fixed = {} if config.flow_shift is None else {"shift": config.flow_shift}
         return FlowMatchingObjective(
-            timestep_multiplier=1, sampling=config.timestep_sampling or self.spec.timestep_sampling,
+            timestep_multiplier=1, sampling=config.timestep_sampling or self.spec.sigma_sampling,
             logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale,
             weighting=config.loss_weighting, schedule=None if fixed else self.model_sigma, **fixed,
             precondition_outputs=(self.spec.precondition_outputs if config.precondition_outputs is None
@@ -612,10 +511,10 @@ class ComfyBackend(TrainingBackend):
                 "exactly; use algorithm lora")
 
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:
-        if preset not in self.spec.presets:
+        if preset not in self.spec.comfy_presets:
             raise ComfyBackendError(f"unknown target {preset!r} for {self.family}; choose one of "
-                                    f"{sorted(self.spec.presets)}")
-        layers = find_targets(self.unet, self.spec.presets[preset])
+                                    f"{sorted(self.spec.comfy_presets)}")
+        layers = find_targets(self.unet, self.spec.comfy_presets[preset])
         targets = {self._unet_names[path]: module for path, module in layers.items() if path in self._unet_names}
         if text_encoder:
             clip_layers = find_targets(self.clip.cond_stage_model, TEXT_ENCODER_PRESET)
@@ -633,7 +532,7 @@ class ComfyBackend(TrainingBackend):
         return [self.unet] + ([self.clip.cond_stage_model] if self.clip is not None else [])
 
     def checkpoint_blocks(self) -> list[nn.Module]:
-        blocks = [getattr(self.unet, name) for name in self.spec.blocks]
+        blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]
 
     def vae_fingerprint(self) -> str:

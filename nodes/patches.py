@@ -84,18 +84,15 @@ def apply_lora(model: Any, clip: Any, weights: LoRAWeights, strength_model: floa
     return comfy.sd.load_lora_for_models(model, clip, weights.tensors, strength_model, strength_clip)
 
 
-BLOCK_FAMILIES = {"SD1.x": "SD1.x", "SD2.x": "SD1.x", "SDXL": "SDXL", "SD3": "SD3", "Flux.1": "Flux"}
-
-
 def block_layout(model: Any) -> tuple[str, tuple[int, ...]]:
     """The MODEL's block-weight family and depth (Flux's double/single block counts, SD3's joint block count)."""
     family = config_family(model)
-    if family is None or family.name not in BLOCK_FAMILIES:
-        raise block_weights.BlockWeightError(f"block weights know {', '.join(block_weights.FAMILIES)}; this MODEL is "
+    if family is None:
+        raise block_weights.BlockWeightError(f"block weights know {', '.join(block_weights.LAYOUTS)}; this MODEL is "
                                              f"{model_family(model)}: leave block_weights empty")
-    name, denoiser = BLOCK_FAMILIES[family.name], model.model.diffusion_model
-    return name, () if name in block_weights.UNET_LAYOUTS else tuple(len(getattr(denoiser, blocks))
-                                                                     for blocks in family.blocks)
+    layout, denoiser = family.block_layout, model.model.diffusion_model
+    return layout.name, () if layout.unet_layouts else tuple(len(getattr(denoiser, blocks))
+                                                             for blocks in family.comfy_blocks)
 
 
 def apply_lora_by_block(model: Any, clip: Any, weights: LoRAWeights, strength_model: float, strength_clip: float,

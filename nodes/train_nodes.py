@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from ..lora_core.adapters import ALGORITHMS
 from ..lora_core.data.config import DatasetConfig
 from ..lora_core.data.dataset import ImageFolderDataset
+from ..lora_core.families import FAMILIES, FLUX, SD3
 from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
@@ -24,14 +25,7 @@ from ..lora_core.training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from ..lora_core.training.optim import OFFERED_OPTIMIZERS, SCHEDULERS
 from ..lora_core.training.plots import loss_curve, smooth
 from ..lora_core.training.precision import AUTOCAST_DTYPES
-from .comfy_backend import (
-    FAMILIES,
-    FLUX_PRESETS,
-    FLUX_TRAINING_GUIDANCE,
-    SD3_PRESETS,
-    ComfyBackend,
-    ComfyBackendError,
-)
+from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
     LATENT_CACHE_FOLDER,
@@ -156,9 +150,9 @@ CLIP_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H"}
 
 
 def trained_text_encoders() -> str:
-    """Which CLIP encoders train_text_encoder adapts, per family, from the family table; T5 never."""
+    """Which CLIP encoders train_text_encoder adapts, per family, from the family descriptions; T5 never."""
     encoders = {family.name: " and ".join(CLIP_NAMES[name] for name in family.text_encoders)
-                for family in FAMILIES.values()}
+                for family in FAMILIES}
     return "; ".join(f"{family} {names}" for family, names in encoders.items()) + " (T5 and other encoders never)"
 
 
@@ -178,7 +172,7 @@ class InjectLoRA:
                 "algorithm": (sorted(ALGORITHMS), {"default": "lora", "tooltip": "lora: low-rank ΔW; dora: LoRA plus a learned magnitude; loha: Hadamard product; lokr: Kronecker product."}),
                 "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
                 "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
-                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX_PRESETS.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3_PRESETS.items()) + "."}),
+                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX.comfy_presets.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3.comfy_presets.items()) + "."}),
                 "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): " + trained_text_encoders() + ". Needs CLIP. When continuing a LoRA (the lora input) that has text-encoder layers, off keeps them applied as they are, on trains them."}),
             },
             "optional": {
@@ -238,7 +232,7 @@ class TrainingOptions:
             "logit_mean": ("FLOAT", {"default": DEFAULTS.logit_mean, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier)."}),
             "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),
             "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
-            "flux_guidance": ("FLOAT", {"default": FLUX_TRAINING_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
+            "flux_guidance": ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
             "prior_loss_weight": ("FLOAT", {"default": DEFAULTS.prior_loss_weight, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the class images' loss (Load Dataset's regularization_folder), kohya's prior_loss_weight; refused without class images."}),
             "precondition_outputs": (list(PRECONDITION_CHOICES), {"default": "default", "tooltip": "SD3/Flux: on, the loss compares the denoised estimate x_σ − σ·v̂ with x0 (σ² times the velocity loss), as diffusers' SD3 script (its default) and kohya's SD3 trainer train; off, the plain velocity loss. default: on for SD3, off for Flux. Refused for SD1.x/2.x/SDXL."}),
         }}

@@ -1,9 +1,10 @@
-"""The model families lora_core trains with diffusers, one module each (as ComfyUI's `supported_models.py` keeps a
-family's facts in one place): its backend (encoders, denoiser call, objective), its file naming and its defaults."""
+"""The model families LoRA Lab trains, one module each (as ComfyUI's `supported_models.py` keeps a family's facts
+in one place): its description (`Family`: names, ids, presets, block layout, file naming, defaults, for the engine
+and the ComfyUI nodes alike) and its diffusers backend (encoders, denoiser call, objective, files)."""
 from __future__ import annotations
 
-import importlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,43 @@ import torch
 
 from ..backend import TrainingBackend
 from ..errors import LoRALabError
+from .family import Family
+from .flux import FLUX
+from .sd1 import SD1, SD2
+from .sd3 import SD3
+from .sdxl import SDXL
 
-# diffusers pipeline class → (module under lora_core, backend class)
-FAMILIES = {
-    "StableDiffusionPipeline": ("lora_core.families.sd1", "DiffusersBackend"),
-    "StableDiffusionXLPipeline": ("lora_core.families.sdxl", "SDXLBackend"),
-    "StableDiffusion3Pipeline": ("lora_core.families.sd3", "SD3Backend"),
-    "FluxPipeline": ("lora_core.families.flux", "FluxBackend"),
-}
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX)
+PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
+
+
+def comfy_family(config_classes: Iterable[str]) -> Family | None:
+    """The family of the first of these ComfyUI `supported_models` classes (a config's own, then its bases') that
+    Train LoRA trains."""
+    for name in config_classes:
+        for family in FAMILIES:
+            if name in family.comfy_configs:
+                return family
+    return None
+
+
+def comfy_model_name(config_class: str) -> str:
+    """A reader's name of the model of a ComfyUI `supported_models` class ("Flux.1 schnell"); else the class name."""
+    for family in FAMILIES:
+        names = {**family.comfy_configs, **family.comfy_variants}
+        if config_class in names:
+            return names[config_class]
+    return config_class
+
+
+def version_family(version: str) -> Family:
+    """The family of kohya's `ss_base_model_version` `version`."""
+    for family in FAMILIES:
+        if family.version == version:
+            return family
+    versions = [family.version for family in FAMILIES]
+    raise FamilyError(f"unknown base model version {version!r}; expected {', '.join(versions[:-1])} or "
+                      f"{versions[-1]}")
 
 
 class FamilyError(LoRALabError, ValueError):
@@ -32,18 +62,17 @@ def pipeline_class(base: Path) -> str:
         raise FamilyError(f"{base} is not a diffusers pipeline folder (no model_index.json); point --base at a "
                           "folder written by save_pretrained, such as the demo's out/base")
     name = json.loads(index.read_text()).get("_class_name", "")
-    if name not in FAMILIES:
-        raise FamilyError(f"{base} holds a {name or 'unnamed'} pipeline; lora_core trains {', '.join(FAMILIES)}")
+    if name not in PIPELINES:
+        raise FamilyError(f"{base} holds a {name or 'unnamed'} pipeline; lora_core trains {', '.join(PIPELINES)}")
     return name
 
 
 def backend_class(pipeline: Any) -> type[TrainingBackend]:
     """The backend for a diffusers pipeline object, by its class (or the nearest supported base class)."""
     for cls in type(pipeline).__mro__:
-        if cls.__name__ in FAMILIES:
-            module, name = FAMILIES[cls.__name__]
-            return getattr(importlib.import_module(module), name)
-    raise FamilyError(f"a {type(pipeline).__name__} cannot be trained; lora_core trains {', '.join(FAMILIES)}")
+        if cls.__name__ in PIPELINES:
+            return PIPELINES[cls.__name__].backend_class()
+    raise FamilyError(f"a {type(pipeline).__name__} cannot be trained; lora_core trains {', '.join(PIPELINES)}")
 
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

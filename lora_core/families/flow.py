@@ -3,7 +3,7 @@ pipeline with a transformer denoiser, a 16-channel VAE (scale and shift), CLIP-L
 train) beside frozen ones (T5 is never trained)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,31 +19,33 @@ from ..targets import (
     kohya_paths,
     named_for_kohya,
 )
-from ..training.config import TrainingConfig
 from ..training.objectives import FlowMatchingObjective
+from .family import Family
 from .sd1 import generate
+
+if TYPE_CHECKING:
+    from ..training.config import TrainingConfig
 
 CLIP_L_PREFIX = "lora_te1"  # kohya's, ComfyUI's and diffusers' name of the first text encoder's layers
 DIFFUSERS_PREFIXES = {"transformer.": "lora_unet_", "text_encoder.": f"{CLIP_L_PREFIX}_"}  # file → network names
 DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}  # network → file
-DEFAULT_SIGMA_SAMPLING = "logit_normal"  # the SD3 paper's best (§3.1), diffusers' SD3 script's default
 
 
-def flow_objective(config: TrainingConfig, family: str, timestep_multiplier: float, shift: float | None,
-                   base_shift: float = 0.5, max_shift: float = 1.15, precondition_outputs: bool = False
-                   ) -> FlowMatchingObjective:
-    """The family's flow-matching objective with the run's settings: σ logit-normal unless `timestep_sampling` says
-    otherwise, shifted by `config.flow_shift` if set, else by the family's fixed `shift`, or by Flux's
+def flow_objective(config: TrainingConfig, family: Family, timestep_multiplier: float, shift: float | None,
+                   base_shift: float = 0.5, max_shift: float = 1.15) -> FlowMatchingObjective:
+    """The family's flow-matching objective with the run's settings: σ drawn as `timestep_sampling` says, else as
+    the family's default, shifted by `config.flow_shift` if set, else by the family's fixed `shift`, or by Flux's
     resolution-dependent shift (μ between `base_shift` and `max_shift`) where `shift` is None; the loss on
-    preconditioned outputs where `config.precondition_outputs` (else the family's `precondition_outputs`) says so."""
-    config.check_flow_matching(family)
+    preconditioned outputs where `config.precondition_outputs` (else the family's default) says so."""
+    config.check_flow_matching(family.name)
     if config.flow_shift is not None:
         shift = config.flow_shift
     return FlowMatchingObjective(
-        timestep_multiplier, config.timestep_sampling or DEFAULT_SIGMA_SAMPLING, config.logit_mean, config.logit_std,
+        timestep_multiplier, config.timestep_sampling or family.sigma_sampling, config.logit_mean, config.logit_std,
         config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
         base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
-        precondition_outputs=precondition_outputs if config.precondition_outputs is None else config.precondition_outputs,
+        precondition_outputs=(family.precondition_outputs if config.precondition_outputs is None
+                              else config.precondition_outputs),
     )
 
 
@@ -89,6 +91,7 @@ class FlowBackend(TrainingBackend):
     Subclasses give the family, presets, text encoding, the denoiser call and the objective's constants."""
 
     prediction_type = "flow"
+    description: Family
     presets: dict[str, TargetPreset]
     sample_guidance: float  # the guidance scale sample images are drawn with
 

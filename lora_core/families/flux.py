@@ -3,7 +3,8 @@ context, σ as the time input (the transformer scales it by 1000), the guidance 
 naming over Black Forest Labs' layer names, whose fused layers (qkv, linear1) hold diffusers' separate ones."""
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,12 +14,21 @@ from ..backend import Conditioning
 from ..errors import LoRALabError
 from ..functional.dora import output_norm
 from ..network import grouped_by_module
-from ..targets import kohya_name
-from ..training.config import TrainingConfig
+from ..targets import TargetPreset, kohya_name
 from ..training.objectives import FlowMatchingObjective
-from .flow import FlowBackend, flattened, flow_objective, from_diffusers_naming, transformer_presets
+from .family import BlockLayout, Family
+from .flow import (
+    CLIP_L_PREFIX,
+    FlowBackend,
+    flattened,
+    flow_objective,
+    from_diffusers_naming,
+    transformer_presets,
+)
 
-FAMILY = "Flux.1"
+if TYPE_CHECKING:
+    from ..training.config import TrainingConfig
+
 FLUX_BLOCKS = frozenset({"FluxTransformerBlock", "FluxSingleTransformerBlock"})
 # A single block's attention is fused with its MLP in BFL's layout (which ComfyUI and kohya's files use): linear1 =
 # q, k, v and the MLP's input (proj_mlp), linear2 = the attention's output and the MLP's (proj_out). "attention"
@@ -30,6 +40,27 @@ FLUX_PRESETS = transformer_presets(
     FLUX_BLOCKS, FLUX_ATTENTION, FLUX_MLP,
     "q/k/v/out of the double blocks' attention (both streams); the single blocks' linear1 and linear2 whole, where "
     "attention is fused with the MLP")
+# The same layers in ComfyUI's Flux (Black Forest Labs' layout)
+BFL_BLOCKS = frozenset({"DoubleStreamBlock", "SingleStreamBlock"})
+BFL_ATTENTION = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "linear1", "linear2")
+BFL_PRESETS = {
+    "attention": TargetPreset(BFL_BLOCKS, False, BFL_ATTENTION, "qkv/proj of the double blocks' attention (both "
+                              "streams); the single blocks' linear1 and linear2 whole, where attention is fused with "
+                              "the MLP"),
+    "transformer": TargetPreset(BFL_BLOCKS, False, (*BFL_ATTENTION, "_mlp.0", "_mlp.2"),
+                                "attention plus the double blocks' MLPs"),
+    "full": TargetPreset(BFL_BLOCKS, False, (), "every Linear of the double and single blocks, modulation included"),
+}
+FLUX = Family(
+    "Flux.1", "flux1", "flux-1", __name__, "FluxBackend", ("FluxPipeline",),
+    {"Flux": "Flux.1", "FluxSchnell": "Flux.1 schnell"}, "Flux", ("double_blocks", "single_blocks"), FLUX_PRESETS,
+    BFL_PRESETS, {"clip_l": CLIP_L_PREFIX},
+    BlockLayout("Flux", groups=("D", "S"), patterns=(
+        (re.compile(r"lora_unet_double_blocks_(\d+)(_|$)"), "D"),
+        (re.compile(r"lora_unet_single_blocks_(\d+)(_|$)"), "S"),
+        (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "D"),
+        (re.compile(r"transformer\.single_transformer_blocks\.(\d+)\."), "S"))),
+    flow=True, guidance=True, sample_cfg=1.0, sample_scheduler="simple")
 
 # Factors of the adapters that fuse exactly along a fused layer's output rows (LoRA, DoRA, LoHa):
 OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block-diagonal in the fused layer
@@ -89,8 +120,8 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
     keys = set(present[0])
     if any(key.startswith("lokr_") for key in keys):
         raise FluxFileError(
-            f"LoKr cannot be saved for {FAMILY}: kohya's fused layer {file_name} holds {len(pieces)} diffusers layers, "
-            "and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
+            f"LoKr cannot be saved for {FLUX.name}: kohya's fused layer {file_name} holds {len(pieces)} diffusers "
+            "layers, and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
     rank, scale = max(piece_rank(piece) for piece in present), piece_scale(present[0])
     fold = next(key for key in OUT_FACTORS if key in keys)
     dtype = present[0][fold].dtype
@@ -164,15 +195,17 @@ class FluxBackend(FlowBackend):
     LoRAs (its and diffusers' scripts default to 3.5). Schnell has no guidance input, so any other value is refused
     there rather than silently ignored."""
 
-    family = FAMILY
+    description = FLUX
+    family = FLUX.name
     presets = FLUX_PRESETS
 
-    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "", guidance: float = 1.0) -> None:
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "",
+                 guidance: float = FLUX.training_guidance) -> None:
         super().__init__(pipeline, name, model_hash)
         self.has_guidance = bool(self.transformer.config.guidance_embeds)
-        if not self.has_guidance and guidance != 1.0:
+        if not self.has_guidance and guidance != FLUX.training_guidance:
             raise ValueError(f"guidance {guidance} needs Flux.1-dev's guidance embedding; this transformer has none "
-                             "(Flux.1-schnell), so it would be ignored: leave guidance at 1.0")
+                             f"(Flux.1-schnell), so it would be ignored: leave guidance at {FLUX.training_guidance}")
         self.guidance = float(guidance)
         self.sample_guidance = 3.5 if self.has_guidance else 0.0
         self.max_sequence_length = 512 if self.has_guidance else 256  # T5 tokens: dev's and schnell's own limits
@@ -185,7 +218,7 @@ class FluxBackend(FlowBackend):
         (FluxPipeline passes timestep / 1000 and the model multiplies by 1000)."""
         scheduler = self.pipeline.scheduler.config
         shift = None if scheduler.use_dynamic_shifting else scheduler.shift
-        return flow_objective(config, self.family, 1, shift, scheduler.base_shift, scheduler.max_shift)
+        return flow_objective(config, FLUX, 1, shift, scheduler.base_shift, scheduler.max_shift)
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         context, pooled, _ = self.pipeline.encode_prompt(captions, device=self.text_encoder.device,
@@ -217,7 +250,7 @@ class FluxBackend(FlowBackend):
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale)
 
     def model_info(self) -> dict[str, str]:
-        return {"name": self.name, "hash": self.model_hash, "version": "flux1"}
+        return {"name": self.name, "hash": self.model_hash, "version": FLUX.version}
 
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,

@@ -1,5 +1,5 @@
-"""The diffusers backend: a StableDiffusionPipeline (UNet, VAE, CLIP text encoder, its scheduler) for training and
-for generating with a LoRA at a strength."""
+"""SD1.x and SD2.x: their descriptions, and the diffusers backend: a StableDiffusionPipeline (UNet, VAE, CLIP text
+encoder, its scheduler) for training and for generating with a LoRA at a strength."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,11 +14,39 @@ from ..targets import (
     TEXT_ENCODER_PREFIX,
     TEXT_ENCODER_PRESET,
     UNET_PREFIX,
+    UNET_PRESETS,
     all_adaptable,
     find_targets,
     kohya_paths,
     named_for_kohya,
 )
+from .family import TEXT_ENCODER_BLOCK, BlockLayout, Family, numbered
+
+UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")  # ComfyUI's (LDM) UNet, SD1.x to SDXL
+# IN/OUT numbers are the LDM UNet's input_blocks/output_blocks indices: 17 blocks with attention, or all 26
+SD1_BLOCKS = BlockLayout(
+    "SD1.x",
+    ((TEXT_ENCODER_BLOCK, *numbered("IN", (1, 2, 4, 5, 7, 8)), "MID", *numbered("OUT", range(3, 12))),
+     (TEXT_ENCODER_BLOCK, *numbered("IN", range(12)), "MID", *numbered("OUT", range(12)))),
+    presets={  # hako-mikan/sd-webui-lora-block-weight's presets, 17 values
+        "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+        "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+        "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+        "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+        "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+        "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+        "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    })
+SD1 = Family(
+    "SD1.x", "sd_v1", "stable-diffusion-v1", __name__, "DiffusersBackend", ("StableDiffusionPipeline",),
+    {"SD15": "SD1.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_l": TEXT_ENCODER_PREFIX},
+    SD1_BLOCKS, comfy_variants={"SD15_instructpix2pix": "SD1.x instruct-pix2pix"}, ldm_names=False)
+# SD2.x: the same pipeline and backend (which tells the versions apart by the UNet), OpenCLIP-H as ComfyUI's clip_h
+SD2 = Family(
+    "SD2.x", "sd_v2", "stable-diffusion-v2-512", __name__, "DiffusersBackend", (),
+    {"SD20": "SD2.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_h": TEXT_ENCODER_PREFIX},
+    SD1_BLOCKS, comfy_variants={"SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP"},
+    modelspec_v="stable-diffusion-v2-768-v", ldm_names=False)
 
 
 class DiffusersBackend(TrainingBackend):
@@ -90,11 +118,9 @@ class DiffusersBackend(TrainingBackend):
 
 
 def base_model_version(unet_config: Any) -> str:
-    """kohya's `ss_base_model_version` of a UNet: SDXL by its size/crop conditioning, SD2 by OpenCLIP-H's 1024-wide
-    context, anything else (SD1.x and SD1.x-shaped test models) sd_v1."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl_base_v1-0"
-    return "sd_v2" if unet_config.cross_attention_dim == 1024 else "sd_v1"
+    """kohya's `ss_base_model_version` of an SD1.x/2.x UNet: SD2 by OpenCLIP-H's 1024-wide context, anything else
+    (SD1.x and SD1.x-shaped test models) sd_v1."""
+    return SD2.version if unet_config.cross_attention_dim == 1024 else SD1.version
 
 
 @torch.no_grad()

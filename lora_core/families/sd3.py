@@ -7,16 +7,17 @@ needs `.alpha`: alpha/rank is folded into lora_B, so both apply the exact ΔW. L
 suffixes (with alpha) under the same names: ComfyUI reads them, diffusers reads LoRA only."""
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..backend import Conditioning
 from ..network import grouped_by_module
-from ..targets import all_adaptable, find_targets, kohya_name, kohya_paths
-from ..training.config import TrainingConfig
+from ..targets import TargetPreset, all_adaptable, find_targets, kohya_name, kohya_paths
 from ..training.objectives import FlowMatchingObjective
+from .family import BlockLayout, Family
 from .flow import (
     CLIP_L_PREFIX,
     DIFFUSERS_SUFFIXES,
@@ -26,6 +27,9 @@ from .flow import (
     transformer_presets,
 )
 
+if TYPE_CHECKING:
+    from ..training.config import TrainingConfig
+
 SD3_BLOCKS = frozenset({"JointTransformerBlock"})
 SD3_ATTENTION = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                  "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -33,14 +37,64 @@ SD3_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net
 SD3_PRESETS = transformer_presets(
     SD3_BLOCKS, SD3_ATTENTION, SD3_MLP,
     full_description="every Linear of every block, adaLN modulation included but the last block's context adaLN")
+# The same layers in ComfyUI's MMDiT, whose attention projections are fused (qkv)
+MMDIT_BLOCKS = frozenset({"JointBlock"})
+MMDIT_ATTENTION = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
+MMDIT_PRESETS = {
+    "attention": TargetPreset(MMDIT_BLOCKS, False, MMDIT_ATTENTION, "qkv/proj of every joint block's attention"),
+    "transformer": TargetPreset(MMDIT_BLOCKS, False, (*MMDIT_ATTENTION, "mlp.fc1", "mlp.fc2"),
+                                "attention plus the MLPs"),
+    "full": TargetPreset(MMDIT_BLOCKS, False, (), "every Linear of the joint blocks, adaLN modulation included but "
+                         "the last block's context adaLN"),
+}
+SD3 = Family(
+    "SD3", "sd3", "stable-diffusion-3", __name__, "SD3Backend", ("StableDiffusion3Pipeline",),
+    {"SD3": "SD3"}, "OpenAISignatureMMDITWrapper", ("joint_blocks",), SD3_PRESETS, MMDIT_PRESETS,
+    {"clip_l": CLIP_L_PREFIX},
+    BlockLayout("SD3", groups=("J",), patterns=((re.compile(r"lora_unet_joint_blocks_(\d+)(_|$)"), "J"),
+                                                (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "J"),
+                                                (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "J"))),
+    diffusers_files=True, adm=True, flow=True, precondition_outputs=True, sample_cfg=5.0, sample_scheduler="simple")
 
 Tensors = dict[str, torch.Tensor]
+FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds
+
+
+def alpha_folded_up(parts: Tensors) -> torch.Tensor:
+    """A LoRA's lora_up with alpha/rank folded in, as diffusers' files hold it (without alpha)."""
+    rank, up = parts["lora_down.weight"].shape[0], parts["lora_up.weight"]
+    return (up.float() * (float(parts.get("alpha", rank)) / rank)).to(up.dtype)
+
+
+def split_lora(parts: Tensors, pieces: list[FilePart]) -> dict[str, Tensors]:
+    """A LoRA module's tensors as diffusers' files hold them: alpha/rank folded into lora_B (no alpha), and a fused
+    layer's lora_B (ComfyUI's qkv) split by rows over its pieces, each with the same lora_A; ΔW of the pieces is that
+    of the module."""
+    down, up = parts["lora_down.weight"], alpha_folded_up(parts)
+    return {module: {"lora_A.weight": down, "lora_B.weight": up if rows is None else up[rows[0]:rows[0] + rows[1]]}
+            for module, rows in pieces}
+
+
+def fused_lora(pieces: list[tuple[tuple[int, int], Tensors]], out_features: int) -> Tensors:
+    """The LoRA of a fused layer from its pieces' (rows, {lora_A, lora_B}): one lora_A where all pieces share it,
+    else the pieces' ranks side by side (lora_B block-diagonal); rows no piece covers stay zero. Scale 1."""
+    downs = [tensors["lora_A.weight"] for _, tensors in pieces]
+    shared = all(torch.equal(down, downs[0]) for down in downs)
+    down = downs[0] if shared else torch.cat(downs)
+    up = torch.zeros(out_features, down.shape[0], dtype=pieces[0][1]["lora_B.weight"].dtype)
+    column = 0
+    for (start, size), tensors in pieces:
+        rank = tensors["lora_A.weight"].shape[0]
+        up[start:start + size, (0 if shared else column):(0 if shared else column) + rank] = tensors["lora_B.weight"]
+        column += rank
+    return {"lora_down.weight": down, "lora_up.weight": up}
 
 
 class SD3Backend(FlowBackend):
     """StableDiffusion3Pipeline for training; latents [B, 16, H, W] go to the transformer as they are."""
 
-    family = "SD3"
+    description = SD3
+    family = SD3.name
     presets = SD3_PRESETS
     sample_guidance = 7.0
     max_sequence_length = 256  # T5 tokens, the pipeline's default
@@ -68,8 +122,7 @@ class SD3Backend(FlowBackend):
         (StableDiffusion3Pipeline passes the scheduler's timesteps, σ·1000); the loss on preconditioned outputs by
         default, as diffusers' SD3 script and kohya's SD3 trainer (bench/sd3_precondition.py measured no difference
         between the two losses on the tiny SD3)."""
-        return flow_objective(config, self.family, 1000, self.pipeline.scheduler.config.shift,
-                              precondition_outputs=True)
+        return flow_objective(config, SD3, 1000, self.pipeline.scheduler.config.shift)
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         context, _, pooled, _ = self.pipeline.encode_prompt(
@@ -88,16 +141,15 @@ class SD3Backend(FlowBackend):
         )[0]
 
     def model_info(self) -> dict[str, str]:
-        return {"name": self.name, "hash": self.model_hash, "version": "sd3"}
+        return {"name": self.name, "hash": self.model_hash, "version": SD3.version}
 
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """diffusers' names; LoRA as lora_A/lora_B with alpha/rank folded into lora_B and no alpha."""
         out: Tensors = {}
         for name, parts in grouped_by_module(tensors).items():
             if "lora_down.weight" in parts:
-                rank = parts["lora_down.weight"].shape[0]
-                up = parts["lora_up.weight"]
-                parts["lora_up.weight"] = (up.float() * (float(parts.pop("alpha", rank)) / rank)).to(up.dtype)
+                parts["lora_up.weight"] = alpha_folded_up(parts)
+                parts.pop("alpha", None)
             out |= {f"{self.file_names[name]}.{DIFFUSERS_SUFFIXES.get(suffix, suffix)}": value
                     for suffix, value in parts.items()}
         return out

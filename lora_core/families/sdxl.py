@@ -21,12 +21,14 @@ from ..errors import LoRALabError
 from ..targets import (
     TEXT_ENCODER_PRESET,
     UNET_PREFIX,
+    UNET_PRESETS,
     all_adaptable,
     find_targets,
     kohya_paths,
     named_for_kohya,
 )
-from .sd1 import DiffusersBackend
+from .family import TEXT_ENCODER_BLOCK, BlockLayout, Family, numbered
+from .sd1 import UNET_BLOCKS, DiffusersBackend
 
 # SGM names of the layers inside a res block, by diffusers' names (ComfyUI's UNET_MAP_RESNET)
 RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
@@ -35,7 +37,14 @@ RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2
 OUTER_LAYERS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
                 "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
                 "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
-TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")  # CLIP-L, OpenCLIP-G
+TEXT_ENCODERS = {"clip_l": "lora_te1", "clip_g": "lora_te2"}  # ComfyUI's CLIP-L, OpenCLIP-G → kohya prefix
+SDXL = Family(
+    "SDXL", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", __name__, "SDXLBackend", ("StableDiffusionXLPipeline",),
+    {"SDXL": "SDXL"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, TEXT_ENCODERS,
+    BlockLayout("SDXL", ((TEXT_ENCODER_BLOCK, *numbered("IN", (4, 5, 7, 8)), "MID", *numbered("OUT", range(6))),
+                         (TEXT_ENCODER_BLOCK, *numbered("IN", range(9)), "MID", *numbered("OUT", range(9))))),
+    comfy_variants={"SDXLRefiner": "SDXL Refiner", "SDXL_instructpix2pix": "SDXL instruct-pix2pix"},
+    modelspec_implementation="https://github.com/Stability-AI/generative-models", adm=True)
 
 
 class SDXLNamingError(LoRALabError, ValueError):
@@ -99,7 +108,7 @@ class SDXLBackend(DiffusersBackend):
     """Trains a StableDiffusionXLPipeline: context = CLIP-L and OpenCLIP-G penultimate states side by side, pooled =
     OpenCLIP-G's projected pooled output, `time_ids` = each image's size and crop, as the pipeline computes them."""
 
-    family = "SDXL"
+    family = SDXL.name
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
@@ -146,9 +155,12 @@ class SDXLBackend(DiffusersBackend):
         """kohya names (`lora_te1_text_model_…`, `lora_te2_text_model_…`) of the layers `select` picks in each text
         encoder, under transformers 4 and 5 alike."""
         names: dict[str, nn.Module] = {}
-        for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, (self.text_encoder, self.text_encoder_2)):
+        for prefix, encoder in zip(TEXT_ENCODERS.values(), (self.text_encoder, self.text_encoder_2)):
             names.update(named_for_kohya(prefix, kohya_paths(encoder, select(encoder))))
         return names
 
     def frozen_modules(self) -> list[nn.Module]:
         return [*super().frozen_modules(), self.text_encoder_2]
+
+    def model_info(self) -> dict[str, str]:
+        return {**super().model_info(), "version": SDXL.version}

@@ -18,47 +18,30 @@ import re
 from collections.abc import Iterable
 
 from ..errors import LoRALabError
+from ..families import FAMILIES
+from ..families.family import TEXT_ENCODER_BLOCK as TEXT_ENCODER
+from ..families.family import BlockLayout, numbered
 
-TEXT_ENCODER = "BASE"
-FAMILIES = ("SD1.x", "SDXL", "SD3", "Flux")
+LAYOUTS: dict[str, BlockLayout] = {family.block_layout.name: family.block_layout for family in FAMILIES}
 
 
 class BlockWeightError(LoRALabError, ValueError):
     """A block-weight spec or a LoRA module does not fit the family's layout; the message says which and why."""
 
 
-def numbered(prefix: str, indices: Iterable[int]) -> tuple[str, ...]:
-    return tuple(f"{prefix}{index:02d}" for index in indices)
-
-
-UNET_LAYOUTS = {
-    "SD1.x": ((TEXT_ENCODER, *numbered("IN", (1, 2, 4, 5, 7, 8)), "MID", *numbered("OUT", range(3, 12))),
-              (TEXT_ENCODER, *numbered("IN", range(12)), "MID", *numbered("OUT", range(12)))),
-    "SDXL": ((TEXT_ENCODER, *numbered("IN", (4, 5, 7, 8)), "MID", *numbered("OUT", range(6))),
-             (TEXT_ENCODER, *numbered("IN", range(9)), "MID", *numbered("OUT", range(9)))),
-}
-SD1_PRESETS = {  # hako-mikan/sd-webui-lora-block-weight's presets, 17 values
-    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
-}
 UNIFORM_PRESETS = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5}
 
 
 def layouts(family: str, depth: tuple[int, ...] = ()) -> tuple[tuple[str, ...], ...]:
     """The block layouts a spec for `family` may use, the longest (every block) last. `depth`: Flux's (double, single) block
     counts, SD3's (joint,); unused for the UNet families."""
-    if family in UNET_LAYOUTS:
-        return UNET_LAYOUTS[family]
-    if family == "Flux" and len(depth) == 2:
-        return ((TEXT_ENCODER, *numbered("D", range(depth[0])), *numbered("S", range(depth[1]))),)
-    if family == "SD3" and len(depth) == 1:
-        return ((TEXT_ENCODER, *numbered("J", range(depth[0]))),)
-    raise BlockWeightError(f"block weights know the families {', '.join(FAMILIES)} (Flux with its double and single "
+    layout = LAYOUTS.get(family)
+    if layout is not None and layout.unet_layouts:
+        return layout.unet_layouts
+    if layout is not None and len(depth) == len(layout.groups):
+        return ((TEXT_ENCODER, *(block for prefix, count in zip(layout.groups, depth)
+                                 for block in numbered(prefix, range(count)))),)
+    raise BlockWeightError(f"block weights know the families {', '.join(LAYOUTS)} (Flux with its double and single "
                            f"block counts, SD3 with its joint block count), not {family!r} with depth {depth}")
 
 
@@ -68,9 +51,10 @@ def parse(spec: str, family: str, depth: tuple[int, ...] = ()) -> dict[str, floa
     name = spec.strip().upper()
     if name in UNIFORM_PRESETS:
         return dict.fromkeys(options[-1], UNIFORM_PRESETS[name])
-    if family == "SD1.x" and name in SD1_PRESETS:
-        spec = SD1_PRESETS[name]
-    presets = [*UNIFORM_PRESETS, *(SD1_PRESETS if family == "SD1.x" else ())]
+    named = LAYOUTS[family].presets
+    if name in named:
+        spec = named[name]
+    presets = [*UNIFORM_PRESETS, *named]
     entries = [entry.strip() for entry in spec.split(",")]
     try:
         values = [float(entry) for entry in entries]
@@ -98,15 +82,6 @@ UNET_PATTERNS = (  # (pattern over the kohya module name, block from its groups)
      lambda m: f"OUT{3 * int(m[1]) + int(m[2]):02d}"),
     (re.compile(r"lora_unet_up_blocks_(\d+)_upsamplers_0(_|$)"), lambda m: f"OUT{3 * int(m[1]) + 2:02d}"),
 )
-TRANSFORMER_PATTERNS = {
-    "Flux": ((re.compile(r"lora_unet_double_blocks_(\d+)(_|$)"), "D"),
-             (re.compile(r"lora_unet_single_blocks_(\d+)(_|$)"), "S"),
-             (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "D"),
-             (re.compile(r"transformer\.single_transformer_blocks\.(\d+)\."), "S")),
-    "SD3": ((re.compile(r"lora_unet_joint_blocks_(\d+)(_|$)"), "J"),
-            (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "J"),
-            (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "J")),
-}
 TEXT_ENCODER_PATTERN = re.compile(r"lora_te\d*_|text_encoder(_\d+)?\.")
 
 
@@ -115,12 +90,14 @@ def module_block(key: str, family: str) -> str | None:
     `transformer.…`/`text_encoder.…`), or None where the family has no block for it."""
     if TEXT_ENCODER_PATTERN.match(key):
         return TEXT_ENCODER
-    module = module_name(key)
-    if family in UNET_LAYOUTS:
+    module, layout = module_name(key), LAYOUTS.get(family)
+    if layout is None:
+        return None
+    if layout.unet_layouts:
         for pattern, block in UNET_PATTERNS:
             if match := pattern.match(module):
                 return block(match)
-    for pattern, prefix in TRANSFORMER_PATTERNS.get(family, ()):
+    for pattern, prefix in layout.patterns:
         if match := pattern.match(module):
             return f"{prefix}{int(match[1]):02d}"
     return None

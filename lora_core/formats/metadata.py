@@ -6,6 +6,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..families import version_family
 from ..network import LoRANetwork
 
 if TYPE_CHECKING:
@@ -14,12 +15,6 @@ if TYPE_CHECKING:
     from ..training.config import TrainingConfig
 
 LYCORIS_ALGORITHMS = {"dora": "lora", "loha": "loha", "lokr": "lokr"}
-# Stability's modelspec architecture ids, as kohya's library/sai_model_spec.py writes them
-MODELSPEC_SD_V1 = "stable-diffusion-v1"
-MODELSPEC_SD_V2_512 = "stable-diffusion-v2-512"
-MODELSPEC_SD_V2_768_V = "stable-diffusion-v2-768-v"
-MODELSPEC_SDXL = "stable-diffusion-xl-v1-base"
-STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def timestamp() -> int:
@@ -56,16 +51,11 @@ def network_metadata(network: LoRANetwork) -> dict[str, str]:
 
 
 def modelspec_architecture(version: str, prediction_type: str) -> str:
-    """The modelspec id of a LoRA for base model `version` (kohya's `ss_base_model_version`)."""
-    if version.startswith("sdxl"):
-        return f"{MODELSPEC_SDXL}/lora"
-    if version == "sd_v2":
-        return f"{MODELSPEC_SD_V2_768_V if prediction_type == 'v_prediction' else MODELSPEC_SD_V2_512}/lora"
-    if version == "sd_v1":
-        return f"{MODELSPEC_SD_V1}/lora"
-    if version in ("sd3", "flux1"):  # kohya's sai_model_spec ARCH_SD3 / ARCH_FLUX_1_UNKNOWN
-        return {"sd3": "stable-diffusion-3", "flux1": "flux-1"}[version] + "/lora"
-    raise ValueError(f"unknown base model version {version!r}; expected sd_v1, sd_v2, sdxl_base_v1-0, sd3 or flux1")
+    """The modelspec id of a LoRA for base model `version` (kohya's `ss_base_model_version`), as kohya's
+    library/sai_model_spec.py writes it."""
+    family = version_family(version)
+    v_prediction = prediction_type == "v_prediction" and family.modelspec_v
+    return f"{family.modelspec_v if v_prediction else family.modelspec}/lora"
 
 
 def kohya_metadata(
@@ -94,7 +84,7 @@ def kohya_metadata(
         "ss_training_finished_at": str(now),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": modelspec_architecture(version, prediction_type),
-        "modelspec.implementation": STABILITY_IMPLEMENTATION if version.startswith("sdxl") else "diffusers",
+        "modelspec.implementation": version_family(version).modelspec_implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",

@@ -224,8 +224,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
     the patched schedule's."""
     import comfy_extras.nodes_model_advanced as advanced  # ModelSamplingFlux/SD3: not in the 2024 ComfyUI
 
-    from comfyui_lora_lab.lora_core.config import TrainingConfig
-    from comfyui_lora_lab.lora_core.objectives import sample_sigmas
+    from comfyui_lora_lab.lora_core.training.config import TrainingConfig
+    from comfyui_lora_lab.lora_core.training.objectives import sample_sigmas
 
     import comfy.model_management
 
@@ -293,7 +293,7 @@ def tensors_digest(module: torch.nn.Module) -> str:
 def fixed_loss(backend_module, model, clip, vae, dataset) -> float:
     """The objective's loss on the dataset's first image with fixed noise and fixed times, through MODEL as it is
     (its LoRA patches applied by ComfyUI)."""
-    from comfyui_lora_lab.lora_core.config import TrainingConfig
+    from comfyui_lora_lab.lora_core.training.config import TrainingConfig
 
     with torch.inference_mode():
         backend = backend_module.ComfyBackend(model, clip, vae)
@@ -377,7 +377,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     import folder_paths
 
     import comfy.sd
-    from comfyui_lora_lab.lora_core.demo import make_concept_images
+    from comfyui_lora_lab.lora_core.demo.demo import make_concept_images
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
     from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainingOptions, TrainLoRA
 
@@ -436,7 +436,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
 def algorithms(backend_module, model, clip, vae, work_dir: Path) -> dict:
     """DoRA, LoHa and LoKr trained a few steps through the nodes: core Load LoRA (LoHa, LoKr) and Apply LoRA (DoRA,
     applied with the trained math) against lora_core's adapters on the base."""
-    from comfyui_lora_lab.lora_core.files import LoRAWeights
+    from comfyui_lora_lab.lora_core.formats.files import LoRAWeights
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
     from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
 
@@ -465,7 +465,7 @@ def algorithms_in_weights(backend_module, model, clip, vae, work_dir: Path) -> d
     import comfy.sd
     import comfy.utils
     from comfyui_lora_lab.lora_core.adapters import DoRAAdapter
-    from comfyui_lora_lab.lora_core.files import LoRAWeights
+    from comfyui_lora_lab.lora_core.formats.files import LoRAWeights
     from comfyui_lora_lab.lora_core.network import LoRANetwork
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
     from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
@@ -532,7 +532,7 @@ def vae_posterior(backend_module, model, clip, vae) -> dict:
 
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
-    from comfyui_lora_lab.lora_core.config import TrainingConfig
+    from comfyui_lora_lab.lora_core.training.config import TrainingConfig
     from comfyui_lora_lab.nodes.train_nodes import InjectLoRA
 
     backend = backend_module.ComfyBackend(model, clip)

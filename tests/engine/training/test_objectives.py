@@ -126,12 +126,13 @@ def test_preconditioned_loss_equals_diffusers_sd3_script(weighting: str) -> None
 
 def test_preconditioning_is_sd3s_default_and_refused_on_discrete_families() -> None:
     from lora_core.families.flow import flow_objective
+    from lora_core.families.flux import FLUX
+    from lora_core.families.sd3 import SD3
     from lora_core.training.config import TrainingConfig, TrainingError
 
-    assert flow_objective(TrainingConfig(), "SD3", 1000, 3.0, precondition_outputs=True).precondition_outputs
-    assert not flow_objective(TrainingConfig(precondition_outputs=False), "SD3", 1000, 3.0,
-                              precondition_outputs=True).precondition_outputs
-    assert not flow_objective(TrainingConfig(), "Flux.1", 1, None).precondition_outputs
+    assert flow_objective(TrainingConfig(), SD3, 1000, 3.0).precondition_outputs
+    assert not flow_objective(TrainingConfig(precondition_outputs=False), SD3, 1000, 3.0).precondition_outputs
+    assert not flow_objective(TrainingConfig(), FLUX, 1, None).precondition_outputs
     with pytest.raises(TrainingError, match="precondition_outputs set the flow-matching objective"):
         TrainingConfig(precondition_outputs=True).check_discrete("SDXL")
 

@@ -1,0 +1,66 @@
+"""What a model family is to LoRA Lab, declared once in the family's own module (`sd1.py`, `sdxl.py`, `sd3.py`,
+`flux.py`) and read by the engine, the ComfyUI nodes, block weights and metadata. diffusers' and ComfyUI's classes
+are named by strings: describing a family imports neither."""
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..targets import TargetPreset
+
+TEXT_ENCODER_BLOCK = "BASE"  # block weights' name of the text encoders' block
+
+
+def numbered(prefix: str, indices: Iterable[int]) -> tuple[str, ...]:
+    return tuple(f"{prefix}{index:02d}" for index in indices)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The blocks a block-weight spec gives one weight each, as the "LoRA Block Weight" extension names them: a
+    UNet's fixed layouts (the longest, every block, last), or a transformer's block groups (one weight prefix per
+    group of `Family.comfy_blocks`, counted on the model) with the patterns that place a file's module in a block."""
+
+    name: str  # the family's name in specs and messages
+    unet_layouts: tuple[tuple[str, ...], ...] = ()
+    groups: tuple[str, ...] = ()
+    patterns: tuple[tuple[re.Pattern, str], ...] = ()  # (module name pattern, its block index in group 1; prefix)
+    presets: dict[str, str] = field(default_factory=dict)  # named specs beside NONE, ALL and ALL0.5
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its names, what it is in kohya's, Stability's, ComfyUI's and diffusers' words, its
+    objective, the layers presets adapt in both backends, and how its LoRA files name them."""
+
+    name: str  # a reader's name, in messages
+    version: str  # kohya's ss_base_model_version
+    modelspec: str  # Stability's modelspec architecture id (kohya's library/sai_model_spec.py)
+    module: str  # the module that describes it and holds its diffusers backend
+    backend: str  # the diffusers backend's class in `module`
+    pipelines: tuple[str, ...]  # diffusers pipeline classes the backend trains
+    comfy_configs: dict[str, str]  # ComfyUI `supported_models` classes Train LoRA trains → a reader's name of each
+    comfy_denoiser: str  # class name of ComfyUI's diffusion model
+    comfy_blocks: tuple[str, ...]  # attributes of ComfyUI's denoiser holding its blocks (checkpointed, block weights)
+    presets: dict[str, TargetPreset]  # lora_core's, over diffusers' modules
+    comfy_presets: dict[str, TargetPreset]  # the nodes', over ComfyUI's modules: the same weights
+    text_encoders: dict[str, str]  # ComfyUI's CLIP submodule → kohya prefix of its layers (T5 is never trained)
+    block_layout: BlockLayout
+    comfy_variants: dict[str, str] = field(default_factory=dict)  # ComfyUI classes of variants Train LoRA refuses
+    modelspec_v: str = ""  # the modelspec id of v-prediction bases, where it differs
+    modelspec_implementation: str = "diffusers"
+    ldm_names: bool = True  # files name denoiser layers lora_unet_ + ComfyUI's (LDM) path; else the diffusers path
+    diffusers_files: bool = False  # files in diffusers' naming (lora_A/lora_B, q/k/v apart), as diffusers reads them
+    adm: bool = False  # the denoiser takes pooled/ADM conditioning `y`
+    flow: bool = False  # flow matching; else ε/v on a discrete schedule
+    sigma_sampling: str = "logit_normal"  # flow matching's default σ sampling (the SD3 paper's best, §3.1)
+    precondition_outputs: bool = False  # flow matching's loss on x̂0 by default
+    guidance: bool = False  # the denoiser may take a guidance input (Flux.1-dev's)
+    training_guidance: float = 1.0  # its value while training (kohya's Flux docs; both scripts default to 3.5)
+    sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler
+    sample_scheduler: str = "normal"
+
+    def backend_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.backend)
