@@ -91,7 +91,6 @@ class FlowBackend(TrainingBackend):
     Subclasses give the family, presets, text encoding, the denoiser call and the objective's constants."""
 
     prediction_type = "flow"
-    description: Family
     presets: dict[str, TargetPreset]
     sample_guidance: float  # the guidance scale sample images are drawn with
 

@@ -195,7 +195,6 @@ class FluxBackend(FlowBackend):
     LoRAs (its and diffusers' scripts default to 3.5). Schnell has no guidance input, so any other value is refused
     there rather than silently ignored."""
 
-    description = FLUX
     family = FLUX.name
     presets = FLUX_PRESETS
 

@@ -93,7 +93,6 @@ def fused_lora(pieces: list[tuple[tuple[int, int], Tensors]], out_features: int)
 class SD3Backend(FlowBackend):
     """StableDiffusion3Pipeline for training; latents [B, 16, H, W] go to the transformer as they are."""
 
-    description = SD3
     family = SD3.name
     presets = SD3_PRESETS
     sample_guidance = 7.0
