@@ -19,12 +19,10 @@ from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
 from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
-from ..lora_core.training.checkpoints import Checkpointer, load_state
+from ..lora_core.training.checkpoints import CHECKPOINT_SETTINGS, Checkpointer, load_state
+from ..lora_core.training.config import TRAINING_SETTINGS
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
-from ..lora_core.training.objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
-from ..lora_core.training.optim import OFFERED_OPTIMIZERS, SCHEDULERS
 from ..lora_core.training.plots import loss_curve, smooth
-from ..lora_core.training.precision import AUTOCAST_DTYPES
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
@@ -43,7 +41,21 @@ from .progress import loss_history, send_event
 
 CATEGORY = "LoRA Lab"
 PREVIEW_IMAGES = 16
-DEFAULTS = TrainingConfig()
+WIDGET_SETTINGS = {each.name: each for each in TRAINING_SETTINGS + CHECKPOINT_SETTINGS if each.widget is not None}
+WIDGET_TYPES = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING", tuple: "STRING"}
+
+
+def setting_input(name: str) -> tuple:
+    """ComfyUI's input of a declared training setting: its widget type or combo, default, bounds and tooltip."""
+    setting = WIDGET_SETTINGS[name]
+    options = {"default": setting.widget_value(setting.default)}
+    choices = setting.widget_choices()
+    if choices is None:
+        bounds = {"min": setting.minimum if setting.widget.minimum is None else setting.widget.minimum,
+                  "max": setting.maximum if setting.widget.maximum is None else setting.widget.maximum,
+                  "step": setting.widget.step, "multiline": setting.type is tuple or None}
+        options.update({key: value for key, value in bounds.items() if value is not None})
+    return (WIDGET_TYPES[setting.type] if choices is None else choices), {**options, "tooltip": setting.tooltip()}
 
 
 def to_image_batch(pictures: list) -> torch.Tensor:
@@ -195,7 +207,6 @@ class InjectLoRA:
 
 
 TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
-PRECONDITION_CHOICES = {"default": None, "on": True, "off": False}
 
 
 class TrainingOptions:
@@ -209,32 +220,32 @@ class TrainingOptions:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "gradient_accumulation": ("INT", {"default": DEFAULTS.gradient_accumulation, "min": 1, "max": 64, "tooltip": "Forward passes averaged into one optimizer step: each step sees batch_size × this many images."}),
-            "lr_scheduler": (list(SCHEDULERS), {"default": "constant", "tooltip": "How the learning rate changes after warmup."}),
-            "lr_warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Steps of linear warmup from 0 to the learning rate."}),
-            "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1, "tooltip": "SD1.x/2.x/SDXL (ε/v): Min-SNR-γ loss weighting; 0 is off, 5 is usual. Refused for SD3/Flux."}),
-            "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Offset noise for darker/brighter images; 0 is off, 0.05 is usual."}),
-            "validation_every": ("INT", {"default": DEFAULTS.validation_every, "min": 0, "max": 100000, "tooltip": "Steps between validation losses: fixed images, noise and timesteps, so it moves only when the weights do. Early stopping and keep_best judge it; 0 is off."}),
-            "early_stopping_patience": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Stop after this many validation losses without a new lowest one, and keep the weights of the lowest; 0 is off."}),
-            "keep_best": ("BOOLEAN", {"default": False, "tooltip": "End with the weights of the lowest validation loss (early stopping always does)."}),
+            "gradient_accumulation": setting_input("gradient_accumulation"),
+            "lr_scheduler": setting_input("lr_scheduler"),
+            "lr_warmup_steps": setting_input("lr_warmup_steps"),
+            "min_snr_gamma": setting_input("min_snr_gamma"),
+            "noise_offset": setting_input("noise_offset"),
+            "validation_every": setting_input("validation_every"),
+            "early_stopping_patience": setting_input("early_stopping_patience"),
+            "keep_best": setting_input("keep_best"),
             "text_encoder_lr": (list(TEXT_ENCODER_LR_CHOICES), {"default": "same as learning_rate", "tooltip": "Learning rate of a text-encoder LoRA (Inject LoRA's train_text_encoder): the same as the UNet's, frozen (kept as it is), or text_encoder_custom_lr."}),
             "text_encoder_custom_lr": ("FLOAT", {"default": 5e-5, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "The text encoder's learning rate when text_encoder_lr is custom."}),
-            "mixed_precision": (list(AUTOCAST_DTYPES), {"default": "no", "tooltip": "Compute in bf16/fp16 (autocast) to save memory and time; the LoRA stays fp32. fp16 adds a gradient scaler."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the denoiser's block activations (UNet or transformer blocks) in backward: much less memory, about a third slower."}),
-            "sample_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps for each sample image."}),
-            "checkpoint_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Save a checkpoint every N steps into models/loras (LoRA + .state file to resume); 0: none."}),
+            "mixed_precision": setting_input("mixed_precision"),
+            "gradient_checkpointing": setting_input("gradient_checkpointing"),
+            "sample_steps": setting_input("sample_steps"),
+            "checkpoint_every": setting_input("checkpoint_every"),
             "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
-            "keep_checkpoints": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Keep only the newest N checkpoints; 0 keeps all."}),
+            "keep_checkpoints": setting_input("keep_checkpoints"),
             "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
         }, "optional": {  # after the settings of workflows saved before SD3/Flux, which keep loading
-            "timestep_sampling": (["default", *SIGMA_SAMPLINGS], {"default": "default", "tooltip": "SD3/Flux (flow matching): how noise levels σ are drawn. default: logit_normal, as lora_core trains SD3 and Flux. Refused for SD1.x/2.x/SDXL."}),
-            "flow_shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "SD3/Flux: a fixed shift of σ (kohya's discrete_flow_shift; 3.0 for SD3.5). 0: the model's own schedule, including a ModelSamplingSD3 / ModelSamplingFlux node before Train LoRA."}),
-            "logit_mean": ("FLOAT", {"default": DEFAULTS.logit_mean, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: mean of the logit of σ (positive: noisier)."}),
-            "logit_std": ("FLOAT", {"default": DEFAULTS.logit_std, "min": 0.01, "max": 10.0, "step": 0.01, "tooltip": "SD3/Flux, logit_normal sampling: standard deviation of the logit of σ."}),
-            "loss_weighting": (list(SD3_WEIGHTINGS), {"default": DEFAULTS.loss_weighting, "tooltip": "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap)."}),
+            "timestep_sampling": setting_input("timestep_sampling"),
+            "flow_shift": setting_input("flow_shift"),
+            "logit_mean": setting_input("logit_mean"),
+            "logit_std": setting_input("logit_std"),
+            "loss_weighting": setting_input("loss_weighting"),
             "flux_guidance": ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
-            "prior_loss_weight": ("FLOAT", {"default": DEFAULTS.prior_loss_weight, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the class images' loss (Load Dataset's regularization_folder), kohya's prior_loss_weight; refused without class images."}),
-            "precondition_outputs": (list(PRECONDITION_CHOICES), {"default": "default", "tooltip": "SD3/Flux: on, the loss compares the denoised estimate x_σ − σ·v̂ with x0 (σ² times the velocity loss), as diffusers' SD3 script (its default) and kohya's SD3 trainer train; off, the plain velocity loss. default: on for SD3, off for Flux. Refused for SD1.x/2.x/SDXL."}),
+            "prior_loss_weight": setting_input("prior_loss_weight"),
+            "precondition_outputs": setting_input("precondition_outputs"),
         }}
 
     def options(self, **options):
@@ -278,13 +289,13 @@ class TrainLoRA:
                 "network": ("LORA_NETWORK", {"tooltip": "From Inject LoRA."}),
                 "dataset": ("LORA_DATASET", {"tooltip": "From Load Dataset."}),
                 "vae": ("VAE", {"tooltip": "Encodes the images to latents (once, before the first step)."}),
-                "steps": ("INT", {"default": DEFAULTS.steps, "min": 1, "max": 100000, "tooltip": "Optimizer steps; each sees batch_size × gradient_accumulation images."}),
-                "learning_rate": ("FLOAT", {"default": DEFAULTS.learning_rate, "min": 0.000001, "max": 10.0, "step": 0.000001, "tooltip": "Peak learning rate (1e-4 is a common start for LoRA; Prodigy wants 1.0). Checked against the optimizer's range."}),
-                "batch_size": ("INT", {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per forward pass."}),
-                "optimizer": (list(OFFERED_OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW8bit, Lion and Prodigy need their packages installed; Prodigy wants learning_rate 1.0."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "The same seed and settings give the same LoRA."}),
-                "sample_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Generate sample images every N steps (0: none); they come out as the samples IMAGE and as previews."}),
-                "sample_prompts": ("STRING", {"default": "a photo of sks", "multiline": True, "tooltip": "One prompt per line for the samples; the seed is fixed, so samples show only the LoRA changing."}),
+                "steps": setting_input("steps"),
+                "learning_rate": setting_input("learning_rate"),
+                "batch_size": setting_input("batch_size"),
+                "optimizer": setting_input("optimizer"),
+                "seed": setting_input("seed"),
+                "sample_every": setting_input("sample_every"),
+                "sample_prompts": setting_input("sample_prompts"),
             },
             "optional": {
                 "options": ("LORA_TRAINING_OPTIONS", {"tooltip": "From Training Options: scheduler, accumulation, validation, precision, checkpoints and more. Unconnected: that node's defaults."}),
@@ -296,22 +307,14 @@ class TrainLoRA:
     def train(self, network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, sample_every,
               sample_prompts, options=None, resume_state="none", unique_id=None):
         options = {**OPTION_DEFAULTS, **(options or {})}
+        widgets = {**options, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
+                   "optimizer": optimizer, "seed": seed % 2**63, "sample_every": sample_every,
+                   "sample_prompts": sample_prompts}
         config = TrainingConfig(
-            steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-            gradient_accumulation=options["gradient_accumulation"], optimizer=optimizer,
-            lr_scheduler=options["lr_scheduler"], lr_warmup_steps=options["lr_warmup_steps"],
-            min_snr_gamma=options["min_snr_gamma"], noise_offset=options["noise_offset"], seed=seed % 2**63,
-            validation_every=options["validation_every"], early_stopping_patience=options["early_stopping_patience"],
-            keep_best=options["keep_best"], text_encoder_lr=text_encoder_learning_rate(options),
-            mixed_precision=options["mixed_precision"], gradient_checkpointing=options["gradient_checkpointing"],
-            sample_every=sample_every, sample_steps=options["sample_steps"],
-            sample_prompts=tuple(line.strip() for line in sample_prompts.splitlines() if line.strip()),
+            **{each.name: each.config_value(widgets[each.name]) for each in TRAINING_SETTINGS
+               if each.widget is not None},
+            text_encoder_lr=text_encoder_learning_rate(options),
             latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
-            timestep_sampling=None if options["timestep_sampling"] == "default" else options["timestep_sampling"],
-            flow_shift=options["flow_shift"] or None, logit_mean=options["logit_mean"],
-            logit_std=options["logit_std"], loss_weighting=options["loss_weighting"],
-            prior_loss_weight=options["prior_loss_weight"],
-            precondition_outputs=PRECONDITION_CHOICES[options["precondition_outputs"]],
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
                                guidance=options["flux_guidance"])
