@@ -20,7 +20,7 @@ from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
 from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
 from ..lora_core.training.checkpoints import CHECKPOINT_SETTINGS, Checkpointer, load_state
-from ..lora_core.training.config import TRAINING_SETTINGS
+from ..lora_core.training.config import FLOW_MATCHING_SETTINGS, TRAINING_SETTINGS
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
 from ..lora_core.training.plots import loss_curve, smooth
 from .comfy_backend import ComfyBackend, ComfyBackendError
@@ -209,8 +209,16 @@ class InjectLoRA:
 TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
 
 
+FLUX_GUIDANCE_INPUT = ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."})
+FLOW_MATCHING_WIDGETS = tuple(name for name in FLOW_MATCHING_SETTINGS if name in WIDGET_SETTINGS)
+# Training Options' SD3/Flux inputs in the order workflows saved before Flow Matching Options hold them
+OLD_LAYOUT_OPTIONAL = ("timestep_sampling", "flow_shift", "logit_mean", "logit_std", "loss_weighting", "flux_guidance",
+                       "prior_loss_weight", "precondition_outputs")
+
+
 class TrainingOptions:
-    DESCRIPTION = "Train LoRA's settings beyond the first ones. Without this node Train LoRA uses these defaults."
+    DESCRIPTION = ("Train LoRA's settings beyond the first ones, for every family. Without this node Train LoRA uses "
+                   "these defaults; SD3 and Flux settings come from Flow Matching Options.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LORA_TRAINING_OPTIONS",)
     RETURN_NAMES = ("options",)
@@ -237,22 +245,49 @@ class TrainingOptions:
             "checkpoint_prefix": ("STRING", {"default": "lora_lab_checkpoint", "tooltip": "Checkpoints are saved as models/loras/<prefix>-step00000100.safetensors."}),
             "keep_checkpoints": setting_input("keep_checkpoints"),
             "cache_latents_on_disk": ("BOOLEAN", {"default": False, "tooltip": f"Keep the encoded latents in output/{LATENT_CACHE_FOLDER}, so later runs on the same images, VAE and seed skip the VAE."}),
-        }, "optional": {  # after the settings of workflows saved before SD3/Flux, which keep loading
-            "timestep_sampling": setting_input("timestep_sampling"),
-            "flow_shift": setting_input("flow_shift"),
-            "logit_mean": setting_input("logit_mean"),
-            "logit_std": setting_input("logit_std"),
-            "loss_weighting": setting_input("loss_weighting"),
-            "flux_guidance": ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."}),
+        }, "optional": {
             "prior_loss_weight": setting_input("prior_loss_weight"),
-            "precondition_outputs": setting_input("precondition_outputs"),
+            "flow_matching": ("LORA_FLOW_MATCHING_OPTIONS", {"tooltip": "From Flow Matching Options (SD3, Flux). Unconnected: that node's defaults."}),
         }}
+
+    def options(self, flow_matching=None, **options):
+        return ({**options, **(flow_matching or {})},)
+
+
+class FlowMatchingOptions:
+    DESCRIPTION = ("Settings of flow-matching training (SD3/SD3.5, Flux.1): how noise levels are drawn, the loss "
+                   "weighting, Flux's guidance input. Refused for SD1.x/2.x and SDXL when set away from the defaults.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_FLOW_MATCHING_OPTIONS",)
+    RETURN_NAMES = ("flow_matching",)
+    OUTPUT_TOOLTIPS = ("For Training Options' flow_matching input.",)
+    FUNCTION = "options"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**{name: setting_input(name) for name in FLOW_MATCHING_WIDGETS},
+                             "flux_guidance": FLUX_GUIDANCE_INPUT}}
 
     def options(self, **options):
         return (options,)
 
 
-OPTION_DEFAULTS = {name: spec[1]["default"] for section in TrainingOptions.INPUT_TYPES().values()
+class TrainingOptionsWithFlowMatching(TrainingOptions):
+    """The Training Options of workflows saved before Flow Matching Options existed, the SD3/Flux settings on the node.
+    UI workflows store widget values by position, so its inputs keep their order."""
+
+    DEPRECATED = True
+    DESCRIPTION = "Training Options with the SD3/Flux settings on the node, as workflows saved before Flow Matching Options have it."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        current = {**TrainingOptions.INPUT_TYPES()["optional"], **FlowMatchingOptions.INPUT_TYPES()["required"]}
+        return {"required": TrainingOptions.INPUT_TYPES()["required"],
+                "optional": {name: current[name] for name in OLD_LAYOUT_OPTIONAL}}
+
+
+OPTION_DEFAULTS = {name: spec[1]["default"]
+                   for section in TrainingOptionsWithFlowMatching.INPUT_TYPES().values()
                    for name, spec in section.items()}
 
 

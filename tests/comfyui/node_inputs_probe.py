@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_machinery_probe import PACK_NAME, import_backend  # noqa: E402
 
-NODES = ("TrainLoRA", "TrainingOptions")
+NODES = ("TrainLoRA", "TrainingOptions", "FlowMatchingOptions", "TrainingOptionsWithFlowMatching")
 
 if __name__ == "__main__":
     import_backend(Path(sys.argv[1]))

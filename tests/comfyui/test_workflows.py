@@ -23,7 +23,7 @@ TRAINING_OVERRIDES = {
     **SAMPLING_OVERRIDES,
     "LoraLab_LoadDataset": {"resolution": 64},
     "LoraLab_Train": {"steps": 12, "learning_rate": 1e-3, "sample_every": 6},
-    "LoraLab_TrainingOptions": {"lr_warmup_steps": 2, "sample_steps": 4},
+    "LoraLab_TrainingOptions2": {"lr_warmup_steps": 2, "sample_steps": 4},
     # Train LoRA's layout before Training Options, in workflows saved then (tests/comfyui/data)
     "LoraLab_TrainLoRA": {"steps": 12, "lr_warmup_steps": 2, "learning_rate": 1e-3, "sample_every": 6,
                           "sample_steps": 4},
@@ -73,7 +73,7 @@ def test_train_workflow_writes_a_lora_that_the_other_workflows_use(comfy, comfy_
     graph = load("train_lora.json", comfy_object_info, TRAINING_OVERRIDES)
     assert {n["class_type"] for n in graph.values()} >= {
         "CheckpointLoaderSimple", "LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_Train",
-        "LoraLab_TrainingOptions", "LoraLab_SaveLoRA", "KSampler", "SaveImage"}
+        "LoraLab_TrainingOptions2", "LoraLab_SaveLoRA", "KSampler", "SaveImage"}
     entry = comfy.run(graph, timeout=600)
     assert (comfy.loras_dir / TRAINED).is_file()
     assert saved_pixels(comfy, entry, graph, "lora_lab_preview").shape == (64, 64, 3)
@@ -107,6 +107,42 @@ def test_a_workflow_saved_before_training_options_loads_and_trains_the_same_lora
         files.append(load_file(comfy.loras_dir / saved))
     assert files[0].keys() == files[1].keys()
     assert all(np.array_equal(files[0][key].numpy(), files[1][key].numpy()) for key in files[0])
+
+
+def with_defaults(inputs: dict, node_info: dict) -> dict:
+    """A node's API inputs with the widgets the workflow left out at their defaults, as the server fills them."""
+    specs = {**node_info["input"]["required"], **node_info["input"].get("optional", {})}
+    return {**{name: spec[1]["default"] for name, spec in specs.items() if len(spec) > 1 and "default" in spec[1]},
+            **inputs}
+
+
+# The SD3/Flux settings of the Flux workflow saved before Flow Matching Options, as its Training Options held them
+# (tests/comfyui/data: the shipped workflow then, these settings changed from their defaults)
+SAVED_FLOW_MATCHING = {"timestep_sampling": "uniform", "flow_shift": 3.1, "logit_mean": 0.2, "logit_std": 1.3,
+                       "loss_weighting": "cosmap", "flux_guidance": 2.5}
+
+
+def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy_object_info) -> None:
+    """Training Options with the SD3/Flux settings on the node stays loadable as LoraLab_TrainingOptions: its widget
+    values by position reach the same settings, and the others equal those of Training Options in today's Flux
+    workflow, whose Flow Matching Options holds the defaults; nothing else in the workflow differs."""
+    if "FluxGuidance" not in comfy_object_info:
+        pytest.skip("this ComfyUI predates Flux")
+    old = load("train_lora_flux_before_flow_matching_options.json", comfy_object_info, folder=DATA)
+    new = load("train_lora_flux.json", comfy_object_info)
+    by_type = {graph_name: {node["class_type"]: (node_id, node["inputs"]) for node_id, node in graph.items()}
+               for graph_name, graph in (("old", old), ("new", new))}
+    old_id, old_options = by_type["old"].pop("LoraLab_TrainingOptions")
+    new_id, options = by_type["new"].pop("LoraLab_TrainingOptions2")
+    flow_id, flow_matching = by_type["new"].pop("LoraLab_FlowMatchingOptions")
+    assert options.pop("flow_matching") == [flow_id, 0] and old_id == new_id
+    old_options = with_defaults(old_options, comfy_object_info["LoraLab_TrainingOptions"])
+    flow_defaults = with_defaults({}, comfy_object_info["LoraLab_FlowMatchingOptions"])
+    assert {name: old_options.pop(name) for name in SAVED_FLOW_MATCHING} == SAVED_FLOW_MATCHING
+    assert with_defaults(flow_matching, comfy_object_info["LoraLab_FlowMatchingOptions"]) == flow_defaults
+    assert old_options == {**with_defaults(options, comfy_object_info["LoraLab_TrainingOptions2"]),
+                           **{name: value for name, value in flow_defaults.items() if name not in SAVED_FLOW_MATCHING}}
+    assert by_type["old"] == by_type["new"]
 
 
 # The family workflows name base models that cannot exist here (full-size SDXL and Flux.1); tests/comfyui/

@@ -90,7 +90,7 @@ def test_a_value_outside_the_declared_range_is_refused_naming_the_setting(settin
 
 @pytest.fixture(scope="module")
 def node_inputs() -> dict:
-    """Train LoRA's and Training Options' inputs as ComfyUI gets them (the pack imported in ComfyUI 0.3.64)."""
+    """The training nodes' inputs as ComfyUI gets them (the pack imported in ComfyUI 0.3.64)."""
     if not (COMFY_DIR / "main.py").exists():
         pytest.skip(f"no ComfyUI at {COMFY_DIR}")
     probe = ROOT / "tests" / "comfyui" / "node_inputs_probe.py"
