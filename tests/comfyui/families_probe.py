@@ -392,7 +392,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
         (network,) = InjectLoRA().inject(model, "lora", 4, 4.0, "transformer", text_encoder, clip)
         (options,) = TrainingOptions().options(**{
             **{name: spec[1]["default"] for section in TrainingOptions.INPUT_TYPES().values()
-               for name, spec in section.items()},
+               for name, spec in section.items() if "default" in spec[1]},  # the widgets, not the links
             "gradient_checkpointing": fp8})
         loss_before = fixed_loss(backend_module, model, clip, vae, dataset)
         started = time.perf_counter()
