@@ -10,13 +10,14 @@ import signal
 import sys
 from pathlib import Path
 
-from .adapters import ALGORITHMS
+from .data.config import DATASET_SETTINGS, REGULARIZATION_FOLDER
 from .errors import LoRALabError
-from .targets import UNET_PRESETS
-from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, is_peer_failure
+from .formats.files import SAVE_PRECISION
+from .network_config import EXTRACT_TARGET, NETWORK_SETTINGS, NetworkConfig
+from .settings import add_arguments, parsed_settings
 from .training.checkpoints import CHECKPOINT_SETTINGS
 from .training.config import TRAINING_SETTINGS, TrainingConfig
-from .training.settings import add_arguments, parsed_settings
+from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, is_peer_failure
 
 
 def file_sha256(path: Path) -> str:
@@ -108,20 +109,15 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
         print(describe_memory(pipeline), flush=True)
     backend = make_backend(pipeline, args, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
-    dataset = ImageFolderDataset(args.data, DatasetConfig(
-        resolution=args.resolution, caption_extension=args.caption_extension, default_caption=args.default_caption,
-        token=args.token, repeats=args.repeats, flip=args.flip, bucketing=args.bucketing, no_upscale=args.no_upscale,
-        min_bucket_size=args.min_bucket_size, max_bucket_size=args.max_bucket_size, shuffle_tags=args.shuffle_tags,
-        keep_tokens=args.keep_tokens, caption_dropout=args.caption_dropout, tag_dropout=args.tag_dropout,
-        regularization_caption=args.reg_caption,
-    ), regularization_root=args.reg_data)
+    dataset = ImageFolderDataset(args.data, DatasetConfig(**parsed_settings(args, DATASET_SETTINGS)),
+                                 regularization_root=args.regularization_folder)
     if args.start_from_lora:
         network, _ = load_lora(args.start_from_lora, backend.loadable_modules(),
                                network_tensors=backend.network_tensors)
     else:
-        network = LoRANetwork.create(
-            backend.adapter_targets(args.preset, args.text_encoder), args.algorithm, args.rank, args.alpha, args.seed
-        )
+        adapters = NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS))
+        network = LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder),
+                                     adapters.algorithm, adapters.rank, adapters.alpha, args.seed)
     network.to(backend.device)
     backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now, not at saving
     config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
@@ -132,7 +128,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     checkpointer = None
     if args.checkpoint_every:
         checkpointer = Checkpointer(out.parent, args.checkpoint_every, args.keep_checkpoints, out.stem, metadata,
-                                    args.save_dtype)
+                                    args.save_precision)
     resume_state = load_state(args.resume_state) if args.resume_state else None
     is_main = distributed.is_main  # rank 0 alone prints and writes files
     if is_main:
@@ -162,7 +158,7 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
                 print(f"error: {error}\nthe weights of the last good step are saved to {out}", file=sys.stderr)
     if is_main:
         with distributed.shielded():
-            save_lora(out, network, metadata(result.steps), dtype=args.save_dtype, overwrite=args.overwrite,
+            save_lora(out, network, metadata(result.steps), dtype=args.save_precision, overwrite=args.overwrite,
                       file_tensors=backend.file_tensors)
         hidden = ("losses", "learning_rates", "validation")
         print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in hidden}}))
@@ -208,7 +204,7 @@ def rank_rule(args: argparse.Namespace) -> tuple[str, float]:
 
 def write_lora(weights, args: argparse.Namespace, reports=()) -> None:
     """Save a toolbox result and print what it holds (ranks and retained energy per module, summarised)."""
-    path = weights.converted(args.save_dtype).save(args.out, overwrite=args.overwrite)
+    path = weights.converted(args.save_precision).save(args.out, overwrite=args.overwrite)
     summary = {"file": str(path), "modules": len({key.partition(".")[0] for key in weights.tensors})}
     if reports:
         summary.update(ranks=sorted({r.rank_after for r in reports}),
@@ -270,7 +266,7 @@ def command_extract(args: argparse.Namespace) -> None:
     for folder in (args.base, args.tuned):
         pipeline = load_pipeline(Path(folder), args.device)
         backends.append(backend_class(pipeline)(pipeline))
-    base, tuned = (backend.adapter_targets(args.preset, args.text_encoder) for backend in backends)
+    base, tuned = (backend.adapter_targets(args.target, args.train_text_encoder) for backend in backends)
     weights, reports = extract(base, tuned, *rank_rule(args), clamp_quantile=args.clamp_quantile,
                                min_diff=args.min_diff)
     weights = LoRAWeights(backends[0].file_tensors(weights.tensors), weights.metadata)  # the family's file names
@@ -313,15 +309,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--base", required=True, help="diffusers pipeline folder (model_index.json inside)")
     train.add_argument("--data", required=True, help="image folder with same-stem .txt captions; N_name subfolders repeat N times")
     train.add_argument("--out", required=True, help="the .safetensors file to write")
-    train.add_argument("--reg-data", metavar="FOLDER",
-                       help="regularization (class) images for prior preservation, N_class subfolders as kohya's")
-    train.add_argument("--reg-caption", default="",
-                       help="caption of class images without a caption file (default: the folder's class name)")
-    train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="lora")
-    train.add_argument("--rank", type=int, default=8)
-    train.add_argument("--alpha", type=float, default=None, help="default: the rank")
-    train.add_argument("--preset", choices=sorted(UNET_PRESETS), default="attention")
-    train.add_argument("--text-encoder", action="store_true", help="also adapt the CLIP text encoder")
+    add_arguments(train, (REGULARIZATION_FOLDER,) + DATASET_SETTINGS + NETWORK_SETTINGS)
     train.add_argument("--start-from-lora", metavar="FILE",
                        help="a LoRA file whose weights a new run starts from (its algorithm and rank are kept)")
     train.add_argument("--resume-state", "--resume", metavar="FILE",
@@ -336,21 +324,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
                             "LoRAs; kohya's and diffusers' scripts default to 3.5)")
-    train.add_argument("--resolution", type=int, default=512)
-    train.add_argument("--caption-extension", default=".txt")
-    train.add_argument("--default-caption", default="a photo of {token}")
-    train.add_argument("--token", default="sks")
-    train.add_argument("--repeats", type=int, default=1)
-    train.add_argument("--flip", action="store_true")
-    train.add_argument("--bucketing", action="store_true", help="aspect-ratio buckets instead of square crops")
-    train.add_argument("--min-bucket-size", type=int, default=256)
-    train.add_argument("--max-bucket-size", type=int, default=1024)
-    train.add_argument("--no-upscale", action="store_true", help="with --bucketing: never enlarge an image (kohya)")
-    train.add_argument("--shuffle-tags", action="store_true")
-    train.add_argument("--keep-tokens", type=int, default=0)
-    train.add_argument("--caption-dropout", type=float, default=0.0)
-    train.add_argument("--tag-dropout", type=float, default=0.0)
-    train.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    add_arguments(train, (SAVE_PRECISION,))
     train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
     train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                        help="seconds a rank waits for the others before failing, when several processes train")
@@ -381,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
 
     def output_options(command: argparse.ArgumentParser, what: str) -> None:
         command.add_argument("--out", required=True, help=what)
-        command.add_argument("--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+        add_arguments(command, (SAVE_PRECISION,))
         command.add_argument("--overwrite", action="store_true")
 
     resize = commands.add_parser("resize", help="change a LoRA's rank by SVD (kohya's resize_lora)",
@@ -405,9 +379,7 @@ def parser() -> argparse.ArgumentParser:
                                   allow_abbrev=False)
     extract.add_argument("--base", required=True, help="the base diffusers pipeline folder")
     extract.add_argument("--tuned", required=True, help="the fine-tuned pipeline folder (same architecture)")
-    extract.add_argument("--preset", choices=sorted(UNET_PRESETS), default="transformer",
-                         help="the layers to extract (kohya's default: transformer)")
-    extract.add_argument("--text-encoder", action="store_true", help="also the text encoder's layers")
+    add_arguments(extract, (EXTRACT_TARGET, *(each for each in NETWORK_SETTINGS if each.name == "train_text_encoder")))
     extract.add_argument("--clamp-quantile", type=float, default=0.99, help="kohya's outlier clamp (1: none)")
     extract.add_argument("--min-diff", type=float, default=0.0, help="skip layers whose largest |ΔW| is at most this")
     extract.add_argument("--device", default="cpu")

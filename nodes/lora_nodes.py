@@ -1,9 +1,10 @@
 """Save LoRA, Load LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
 from __future__ import annotations
 
-from ..lora_core.formats.files import SAVE_DTYPES, LoRAFileError, LoRAWeights
+from ..lora_core.formats.files import SAVE_PRECISION, LoRAFileError, LoRAWeights
 from .patches import apply_lora, apply_lora_by_block
 from .paths import lora_files, loras_root, next_lora_path, resolve_lora
+from .widgets import setting_input
 
 CATEGORY = "LoRA Lab"
 SAVE_ATTEMPTS = 100
@@ -21,7 +22,7 @@ class SaveLoRA:
         return {"required": {
             "lora": ("LORA", {"tooltip": "From Train LoRA or Load LoRA."}),
             "filename_prefix": ("STRING", {"default": "lora_lab", "tooltip": "Saved as models/loras/<prefix>_00001_.safetensors with the next free number; 'folder/name' saves in a subfolder."}),
-            "precision": (list(SAVE_DTYPES), {"default": "float16", "tooltip": "float16 halves the file; float32 keeps every bit of the trained weights."}),
+            "precision": setting_input(SAVE_PRECISION),  # save_precision; named so on the node since its first version
         }}
 
     def save(self, lora: LoRAWeights, filename_prefix: str, precision: str):

@@ -7,8 +7,9 @@ import comfy.model_management
 from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.formats.toolbox import ModuleReport, extract, merge, resize
 from ..lora_core.functional.svd import RANK_RULES
-from ..lora_core.targets import UNET_PRESETS
+from ..lora_core.network_config import EXTRACT_TARGET
 from .comfy_backend import ComfyBackend
+from .widgets import setting_input
 
 CATEGORY = "LoRA Lab/tools"
 DYNAMIC_METHODS = ("none", *RANK_RULES[1:])
@@ -91,7 +92,7 @@ class ExtractLoRA:
         return {"required": {
             "tuned_model": ("MODEL", {"tooltip": "The fine-tuned model, as Load Checkpoint gives it."}),
             "base_model": ("MODEL", {"tooltip": "The model it was fine-tuned from."}),
-            "target": (list(UNET_PRESETS), {"default": "transformer", "tooltip": "The layers to extract; kohya's default is transformer."}),
+            "target": setting_input(EXTRACT_TARGET),
             **RANK_INPUTS,
             "clamp_quantile": ("FLOAT", {"default": 0.99, "min": 0.5, "max": 1.0, "step": 0.001, "tooltip": "Clamp the factors' outlying entries to this quantile of their magnitudes (kohya: 0.99); 1 keeps the exact SVD."}),
         }, "optional": {

@@ -11,15 +11,23 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..lora_core.adapters import ALGORITHMS
-from ..lora_core.data.config import DatasetConfig
+from ..lora_core.data.config import (
+    DATASET_SETTINGS,
+    REGULARIZATION_FOLDER,
+    DatasetConfig,
+)
 from ..lora_core.data.dataset import ImageFolderDataset
-from ..lora_core.families import FAMILIES, FLUX, SD3
+from ..lora_core.families import FLUX
 from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
-from ..lora_core.targets import TEXT_ENCODER_PREFIX, UNET_PRESETS
-from ..lora_core.training.checkpoints import CHECKPOINT_SETTINGS, Checkpointer, load_state
+from ..lora_core.network_config import NETWORK_SETTINGS, NetworkConfig
+from ..lora_core.targets import TEXT_ENCODER_PREFIX
+from ..lora_core.training.checkpoints import (
+    CHECKPOINT_SETTINGS,
+    Checkpointer,
+    load_state,
+)
 from ..lora_core.training.config import FLOW_MATCHING_SETTINGS, TRAINING_SETTINGS
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
 from ..lora_core.training.plots import loss_curve, smooth
@@ -38,29 +46,28 @@ from .paths import (
     training_states,
 )
 from .progress import loss_history, send_event
+from .widgets import setting_input as widget_input
 
 CATEGORY = "LoRA Lab"
 PREVIEW_IMAGES = 16
-WIDGET_SETTINGS = {each.name: each for each in TRAINING_SETTINGS + CHECKPOINT_SETTINGS if each.widget is not None}
-WIDGET_TYPES = {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING", tuple: "STRING"}
+WIDGET_SETTINGS = {each.name: each for each in TRAINING_SETTINGS + CHECKPOINT_SETTINGS + DATASET_SETTINGS
+                   + NETWORK_SETTINGS if each.widget is not None}
 
 
 def setting_input(name: str) -> tuple:
-    """ComfyUI's input of a declared training setting: its widget type or combo, default, bounds and tooltip."""
-    setting = WIDGET_SETTINGS[name]
-    options = {"default": setting.widget_value(setting.default)}
-    choices = setting.widget_choices()
-    if choices is None:
-        bounds = {"min": setting.minimum if setting.widget.minimum is None else setting.widget.minimum,
-                  "max": setting.maximum if setting.widget.maximum is None else setting.widget.maximum,
-                  "step": setting.widget.step, "multiline": setting.type is tuple or None}
-        options.update({key: value for key, value in bounds.items() if value is not None})
-    return (WIDGET_TYPES[setting.type] if choices is None else choices), {**options, "tooltip": setting.tooltip()}
+    """ComfyUI's input of the declared setting `name`."""
+    return widget_input(WIDGET_SETTINGS[name])
 
 
 def to_image_batch(pictures: list) -> torch.Tensor:
     """PIL images → ComfyUI IMAGE [B, H, W, 3] floats in 0..1."""
     return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0) for p in pictures])
+
+
+# Load Dataset's widgets in the order saved workflows hold them
+DATASET_REQUIRED = ("resolution", "caption_extension", "default_caption", "token", "repeats", "flip")
+DATASET_OPTIONAL = ("bucketing", "min_bucket_size", "max_bucket_size", "shuffle_tags", "keep_tokens", "caption_dropout",
+                    "tag_dropout", "no_upscale")
 
 
 class LoadDataset:
@@ -75,23 +82,11 @@ class LoadDataset:
     def INPUT_TYPES(cls):
         return {"required": {
             "folder": (list_dataset_folders(), {"tooltip": "A subfolder of ComfyUI's input folder holding images and same-stem caption files; kohya-style N_name subfolders repeat their images N times."}),
-            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Images are resized (short side) and centre-cropped to this square size."}),
-            "caption_extension": ("STRING", {"default": ".txt", "tooltip": "Extension of the caption file next to each image."}),
-            "default_caption": ("STRING", {"default": "a photo of {token}", "tooltip": "Caption for images without a caption file; {token} is replaced by the token."}),
-            "token": ("STRING", {"default": "sks", "tooltip": "The placeholder word for your concept, substituted for {token} in every caption."}),
-            "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "How often each image is seen per epoch, on top of N_name folder repeats."}),
-            "flip": ("BOOLEAN", {"default": False, "tooltip": "Randomly mirror images left-right while training."}),
+            **{name: setting_input(name) for name in DATASET_REQUIRED},
         }, "optional": {
-            "bucketing": ("BOOLEAN", {"default": False, "tooltip": "Aspect-ratio buckets (kohya): each image is scaled to cover the bucket of about resolution² pixels nearest its shape and centre-cropped, instead of a square crop."}),
-            "min_bucket_size": ("INT", {"default": 256, "min": 64, "max": 4096, "step": 64, "tooltip": "Shortest bucket side."}),
-            "max_bucket_size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 64, "tooltip": "Longest bucket side."}),
-            "shuffle_tags": ("BOOLEAN", {"default": False, "tooltip": "Shuffle the comma-separated tags of each caption every time it is drawn."}),
-            "keep_tokens": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "How many leading tags stay in place when shuffling or dropping."}),
-            "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that an image is trained with an empty caption."}),
-            "tag_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Chance that each tag after keep_tokens is left out."}),
-            "no_upscale": ("BOOLEAN", {"default": False, "tooltip": "With bucketing: never enlarge an image; its bucket is its own size (scaled down to about resolution² pixels if larger) cropped to 64 px steps (kohya's bucket_no_upscale)."}),
-            "regularization_folder": (["none", *list_dataset_folders()], {"default": "none", "tooltip": "Class images for prior preservation (kohya's reg images), a folder beside the dataset's: repeated to as many examples as the dataset has, their loss weighted by Training Options' prior_loss_weight."}),
-            "regularization_caption": ("STRING", {"default": "", "tooltip": "Caption of class images without a caption file; empty: the name of their N_class folder (kohya's class token)."}),
+            **{name: setting_input(name) for name in DATASET_OPTIONAL},
+            "regularization_folder": widget_input(REGULARIZATION_FOLDER, ["none", *list_dataset_folders()]),
+            "regularization_caption": setting_input("regularization_caption"),
         }}
 
     @classmethod
@@ -99,23 +94,17 @@ class LoadDataset:
         """The folders' listings with sizes and times, so that ComfyUI reloads them after images or captions change."""
         try:
             fingerprint = dataset_fingerprint(resolve_dataset(folder))
-            if regularization_folder != "none":
+            if REGULARIZATION_FOLDER.config_value(regularization_folder) is not None:
                 fingerprint += dataset_fingerprint(resolve_dataset(regularization_folder))
             return fingerprint
         except (PathError, OSError):
             return float("nan")  # never equal to itself: the node runs and `load` reports the problem
 
-    def load(self, folder, resolution, caption_extension, default_caption, token, repeats, flip, bucketing=False,
-             min_bucket_size=256, max_bucket_size=1024, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0,
-             tag_dropout=0.0, no_upscale=False, regularization_folder="none", regularization_caption=""):
-        regularization = None if regularization_folder == "none" else resolve_dataset(regularization_folder)
-        dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(
-            resolution=resolution, caption_extension=caption_extension, default_caption=default_caption,
-            token=token, repeats=repeats, flip=flip, bucketing=bucketing, min_bucket_size=min_bucket_size,
-            max_bucket_size=max_bucket_size, shuffle_tags=shuffle_tags, keep_tokens=keep_tokens,
-            caption_dropout=caption_dropout, tag_dropout=tag_dropout, no_upscale=no_upscale,
-            regularization_caption=regularization_caption,
-        ), regularization_root=regularization)
+    def load(self, folder, regularization_folder="none", **settings):
+        regularization = REGULARIZATION_FOLDER.config_value(regularization_folder)
+        regularization = None if regularization is None else resolve_dataset(regularization)
+        dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(**settings),
+                                     regularization_root=regularization)
         size = dataset.examples[0].bucket  # a batch holds one size: the preview shows the images of the first one
         preview = torch.stack([
             dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5
@@ -137,35 +126,21 @@ class NetworkSpec:
 
     model: Any
     clip: Any
-    algorithm: str
-    rank: int
-    alpha: float
-    preset: str
-    text_encoder: bool
+    adapters: NetworkConfig
     start: LoRAWeights | None
 
     def build(self, backend: ComfyBackend, seed: int) -> LoRANetwork:
         if self.start is not None:
             tensors = backend.network_tensors(self.start.tensors)
             network, _ = LoRANetwork.from_tensors(tensors, backend.loadable_modules(), strict=True)
-            if not self.text_encoder:  # the continued LoRA's text-encoder layers stay applied, as they are
+            if not self.adapters.train_text_encoder:  # the continued LoRA's text-encoder layers stay applied, as they are
                 for name, adapter in network.items():
                     if name.startswith(TEXT_ENCODER_PREFIX):
                         adapter.requires_grad_(False)
             return network
-        return LoRANetwork.create(
-            backend.adapter_targets(self.preset, self.text_encoder), self.algorithm, self.rank, self.alpha, seed
-        )
-
-
-CLIP_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "clip_h": "CLIP-H"}
-
-
-def trained_text_encoders() -> str:
-    """Which CLIP encoders train_text_encoder adapts, per family, from the family descriptions; T5 never."""
-    encoders = {family.name: " and ".join(CLIP_NAMES[name] for name in family.text_encoders)
-                for family in FAMILIES}
-    return "; ".join(f"{family} {names}" for family, names in encoders.items()) + " (T5 and other encoders never)"
+        adapters = self.adapters
+        return LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder),
+                                  adapters.algorithm, adapters.rank, adapters.alpha, seed)
 
 
 class InjectLoRA:
@@ -181,11 +156,7 @@ class InjectLoRA:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/2.x, SDXL, SD3/3.5, Flux.1) from Load Checkpoint or Load Diffusion Model."}),
-                "algorithm": (sorted(ALGORITHMS), {"default": "lora", "tooltip": "lora: low-rank ΔW; dora: LoRA plus a learned magnitude; loha: Hadamard product; lokr: Kronecker product."}),
-                "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "Rank (dim) of each adapter: capacity and file size grow with it."}),
-                "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip": "Scale α: the update is multiplied by α/rank. α = rank means no scaling."}),
-                "target": (list(UNET_PRESETS), {"default": "attention", "tooltip": "UNets: " + "; ".join(f"{name}: {preset.description}" for name, preset in UNET_PRESETS.items()) + ". Flux: " + "; ".join(f"{name}: {preset.description}" for name, preset in FLUX.comfy_presets.items()) + ". SD3: " + "; ".join(f"{name}: {preset.description}" for name, preset in SD3.comfy_presets.items()) + "."}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): " + trained_text_encoders() + ". Needs CLIP. When continuing a LoRA (the lora input) that has text-encoder layers, off keeps them applied as they are, on trains them."}),
+                **{name: setting_input(name) for name in ("algorithm", "rank", "alpha", "target", "train_text_encoder")},
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoder; needed to train it and to continue a LoRA that adapts it."}),
@@ -193,17 +164,19 @@ class InjectLoRA:
             },
         }
 
-    def inject(self, model, algorithm, rank, alpha, target, train_text_encoder, clip=None, lora=None):
-        if train_text_encoder and clip is None:
+    def inject(self, model, clip=None, lora=None, **settings):
+        adapters = NetworkConfig(**settings)
+        if adapters.train_text_encoder and clip is None:
             raise ComfyBackendError("train_text_encoder is on but no CLIP is connected; connect Load Checkpoint's CLIP")
         backend = ComfyBackend(model, clip)
+        targets = backend.adapter_targets(adapters.target, adapters.train_text_encoder)
         if lora is not None:
             LoRANetwork.from_tensors(backend.network_tensors(lora.tensors), backend.loadable_modules(), strict=True)
-        elif not backend.adapter_targets(target, train_text_encoder):
-            raise ComfyBackendError(f"the target {target!r} matches no layer of this model")
+        elif not targets:
+            raise ComfyBackendError(f"the target {adapters.target!r} matches no layer of this model")
         else:
-            backend.check_algorithm(algorithm, list(backend.adapter_targets(target, train_text_encoder)))
-        return (NetworkSpec(model, clip, algorithm, rank, alpha, target, train_text_encoder, lora),)
+            backend.check_algorithm(adapters.algorithm, list(targets))
+        return (NetworkSpec(model, clip, adapters, lora),)
 
 
 TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")

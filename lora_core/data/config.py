@@ -4,48 +4,64 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LoRALabError
+from ..settings import Setting, Widget, declared_settings, out_of_range, setting
 
 
 class DatasetError(LoRALabError, ValueError):
     """Raised for a dataset that cannot be used; the message names the path and the fix."""
 
 
+PROBABILITY = {"minimum": 0.0, "maximum": 1.0, "allowed": "a probability from 0 to 1",
+               "widget": Widget(step=0.01)}
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     """How images are found, captioned, sized and repeated."""
 
-    resolution: int = 512
-    caption_extension: str = ".txt"
-    default_caption: str = "a photo of {token}"
-    token: str = "sks"
-    repeats: int = 1
-    flip: bool = False
-    max_image_pixels: int = 64_000_000
-    bucketing: bool = False  # kohya aspect-ratio buckets of about resolution² pixels, instead of square crops
-    no_upscale: bool = False  # with bucketing: never enlarge; each image's bucket is its size (downscaled to
-    # about resolution² pixels if larger) rounded down to bucket_step, min/max_bucket_size unused (kohya)
-    min_bucket_size: int = 256
-    max_bucket_size: int = 1024
-    bucket_step: int = 64
-    shuffle_tags: bool = False  # shuffle comma-separated tags on every draw...
-    keep_tokens: int = 0  # ...keeping this many leading tags in place
-    caption_dropout: float = 0.0  # chance that a drawn caption is empty (unconditional)
-    tag_dropout: float = 0.0  # chance that each shuffled tag is left out
-    regularization_caption: str = ""  # caption of class images without a caption file; "": the N_name folder's name
+    resolution: int = setting(512, "Images are resized (short side) and centre-cropped to this square size; with "
+                                   "bucketing, buckets hold about resolution² pixels.",
+                              minimum=8, multiple_of=8, allowed="a multiple of 8 that is >= 8 (e.g. 512, 768, 1024)",
+                              widget=Widget(minimum=64, maximum=2048, step=8))
+    caption_extension: str = setting(".txt", "Extension of the caption file next to each image.", widget=Widget())
+    default_caption: str = setting("a photo of {token}", "Caption for images without a caption file; {token} is "
+                                                         "replaced by the token.", widget=Widget())
+    token: str = setting("sks", "The placeholder word for your concept, substituted for {token} in every caption.",
+                         widget=Widget())
+    repeats: int = setting(1, "How often each image is seen per epoch, on top of N_name folder repeats.",
+                           minimum=1, allowed="an integer >= 1", widget=Widget(maximum=1000))
+    flip: bool = setting(False, "Randomly mirror images left-right while training.", widget=Widget())
+    max_image_pixels: int = setting(64_000_000, "images larger than this are skipped (decompression-bomb guard)",
+                                    minimum=1, allowed="an integer >= 1", cli=False)
+    bucketing: bool = setting(False, "Aspect-ratio buckets (kohya): each image is scaled to cover the bucket of about "
+                                     "resolution² pixels nearest its shape and centre-cropped, instead of a square "
+                                     "crop.", widget=Widget())
+    no_upscale: bool = setting(False, "With bucketing: never enlarge an image; its bucket is its own size (scaled down "
+                                      "to about resolution² pixels if larger) cropped to 64 px steps (kohya's "
+                                      "bucket_no_upscale).", widget=Widget())
+    min_bucket_size: int = setting(256, "With bucketing: the shortest bucket side.",
+                                   widget=Widget(minimum=64, maximum=4096, step=64))
+    max_bucket_size: int = setting(1024, "With bucketing: the longest bucket side.",
+                                   widget=Widget(minimum=64, maximum=4096, step=64))
+    bucket_step: int = setting(64, "with bucketing: bucket sides are multiples of this", cli=False)
+    shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags of each caption every time it is drawn.",
+                                 widget=Widget())
+    keep_tokens: int = setting(0, "How many leading tags stay in place when shuffling or dropping.",
+                               minimum=0, allowed="0 or more leading tags", widget=Widget(maximum=100))
+    caption_dropout: float = setting(0.0, "Chance that an image is trained with an empty caption.", **PROBABILITY)
+    tag_dropout: float = setting(0.0, "Chance that each tag after keep_tokens is left out.", **PROBABILITY)
+    regularization_caption: str = setting("", "Caption of class images without a caption file; empty: the name of "
+                                              "their N_class folder (kohya's class token).",
+                                          aliases=("--reg-caption",), widget=Widget())
 
     @property
     def augments_captions(self) -> bool:
         return self.shuffle_tags or self.caption_dropout > 0 or self.tag_dropout > 0
 
     def __post_init__(self) -> None:
-        if self.resolution < 8 or self.resolution % 8:
-            raise DatasetError(
-                f"resolution={self.resolution} is invalid; use a multiple of 8 that is >= 8 (e.g. 512, 768, 1024)."
-            )
-        if self.repeats < 1:
-            raise DatasetError(f"repeats={self.repeats} is invalid; use an integer >= 1.")
-        if self.max_image_pixels < 1:
-            raise DatasetError(f"max_image_pixels={self.max_image_pixels} is invalid; use an integer >= 1.")
+        problem = out_of_range(self, DATASET_SETTINGS)
+        if problem:
+            raise DatasetError(problem)
         if self.bucketing and not (
             self.bucket_step > 0 and self.bucket_step % 8 == 0 and 0 < self.min_bucket_size <= self.max_bucket_size
         ):
@@ -58,12 +74,16 @@ class DatasetConfig:
                 "no_upscale=True needs bucketing=True (square training scales every image to resolution²); turn "
                 "bucketing on or no_upscale off."
             )
-        for name in ("caption_dropout", "tag_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise DatasetError(f"{name}={getattr(self, name)} is invalid; use a probability from 0 to 1.")
-        if self.keep_tokens < 0:
-            raise DatasetError(f"keep_tokens={self.keep_tokens} is invalid; use 0 or more leading tags.")
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
             raise DatasetError(
                 f"caption_extension={self.caption_extension!r} is invalid; use a dotted extension such as '.txt'."
             )
+
+
+DATASET_SETTINGS = declared_settings(DatasetConfig)
+REGULARIZATION_FOLDER = Setting(
+    "regularization_folder", str, None,
+    "Class images for prior preservation (kohya's reg images, N_class subfolders repeating as kohya's): repeated to "
+    "as many examples as the dataset has, their loss weighted by prior_loss_weight.", aliases=("--reg-data",),
+    widget=Widget(labels={None: "none"}, note="A folder beside the dataset's; none: no class images."),
+)

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import LoRALabError
 from ..network import LoRANetwork, NetworkError
+from ..settings import Setting, Widget
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 SAFETENSORS_DTYPES = {
@@ -26,6 +27,9 @@ SAFETENSORS_DTYPES = {
 }
 STALE_TEMPORARY_SECONDS = 60  # a temporary file this old belongs to no writer that is still running
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAVE_PRECISION = Setting("save_precision", str, "float16", "The dtype of the file's weights: float16 halves the file; "
+                         "float32 keeps every bit of the trained weights (alphas stay float32).",
+                         choices=tuple(SAVE_DTYPES), aliases=("--save-dtype",), widget=Widget())
 
 
 Naming = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # file names ↔ network names

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..formats.files import LoRAFileError, LoRAWeights, save_file
 from ..network import LoRANetwork
-from .settings import Setting, Widget
+from ..settings import Setting, Widget
 
 STATE_SUFFIX = ".state.safetensors"
 STATE_KEY = "lora_lab_training_state"

@@ -6,11 +6,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoRALabError
+from ..settings import (
+    DISCRETE,
+    FLOW_MATCHING,
+    Widget,
+    declared_settings,
+    out_of_range,
+    setting,
+)
 from .cpu_convolution import KERNEL_CHOICES
 from .objectives import SD3_WEIGHTINGS, SIGMA_SAMPLINGS
 from .optim import OFFERED_OPTIMIZERS, SCHEDULERS, OptimizerError, check_learning_rate
 from .precision import AUTOCAST_DTYPES
-from .settings import DISCRETE, FLOW_MATCHING, Widget, declared_settings, setting
 
 
 class TrainingError(LoRALabError, ValueError):
@@ -129,9 +136,9 @@ class TrainingConfig:
                                               note="default: on for SD3, off for Flux. Refused for SD1.x/2.x/SDXL."))
 
     def validate(self) -> None:
-        for each in TRAINING_SETTINGS:
-            if each.allowed and not each.in_range(getattr(self, each.name)):
-                raise TrainingError(f"{each.name} = {getattr(self, each.name)!r} is out of range: use {each.allowed}")
+        problem = out_of_range(self, TRAINING_SETTINGS)
+        if problem:
+            raise TrainingError(problem)
         relations = [
             ("early_stopping_patience", not self.early_stopping_patience or self.validation_every,
              "0 while validation_every is 0: early stopping judges the validation loss, so set validation_every"),

@@ -1,5 +1,5 @@
-"""Each training setting declared once: the CLI's options, the nodes' widgets and TrainingConfig's range checks that
-are made from the declarations carry the config's defaults, the declared ranges and the help."""
+"""Each setting declared once: the CLI's options, the nodes' widgets and the configs' range checks that are made from
+the declarations carry the config's defaults, the declared ranges and the help; earlier flags still set them."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from lora_core import TrainingConfig, TrainingError
+from lora_core import DatasetConfig, DatasetError, TrainingConfig, TrainingError
 from lora_core.cli import parser
+from lora_core.data.config import DATASET_SETTINGS, REGULARIZATION_FOLDER
+from lora_core.formats.files import SAVE_PRECISION
+from lora_core.network_config import EXTRACT_TARGET, NETWORK_SETTINGS, NetworkConfig
+from lora_core.settings import Setting, parsed_settings
 from lora_core.training.checkpoints import CHECKPOINT_SETTINGS
 from lora_core.training.config import TRAINING_SETTINGS
-from lora_core.training.settings import parsed_settings
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = ROOT / ".cache" / "comfyui-0.3.64"
 DEFAULTS = TrainingConfig()
 REQUIRED = ["train", "--base", "base", "--data", "data", "--out", "out.safetensors"]
@@ -68,6 +71,48 @@ def test_every_declared_setting_is_a_config_field_with_its_default() -> None:
         assert fields[setting.name].type.startswith(setting.type.__name__), setting.name
 
 
+def test_dataset_network_and_save_options_carry_their_declared_defaults_and_help() -> None:
+    args, actions = parser().parse_args(REQUIRED), train_options()
+    assert DatasetConfig(**parsed_settings(args, DATASET_SETTINGS)) == DatasetConfig()
+    assert NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS)) == NetworkConfig()
+    for setting in DATASET_SETTINGS + NETWORK_SETTINGS + (SAVE_PRECISION, REGULARIZATION_FOLDER):
+        if not setting.cli:
+            assert setting.name not in actions
+            continue
+        assert getattr(args, setting.name) == setting.default, setting.name
+        assert actions[setting.name].option_strings == [setting.flag, *setting.aliases], setting.name
+        assert actions[setting.name].help == setting.help, setting.name
+
+
+@pytest.mark.parametrize(("old", "new", "value"), [
+    ("--reg-data", "--regularization-folder", "class_images"), ("--reg-caption", "--regularization-caption", "dog"),
+    ("--preset", "--target", "full"), ("--text-encoder", "--train-text-encoder", None),
+    ("--save-dtype", "--save-precision", "float32"),
+])
+def test_earlier_flags_set_the_setting_of_the_node_s_name(old, new, value) -> None:
+    """One name per setting (the node's: saved workflows fix it), the flags users already have kept as aliases."""
+    given = [value] if value is not None else []
+    parsed = [vars(parser().parse_args(REQUIRED + [flag, *given])) for flag in (old, new)]
+    assert parsed[0] == parsed[1] != vars(parser().parse_args(REQUIRED))
+    toolbox = ["resize", "--lora", "a.safetensors", "--out", "b.safetensors"]
+    assert parser().parse_args(toolbox + ["--save-dtype", "float32"]).save_precision == "float32"
+    extract = ["extract", "--base", "a", "--tuned", "b", "--out", "c.safetensors"]
+    assert parser().parse_args(extract).target == EXTRACT_TARGET.default == "transformer"
+    assert parser().parse_args(extract + ["--preset", "full"]).target == "full"
+
+
+DATASET_CHECKED = [setting for setting in DATASET_SETTINGS if setting.allowed]
+
+
+@pytest.mark.parametrize("setting", DATASET_CHECKED, ids=[setting.name for setting in DATASET_CHECKED])
+def test_a_dataset_value_outside_the_declared_range_is_refused_naming_the_setting(setting) -> None:
+    values = outside(setting) + ([setting.default + setting.multiple_of // 2] if setting.multiple_of else [])
+    assert values, f"{setting.name} says what it allows but declares no range"
+    for value in values:
+        with pytest.raises(DatasetError, match=rf"^{setting.name} = .* is out of range: use "):
+            DatasetConfig(**{setting.name: value})
+
+
 def outside(setting) -> list:
     """Values just outside the setting's declared range."""
     values = [bound - 1 for bound in (setting.minimum,) if bound is not None]
@@ -90,28 +135,39 @@ def test_a_value_outside_the_declared_range_is_refused_naming_the_setting(settin
 
 @pytest.fixture(scope="module")
 def node_inputs() -> dict:
-    """The training nodes' inputs as ComfyUI gets them (the pack imported in ComfyUI 0.3.64)."""
+    """Every node's inputs as ComfyUI gets them (the pack imported in ComfyUI 0.3.64), by node class."""
     if not (COMFY_DIR / "main.py").exists():
         pytest.skip(f"no ComfyUI at {COMFY_DIR}")
     probe = ROOT / "tests" / "comfyui" / "node_inputs_probe.py"
     output = subprocess.run([sys.executable, str(probe), str(COMFY_DIR)], capture_output=True, text=True, check=True)
     nodes = json.loads(output.stdout.splitlines()[-1])
-    return {name: spec for node in nodes.values() for section in ("required", "optional")
-            for name, spec in node.get(section, {}).items()}
+    return {node: {name: spec for section in ("required", "optional") for name, spec in inputs.get(section, {}).items()}
+            for node, inputs in nodes.items()}
+
+
+def declared_widgets() -> list[tuple[str, str, Setting]]:
+    """(node, input, setting) of every input a node makes from a declared setting."""
+    shown = [("TrainLoRA", "TrainingOptions", "FlowMatchingOptions"), TRAINING_SETTINGS + CHECKPOINT_SETTINGS,
+             ("LoadDataset",), DATASET_SETTINGS + (REGULARIZATION_FOLDER,), ("InjectLoRA",), NETWORK_SETTINGS]
+    widgets = [(node, setting.name, setting) for nodes, settings in zip(shown[::2], shown[1::2]) for node in nodes
+               for setting in settings if setting.widget is not None]
+    return widgets + [("SaveLoRA", "precision", SAVE_PRECISION), ("ExtractLoRA", "target", EXTRACT_TARGET)]
 
 
 def test_widgets_carry_the_config_defaults_the_declared_ranges_and_the_help(node_inputs) -> None:
-    shown = [setting for setting in TRAINING_SETTINGS + CHECKPOINT_SETTINGS if setting.widget is not None]
-    assert shown and all(setting.name in node_inputs for setting in shown)
-    for setting in shown:
-        kind, options = node_inputs[setting.name]
+    shown = [(node, name, setting) for node, name, setting in declared_widgets() if name in node_inputs[node]]
+    assert {setting.name for _, _, setting in shown} == {setting.name for _, _, setting in declared_widgets()}
+    for node, name, setting in shown:
+        kind, options = node_inputs[node][name]
         assert options["tooltip"] == setting.tooltip() and options["tooltip"].startswith(setting.help)
-        assert setting.config_value(options["default"]) == setting.default, setting.name
-        if isinstance(kind, list):  # a combo: each entry is an allowed value
+        assert setting.config_value(options["default"]) == (
+            setting.default if setting.widget.default is None else setting.widget.default), setting.name
+        if isinstance(kind, list):  # a combo: each entry is an allowed value (or, for folders, the node's own list)
             assert options["default"] in kind
-            assert all(setting.config_value(entry) in (setting.choices or setting.widget.choices) for entry in kind)
+            if setting is not REGULARIZATION_FOLDER:
+                assert all(setting.config_value(entry) in (setting.choices or setting.widget.choices) for entry in kind)
             continue
-        assert kind == {int: "INT", float: "FLOAT", bool: "BOOLEAN", tuple: "STRING"}[setting.type], setting.name
+        assert kind == {int: "INT", float: "FLOAT", bool: "BOOLEAN", str: "STRING", tuple: "STRING"}[setting.type]
         low, high = options.get("min"), options.get("max")
         assert low == (setting.minimum if setting.widget.minimum is None else setting.widget.minimum), setting.name
         assert high == (setting.maximum if setting.widget.maximum is None else setting.widget.maximum), setting.name
@@ -121,3 +177,5 @@ def test_widgets_carry_the_config_defaults_the_declared_ranges_and_the_help(node
         assert setting.above is None or low > setting.above or unset, setting.name
         assert setting.maximum is None or high <= setting.maximum, setting.name
         assert setting.below is None or high < setting.below, setting.name
+        assert setting.multiple_of is None or (options.get("step", 1) % setting.multiple_of == 0
+                                               and low % setting.multiple_of == 0), setting.name

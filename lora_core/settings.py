@@ -1,8 +1,8 @@
-"""Each training setting declared once: default, allowed values, help, the families it applies to, CLI flag, widget.
+"""Each setting declared once: default, allowed values, help, the families it applies to, CLI flag, widget.
 
-`TrainingConfig`'s fields carry their declaration (`setting(...)`); its range checks, the options of
-`python -m lora_core train` and the nodes' widgets are generated from it. Plain data: nodes/ turns a `Widget` into
-ComfyUI's input tuple.
+The fields of `TrainingConfig`, `DatasetConfig` and `NetworkConfig` carry their declaration (`setting(...)`); their
+range checks, the options of `python -m lora_core train` and the nodes' widgets are generated from it. Plain data:
+nodes/ turns a `Widget` into ComfyUI's input tuple.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class Widget:
     maximum: float | None = None
     step: float | None = None
     choices: tuple = ()  # a combo's values, where they are fewer than the allowed ones (optimizer)
+    default: Any = None  # the widget's default, where it differs from the setting's (alpha: 8.0, not None)
     labels: dict | None = None  # a combo's label of a value that is not a string (None: "default")
     unset: Any = None  # the widget value that means None (flow_shift's 0)
     note: str = ""  # what the widget's own values mean, added to the help in the tooltip
@@ -32,7 +33,7 @@ class Widget:
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting; its range is checked by `TrainingConfig` where `allowed` says it in words, else where noted."""
+    """One setting; its config checks its range where `allowed` says it in words, else the module using it does."""
 
     name: str
     type: type
@@ -42,6 +43,7 @@ class Setting:
     maximum: float | None = None
     above: float | None = None  # exclusive bounds
     below: float | None = None
+    multiple_of: int | None = None
     choices: tuple = ()
     allowed: str = ""  # the allowed values in words, for TrainingConfig's message; "" where another module checks
     families: str = ALL_FAMILIES
@@ -58,8 +60,14 @@ class Setting:
             return False
         if value is None or self.type not in (int, float):
             return True
+        if self.multiple_of is not None and value % self.multiple_of:
+            return False
         return ((self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
                 and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def widget_default(self) -> Any:
+        shown = self.widget.default if self.widget is not None else None
+        return self.widget_value(self.default if shown is None else shown)
 
     def widget_value(self, value: Any) -> Any:
         """A config value as the node's widget shows it."""
@@ -91,7 +99,7 @@ class Setting:
 
 
 def setting(default: Any, help: str, **declaration: Any):
-    """A `TrainingConfig` field declared with its setting (see `Setting`; the name and type are the field's)."""
+    """A config dataclass's field declared with its setting (see `Setting`; the name and type are the field's)."""
     return dataclasses.field(default=default, metadata={"setting": {"default": default, "help": help, **declaration}})
 
 
@@ -100,6 +108,15 @@ def declared_settings(config_class: type) -> tuple[Setting, ...]:
     return tuple(Setting(name=field.name, type=VALUE_TYPES[field.type.removesuffix(" | None")],
                          **field.metadata["setting"])
                  for field in dataclasses.fields(config_class) if "setting" in field.metadata)
+
+
+def out_of_range(config: Any, settings: tuple[Setting, ...]) -> str | None:
+    """What is wrong with the first of `config`'s values outside its declared range, or None."""
+    for each in settings:
+        value = getattr(config, each.name)
+        if each.allowed and not each.in_range(value):
+            return f"{each.name} = {value!r} is out of range: use {each.allowed}"
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
