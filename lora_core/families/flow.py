@@ -19,7 +19,7 @@ from ..targets import (
     kohya_paths,
     named_for_kohya,
 )
-from ..training.objectives import FlowMatchingObjective
+from ..training.objectives import FLUX_SEQ_LENS, FlowMatchingObjective
 from .family import Family
 from .sd1 import generate
 
@@ -32,18 +32,19 @@ DIFFUSERS_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lo
 
 
 def flow_objective(config: TrainingConfig, family: Family, timestep_multiplier: float, shift: float | None,
-                   base_shift: float = 0.5, max_shift: float = 1.15) -> FlowMatchingObjective:
+                   base_shift: float = 0.5, max_shift: float = 1.15,
+                   seq_lens: tuple[int, int] = FLUX_SEQ_LENS) -> FlowMatchingObjective:
     """The family's flow-matching objective with the run's settings: σ drawn as `timestep_sampling` says, else as
     the family's default, shifted by `config.flow_shift` if set, else by the family's fixed `shift`, or by Flux's
-    resolution-dependent shift (μ between `base_shift` and `max_shift`) where `shift` is None; the loss on
-    preconditioned outputs where `config.precondition_outputs` (else the family's default) says so."""
+    resolution-dependent shift (μ from `base_shift` to `max_shift` over `seq_lens` image tokens) where `shift` is
+    None; the loss on preconditioned outputs where `config.precondition_outputs` (else the family's default) says so."""
     config.check_flow_matching(family.name)
     if config.flow_shift is not None:
         shift = config.flow_shift
     return FlowMatchingObjective(
         timestep_multiplier, config.timestep_sampling or family.sigma_sampling, config.logit_mean, config.logit_std,
         config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
-        base_shift=base_shift, max_shift=max_shift, weighting=config.loss_weighting,
+        base_shift=base_shift, max_shift=max_shift, shift_seq_lens=seq_lens, weighting=config.loss_weighting,
         precondition_outputs=(family.precondition_outputs if config.precondition_outputs is None
                               else config.precondition_outputs),
     )

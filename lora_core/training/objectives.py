@@ -127,10 +127,12 @@ def shifted_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """Flux's μ for an image of `image_seq_len` tokens: the line through (256, base_shift) and (4096, max_shift)
-    (diffusers' `calculate_shift`, kohya's `get_lin_function`, ComfyUI's ModelSamplingFlux node)."""
-    low, high = FLUX_SEQ_LENS
+def flux_mu(image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15,
+            seq_lens: tuple[int, int] = FLUX_SEQ_LENS) -> float:
+    """Flux's μ for an image of `image_seq_len` tokens: the line through (`seq_lens`[0], base_shift) and
+    (`seq_lens`[1], max_shift), Flux's (256, 4096) by default (diffusers' `calculate_shift`, kohya's
+    `get_lin_function`, ComfyUI's ModelSamplingFlux node); Qwen-Image's scheduler puts the second at 8192."""
+    low, high = seq_lens
     slope = (max_shift - base_shift) / (high - low)
     return base_shift + slope * (image_seq_len - low)
 
@@ -179,6 +181,7 @@ class FlowMatchingObjective:
     resolution_shift: bool = False
     base_shift: float = 0.5
     max_shift: float = 1.15
+    shift_seq_lens: tuple[int, int] = FLUX_SEQ_LENS  # image tokens at which μ is base_shift and max_shift
     weighting: str = "none"
     schedule: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's own σ of a drawn σ ∈ [0, 1]
     precondition_outputs: bool = False  # the loss on x̂0 = x_σ − σ·v̂ against x0 (diffusers' and kohya's SD3)
@@ -214,6 +217,8 @@ class FlowMatchingObjective:
             shift = {"flow_schedule": "the base model's own (ComfyUI's model_sampling)"}
         elif self.resolution_shift:
             shift = {"base_shift": self.base_shift, "max_shift": self.max_shift}
+            if self.shift_seq_lens != FLUX_SEQ_LENS:
+                shift["shift_seq_lens"] = list(self.shift_seq_lens)
         else:
             shift = {"discrete_flow_shift": self.shift}
         return {"timestep_sampling": self.sampling, "weighting_scheme": self.weighting,
@@ -234,7 +239,7 @@ class FlowMatchingObjective:
         if self.schedule is not None:
             sigma = self.schedule(sigma)
         elif self.resolution_shift:
-            mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift)
+            mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift, self.shift_seq_lens)
             sigma = flux_shifted_sigmas(sigma, mu)
         elif self.shift != 1:
             sigma = shifted_sigmas(sigma, self.shift)

@@ -30,6 +30,9 @@ SMALL_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3
 SMALL_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 1}
 SIGMAS = [0.05, 0.5, 0.95]  # flow families: noise levels of the hand check
 TIMESTEPS = [10, 500, 999]  # discrete families
+# Load Dataset's inputs for the concept folder, by name as ComfyUI passes them
+CONCEPT_DATASET = {"folder": "concept", "resolution": RESOLUTION, "caption_extension": ".txt",
+                   "default_caption": "a photo of {token}", "token": "sks", "repeats": 1, "flip": False}
 
 
 def reset_to_torch_default_init(module: torch.nn.Module) -> None:
@@ -282,6 +285,14 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
             "sampling": type(sampling).__name__}
 
 
+def inject(model, clip, algorithm: str, target: str, train_text_encoder: bool) -> tuple:
+    """Inject LoRA at rank 4, alpha 4, called by input name as ComfyUI calls nodes."""
+    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA
+
+    return InjectLoRA().inject(model=model, clip=clip, algorithm=algorithm, rank=4, alpha=4.0, target=target,
+                               train_text_encoder=train_text_encoder)
+
+
 def tensors_digest(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -387,9 +398,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     text_encoder = not fp8
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
-        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
-            "result"]]
-        (network,) = InjectLoRA().inject(model, "lora", 4, 4.0, "transformer", text_encoder, clip)
+        (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
+        (network,) = inject(model, clip, "lora", "transformer", text_encoder)
         (options,) = TrainingOptions().options(**{
             **{name: spec[1]["default"] for section in TrainingOptions.INPUT_TYPES().values()
                for name, spec in section.items() if "default" in spec[1]},  # the widgets, not the links
@@ -438,17 +448,16 @@ def algorithms(backend_module, model, clip, vae, work_dir: Path) -> dict:
     applied with the trained math) against lora_core's adapters on the base."""
     from comfyui_lora_lab.lora_core.formats.files import LoRAWeights
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
-    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+    from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
 
     def apply_lora(model, clip, tensors, strength_model, strength_clip):
         return ApplyLoRA().apply(model, clip, LoRAWeights(tensors), strength_model, strength_clip)
 
     results = {}
     with torch.inference_mode():
-        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
-            "result"]]
+        (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
         for algorithm in ("dora", "loha", "lokr"):
-            (network,) = InjectLoRA().inject(model, algorithm, 4, 4.0, "attention", False, clip)
+            (network,) = inject(model, clip, algorithm, "attention", False)
             output = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a photo of sks")
             tensors = output["result"][0].tensors
             results[algorithm] = core_against_lora_core(backend_module, model, clip, tensors,
@@ -468,7 +477,7 @@ def algorithms_in_weights(backend_module, model, clip, vae, work_dir: Path) -> d
     from comfyui_lora_lab.lora_core.formats.files import LoRAWeights
     from comfyui_lora_lab.lora_core.network import LoRANetwork
     from comfyui_lora_lab.nodes.lora_nodes import ApplyLoRA
-    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA, LoadDataset, TrainLoRA
+    from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
 
     def true_weight(layer) -> torch.Tensor:
         weight = layer.weight.float()
@@ -482,10 +491,9 @@ def algorithms_in_weights(backend_module, model, clip, vae, work_dir: Path) -> d
             magnitude = DoRAAdapter(layer, 4).dora_scale.reshape(-1)
             norms = true_weight(layer).norm(dim=1)
             results["dora_scale_error"] = float(((magnitude - norms).abs() / norms).max())
-        (dataset, _), = [LoadDataset().load("concept", RESOLUTION, ".txt", "a photo of {token}", "sks", 1, False)[
-            "result"]]
+        (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
         for algorithm in ("dora", "loha", "lokr"):
-            (network,) = InjectLoRA().inject(model, algorithm, 4, 4.0, "attention", False, clip)
+            (network,) = inject(model, clip, algorithm, "attention", False)
             tensors = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a photo of sks")[
                 "result"][0].tensors
             if algorithm == "dora":
@@ -533,7 +541,6 @@ def vae_posterior(backend_module, model, clip, vae) -> dict:
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.training.config import TrainingConfig
-    from comfyui_lora_lab.nodes.train_nodes import InjectLoRA
 
     backend = backend_module.ComfyBackend(model, clip)
     settings = ({"timestep_sampling": "uniform"} if backend.prediction_type != "flow" else {"min_snr_gamma": 5.0})
@@ -541,7 +548,7 @@ def refusals(backend_module, model, clip) -> dict:
     for name, attempt in {
         "settings": lambda: backend.objective(TrainingConfig(**settings)),
         "guidance": lambda: backend_module.ComfyBackend(model, clip, guidance=3.5),
-        "loha": lambda: InjectLoRA().inject(model, "loha", 4, 4.0, "attention", False, clip),
+        "loha": lambda: inject(model, clip, "loha", "attention", False),
     }.items():
         try:
             attempt()
