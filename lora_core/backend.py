@@ -21,8 +21,16 @@ SIZE_CONDITIONING = "size_and_crop"  # [B, 6]: original (h, w), crop (top, left)
 
 
 def concatenated(parts: list[Conditioning]) -> Conditioning:
-    """One batch of conditioning from several, entry by entry."""
-    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    """One batch of conditioning from several, entry by entry; sequences of different lengths (Qwen-Image's prompts)
+    zero-padded along dim 1 to the longest, their mask entry (`context_mask`) with them, so padding is masked out."""
+    batch = {}
+    for name in parts[0]:
+        tensors = [part[name] for part in parts]
+        longest = max(tensor.shape[1] if tensor.dim() > 1 else 0 for tensor in tensors)
+        batch[name] = torch.cat([
+            torch.cat([tensor, tensor.new_zeros(tensor.shape[0], longest - tensor.shape[1], *tensor.shape[2:])], 1)
+            if tensor.dim() > 1 and tensor.shape[1] < longest else tensor for tensor in tensors])
+    return batch
 
 
 class TrainingBackend(ABC):

@@ -24,7 +24,7 @@ def target_help() -> str:
 
 def text_encoder_help() -> str:
     """Which CLIP encoders train_text_encoder adapts, per family; T5 never."""
-    encoders = "; ".join(f"{family.name} {' and '.join(CLIP_NAMES[name] for name in family.text_encoders)}"
+    encoders = "; ".join(f"{family.name} {' and '.join(CLIP_NAMES[name] for name in family.text_encoders) or 'none'}"
                          for family in FAMILIES)
     return f"Also adapt the CLIP text encoders (q/k/v/out_proj, fc1/fc2): {encoders} (T5 and other encoders never)."
 

@@ -14,11 +14,12 @@ from ..backend import TrainingBackend
 from ..errors import LoRALabError
 from .family import Family
 from .flux import FLUX
+from .qwen_image import QWEN_IMAGE
 from .sd1 import SD1, SD2
 from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES = (SD1, SD2, SDXL, SD3, FLUX)
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE)
 PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
 
 

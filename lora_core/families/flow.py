@@ -54,14 +54,16 @@ def flattened(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return {f"{name}.{suffix}": value for name, parts in modules.items() for suffix, value in parts.items()}
 
 
-def from_diffusers_naming(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_diffusers_naming(tensors: dict[str, torch.Tensor], prefixes: dict[str, str] = DIFFUSERS_PREFIXES
+                          ) -> dict[str, torch.Tensor]:
     """Tensors of diffusers' LoRA naming (`transformer.<path>.lora_A.weight`, `text_encoder.<path>…`, as diffusers'
-    scripts, ai-toolkit and SD3 files here write them) under the network's names (`lora_unet_<path>.lora_down.weight`,
-    `lora_te1_…`); other keys unchanged. Without `.alpha` a LoRA's scale is 1, as diffusers and ComfyUI apply it."""
+    scripts, ai-toolkit and SD3 files here write them; a family may add `prefixes`) under the network's names
+    (`lora_unet_<path>.lora_down.weight`, `lora_te1_…`); other keys unchanged. Without `.alpha` a LoRA's scale is 1,
+    as diffusers and ComfyUI apply it."""
     suffixes = {file: network for network, file in DIFFUSERS_SUFFIXES.items()}
     named = {}
     for key, value in tensors.items():
-        prefix = next((prefix for prefix in DIFFUSERS_PREFIXES if key.startswith(prefix)), None)
+        prefix = next((prefix for prefix in prefixes if key.startswith(prefix)), None)
         if prefix is None:
             named[key] = value
             continue
@@ -69,7 +71,7 @@ def from_diffusers_naming(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
         if suffix == "weight":  # lora_A.weight, lora_B.weight
             module, _, leaf = module.rpartition(".")
             suffix = f"{leaf}.weight"
-        name = DIFFUSERS_PREFIXES[prefix] + module[len(prefix):].replace(".", "_")
+        name = prefixes[prefix] + module[len(prefix):].replace(".", "_")
         named[f"{name}.{suffixes.get(suffix, suffix)}"] = value
     return named
 

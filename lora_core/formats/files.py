@@ -20,6 +20,7 @@ from ..network import LoRANetwork, NetworkError
 from ..settings import Setting, Widget
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+LORA_KEY_PREFIXES = ("lora_unet_", "lora_te", "transformer.", "text_encoder.", "diffusion_model.")
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -182,11 +183,12 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     malformed = [key for key in tensors if "." not in key]
     if malformed:
         raise LoRAFileError(f"{path} has keys without a module name, for example {malformed[:3]}: not a LoRA file")
-    if not any(key.startswith(("lora_unet_", "lora_te", "transformer.", "text_encoder.")) for key in tensors):
+    if not any(key.startswith(LORA_KEY_PREFIXES) for key in tensors):
         raise LoRAFileError(
             f"{path} is not in kohya format (no `lora_unet_…`/`lora_te_…` keys; first key {next(iter(tensors), None)!r}) "
-            "nor diffusers' SD3 naming (`transformer.…`/`text_encoder.…`); LoRA Lab reads the kohya format that "
-            "ComfyUI, A1111 and kohya sd-scripts write, and SD3 files as diffusers and ComfyUI read them"
+            "nor in the naming diffusers and ComfyUI read for DiT families (`transformer.…`/`text_encoder.…`, "
+            "`diffusion_model.…`); LoRA Lab reads the kohya format that ComfyUI, A1111, kohya sd-scripts and "
+            "musubi-tuner write, and those layouts where the family's files use them"
         )
     return tensors, metadata
 
