@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.tiny_flow_models import COMFYUI, comfy_reads, concept_images, randomized
+from support.tiny_qwen_image import QWEN_TOKENIZER, build_tiny_qwen_image
 
 from lora_core import load_file
 from lora_core.backend import concatenated
@@ -25,8 +27,6 @@ from lora_core.network import LoRANetwork, grouped_by_module
 from lora_core.targets import TargetError
 from lora_core.training.config import TrainingConfig
 from lora_core.training.loop import train
-from support.tiny_flow_models import COMFYUI, comfy_reads, concept_images, randomized
-from support.tiny_qwen_image import QWEN_TOKENIZER, build_tiny_qwen_image
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not QWEN_TOKENIZER.is_dir(),
