@@ -23,10 +23,10 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
-from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend
+from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
 from ..lora_core.errors import LoRALabError
 from ..lora_core.families import FLUX, Family, comfy_family, comfy_model_name
-from ..lora_core.families.flow import DIFFUSERS_SUFFIXES
+from ..lora_core.families.flow import DIFFUSERS_SUFFIXES, from_diffusers_naming
 from ..lora_core.families.sd3 import FilePart, fused_lora, split_lora
 from ..lora_core.formats.files import data_hash
 from ..lora_core.targets import TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name
@@ -47,8 +47,9 @@ FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMP
                        if hasattr(comfy.model_sampling, name))
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
-             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5 and Flux.1 dev/schnell by "
-             "flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux)")
+             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell and "
+             "Qwen-Image by flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux / "
+             "ModelSamplingAuraFlow)")
 
 
 class ComfyBackendError(LoRALabError, ValueError):
@@ -92,7 +93,7 @@ def trainable_family(model: Any) -> tuple[Family, str]:
     elif type(base.diffusion_model).__name__ != family.comfy_denoiser:
         problem = (f"its denoiser is a {type(base.diffusion_model).__name__}, not {family.name}'s "
                    f"{family.comfy_denoiser}")
-    elif in_channels != unet_config.get("out_channels", in_channels):
+    elif in_channels != unet_config.get("out_channels", in_channels) * family.patched_input:
         problem = f"its denoiser takes {in_channels} input channels (image/mask conditioning)"
     elif not family.adm and (unet_config.get("adm_in_channels") or unet_config.get("num_classes") is not None):
         problem = "it needs pooled/ADM conditioning (the UNet's `y` input)"
@@ -321,6 +322,7 @@ class ComfyBackend(TrainingBackend):
             raise ComfyBackendError(f"flux_guidance {guidance} sets Flux.1-dev's guidance input; {self.family} has "
                                     f"none, so leave it at {FLUX.training_guidance}")
         self.guidance = guidance if has_guidance else None
+        self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # one-frame video latents
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
@@ -380,24 +382,34 @@ class ComfyBackend(TrainingBackend):
                 or next(self.unet.parameters()).dtype)
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents [B, C, H, W] as the diffusion model sees them (`process_latent_in`). A model of one-frame video
+        latents (Qwen-Image's Wan VAE) gets each image encoded alone, as a frame (a batch would be one video), and
+        the frame axis dropped after `process_latent_in`; `predict` puts it back."""
         if self.vae is None:
             raise ComfyBackendError("a VAE is needed to encode the dataset; connect one to Train LoRA")
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        images = (pixels.movedim(1, -1) + 1) / 2
         # the posterior is sampled from the global generators; manual_seed reseeds the CPU's and every CUDA device's,
         # so all of them are restored afterwards
         cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda_devices), sampled_posterior(self.vae):
             torch.manual_seed(seed)
-            latents = self.vae.encode((pixels.movedim(1, -1) + 1) / 2)
-        return self.base_model.process_latent_in(latents.to(self.device))
+            if not self.frames:
+                return self.base_model.process_latent_in(self.vae.encode(images).to(self.device))
+            latents = [self.vae.encode(image[None]).to(self.device) for image in images]
+        frames = [latent if latent.dim() == 5 else latent[:, :, None] for latent in latents]
+        return torch.cat([self.base_model.process_latent_in(frame)[:, :, 0] for frame in frames])
 
     def encode_text(self, captions: list[str]) -> Conditioning:
-        """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L) per caption."""
+        """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L; Qwen-Image has none)
+        per caption, with a mask of each caption's tokens: Qwen2.5-VL's outputs differ in length, and `predict`
+        gives the model each one unpadded, as ComfyUI's samplers do."""
         encoded = [self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
                    for caption in captions]
-        return {"context": torch.cat([context for context, _ in encoded]).to(self.device),
-                "pooled": torch.cat([pooled for _, pooled in encoded]).to(self.device)}
+        parts = [{"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
+                  **({"pooled": pooled} if pooled is not None else {})} for context, pooled in encoded]
+        return {name: value.to(self.device) for name, value in concatenated(parts).items()}
 
     def model_conditions(self, noisy_latents: torch.Tensor, conditioning: Conditioning) -> dict[str, torch.Tensor]:
         """The diffusion model's inputs besides x and t, built by `BaseModel.extra_conds` per sample as the samplers
@@ -426,6 +438,19 @@ class ComfyBackend(TrainingBackend):
         `calculate_input(σ_t, x)` is exactly `noisy_latents`. Flow: `times` are σ and `noisy_latents` is
         `noise_scaling(σ, ε, x0)`, which CONST's `calculate_input` passes as it is. The time input is
         `model_sampling.timestep(σ)`; patches come from the MODEL's transformer_options."""
+        mask = conditioning.get("context_mask")
+        if mask is not None and not bool(mask.all()):  # captions of different lengths: each alone, unpadded
+            return torch.cat([self.predict(noisy_latents[index:index + 1], times[index:index + 1], {
+                name: value[index:index + 1, :int(mask[index].sum())] if name in ("context", "context_mask")
+                else value[index:index + 1] for name, value in conditioning.items()})
+                for index in range(len(noisy_latents))])
+        if self.frames:  # one-frame video latents: the frame axis back
+            return self.predict_frames(noisy_latents[:, :, None], times, conditioning)[:, :, 0]
+        return self.predict_frames(noisy_latents, times, conditioning)
+
+    def predict_frames(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning
+                       ) -> torch.Tensor:
+        """`predict` on latents of the model's own rank."""
         dtype, device = self.compute_dtype(), noisy_latents.device
         if self.spec.flow:
             sigmas = times.to(device, torch.float32)
@@ -475,9 +500,10 @@ class ComfyBackend(TrainingBackend):
     def network_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`file_tensors` undone: diffusers' to_q/to_k/to_v fused back into ComfyUI's qkv (one lora_A if the pieces
         share it, else their ranks side by side), lora_A/lora_B as lora_down/lora_up at scale 1. Names that are not
-        the family's file names (kohya-style checkpoints) pass as they are."""
+        the family's file names (kohya-style checkpoints) pass as they are. Families whose files also come in other
+        trainers' layouts (Qwen-Image's `diffusion_model.…lora_A`) get those renamed."""
         if not self._file_parts:
-            return tensors
+            return from_diffusers_naming(tensors, self.spec.file_prefixes) if self.spec.file_prefixes else tensors
         owners = {module: (name, rows) for name, pieces in self._file_parts.items() for module, rows in pieces}
         layers = self.loadable_modules()
         out, fused = {}, {}
@@ -559,7 +585,8 @@ class ComfyBackend(TrainingBackend):
             (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, self.spec.sample_cfg, "euler",
                                                      self.spec.sample_scheduler, self.conditioning(prompt),
                                                      self.conditioning(""), latent)
-            pixels = self.vae.decode(sampled["samples"])[0]
+            decoded = self.vae.decode(sampled["samples"])  # [B, H, W, 3], or [B, frames, H, W, 3] for a video VAE
+            pixels = decoded.reshape(-1, *decoded.shape[-3:])[0]
             images.append(Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().cpu().numpy()))
         return images
 

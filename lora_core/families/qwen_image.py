@@ -18,7 +18,7 @@ from ..backend import Conditioning
 from ..targets import TargetError
 from ..training.objectives import FlowMatchingObjective
 from .family import BlockLayout, Family
-from .flow import DIFFUSERS_PREFIXES, FlowBackend, flow_objective, from_diffusers_naming, transformer_presets
+from .flow import FlowBackend, flow_objective, from_diffusers_naming, transformer_presets
 
 if TYPE_CHECKING:
     from ..training.config import TrainingConfig
@@ -30,7 +30,6 @@ QWEN_MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_ml
 QWEN_PRESETS = transformer_presets(
     QWEN_BLOCKS, QWEN_ATTENTION, QWEN_MLP, "q/k/v/out of every block's joint attention (image and text streams)",
     "every Linear of every block, the img_mod/txt_mod modulation included (musubi-tuner leaves it out by default)")
-QWEN_FILE_PREFIXES = {**DIFFUSERS_PREFIXES, "diffusion_model.": "lora_unet_"}  # + ai-toolkit's, diffusion-pipe's
 QWEN_IMAGE = Family(
     "Qwen-Image", "qwen_image", "Qwen-Image", __name__, "QwenImageBackend", ("QwenImagePipeline",),
     {"QwenImage": "Qwen-Image"}, "QwenImageTransformer2DModel", ("transformer_blocks",), QWEN_PRESETS, QWEN_PRESETS,
@@ -38,7 +37,9 @@ QWEN_IMAGE = Family(
     BlockLayout("Qwen-Image", groups=("T",), patterns=(
         (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "T"),
         (re.compile(r"(?:transformer|diffusion_model)\.transformer_blocks\.(\d+)\."), "T"))),
-    flow=True, sample_cfg=2.5, sample_scheduler="simple")
+    flow=True, patched_input=4, sample_cfg=2.5, sample_scheduler="simple",
+    file_prefixes={"transformer.": "lora_unet_", "diffusion_model.": "lora_unet_"})  # diffusers'; ai-toolkit's,
+# diffusion-pipe's and ComfyUI-converted musubi-tuner files
 
 
 class QwenImageBackend(FlowBackend):
@@ -111,4 +112,4 @@ class QwenImageBackend(FlowBackend):
     def network_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Files in the shared `diffusion_model.`/`transformer.` layouts under the network's kohya names (lora_A/B as
         lora_down/up; without `.alpha` the scale is 1, as ComfyUI and diffusers apply them); kohya's as they are."""
-        return from_diffusers_naming(tensors, QWEN_FILE_PREFIXES)
+        return from_diffusers_naming(tensors, QWEN_IMAGE.file_prefixes)

@@ -202,9 +202,74 @@ def build_sd3():
     return patcher(config), clip, build_vae(16)
 
 
-BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3,
+QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+                     "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                     "axes_dims_rope": [4, 6, 6]}
+SMALL_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1}
+
+
+def qwen_clip():
+    """ComfyUI's Qwen-Image text encoder (its tokenizer and template, Qwen2.5-VL's language model) with a small
+    language model and without the vision tower, which text prompts never run (658 M parameters even here)."""
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image as qwen_image
+
+    class LanguageModel(llama.Qwen25_7BVLI):
+        def __init__(self, config_dict, dtype, device, operations):
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers, self.dtype = config.num_hidden_layers, dtype
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+
+    class TextModel(qwen_image.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                     model_options={}):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config={}, dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=LanguageModel,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask,
+                model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(qwen_image.QwenImageTokenizer, qwen_image.te())
+    clip = build_clip(target, {"qwen25_7b_model_config": SMALL_QWEN, "qwen25_7b_class": TextModel})
+    for module in clip.cond_stage_model.modules():  # RMSNorm scales, zeroed with the rest
+        if "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+            module.weight.fill_(1.0)
+    return clip
+
+
+def wan_vae():
+    """Qwen-Image's VAE as VAELoader makes it (Wan 2.1's, whose layout ComfyUI fixes: full size), random."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    source = WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                    temperal_downsample=[False, True, True], dropout=0.0)
+    reset_to_torch_default_init(source)
+    for name, parameter in source.named_parameters():
+        if name.endswith("gamma"):  # its RMS norms' scales
+            parameter.fill_(1.0)
+    return comfy.sd.VAE(sd=source.state_dict())
+
+
+def build_qwen_image():
+    import comfy.supported_models
+
+    return patcher(comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG))), qwen_clip(), wan_vae()
+
+
+BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image,
             "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
+
+
+def text_conditioning(clip, count: int) -> dict[str, torch.Tensor]:
+    """The context (and pooled output, where the family has one) of "a photo of sks", `count` times."""
+    context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
+    return {"context": context.repeat(count, 1, 1), **({} if pooled is None else {"pooled": pooled.repeat(count, 1)})}
 
 
 def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +300,9 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
     patches = {"sdxl": lambda: advanced.ModelSamplingDiscrete().patch(model, "v_prediction", False),
                "sdxl_eps": lambda: (model,),
                "flux": lambda: advanced.ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
-               "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0)}
+               "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),
+               "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1)}  # as ComfyUI's
+    # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
         backend = backend_module.ComfyBackend(patched, clip)
@@ -244,8 +311,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
         count = len(SIGMAS)
         latents, noise = fixed_tensors(patched, count)
         context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
-        conditioning = {"context": context.repeat(count, 1, 1), "pooled": pooled.repeat(count, 1),
-                        "size_and_crop": sizes(count)}
+        conditioning = {**text_conditioning(clip, count), "size_and_crop": sizes(count)}
         objective = backend.objective(TrainingConfig())
         if backend.prediction_type == "flow":
             times = torch.tensor(SIGMAS)
@@ -254,6 +320,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
             times = torch.tensor(TIMESTEPS)
             sigma = sampling.sigmas[times]
         x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latents)
+        if backend.frames:  # Qwen-Image's latents are one-frame videos [B, C, 1, H, W]
+            x = x[:, :, None]
         denoised = torch.cat([
             patched.model.apply_model(x[i:i + 1], sigma[i:i + 1], **{
                 name: cond.process_cond(batch_size=1, device=x.device).cond
@@ -263,6 +331,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                     **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
                                sizes(count)[i].tolist()))).items()})
             for i in range(count)])
+        denoised = denoised[:, :, 0] if backend.frames else denoised
         if backend.prediction_type == "v_prediction":
             scale = sigma / (1 + sigma**2).sqrt()
         elif getattr(objective, "precondition_outputs", False):  # SD3: the loss on x̂0 itself
@@ -360,9 +429,8 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
         logging.getLogger().removeHandler(lines)
     backend = backend_module.ComfyBackend(model, clip)
     latents, noise = fixed_tensors(model, 2)
-    context, pooled = core_clip.encode_from_tokens(core_clip.tokenize("a photo of sks"), return_pooled=True)
     times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
-    conditioning = {"context": context.repeat(2, 1, 1), "pooled": pooled.repeat(2, 1), "size_and_crop": sizes(2)}
+    conditioning = {**text_conditioning(core_clip, 2), "size_and_crop": sizes(2)}
     core_backend = backend_module.ComfyBackend(core_model, core_clip)
     with core_backend.training(False), torch.inference_mode(False), torch.no_grad():
         core_prediction = core_backend.predict(latents + noise, times, conditioning)
@@ -371,8 +439,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
                                               strict=True)
         base_prediction = backend.predict(latents + noise, times, conditioning)
         with trained.applied(1.0):
-            own_context, own_pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
-            own = {**conditioning, "context": own_context.repeat(2, 1, 1), "pooled": own_pooled.repeat(2, 1)}
+            own = {**conditioning, **text_conditioning(clip, 2)}
             lora_prediction = backend.predict(latents + noise, times, own)
     return {"not_loaded": [line for line in lines.lines if "lora key not loaded" in line.lower()],
             "core_vs_lora_core": float((core_prediction - lora_prediction).abs().max()),
@@ -395,7 +462,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     folder_paths.set_input_directory(str(work_dir / "input"))
     make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
     fp8 = family in FP8_FAMILIES
-    text_encoder = not fp8
+    text_encoder = not fp8 and family != "qwen_image"  # Qwen2.5-VL is never trained
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
         (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
