@@ -47,8 +47,8 @@ FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMP
                        if hasattr(comfy.model_sampling, name))
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
-             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell and "
-             "Qwen-Image by flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux / "
+             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell, "
+             "Chroma and Qwen-Image by flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux / "
              "ModelSamplingAuraFlow)")
 
 
@@ -419,7 +419,7 @@ class ComfyBackend(TrainingBackend):
         samples = []
         for index in range(len(noisy_latents)):
             one = slice(index, index + 1)
-            extra = {"pooled_output": conditioning["pooled"][one]} if "pooled" in conditioning else {}
+            extra = {"pooled_output": conditioning["pooled"][one] if "pooled" in conditioning else None}
             if sizes is not None:  # [orig h, orig w, crop top, crop left, target h, target w]
                 height, width, crop_h, crop_w, target_height, target_width = sizes[index].tolist()
                 extra.update(height=height, width=width, crop_h=crop_h, crop_w=crop_w, target_height=target_height,

@@ -155,7 +155,7 @@ class InjectLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/2.x, SDXL, SD3/3.5, Flux.1, Qwen-Image) from Load Checkpoint or Load Diffusion Model."}),
+                "model": ("MODEL", {"tooltip": "The base diffusion model (SD1.x/2.x, SDXL, SD3/3.5, Flux.1, Chroma, Qwen-Image) from Load Checkpoint or Load Diffusion Model."}),
                 **{name: setting_input(name) for name in ("algorithm", "rank", "alpha", "target", "train_text_encoder")},
             },
             "optional": {

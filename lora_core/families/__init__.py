@@ -12,6 +12,7 @@ import torch
 
 from ..backend import TrainingBackend
 from ..errors import LoRALabError
+from .chroma import CHROMA
 from .family import Family
 from .flux import FLUX
 from .qwen_image import QWEN_IMAGE
@@ -19,7 +20,7 @@ from .sd1 import SD1, SD2
 from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE)
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA)
 PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
 
 

@@ -19,6 +19,7 @@ from ..training.objectives import FlowMatchingObjective
 from .family import BlockLayout, Family
 from .flow import (
     CLIP_L_PREFIX,
+    DIFFUSERS_PREFIXES,
     FlowBackend,
     flattened,
     flow_objective,
@@ -109,7 +110,8 @@ def piece_scale(piece: Tensors) -> float:
     return float(piece.get("alpha", rank)) / rank
 
 
-def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) -> Tensors:
+def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module], family: str = FLUX.name
+         ) -> Tensors:
     """One adapter on the fused layer whose ΔW rows are the pieces' ΔW exactly: ranks padded to the largest with
     zeros, in-factors stacked, out-factors block-diagonal, each piece's alpha/rank folded into its out-factor where it
     differs from the first's, alpha = that scale × the fused rank. A piece the network does not train (None) is a
@@ -120,7 +122,7 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module]) 
     keys = set(present[0])
     if any(key.startswith("lokr_") for key in keys):
         raise FluxFileError(
-            f"LoKr cannot be saved for {FLUX.name}: kohya's fused layer {file_name} holds {len(pieces)} diffusers "
+            f"LoKr cannot be saved for {family}: kohya's fused layer {file_name} holds {len(pieces)} diffusers "
             "layers, and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
     rank, scale = max(piece_rank(piece) for piece in present), piece_scale(present[0])
     fold = next(key for key in OUT_FACTORS if key in keys)
@@ -188,7 +190,46 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     return pieces
 
 
-class FluxBackend(FlowBackend):
+class BflBackend(FlowBackend):
+    """A transformer of Flux's layout (Flux.1, Chroma) whose files use kohya's names over Black Forest Labs' layers:
+    diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1 on saving, split back on
+    loading; files in diffusers' naming and the family's other layouts (`Family.file_prefixes`) renamed."""
+
+    spec: Family
+
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
+        super().__init__(pipeline, name, model_hash)
+        self.modules_by_path = dict(self.transformer.named_modules())
+        self.layers = {file_name: paths for file_name, paths in bfl_layers(self.transformer).items()
+                       if all(path in self.modules_by_path for path in paths)}  # Chroma has no modulation Linears
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "hash": self.model_hash, "version": self.spec.version}
+
+    def file_tensors(self, tensors: Tensors) -> Tensors:
+        """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,
+        CLIP-L as `lora_te1_`."""
+        modules = grouped_by_module(tensors)
+        out: dict[str, Tensors] = {}
+        for file_name, paths in self.layers.items():
+            names = [kohya_name("lora_unet", path) for path in paths]
+            if any(name in modules for name in names):
+                pieces = [modules.pop(name, None) for name in names]
+                out[file_name] = fuse(file_name, pieces, [self.modules_by_path[path] for path in paths], self.family)
+        return flattened({**out, **modules})
+
+    def network_tensors(self, tensors: Tensors) -> Tensors:
+        """kohya's fused layers split into the network's diffusers layers; files in diffusers' own naming (its
+        scripts', ai-toolkit's) and the family's other layouts renamed; other modules as they are."""
+        modules = grouped_by_module(from_diffusers_naming(tensors, {**DIFFUSERS_PREFIXES, **self.spec.file_prefixes}))
+        out: dict[str, Tensors] = {}
+        for file_name, paths in self.layers.items():
+            if file_name in modules:
+                out |= split(file_name, modules.pop(file_name), paths, [self.modules_by_path[path] for path in paths])
+        return flattened({**out, **modules})
+
+
+class FluxBackend(BflBackend):
     """FluxPipeline for training: the trainer sees unpacked latents [B, 16, H, W]; `predict` packs them 2×2.
 
     `guidance` is the value of dev's guidance input while training: 1.0 by default, as kohya's README trains dev
@@ -196,6 +237,7 @@ class FluxBackend(FlowBackend):
     there rather than silently ignored."""
 
     family = FLUX.name
+    spec = FLUX
     presets = FLUX_PRESETS
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "",
@@ -208,8 +250,6 @@ class FluxBackend(FlowBackend):
         self.guidance = float(guidance)
         self.sample_guidance = 3.5 if self.has_guidance else 0.0
         self.max_sequence_length = 512 if self.has_guidance else 256  # T5 tokens: dev's and schnell's own limits
-        self.layers = bfl_layers(self.transformer)
-        self.modules_by_path = dict(self.transformer.named_modules())
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
         """Logit-normal σ shifted as the pipeline's scheduler shifts it: by resolution (dev's dynamic shifting, μ
@@ -247,28 +287,3 @@ class FluxBackend(FlowBackend):
         )[0]
         scale = self.pipeline.vae_scale_factor
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale)
-
-    def model_info(self) -> dict[str, str]:
-        return {"name": self.name, "hash": self.model_hash, "version": FLUX.version}
-
-    def file_tensors(self, tensors: Tensors) -> Tensors:
-        """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,
-        CLIP-L as `lora_te1_`."""
-        modules = grouped_by_module(tensors)
-        out: dict[str, Tensors] = {}
-        for file_name, paths in self.layers.items():
-            names = [kohya_name("lora_unet", path) for path in paths]
-            if any(name in modules for name in names):
-                pieces = [modules.pop(name, None) for name in names]
-                out[file_name] = fuse(file_name, pieces, [self.modules_by_path[path] for path in paths])
-        return flattened({**out, **modules})
-
-    def network_tensors(self, tensors: Tensors) -> Tensors:
-        """kohya's fused layers split into the network's diffusers layers; files in diffusers' own naming (its
-        scripts', ai-toolkit's) renamed; other modules as they are."""
-        modules = grouped_by_module(from_diffusers_naming(tensors))
-        out: dict[str, Tensors] = {}
-        for file_name, paths in self.layers.items():
-            if file_name in modules:
-                out |= split(file_name, modules.pop(file_name), paths, [self.modules_by_path[path] for path in paths])
-        return flattened({**out, **modules})

@@ -255,6 +255,23 @@ def wan_vae():
     return comfy.sd.VAE(sd=source.state_dict())
 
 
+CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "context_in_dim": 32,
+                 "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+                 "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 64,
+                 "hidden_dim": 32, "n_layers": 1}
+
+
+def build_chroma():
+    """Chroma with ComfyUI's PixArt T5 text encoder (small), as CLIPLoader's chroma type loads it."""
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.pixart_t5 as pixart_t5
+
+    target = comfy.supported_models_base.ClipTarget(pixart_t5.PixArtTokenizer, pixart_t5.pixart_te())
+    clip = build_clip(target, {"t5xxl_model_config": SMALL_T5})
+    return patcher(comfy.supported_models.Chroma(dict(CHROMA_CONFIG))), clip, build_vae(16)
+
+
 def build_qwen_image():
     import comfy.supported_models
 
@@ -262,6 +279,7 @@ def build_qwen_image():
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image,
+            "chroma": build_chroma,
             "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 
@@ -301,7 +319,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "sdxl_eps": lambda: (model,),
                "flux": lambda: advanced.ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
                "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),
-               "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1)}  # as ComfyUI's
+               "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1),
+               "chroma": lambda: (model,)}  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
     # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
@@ -327,7 +346,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                 name: cond.process_cond(batch_size=1, device=x.device).cond
                 for name, cond in patched.model.extra_conds(
                     cross_attn=context, pooled_output=pooled, noise=x[i:i + 1], device=x.device,
-                    guidance=backend.guidance,
+                    **({} if backend.guidance is None else {"guidance": backend.guidance}),
                     **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
                                sizes(count)[i].tolist()))).items()})
             for i in range(count)])
@@ -462,7 +481,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     folder_paths.set_input_directory(str(work_dir / "input"))
     make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
     fp8 = family in FP8_FAMILIES
-    text_encoder = not fp8 and family != "qwen_image"  # Qwen2.5-VL is never trained
+    text_encoder = not fp8 and family not in ("qwen_image", "chroma")  # Qwen2.5-VL and T5 are never trained
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
         (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]

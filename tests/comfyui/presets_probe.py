@@ -1,12 +1,13 @@
 """Which base weights each target preset adapts in lora_core (on diffusers' model) and in the ComfyUI nodes (on
 ComfyUI's model of the same architecture), run inside a ComfyUI checkout's Python.
 
-`python presets_probe.py COMFY_DIR` builds, per family (SD1.x, SDXL, SD3, Flux.1, Qwen-Image), the tiny diffusers
-model the lora_core tests train and ComfyUI's model of the same layout (detected from the diffusers weights as
-ComfyUI's loaders detect them; Flux and Qwen-Image from their configs, which ComfyUI's detection fixes at full width).
-Each adapted layer is written in ComfyUI's naming as (weight key, rows): lora_core's diffusers layers through
-ComfyUI's own maps (`unet_to_diffusers`, `mmdit_to_diffusers`, `flux_to_diffusers`; Qwen-Image's names are the same
-in both; a piece of a fused layer is its rows), the nodes' layers as whole weights. Prints one JSON object {family: {preset: {"lora_core_only", "nodes_only", "values"}}}.
+`python presets_probe.py COMFY_DIR` builds, per family (SD1.x, SDXL, SD3, Flux.1, Chroma, Qwen-Image), the tiny
+diffusers model the lora_core tests train and ComfyUI's model of the same layout (detected from the diffusers weights
+as ComfyUI's loaders detect them; Flux, Chroma and Qwen-Image from their configs, which ComfyUI's detection fixes at
+full width). Each adapted layer is written in ComfyUI's naming as (weight key, rows): lora_core's diffusers layers
+through ComfyUI's own maps (`unet_to_diffusers`, `mmdit_to_diffusers`, `flux_to_diffusers`, Chroma's too; Qwen-Image
+names them as diffusers does; a piece of a fused layer is its rows), the nodes' layers as whole weights. Prints one
+JSON object {family: {preset: {"lora_core_only", "nodes_only", "values"}}}.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ FLUX_CONFIG = {"image_model": "flux", "guidance_embed": True, "in_channels": 16,
                "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True}
 
 
+CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+                 "context_in_dim": 64, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                 "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True, "in_dim": 64,
+                 "out_dim": 32, "hidden_dim": 32, "n_layers": 1}  # support/tiny_flow_models.py's Chroma
 QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
                      "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
                      "axes_dims_rope": [4, 6, 6]}  # support/tiny_qwen_image.py's transformer
@@ -43,12 +48,12 @@ QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channe
 
 def diffusers_pipelines() -> dict:
     from lora_core.demo.tiny_model import build_tiny_pipeline
-    from support.tiny_flow_models import build_tiny_flux, build_tiny_sd3
+    from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
-            "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image()}
+            "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma()}
 
 
 def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
@@ -69,7 +74,8 @@ def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
     if family == "qwen_image":  # ComfyUI's Qwen-Image names its layers as diffusers does: the map is the identity
         config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG))
         return patcher(config), {key: key for key in state}
-    config = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    config = (comfy.supported_models.Chroma(dict(CHROMA_CONFIG)) if family == "chroma"
+              else comfy.supported_models.Flux(dict(FLUX_CONFIG)))
     return patcher(config), comfy.utils.flux_to_diffusers(config.unet_config, output_prefix="")
 
 

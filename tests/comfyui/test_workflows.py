@@ -145,18 +145,20 @@ def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy
     assert by_type["old"] == by_type["new"]
 
 
-# The family workflows name base models that cannot exist here (full-size SDXL, Flux.1 and Qwen-Image); tests/comfyui/
+# The family workflows name base models that cannot exist here (full-size SDXL, Flux.1, Qwen-Image and Chroma); tests/comfyui/
 # test_families.py trains tiny models of those families through the same nodes.
 FAMILY_WORKFLOWS = {"train_lora_sdxl.json": {"ckpt_name", "folder"},
                     "train_lora_flux.json": {"unet_name", "clip_name1", "clip_name2", "vae_name", "folder"},
-                    "train_lora_qwen_image.json": {"unet_name", "clip_name", "vae_name", "folder"}}
-FAMILY_CLIP_TYPES = {"flux": ("DualCLIPLoader", "flux"), "qwen_image": ("CLIPLoader", "qwen_image")}
+                    "train_lora_qwen_image.json": {"unet_name", "clip_name", "vae_name", "folder"},
+                    "train_lora_chroma.json": {"unet_name", "clip_name", "vae_name", "folder"}}
+FAMILY_CLIP_TYPES = {"flux": ("DualCLIPLoader", "flux"), "qwen_image": ("CLIPLoader", "qwen_image"),
+                     "chroma": ("CLIPLoader", "chroma")}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_WORKFLOWS))
 def test_family_workflows_are_valid_on_the_server_but_for_the_base_model_files(comfy, comfy_object_info,
                                                                                 name) -> None:
-    """ComfyUI's own validation of the shipped SDXL/Flux/Qwen-Image workflows refuses only the model file names this test
+    """ComfyUI's own validation of the shipped SDXL/Flux/Qwen-Image/Chroma workflows refuses only the model file names this test
     server lacks (and the dataset folder): every node, link and other widget value is one the server accepts."""
     for family, (loader, clip_type) in FAMILY_CLIP_TYPES.items():
         types = comfy_object_info.get(loader, {}).get("input", {}).get("required", {}).get("type", [[]])[0]

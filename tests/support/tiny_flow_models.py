@@ -1,4 +1,5 @@
-"""Tiny random FluxPipeline and StableDiffusion3Pipeline with the real diffusers architectures, built offline.
+"""Tiny random FluxPipeline, ChromaPipeline and StableDiffusion3Pipeline with the real diffusers architectures, built
+offline.
 
 CLIP tokenizers are written from a word list as in `lora_core/tiny_model.py`; T5's is a `tokenizers` Unigram model
 over the same words (T5TokenizerFast, the class both pipelines' type hints name). Every weight is random.
@@ -87,6 +88,26 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
         tokenizer=tokenizer, text_encoder_2=t5_encoder(tokenizer_2, seed + 2), tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_chroma(seed: int = 0):
+    """A random ChromaPipeline: T5 alone, no guidance input, Flux's packing; 1 double and 1 single block of width 32
+    and a 1-layer distilled guidance approximator (its 64 input channels are fixed, as in ComfyUI's)."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed + 3)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_WIDTH, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=64, approximator_hidden_dim=32, approximator_layers=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline = ChromaPipeline(scheduler=scheduler, vae=flow_vae(0.3611, 0.1159, seed), tokenizer=tokenizer,
+                              text_encoder=t5_encoder(tokenizer, seed + 2), transformer=transformer)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
