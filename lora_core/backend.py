@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 Conditioning = dict[str, torch.Tensor]
 """What the denoiser is conditioned on, each entry batched along dim 0: what `encode_text` returns (the text
-encoders' hidden states, pooled outputs…) and, added by the trainer, `SIZE_CONDITIONING`."""
+encoders' hidden states, pooled outputs…) and, added by the trainer, `SIZE_CONDITIONING` and, for edit pairs,
+`REFERENCE_LATENTS`."""
 SIZE_CONDITIONING = "size_and_crop"  # [B, 6]: original (h, w), crop (top, left), target (h, w) of each image
+REFERENCE_LATENTS = "reference_latents"  # [B, R, C, H, W]: edit pairs' reference images, as latents
 
 
 def concatenated(parts: list[Conditioning]) -> Conditioning:
@@ -38,6 +40,7 @@ class TrainingBackend(ABC):
 
     family: str = "SD1.x"  # a reader's name of the model family, used in messages
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction", or "flow" (velocity ε − x0)
+    reference_images: int = 0  # how many of an edit pair's reference images the denoiser takes (REFERENCE_LATENTS)
     device: torch.device = torch.device("cpu")
 
     def objective(self, config: TrainingConfig) -> Objective:
@@ -54,6 +57,10 @@ class TrainingBackend(ABC):
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Latents as the denoiser sees them (scaled and shifted) for `pixels` [B, 3, H, W] in [-1, 1]."""
+
+    def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of edit pairs' reference images: the VAE posterior's mean, scaled and shifted as `encode_images`."""
+        raise NotImplementedError(f"{self.family} takes no reference images")
 
     @abstractmethod
     def encode_text(self, captions: list[str]) -> Conditioning:

@@ -23,7 +23,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
-from ..lora_core.backend import SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
+from ..lora_core.backend import REFERENCE_LATENTS, SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
 from ..lora_core.errors import LoRALabError
 from ..lora_core.families import FLUX, Family, comfy_family, comfy_model_name
 from ..lora_core.families.flow import DIFFUSERS_SUFFIXES, from_diffusers_naming
@@ -323,6 +323,7 @@ class ComfyBackend(TrainingBackend):
                                     f"none, so leave it at {FLUX.training_guidance}")
         self.guidance = guidance if has_guidance else None
         self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # one-frame video latents
+        self.reference_images = self.spec.reference_images  # Flux.1 Kontext's, as ReferenceLatent gives them
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
@@ -401,6 +402,12 @@ class ComfyBackend(TrainingBackend):
         frames = [latent if latent.dim() == 5 else latent[:, :, None] for latent in latents]
         return torch.cat([self.base_model.process_latent_in(frame)[:, :, 0] for frame in frames])
 
+    def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents of edit pairs' reference images as VAEEncode gives ReferenceLatent (the VAE's own encoding: the
+        posterior's mean in ComfyUI 0.3.64) and the model's extra_conds process them."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return self.base_model.process_latent_in(self.vae.encode((pixels.movedim(1, -1) + 1) / 2).to(self.device))
+
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L; Qwen-Image has none)
         per caption, with a mask of each caption's tokens: Qwen2.5-VL's outputs differ in length, and `predict`
@@ -459,6 +466,9 @@ class ComfyBackend(TrainingBackend):
         conds = self.model_conditions(noisy_latents, conditioning)
         context = conds.pop("c_crossattn").to(dtype)
         extra = {name: value.to(dtype) if value.is_floating_point() else value for name, value in conds.items()}
+        if REFERENCE_LATENTS in conditioning:  # already through process_latent_in, as extra_conds puts them
+            references = conditioning[REFERENCE_LATENTS]
+            extra["ref_latents"] = [references[:, index].to(dtype) for index in range(references.shape[1])]
         options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas,
                    "cond_or_uncond": [0]}
         time = self.sampling.timestep(sigmas).float().to(device)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import folder_paths
 
-from ..lora_core.data.dataset import IMAGE_EXTENSIONS
+from ..lora_core.data.dataset import CONTROL_FOLDER, IMAGE_EXTENSIONS
 from ..lora_core.errors import LoRALabError
 from ..lora_core.training.checkpoints import STATE_SUFFIX
 
@@ -98,13 +98,17 @@ def resolve_dataset(name: str) -> Path:
 
 def dataset_entries(folder: Path) -> list[Path]:
     """What Load Dataset reads from `folder`: its visible entries and those of its visible subfolders (kohya's
-    `N_name` layout), in order, links not followed."""
+    `N_name` layout, and the `control/` folders of edit pairs' reference images in them), in order, links not
+    followed."""
     entries = []
     for entry in sorted(folder.iterdir()):
         if not entry.name.startswith("."):
             entries.append(entry)
             if entry.is_dir():
-                entries += sorted(child for child in entry.iterdir() if not child.name.startswith("."))
+                for child in sorted(child for child in entry.iterdir() if not child.name.startswith(".")):
+                    entries.append(child)
+                    if child.is_dir() and child.name == CONTROL_FOLDER:
+                        entries += sorted(item for item in child.iterdir() if not item.name.startswith("."))
     return entries
 
 

@@ -87,6 +87,7 @@ class LoadDataset:
             **{name: setting_input(name) for name in DATASET_OPTIONAL},
             "regularization_folder": widget_input(REGULARIZATION_FOLDER, ["none", *list_dataset_folders()]),
             "regularization_caption": setting_input("regularization_caption"),
+            "control_images": setting_input("control_images"),
         }}
 
     @classmethod
@@ -112,10 +113,11 @@ class LoadDataset:
         ][:PREVIEW_IMAGES])
         summary = {"images": dataset.num_training_images, "captioned": dataset.captioned_count,
                    "defaulted": dataset.defaulted_count, "regularization": dataset.num_regularization_images,
-                   "examples": len(dataset), "skipped": len(dataset.skipped)}
+                   "examples": len(dataset), "skipped": len(dataset.skipped),
+                   "references": sum(len(example.references) for example in dataset.examples)}
         text = (f"{dataset.num_training_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
-                f"default caption)" + (f", {dataset.num_regularization_images} class images"
-                                       if dataset.num_regularization_images else "")
+                f"default caption)" + (f", {summary['references']} reference images" if summary["references"] else "")
+                + (f", {dataset.num_regularization_images} class images" if dataset.num_regularization_images else "")
                 + f", {len(dataset)} per epoch" + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
         return {"ui": {"text": [text], "lora_lab_dataset": [summary]}, "result": (dataset, preview)}
 

@@ -50,6 +50,11 @@ class DatasetConfig:
                                minimum=0, allowed="0 or more leading tags", widget=Widget(maximum=100))
     caption_dropout: float = setting(0.0, "Chance that an image is trained with an empty caption.", **PROBABILITY)
     tag_dropout: float = setting(0.0, "Chance that each tag after keep_tokens is left out.", **PROBABILITY)
+    control_images: bool = setting(False, "Edit pairs (Flux.1 Kontext): each image's reference image is the "
+                                          "same-stem image in the control/ folder beside it (control/<stem>_0, "
+                                          "<stem>_1 … for several), fitted to the image's size and mirrored with it; "
+                                          "the model sees it as its reference and learns the edit. An image without "
+                                          "its reference is refused.", widget=Widget())
     regularization_caption: str = setting("", "Caption of class images without a caption file; empty: the name of "
                                               "their N_class folder (kohya's class token).",
                                           aliases=("--reg-caption",), widget=Widget())

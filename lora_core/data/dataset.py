@@ -8,7 +8,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from .config import DatasetConfig, DatasetError
 from .images import DatasetWarning, load_image, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CONTROL_FOLDER = "control"  # with control_images: the reference images of the folder's images, by stem
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -34,6 +35,7 @@ class Example:
     original_size: Size  # (width, height) of the image file
     scaled_size: Size  # (width, height) it was scaled to before the centre crop to `bucket`
     regularization: bool = False  # a class image for prior preservation, not an image of the concept
+    references: tuple[torch.Tensor, ...] = ()  # uint8 [3, H, W] like `pixels`: edit pairs' reference images
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -151,6 +153,11 @@ class ImageFolderDataset:
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
+    def reference_pixels(self, image: int, flip: bool = False) -> list[torch.Tensor]:
+        """Float32 [3, H, W] pixels in [-1, 1] of each reference image of `image` (edit pairs), mirrored with it."""
+        references = [reference.float() / 127.5 - 1.0 for reference in self.examples[image].references]
+        return [reference.flip(-1) for reference in references] if flip else references
+
     def image_index(self, index: int) -> int:
         """The distinct image a repeat-expanded index shows."""
         return self._expanded[index]
@@ -187,13 +194,14 @@ class ImageFolderDataset:
         return Batch(captions=captions, images=images, flipped=flips,
                      regularization=[self.examples[image].regularization for image in images])
 
-    @staticmethod
-    def _image_folders(root: Path) -> list[tuple[Path, str, int]]:
-        """(folder, name, repeats) for the root and then each visible subfolder, sorted."""
+    def _image_folders(self, root: Path) -> list[tuple[Path, str, int]]:
+        """(folder, name, repeats) for the root and then each visible subfolder, sorted (with control_images, not the
+        control/ folders of reference images)."""
         folders = [(root, root.resolve().name, 1)]
         for child in sorted(root.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
-                folders.append((child, child.name, _folder_repeats(child.name)))
+                if not (self.config.control_images and child.name == CONTROL_FOLDER):
+                    folders.append((child, child.name, _folder_repeats(child.name)))
         return folders
 
     def _load_example(self, path: Path, repeats: int, default_caption: str, regularization: bool) -> Example | None:
@@ -209,10 +217,24 @@ class ImageFolderDataset:
             pixels = to_tensor(fit(image, bucket, scaled))
         except Exception as error:  # PIL raises many exception types for broken files
             return self._skip(path, str(error) or type(error).__name__)
+        references = ()
+        if self.config.control_images and not regularization:
+            references = tuple(self._load_reference(reference, bucket) for reference in _reference_files(path))
         captioned = bool(caption_text)
         caption = (caption_text if captioned else default_caption).replace("{token}", self.config.token)
         return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned,
-                       original_size=image.size, scaled_size=scaled, regularization=regularization)
+                       original_size=image.size, scaled_size=scaled, regularization=regularization,
+                       references=references)
+
+    def _load_reference(self, path: Path, bucket: Size) -> torch.Tensor:
+        """A reference image scaled to cover its image's `bucket` and centre-cropped to it, as the image itself."""
+        try:
+            image = load_image(path, self.config.max_image_pixels)
+        except Exception as error:  # an edit pair without its reference cannot train: refused, not skipped
+            raise DatasetError(f"Reference image {path} cannot be read ({error or type(error).__name__}); replace "
+                               "it or remove its image from the dataset.") from error
+        _, scaled = select_bucket(image.width, image.height, [bucket], replace(self.config, no_upscale=False))
+        return to_tensor(fit(image, bucket, scaled))
 
     @staticmethod
     def _read_caption(caption_path: Path) -> str:
@@ -243,6 +265,22 @@ def _folder_repeats(folder_name: str) -> int:
     """Repeat count from a kohya `N_name` folder name (N >= 1), else 1."""
     match = _REPEAT_FOLDER.match(folder_name)
     return max(int(match.group(1)), 1) if match else 1
+
+
+def _reference_files(path: Path) -> list[Path]:
+    """The reference images of image `path` (edit pairs): `control/<stem>.<ext>`, else `control/<stem>_0.<ext>`,
+    `<stem>_1.<ext>` … in order; a DatasetError naming them when there is none."""
+    folder = path.parent / CONTROL_FOLDER
+    found = [] if not folder.is_dir() else _image_files(folder)
+    single = [reference for reference in found if reference.stem == path.stem]
+    numbered = sorted((int(match.group(1)), reference) for reference in found
+                      if (match := re.fullmatch(re.escape(path.stem) + r"_(\d+)", reference.stem)))
+    if single or numbered:
+        return single + [reference for _, reference in numbered]
+    raise DatasetError(
+        f"{path} has no reference image: with control_images each image needs {folder / path.stem}.png (any of "
+        f"{', '.join(IMAGE_EXTENSIONS)}), or {path.stem}_0.png, {path.stem}_1.png … there for several; add it, or "
+        "turn control_images off to train on the images alone.")
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -59,6 +59,7 @@ class Family:
     precondition_outputs: bool = False  # flow matching's loss on x̂0 by default
     guidance: bool = False  # the denoiser may take a guidance input (Flux.1-dev's)
     training_guidance: float = 1.0  # its value while training (kohya's Flux docs; both scripts default to 3.5)
+    reference_images: int = 0  # reference images of an edit pair the denoiser takes (Flux.1 Kontext's: 1)
     patched_input: int = 1  # the denoiser's input channels per latent channel (Qwen-Image counts its 2×2 patches: 4)
     file_prefixes: dict[str, str] = field(default_factory=dict)  # other trainers' file layouts the family's files may
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)

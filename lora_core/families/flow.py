@@ -113,6 +113,12 @@ class FlowBackend(TrainingBackend):
         latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
         return (latents - config.shift_factor) * config.scaling_factor
 
+    def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The posterior's mean, scaled and shifted, as FluxKontextPipeline encodes its input image."""
+        config = self.vae.config
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return (latents - config.shift_factor) * config.scaling_factor
+
     def denoiser_targets(self, preset: str) -> dict[str, nn.Module]:
         """Network name → layer of the transformer for `preset`."""
         if preset not in self.presets:

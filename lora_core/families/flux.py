@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import dense_weight
-from ..backend import Conditioning
+from ..backend import REFERENCE_LATENTS, Conditioning
 from ..errors import LoRALabError
 from ..functional.dora import output_norm
 from ..network import grouped_by_module
@@ -53,7 +53,7 @@ BFL_PRESETS = {
     "full": TargetPreset(BFL_BLOCKS, False, (), "every Linear of the double and single blocks, modulation included"),
 }
 FLUX = Family(
-    "Flux.1", "flux1", "flux-1", __name__, "FluxBackend", ("FluxPipeline",),
+    "Flux.1", "flux1", "flux-1", __name__, "FluxBackend", ("FluxPipeline", "FluxKontextPipeline"),
     {"Flux": "Flux.1", "FluxSchnell": "Flux.1 schnell"}, "Flux", ("double_blocks", "single_blocks"), FLUX_PRESETS,
     BFL_PRESETS, {"clip_l": CLIP_L_PREFIX},
     BlockLayout("Flux", groups=("D", "S"), patterns=(
@@ -61,7 +61,7 @@ FLUX = Family(
         (re.compile(r"lora_unet_single_blocks_(\d+)(_|$)"), "S"),
         (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "D"),
         (re.compile(r"transformer\.single_transformer_blocks\.(\d+)\."), "S"))),
-    flow=True, guidance=True, sample_cfg=1.0, sample_scheduler="simple")
+    flow=True, guidance=True, reference_images=1, sample_cfg=1.0, sample_scheduler="simple")
 
 # Factors of the adapters that fuse exactly along a fused layer's output rows (LoRA, DoRA, LoHa):
 OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block-diagonal in the fused layer
@@ -230,7 +230,8 @@ class BflBackend(FlowBackend):
 
 
 class FluxBackend(BflBackend):
-    """FluxPipeline for training: the trainer sees unpacked latents [B, 16, H, W]; `predict` packs them 2×2.
+    """FluxPipeline (and FluxKontextPipeline) for training: the trainer sees unpacked latents [B, 16, H, W];
+    `predict` packs them 2×2, with an edit pair's reference image after them as Kontext takes it.
 
     `guidance` is the value of dev's guidance input while training: 1.0 by default, as kohya's README trains dev
     LoRAs (its and diffusers' scripts default to 3.5). Schnell has no guidance input, so any other value is refused
@@ -239,6 +240,7 @@ class FluxBackend(BflBackend):
     family = FLUX.name
     spec = FLUX
     presets = FLUX_PRESETS
+    reference_images = FLUX.reference_images  # Flux.1 Kontext's, as FluxKontextPipeline passes its image
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "",
                  guidance: float = FLUX.training_guidance) -> None:
@@ -280,10 +282,20 @@ class FluxBackend(BflBackend):
         text_ids = torch.zeros(context.shape[1], 3, device=self.device, dtype=dtype)
         guidance = (torch.full((batch,), self.guidance, device=self.device, dtype=torch.float32)
                     if self.has_guidance else None)
+        tokens = packed.shape[1]
+        if REFERENCE_LATENTS in conditioning:  # Kontext: the reference's tokens after the image's, ids at index 1
+            reference = conditioning[REFERENCE_LATENTS][:, 0].to(dtype)
+            ref_height, ref_width = reference.shape[-2:]
+            reference_tokens = FluxPipeline._pack_latents(reference, batch, channels, ref_height, ref_width)
+            packed = torch.cat([packed, reference_tokens], 1)
+            reference_ids = FluxPipeline._prepare_latent_image_ids(batch, ref_height // 2, ref_width // 2, self.device,
+                                                                   dtype)
+            reference_ids[..., 0] = 1
+            image_ids = torch.cat([image_ids, reference_ids])
         velocity = self.transformer(
             hidden_states=packed, timestep=times.float(), guidance=guidance,
             pooled_projections=conditioning["pooled"].to(dtype), encoder_hidden_states=context,
             txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-        )[0]
+        )[0][:, :tokens]
         scale = self.pipeline.vae_scale_factor
         return FluxPipeline._unpack_latents(velocity, height * scale, width * scale, scale)

@@ -1,5 +1,5 @@
-"""The dataset as the denoiser sees it: latents of every (image, flip) and the conditioning of every caption,
-encoded once before the first step (kohya's `cache_latents`)."""
+"""The dataset as the denoiser sees it: latents of every (image, flip) (and of its reference images, for edit pairs)
+and the conditioning of every caption, encoded once before the first step (kohya's `cache_latents`)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file as load_tensors
 
-from ..backend import SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
+from ..backend import REFERENCE_LATENTS, SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
 from ..data.dataset import Batch, ImageFolderDataset
 from ..formats.files import save_file, tensor_bytes
 
@@ -32,18 +32,31 @@ class EncodedDataset:
                 for image in range(dataset.num_images)
                 for flip in flips
             }
+            self.reference_latents = {  # edit pairs: each image's references, [R, C, H, W]
+                (image, flip): torch.stack([self.encode(pixels, seed, vae, cache_dir, reference=True)
+                                            for pixels in dataset.reference_pixels(image, flip)])
+                for image in range(dataset.num_images) if dataset.examples[image].references
+                for flip in flips
+            }
             captions = sorted({example.caption for example in dataset.examples}) if cache_text else []
             self.text_cache = {caption: backend.encode_text([caption]) for caption in captions}
 
-    def encode(self, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None) -> torch.Tensor:
-        image_key = hashlib.sha256(f"{seed}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
+    def encode(self, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None, reference: bool = False
+               ) -> torch.Tensor:
+        """The latent of one image: a VAE sample, or for a reference image the posterior's mean, as the edit
+        pipelines encode their input image."""
+        kind = "reference" if reference else f"{seed}"
+        image_key = hashlib.sha256(f"{kind}:{tuple(pixels.shape)}".encode() + tensor_bytes(pixels)).hexdigest()
         cached = None
         if cache_dir:
             cached = Path(cache_dir) / f"{hashlib.sha256(f'{image_key}:{vae}'.encode()).hexdigest()}.safetensors"
             if cached.is_file():
                 return load_tensors(cached)["latent"].to(self.backend.device)
-        generator = torch.Generator().manual_seed(int(image_key[:15], 16))
-        latent = self.backend.encode_images(pixels[None].to(self.backend.device), generator)[0].float()
+        if reference:
+            latent = self.backend.encode_reference_images(pixels[None].to(self.backend.device))[0].float()
+        else:
+            generator = torch.Generator().manual_seed(int(image_key[:15], 16))
+            latent = self.backend.encode_images(pixels[None].to(self.backend.device), generator)[0].float()
         if cached is not None:
             save_file(cached, {"latent": latent}, {"lora_lab": "cached latent"}, overwrite=True)
         return latent
@@ -55,9 +68,13 @@ class EncodedDataset:
         return self.conditioning(list(zip(batch.images, batch.flipped)), batch.captions)
 
     def conditioning(self, keys: list[tuple[int, bool]], captions: list[str]) -> Conditioning:
-        """The text conditioning of `captions` with each (image, flipped)'s size and crop (SDXL's micro-conditioning)."""
+        """The text conditioning of `captions` with each (image, flipped)'s size and crop (SDXL's micro-conditioning)
+        and, for edit pairs, its reference images' latents."""
         sizes = [self.dataset.examples[image].size_conditioning(flipped) for image, flipped in keys]
-        return {**self.text(captions), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
+        conditioning = {**self.text(captions), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
+        if self.reference_latents:  # [B, R, C, H, W]
+            conditioning[REFERENCE_LATENTS] = torch.stack([self.reference_latents[key] for key in keys])
+        return conditioning
 
     def stacked(self, keys: list[tuple[int, bool]]) -> torch.Tensor:
         """The latents of these (image, flipped) pairs, as one batch."""

@@ -183,6 +183,13 @@ def train(
     if config.prior_loss_weight != 1 and not dataset.num_regularization_images:
         raise TrainingError(f"prior_loss_weight = {config.prior_loss_weight} weighs regularization images, and the "
                             "dataset has none: add a regularization folder or leave it at 1")
+    references = max((len(example.references) for example in dataset.examples), default=0)
+    if references > backend.reference_images:
+        raise TrainingError(
+            f"the dataset's images have up to {references} reference images (control_images), and {backend.family} "
+            f"takes {backend.reference_images or 'none'}: " + ("train Flux.1 Kontext on edit pairs, or turn "
+                                                              "control_images off" if not backend.reference_images
+                                                              else "give each image one reference image"))
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)

@@ -624,6 +624,44 @@ def vae_posterior(backend_module, model, clip, vae) -> dict:
             "other_seed_differs": not torch.equal(latents[0], latents[2])}
 
 
+def kontext(backend_module, model, clip, vae, work_dir: Path) -> dict:
+    """Edit pairs on Flux (Kontext): the velocity Train LoRA computes with a reference image equals ComfyUI's own
+    conditioned call (`extra_conds` with the VAE's `reference_latents`, as ReferenceLatent sets them, through
+    `apply_model`), the reference changes it, and Train LoRA trains on Load Dataset's pairs."""
+    import folder_paths
+    from comfyui_lora_lab.lora_core.backend import REFERENCE_LATENTS
+    from comfyui_lora_lab.lora_core.demo.demo import make_concept_images
+    from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
+
+    folder_paths.set_input_directory(str(work_dir / "input"))
+    make_concept_images(work_dir / "input" / "pairs", count=2)
+    make_concept_images(work_dir / "input" / "pairs" / "control", count=2, seed=5)  # the same stems
+    with torch.inference_mode():
+        (dataset, _), = [LoadDataset().load(**{**CONCEPT_DATASET, "folder": "pairs", "control_images": True})["result"]]
+        backend = backend_module.ComfyBackend(model, clip, vae)
+        sampling = backend_module.model_sampling(model)
+        latents = backend.encode_images(dataset.image_pixels(0)[None], torch.Generator().manual_seed(0))
+        pixels = dataset.reference_pixels(0)[0][None]
+        reference = backend.encode_reference_images(pixels)
+        raw_reference = vae.encode((pixels.movedim(1, -1) + 1) / 2)  # VAEEncode → ReferenceLatent
+        sigma = torch.tensor([0.6])
+        x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), torch.randn(latents.shape), latents)
+        context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
+        conds = model.model.extra_conds(cross_attn=context, pooled_output=pooled, noise=x, device=x.device,
+                                        guidance=backend.guidance, reference_latents=[raw_reference])
+        denoised = model.model.apply_model(x, sigma, **{name: cond.process_cond(batch_size=1, device=x.device).cond
+                                                        for name, cond in conds.items()})
+        conditioning = {"context": context, "pooled": pooled, REFERENCE_LATENTS: reference[:, None]}
+        with backend.training(False), torch.inference_mode(False), torch.no_grad():
+            ours = backend.predict(x, sigma, conditioning)
+            alone = backend.predict(x, sigma, {"context": context, "pooled": pooled})
+        (network,) = inject(model, clip, "lora", "attention", False)
+        output = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a photo of sks")
+    return {"difference": float((denoised - (x - sigma * ours)).abs().max()), "scale": float(denoised.abs().max()),
+            "reference_effect": float((ours - alone).abs().max()),
+            "steps": output["ui"]["lora_lab_training"][0]["steps"]}
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.training.config import TrainingConfig
@@ -659,6 +697,8 @@ def main() -> None:
         checks["vae_posterior"] = (vae_posterior, backend_module, model, clip, vae)
     if family in ("sdxl", "flux"):
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
+    if family == "flux":
+        checks["kontext"] = (kontext, backend_module, model, clip, vae, work_dir)
     if family in FP8_FAMILIES:
         checks["algorithms_in_weights"] = (algorithms_in_weights, backend_module, model, clip, vae, work_dir)
     results = {"parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}

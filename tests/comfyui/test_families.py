@@ -189,3 +189,12 @@ def test_training_latents_sample_the_vae_posterior(server, comfy_dir, tmp_path_f
     assert outcome["sampled_vs_hand"] <= 1e-5, outcome
     assert outcome["sampled_vs_mean"] > 1e-3, outcome
     assert outcome["same_seed_equal"] and outcome["other_seed_differs"], outcome
+
+
+def test_flux_kontext_trains_on_edit_pairs_as_comfyui_runs_them(tmp_path_factory) -> None:
+    """Load Dataset's control_images on Flux (Kontext): Train LoRA's velocity with the reference image equals
+    ComfyUI's own call with `reference_latents` (ReferenceLatent's), the reference changes it, and training runs."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, "flux", tmp_path_factory), "kontext")
+    assert outcome["difference"] <= 1e-5 * outcome["scale"], outcome
+    assert outcome["reference_effect"] > 1000 * outcome["difference"], outcome
+    assert outcome["steps"] == 3

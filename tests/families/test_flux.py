@@ -361,3 +361,89 @@ def test_a_bf16_transformer_gets_its_timestep_in_fp32() -> None:
     hook.remove()
     (timestep,) = calls
     assert timestep.dtype == torch.float32 and torch.equal(timestep, times)
+
+
+def edit_pairs(folder: Path, count: int = 4) -> Path:
+    """Red circles (the targets) whose references are the same circles in blue, as edit pairs."""
+    concept_images(folder, count)
+    for path in sorted(folder.glob("*.png")):
+        pixels = np.asarray(Image.open(path)).copy()
+        red = pixels[..., 0] > 150
+        pixels[red & (pixels[..., 1] < 100)] = (40, 30, 210)
+        (folder / "control").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(folder / "control" / path.name)
+    return folder
+
+
+def test_kontext_predict_is_the_pipelines_transformer_call_with_its_reference(dev) -> None:
+    """FluxKontextPipeline's first step on a target and a reference image (their own sizes: `_auto_resize` off,
+    `max_area` the target's) equals `predict` with the reference as `encode_reference_images` encodes it (the
+    posterior's mean, scaled and shifted): the reference's tokens after the image's at id index 1, the output sliced
+    to the image's."""
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    from lora_core.backend import REFERENCE_LATENTS
+
+    pipeline = FluxKontextPipeline(**dev.components)
+    backend = FluxBackend(pipeline, guidance=2.5)
+    reference = Image.new("RGB", (64, 48), (40, 30, 210))
+    calls = []
+    hook = dev.transformer.register_forward_hook(lambda _, args, kwargs, out: calls.append((kwargs, out[0])),
+                                                 with_kwargs=True)
+    try:
+        pipeline(image=reference, prompt="a photo of sks", height=64, width=64, num_inference_steps=2,
+                 guidance_scale=2.5, _auto_resize=False, max_area=64 * 64, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), max_sequence_length=backend.max_sequence_length)
+    finally:
+        hook.remove()
+    inputs, output = calls[0]
+    scale = dev.vae_scale_factor
+    image_tokens = 16  # 64×64 px: 8×8 latents in 2×2 patches
+    latents = FluxPipeline._unpack_latents(inputs["hidden_states"][:, :image_tokens], 64, 64, scale)
+    pixels = pipeline.image_processor.preprocess(reference, 48, 64)
+    with torch.no_grad():
+        encoded = backend.encode_reference_images(pixels)
+        theirs_reference = FluxPipeline._unpack_latents(inputs["hidden_states"][:, image_tokens:], 48, 64, scale)
+        torch.testing.assert_close(encoded, theirs_reference, rtol=0, atol=1e-6)
+        conditioning = {**backend.encode_text(["a photo of sks"]), REFERENCE_LATENTS: encoded[:, None]}
+        ours = backend.predict(latents, inputs["timestep"], conditioning)
+    theirs = FluxPipeline._unpack_latents(output[:, :image_tokens], 64, 64, scale)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_training_on_edit_pairs_lowers_the_loss_and_needs_the_reference(dev, tmp_path) -> None:
+    from lora_core.backend import REFERENCE_LATENTS
+
+    backend = FluxBackend(dev)
+    dataset = ImageFolderDataset(edit_pairs(tmp_path / "pairs"), DatasetConfig(resolution=64, control_images=True))
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4)
+    result = train(backend, network, dataset, TrainingConfig(
+        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
+    (_, before), (_, after) = result.validation
+    print(f"flux kontext validation loss {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = backend.encode_text(["a photo of sks"])
+    with torch.no_grad():
+        reference = backend.encode_reference_images(dataset.reference_pixels(0)[0][None])
+        alone = backend.predict(latents, torch.tensor([0.5]), conditioning)
+        paired = backend.predict(latents, torch.tensor([0.5]), {**conditioning, REFERENCE_LATENTS: reference[:, None]})
+    assert (paired - alone).abs().max() > 1e-3
+
+
+def test_cli_trains_flux_on_edit_pairs(dev, tmp_path) -> None:
+    dev.save_pretrained(tmp_path / "base")
+    out = tmp_path / "kontext.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data",
+         str(edit_pairs(tmp_path / "pairs")), "--control-images", "--out", str(out), "--steps", "20", "--resolution",
+         "64", "--rank", "4", "--lr", "1e-2", "--gradient-accumulation", "1", "--validation-every", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["best_step"] == 20, "the validation loss must fall"
+    (tmp_path / "pairs" / "control" / "circle_01.png").unlink()
+    refused = subprocess.run(
+        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data",
+         str(tmp_path / "pairs"), "--control-images", "--out", str(tmp_path / "other.safetensors"), "--steps", "1",
+         "--resolution", "64"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "circle_01.png has no reference image" in refused.stderr
