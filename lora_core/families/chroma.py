@@ -79,9 +79,7 @@ class ChromaBackend(BflBackend):
         from diffusers import ChromaPipeline
 
         batch, channels, height, width = noisy_latents.shape
-        if height % 2 or width % 2:
-            raise ValueError(f"{self.family} packs latents in 2×2 patches, so image sides must be multiples of "
-                             f"{2 * self.pipeline.vae_scale_factor} pixels; got latents of {height}×{width}")
+        self.check_packable(height, width)
         dtype = self.transformer.dtype
         packed = ChromaPipeline._pack_latents(noisy_latents.to(dtype), batch, channels, height, width)
         image_ids = ChromaPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, self.device, dtype)

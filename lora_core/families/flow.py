@@ -107,6 +107,12 @@ class FlowBackend(TrainingBackend):
     def compute_dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    def check_packable(self, height: int, width: int) -> None:
+        """Refuse latents the transformer's 2×2 patches cannot pack (Flux, Chroma, Qwen-Image)."""
+        if height % 2 or width % 2:
+            raise ValueError(f"{self.family} packs latents in 2×2 patches, so image sides must be multiples of "
+                             f"{2 * self.pipeline.vae_scale_factor} pixels; got latents of {height}×{width}")
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(z − shift_factor) · scaling_factor, as the pipelines undo it before decoding."""
         config = self.vae.config

@@ -83,9 +83,7 @@ class QwenImageBackend(FlowBackend):
         from diffusers import QwenImagePipeline
 
         batch, channels, height, width = noisy_latents.shape
-        if height % 2 or width % 2:
-            raise ValueError(f"{self.family} packs latents in 2×2 patches, so image sides must be multiples of "
-                             f"{2 * self.pipeline.vae_scale_factor} pixels; got latents of {height}×{width}")
+        self.check_packable(height, width)
         dtype = self.transformer.dtype
         packed = QwenImagePipeline._pack_latents(noisy_latents.to(dtype), batch, channels, height, width)
         mask = conditioning["context_mask"]

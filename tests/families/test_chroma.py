@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.flow_checks import check_objective_against_the_scheduler
 from support.tiny_flow_models import (
     COMFYUI,
     build_tiny_chroma,
@@ -49,29 +50,9 @@ def test_objective_noises_shifts_and_passes_sigma_as_the_pipeline(chroma) -> Non
     from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift
 
     objective = ChromaBackend(chroma).objective(TrainingConfig())
-    generator = torch.Generator().manual_seed(1)
-    latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
     config = chroma.scheduler.config
     mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-    chroma.scheduler.set_timesteps(4, mu=mu)
-    timesteps = chroma.scheduler.timesteps[[1, 2]]
-    seen = {}
-
-    def predict(noisy, times):
-        seen.update(noisy=noisy, times=times)
-        return torch.zeros_like(noisy)
-
-    loss = objective.loss(predict, latents, noise, chroma.scheduler.sigmas[[1, 2]])
-    expected = torch.cat([chroma.scheduler.scale_noise(latents[i:i + 1], timesteps[i:i + 1], noise[i:i + 1])
-                          for i in range(2)])
-    torch.testing.assert_close(seen["noisy"], expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(seen["times"], timesteps / 1000, rtol=0, atol=1e-6)
-    torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
-    _, sigmas = objective.draw((3, 16, 8, 8), torch.Generator().manual_seed(5))
-    replay = torch.Generator().manual_seed(5)
-    torch.randn((3, 16, 8, 8), generator=replay)
-    raw = torch.sigmoid(torch.normal(0.0, 1.0, (3,), generator=replay))
-    torch.testing.assert_close(sigmas, chroma.scheduler.time_shift(mu, 1.0, raw))
+    check_objective_against_the_scheduler(objective, chroma.scheduler, mu)
 
 
 def transformer_on(chroma, inputs: dict, context: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.flow_checks import check_objective_against_the_scheduler
+from support.tiny_flow_models import (
+    COMFYUI,
+    build_tiny_flux,
+    comfy_reads,
+    concept_images,
+    randomized,
+)
 
 from lora_core import load_file
 from lora_core.data.config import DatasetConfig
@@ -22,7 +30,6 @@ from lora_core.formats.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training.config import TrainingConfig
 from lora_core.training.loop import train
-from support.tiny_flow_models import COMFYUI, build_tiny_flux, comfy_reads, concept_images, randomized
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,30 +44,10 @@ def test_objective_noises_as_the_scheduler_and_passes_sigma_as_the_pipeline_does
     time input timestep / 1000 (FluxPipeline's), the target ε − x0, and σ drawn with the scheduler's time shift."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    backend = FluxBackend(dev)
-    objective = backend.objective(TrainingConfig())
-    generator = torch.Generator().manual_seed(1)
-    latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
+    objective = FluxBackend(dev).objective(TrainingConfig())
     config = dev.scheduler.config
     mu = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-    dev.scheduler.set_timesteps(4, mu=mu)
-    timesteps = dev.scheduler.timesteps[[1, 2]]
-    seen = {}
-
-    def predict(noisy, times):
-        seen.update(noisy=noisy, times=times)
-        return torch.zeros_like(noisy)
-
-    loss = objective.loss(predict, latents, noise, dev.scheduler.sigmas[[1, 2]])
-    expected = torch.cat([dev.scheduler.scale_noise(latents[i:i + 1], timesteps[i:i + 1], noise[i:i + 1]) for i in range(2)])
-    torch.testing.assert_close(seen["noisy"], expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(seen["times"], timesteps / 1000, rtol=0, atol=1e-6)
-    torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
-    drawn_noise, sigmas = objective.draw((3, 16, 8, 8), torch.Generator().manual_seed(5))
-    replay = torch.Generator().manual_seed(5)
-    torch.randn((3, 16, 8, 8), generator=replay)
-    raw = torch.sigmoid(torch.normal(0.0, 1.0, (3,), generator=replay))
-    torch.testing.assert_close(sigmas, dev.scheduler.time_shift(mu, 1.0, raw))
+    check_objective_against_the_scheduler(objective, dev.scheduler, mu)
 
 
 def test_objective_settings_override_the_family_defaults_and_discrete_ones_are_refused(dev) -> None:
@@ -193,7 +180,9 @@ def test_a_file_in_diffusers_naming_loads_as_the_network_it_came_from(tmp_path) 
     """diffusers' own naming (its converter's output from our kohya file, as diffusers' scripts and ai-toolkit
     write Flux LoRAs: `transformer.….lora_A/lora_B`, no alpha) loads back to every layer's ΔW. (The converter writes
     CLIP-L in diffusers' pre-PEFT naming, which lora_core does not read, so this network has no CLIP-L layers.)"""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
     from safetensors.torch import save_file
 
     backend = FluxBackend(flux_without_single_blocks())
@@ -238,7 +227,9 @@ def test_diffusers_converter_splits_linear1_at_full_width_as_fuse_wrote_it() -> 
     writes, linear1 included, goes through diffusers' kohya converter to each diffusers layer's own ΔW, so the
     file's names and row orders are the ones diffusers (and kohya) read."""
     from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
 
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
