@@ -1,8 +1,8 @@
 """Train-step benchmark: LoRA Lab against the diffusers + PEFT reference loop on the same SD1.5- or SDXL-architecture
-UNet or Flux.1 transformer.
+UNet, Flux.1 or Qwen-Image transformer.
 
 The reference is the loop of diffusers' `train_text_to_image_lora.py` (UNets: PEFT LoRA on to_q/to_k/to_v/to_out.0)
-or `train_dreambooth_lora_flux.py` (Flux: flow matching, LoRA on the layers of LoRA Lab's `attention` preset:
+or `train_dreambooth_lora_flux.py` / `_qwen_image.py` (flow matching, LoRA on the layers of LoRA Lab's `attention` preset:
 both streams' attention projections, the single blocks' fused q/k/v/MLP-in and output layers):
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
 targets through `lora_core.train` (fp32 adapters, no autocast). Both run in one process, in alternating blocks
@@ -15,6 +15,10 @@ optimizer step, peak memory above the resident weights, and the ratios LoRA Lab 
     python bench/train_step.py --size sdxl-block --resolution 256       # SDXL's widths, 2 of its 10 deepest layers
     python bench/train_step.py --size flux --device cuda --dtype bf16   # Flux.1-dev's transformer at 1024 px
     python bench/train_step.py --size flux-block --resolution 256       # Flux's widths, 1 double + 2 single blocks
+    python bench/train_step.py --size flux --device cuda --dtype bf16 --gradient-checkpointing   # both trainers
+    python bench/train_step.py --size qwen-image --device cuda --dtype bf16 --gradient-checkpointing   # 20 B, 1024 px
+
+On CUDA the denoiser is built on the device (random weights), so a 12 B transformer needs no host copy.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from types import SimpleNamespace
 from pathlib import Path
@@ -40,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train  # noqa: E402
 from lora_core.backend import TrainingBackend  # noqa: E402
 from lora_core.families.flux import FLUX_PRESETS, FluxBackend  # noqa: E402
+from lora_core.families.qwen_image import QWEN_PRESETS, QwenImageBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
 SDXL = dict(  # SDXL 1.0's UNet configuration (2.6 B parameters)
@@ -76,8 +82,16 @@ TRANSFORMERS = {
     "flux-small": {**FLUX, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
                    "joint_attention_dim": 32, "pooled_projection_dim": 32, "axes_dims_rope": (4, 6, 6)},
 }
+QWEN_IMAGE = {}  # diffusers' defaults are Qwen-Image's transformer (20 B parameters)
+QWEN_TRANSFORMERS = {
+    "qwen-image": QWEN_IMAGE,
+    "qwen-image-small": {"num_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                         "axes_dims_rope": (4, 6, 6)},
+}
 FLUX_TEXT_TOKENS = 512  # T5 tokens of Flux.1-dev
-DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024, "flux": 1024, "flux-block": 1024}  # small: 64
+QWEN_TEXT_TOKENS = 128  # a long caption's Qwen2.5-VL tokens after the template (the pipeline keeps up to 512)
+DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024, "flux": 1024, "flux-block": 1024,
+                      "qwen-image": 1024}  # small: 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RANK = 8
 
@@ -121,6 +135,9 @@ class SyntheticBackend(TrainingBackend):
     def frozen_modules(self):
         return [self.unet]
 
+    def checkpoint_blocks(self):
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
 
 class SyntheticFluxBackend(FluxBackend):
     """Flux's transformer with fixed random latents and T5/CLIP outputs standing in for the VAE and text encoders;
@@ -149,6 +166,39 @@ class SyntheticFluxBackend(FluxBackend):
         return [self.transformer]
 
 
+class SyntheticQwenImageBackend(QwenImageBackend):
+    """Qwen-Image's transformer with fixed random latents and Qwen2.5-VL hidden states standing in for the VAE and
+    text encoder; the denoiser call (2×2 packing, img_shapes, text mask) is QwenImageBackend's."""
+
+    def __init__(self, transformer, latent_size: int, device: torch.device) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                    time_shift_type="exponential")
+        super().__init__(SimpleNamespace(transformer=transformer, vae=None, text_encoder=None, scheduler=scheduler,
+                                         vae_scale_factor=8, components={}))
+        generator = torch.Generator().manual_seed(0)
+        self.latent = torch.randn(16, latent_size, latent_size, generator=generator).to(device)
+        width = transformer.config.joint_attention_dim
+        self.context = torch.randn(1, QWEN_TEXT_TOKENS, width, generator=generator).to(device, transformer.dtype)
+
+    def encode_images(self, pixels, generator):
+        return self.latent.expand(pixels.shape[0], -1, -1, -1)
+
+    def encode_text(self, captions):
+        context = self.context.expand(len(captions), -1, -1)
+        return {"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long,
+                                                                device=context.device)}
+
+    def frozen_modules(self):
+        return [self.transformer]
+
+
+SYNTHETIC_FLOW_BACKENDS = {**dict.fromkeys(TRANSFORMERS, SyntheticFluxBackend),
+                           **dict.fromkeys(QWEN_TRANSFORMERS, SyntheticQwenImageBackend)}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -166,8 +216,8 @@ def peak_above(device: torch.device, baseline: int) -> int:
     return torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
 
 
-def lora_lab_block(backend, dataset, network, steps: int, precision: str,
-                   conv_kernels: str) -> tuple[list[float], int, list[float]]:
+def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_kernels: str,
+                   gradient_checkpointing: bool) -> tuple[list[float], int, list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory, losses."""
     baseline = memory_baseline(backend.device)
     stamps: list[float] = []
@@ -177,7 +227,7 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str,
         stamps.append(time.perf_counter())
 
     config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision,
-                            cpu_conv_kernels=conv_kernels)
+                            cpu_conv_kernels=conv_kernels, gradient_checkpointing=gradient_checkpointing)
     result = train(backend, network, dataset, config, callback=record)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
@@ -217,8 +267,8 @@ def unet_loss(unet, scheduler, backend: SyntheticBackend, dtype: torch.dtype) ->
     return loss
 
 
-def flux_loss(backend: SyntheticFluxBackend, dtype: torch.dtype) -> Callable[[torch.Generator], torch.Tensor]:
-    """train_dreambooth_lora_flux.py: σ logit-normal, x_σ = (1 − σ)·x + σ·noise, the velocity noise − x as the
+def flow_loss(backend: FluxBackend | QwenImageBackend, dtype: torch.dtype) -> Callable[[torch.Generator], torch.Tensor]:
+    """train_dreambooth_lora_{flux,qwen_image}.py: σ logit-normal, x_σ = (1 − σ)·x + σ·noise, the velocity noise − x as the
     target; the transformer called on packed latents with image/text ids and guidance, as `backend.predict` does."""
     device, latents = backend.device, backend.latent[None]
     conditioning = backend.encode_text([""])
@@ -236,11 +286,12 @@ def flux_loss(backend: SyntheticFluxBackend, dtype: torch.dtype) -> Callable[[to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted({**UNETS, **TRANSFORMERS}), default="small")
+    parser.add_argument("--size", choices=sorted({**UNETS, **TRANSFORMERS, **QWEN_TRANSFORMERS}), default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="default: 512 (full), 1024 (sdxl, sdxl-block, flux, flux-block), 64 (the small ones)")
+                        help="default: 512 (full), 1024 (sdxl, sdxl-block, flux, flux-block, qwen-image), 64 (the "
+                        "small ones)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per block (after 2 warm-up steps)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks of each trainer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -248,6 +299,9 @@ def main() -> None:
     parser.add_argument("--cpu-conv-kernels", choices=["by_size", "pytorch", "both"], default="by_size",
                         help="LoRA Lab's TrainingConfig.cpu_conv_kernels; both: also time LoRA Lab with PyTorch's own "
                         "kernel choice (the lever's before/after in one run)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="both trainers recompute the denoiser's blocks in backward (LoRA Lab's setting; the "
+                        "reference calls diffusers' enable_gradient_checkpointing, as its scripts' flag does)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of "
                         "one block of each trainer to stderr")
     args = parser.parse_args()
@@ -260,26 +314,37 @@ def main() -> None:
     if args.size in TRANSFORMERS:
         from diffusers import FluxTransformer2DModel
 
-        model = FluxTransformer2DModel(**TRANSFORMERS[args.size]).to(device, dtype)
+        with device:
+            model = FluxTransformer2DModel(**TRANSFORMERS[args.size]).to(dtype)
         targets = list(find_targets(model, FLUX_PRESETS["attention"]))  # the very layers LoRA Lab adapts
+    elif args.size in QWEN_TRANSFORMERS:
+        from diffusers import QwenImageTransformer2DModel
+
+        with device:
+            model = QwenImageTransformer2DModel(**QWEN_TRANSFORMERS[args.size]).to(dtype)
+        targets = list(find_targets(model, QWEN_PRESETS["attention"]))
     else:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        model = UNet2DConditionModel(**UNETS[args.size]).to(device, dtype)
+        with device:
+            model = UNet2DConditionModel(**UNETS[args.size]).to(dtype)
         targets = ["to_k", "to_q", "to_v", "to_out.0"]
     reference_model = copy.deepcopy(model)
     model.requires_grad_(False)
     reference_model.requires_grad_(False)
+    if args.gradient_checkpointing:
+        reference_model.enable_gradient_checkpointing()
     reference_model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
                                            target_modules=targets))
     for parameter in reference_model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
 
-    if args.size in TRANSFORMERS:
-        backend = SyntheticFluxBackend(model, resolution // 8, device)
-        reference_loss = flux_loss(SyntheticFluxBackend(reference_model, resolution // 8, device), dtype)
+    if args.size in SYNTHETIC_FLOW_BACKENDS:
+        synthetic = SYNTHETIC_FLOW_BACKENDS[args.size]
+        backend = synthetic(model, resolution // 8, device)
+        reference_loss = flow_loss(synthetic(reference_model, resolution // 8, device), dtype)
     else:
         backend = SyntheticBackend(model, scheduler, resolution // 8, device)
         reference_loss = unet_loss(reference_model, scheduler, backend, dtype)
@@ -292,19 +357,29 @@ def main() -> None:
 
     before = {k: v.clone() for k, v in network.state_dict().items()}
     kernel_choices = ["by_size", "pytorch"] if args.cpu_conv_kernels == "both" else [args.cpu_conv_kernels]
-    trainers = {"reference": lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)}
+    trainers = {}
     for choice in kernel_choices:
         name = "lora_lab" if choice == kernel_choices[0] else f"lora_lab_{choice}_kernels"
         trainers[name] = functools.partial(lora_lab_block, backend, dataset, network, args.steps + 2,
-                                           args.mixed_precision, choice)
+                                           args.mixed_precision, choice, args.gradient_checkpointing)
+    trainers["reference"] = lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)
     results = {name: {"seconds": [], "memory": [], "losses": []} for name in trainers}
+    failures: dict[str, str] = {}  # a trainer that raised (e.g. a CUDA error) is reported and left out of later blocks
     for _ in range(args.blocks):
         for name, block in trainers.items():
-            seconds, memory, losses = block()
+            if name in failures:
+                continue
+            try:
+                seconds, memory, losses = block()
+            except RuntimeError as error:
+                failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                print(f"{name} failed:", file=sys.stderr)
+                traceback.print_exc()
+                continue
             results[name]["seconds"] += seconds[1:]  # the first interval still warms up
             results[name]["memory"].append(memory)
             results[name]["losses"] += losses
-    ours, reference = results["lora_lab"], results["reference"]
+    results = {name: result for name, result in results.items() if name not in failures}
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -313,7 +388,9 @@ def main() -> None:
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         for name, block in (("reference", lambda: reference_block(reference_model, reference_loss, device, 3)),
                             ("lora_lab", lambda: lora_lab_block(backend, dataset, network, 3, args.mixed_precision,
-                                                                kernel_choices[0]))):
+                                                                kernel_choices[0], args.gradient_checkpointing))):
+            if name in failures:
+                continue
             with profile(activities=activities) as profiler:
                 block()
             print(f"== {name}\n{profiler.key_averages().table(sort_by=sort, row_limit=18)}", file=sys.stderr)
@@ -322,6 +399,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "denoiser": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
         "resolution": resolution, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "weight_bytes_each": sum(p.numel() * p.element_size() for p in model.parameters()),
         "denoiser_parameters": sum(p.numel() for p in model.parameters()),
         "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters()),
                             "reference": sum(p.numel() for p in reference_model.parameters() if p.requires_grad)},
@@ -330,13 +409,15 @@ def main() -> None:
         "lora_lab_parameter_dtypes": sorted({str(p.dtype) for p in network.parameters()}),
         "losses_finite": all(bool(np.isfinite(result["losses"]).all()) for result in results.values()),
         "lora_lab_weights_changed": any(not torch.equal(v, before[k]) for k, v in network.state_dict().items()),
+        "failures": failures,
     }
     seconds = report["median_step_seconds"]
-    report["step_ratio"] = seconds["lora_lab"] / seconds["reference"]
-    for name in seconds.keys() - {"lora_lab", "reference"}:
-        report[f"step_ratio_{name}"] = seconds[name] / seconds["reference"]
-    if device.type == "cuda":
-        report["memory_ratio"] = report["peak_memory_bytes"]["lora_lab"] / report["peak_memory_bytes"]["reference"]
+    if {"lora_lab", "reference"} <= seconds.keys():
+        report["step_ratio"] = seconds["lora_lab"] / seconds["reference"]
+        for name in seconds.keys() - {"lora_lab", "reference"}:
+            report[f"step_ratio_{name}"] = seconds[name] / seconds["reference"]
+        if device.type == "cuda":
+            report["memory_ratio"] = report["peak_memory_bytes"]["lora_lab"] / report["peak_memory_bytes"]["reference"]
     print(json.dumps(report, indent=2))
 
 

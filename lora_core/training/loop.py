@@ -92,6 +92,21 @@ def tuned_convolutions(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
+def attention_without_cudnn() -> Iterator[None]:
+    """PyTorch's scaled-dot-product attention without its cuDNN kernels inside the block (flash, memory-efficient
+    and math kernels stay): on an H200 with torch 2.11 (CUDA 13), cuDNN's attention backward failed on Flux.1's
+    4608-token attention at 1024 px ("mha_graph.execute(...) is_good()", then an illegal memory access), in
+    diffusers' + PEFT's loop as in ours, and trained with it off (bench/results/h200_flux_block_cudnn_off.json).
+    The global setting is restored afterwards."""
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
+
+@contextmanager
 def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
     """Gradient checkpointing: inside the block each of `blocks` keeps only its inputs for backward and recomputes
     the rest, trading compute for activation memory; their forwards are restored after it."""
@@ -236,7 +251,7 @@ def train(
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()),
           backend.training(network.has_text_encoder), network.applied(1.0),
           checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
-          tuned_convolutions(backend.device.type == "cuda"),
+          tuned_convolutions(backend.device.type == "cuda"), attention_without_cudnn(),
           cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size")):
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat

@@ -116,6 +116,28 @@ def test_training_leaves_the_base_model_as_it_was(pipeline, concept_dir) -> None
     assert all(p.dtype == torch.float32 for p in network.parameters())
 
 
+class AttentionRecordingBackend(DiffusersBackend):
+    """The real backend, recording whether PyTorch may pick cuDNN's attention kernels each time it predicts."""
+
+    def __init__(self, pipeline) -> None:
+        super().__init__(pipeline)
+        self.cudnn_attention: list[bool] = []
+
+    def predict(self, noisy_latents, timesteps, conditioning):
+        self.cudnn_attention.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return super().predict(noisy_latents, timesteps, conditioning)
+
+
+def test_training_leaves_cudnn_attention_off_and_restores_the_setting(pipeline, concept_dir) -> None:
+    """cuDNN's attention backward failed on Flux.1 at 1024 px on an H200 (bench/results/h200_flux_*.json)."""
+    _, dataset, network = setup(pipeline, concept_dir)
+    backend = AttentionRecordingBackend(pipeline)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(backend, network, dataset, TrainingConfig(steps=2, gradient_accumulation=1))
+    assert backend.cudnn_attention and not any(backend.cudnn_attention)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 class PoisonedBackend(DiffusersBackend):
     """The real backend, whose prediction turns NaN from a given call on (as an fp16 overflow would)."""
 
