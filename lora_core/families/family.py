@@ -61,6 +61,8 @@ class Family:
     training_guidance: float = 1.0  # its value while training (kohya's Flux docs; both scripts default to 3.5)
     reference_images: int = 0  # reference images of an edit pair the denoiser takes (Flux.1 Kontext's: 1)
     patched_input: int = 1  # the denoiser's input channels per latent channel (Qwen-Image counts its 2×2 patches: 4)
+    text_mask_condition: bool = False  # ComfyUI's denoiser counts the caption's tokens from its mask (Lumina 2)
+    caption_template: str = "{}"  # the text a caption is encoded in, as the family's prompt node builds it
     file_prefixes: dict[str, str] = field(default_factory=dict)  # other trainers' file layouts the family's files may
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler

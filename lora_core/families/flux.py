@@ -74,7 +74,8 @@ Tensors = dict[str, torch.Tensor]
 
 
 class FluxFileError(LoRALabError, ValueError):
-    """A Flux network cannot be written in, or read from, kohya's fused layers; the message says which and why."""
+    """A network cannot be written in, or read from, kohya's fused layers (Flux's, Chroma's, Lumina 2's); the message
+    says which and why."""
 
 
 def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -123,7 +124,7 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module], 
     if any(key.startswith("lokr_") for key in keys):
         raise FluxFileError(
             f"LoKr cannot be saved for {family}: kohya's fused layer {file_name} holds {len(pieces)} diffusers "
-            "layers, and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for Flux")
+            f"layers, and their Kronecker products are not one Kronecker product; train LoRA, DoRA or LoHa for {family}")
     rank, scale = max(piece_rank(piece) for piece in present), piece_scale(present[0])
     fold = next(key for key in OUT_FACTORS if key in keys)
     dtype = present[0][fold].dtype
@@ -150,7 +151,8 @@ def fuse(file_name: str, pieces: list[Tensors | None], layers: list[nn.Module], 
     return fused
 
 
-def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[nn.Module]) -> dict[str, Tensors]:
+def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[nn.Module], family: str = FLUX.name
+          ) -> dict[str, Tensors]:
     """The pieces of a fused layer's adapter, each with exactly its rows of ΔW: block-diagonal out-factors (as
     `fuse` writes them) give each piece its rank's share, all-zero (padding) pieces dropped; a dense out-factor
     (kohya's own fused training) gives each piece the whole in-factor and its rows of the out-factor. A layer of one
@@ -158,8 +160,8 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     if len(paths) == 1:
         return {kohya_name("lora_unet", paths[0]): fused}
     if any(key.startswith("lokr_") for key in fused):
-        raise FluxFileError(f"{file_name}: LoKr on kohya's fused Flux layers cannot be split into diffusers' separate "
-                            "layers exactly; LoRA Lab reads LoRA, DoRA and LoHa there")
+        raise FluxFileError(f"{file_name}: LoKr on kohya's fused {family} layers cannot be split into diffusers' "
+                            "separate layers exactly; LoRA Lab reads LoRA, DoRA and LoHa there")
     out_keys = [key for key in OUT_FACTORS if key in fused]
     in_keys = [key for key in IN_FACTORS if key in fused]
     if not out_keys or not in_keys:
@@ -167,7 +169,7 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     rows = [layer.out_features for layer in layers]
     if fused[out_keys[0]].shape[0] != sum(rows):
         raise FluxFileError(f"{file_name} has {fused[out_keys[0]].shape[0]} output rows, but this model's "
-                            f"{', '.join(paths)} have {sum(rows)}: the LoRA was trained for another Flux model")
+                            f"{', '.join(paths)} have {sum(rows)}: the LoRA was trained for another {family} model")
     total = fused[in_keys[0]].shape[0]
     scale = float(fused.get("alpha", total)) / total
     starts = [sum(rows[:index]) for index in range(len(rows))]
@@ -190,25 +192,29 @@ def split(file_name: str, fused: Tensors, paths: tuple[str, ...], layers: list[n
     return pieces
 
 
-class BflBackend(FlowBackend):
-    """A transformer of Flux's layout (Flux.1, Chroma) whose files use kohya's names over Black Forest Labs' layers:
-    diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1 on saving, split back on
-    loading; files in diffusers' naming and the family's other layouts (`Family.file_prefixes`) renamed."""
+class FusedFileBackend(FlowBackend):
+    """A transformer whose files use kohya's names over the original model's layers (`file_layers`), where one
+    original layer may hold several of diffusers' (a fused qkv): those fused exactly on saving, split back on loading;
+    files in diffusers' naming and the family's other layouts (`Family.file_prefixes`) renamed."""
 
     spec: Family
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
         self.modules_by_path = dict(self.transformer.named_modules())
-        self.layers = {file_name: paths for file_name, paths in bfl_layers(self.transformer).items()
+        self.layers = {file_name: paths for file_name, paths in self.file_layers().items()
                        if all(path in self.modules_by_path for path in paths)}  # Chroma has no modulation Linears
+
+    def file_layers(self) -> dict[str, tuple[str, ...]]:
+        """kohya's file name of each original layer → the diffusers paths it holds, in its row order."""
+        raise NotImplementedError
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.name, "hash": self.model_hash, "version": self.spec.version}
 
     def file_tensors(self, tensors: Tensors) -> Tensors:
-        """kohya's names: diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused exactly into qkv/linear1,
-        CLIP-L as `lora_te1_`."""
+        """kohya's names: diffusers' layers fused exactly into the original ones that hold them (Flux's qkv and
+        linear1), text encoders (CLIP-L) as `lora_te1_`."""
         modules = grouped_by_module(tensors)
         out: dict[str, Tensors] = {}
         for file_name, paths in self.layers.items():
@@ -225,8 +231,17 @@ class BflBackend(FlowBackend):
         out: dict[str, Tensors] = {}
         for file_name, paths in self.layers.items():
             if file_name in modules:
-                out |= split(file_name, modules.pop(file_name), paths, [self.modules_by_path[path] for path in paths])
+                out |= split(file_name, modules.pop(file_name), paths, [self.modules_by_path[path] for path in paths],
+                             self.family)
         return flattened({**out, **modules})
+
+
+class BflBackend(FusedFileBackend):
+    """A transformer of Flux's layout (Flux.1, Chroma) whose files use kohya's names over Black Forest Labs' layers:
+    diffusers' to_q/to_k/to_v (and proj_mlp in single blocks) fused into qkv/linear1."""
+
+    def file_layers(self) -> dict[str, tuple[str, ...]]:
+        return bfl_layers(self.transformer)
 
 
 class FluxBackend(BflBackend):

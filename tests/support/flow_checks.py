@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def check_objective_against_the_scheduler(objective, scheduler, mu: float) -> None:
-    """x_σ from `scheduler.scale_noise` at its shifted timesteps (set with μ = `mu`), the transformer's time input
-    timestep / 1000 (σ, as the Flux, Chroma and Qwen-Image pipelines pass it), the target ε − x0, and σ drawn
-    logit-normal with the scheduler's exponential shift at `mu`."""
+def check_objective_against_the_scheduler(objective, scheduler, mu: float | None) -> None:
+    """x_σ from `scheduler.scale_noise` at its shifted timesteps (set with μ = `mu`, or its fixed shift where `mu` is
+    None), the objective's time timestep / 1000 (σ, as the Flux, Chroma and Qwen-Image pipelines pass it), the
+    target ε − x0, and σ drawn logit-normal with the scheduler's exponential shift at `mu` (or its fixed shift)."""
     generator = torch.Generator().manual_seed(1)
     latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
-    scheduler.set_timesteps(4, mu=mu)
+    scheduler.set_timesteps(4, **({} if mu is None else {"mu": mu}))
     timesteps = scheduler.timesteps[[1, 2]]
     seen = {}
 
@@ -28,4 +28,6 @@ def check_objective_against_the_scheduler(objective, scheduler, mu: float) -> No
     replay = torch.Generator().manual_seed(5)
     torch.randn((3, 16, 8, 8), generator=replay)
     raw = torch.sigmoid(torch.normal(0.0, 1.0, (3,), generator=replay))
-    torch.testing.assert_close(sigmas, scheduler.time_shift(mu, 1.0, raw))
+    shift = scheduler.config.shift
+    expected = shift * raw / (1 + (shift - 1) * raw) if mu is None else scheduler.time_shift(mu, 1.0, raw)
+    torch.testing.assert_close(sigmas, expected)
