@@ -48,8 +48,18 @@ FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMP
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
              "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell, "
-             "Chroma and Qwen-Image by flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux / "
-             "ModelSamplingAuraFlow)")
+             "Chroma, Qwen-Image and Lumina 2 by flow matching (also as shifted by ModelSamplingSD3 / "
+             "ModelSamplingFlux / ModelSamplingAuraFlow)")
+
+
+def batched(values: list, device: torch.device):
+    """One condition of a batch from its samples' values: tensors concatenated; a constant (CONDConstant: Lumina 2's
+    token count) shared, as ComfyUI batches only conditions whose constants are equal."""
+    if torch.is_tensor(values[0]):
+        return torch.cat(values).to(device)
+    if any(value != values[0] for value in values):
+        raise ComfyBackendError(f"samples of one batch differ in a constant condition: {values}")
+    return values[0]
 
 
 class ComfyBackendError(LoRALabError, ValueError):
@@ -411,9 +421,10 @@ class ComfyBackend(TrainingBackend):
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L; Qwen-Image has none)
         per caption, with a mask of each caption's tokens: Qwen2.5-VL's outputs differ in length, and `predict`
-        gives the model each one unpadded, as ComfyUI's samplers do."""
-        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
-                   for caption in captions]
+        gives the model each one unpadded, as ComfyUI's samplers do. Each caption is encoded inside the family's
+        template (Lumina 2's system prompt, as CLIPTextEncodeLumina2 builds it)."""
+        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(self.spec.caption_template.format(caption)),
+                                                return_pooled=True) for caption in captions]
         parts = [{"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
                   **({"pooled": pooled} if pooled is not None else {})} for context, pooled in encoded]
         return {name: value.to(self.device) for name, value in concatenated(parts).items()}
@@ -421,7 +432,7 @@ class ComfyBackend(TrainingBackend):
     def model_conditions(self, noisy_latents: torch.Tensor, conditioning: Conditioning) -> dict[str, torch.Tensor]:
         """The diffusion model's inputs besides x and t, built by `BaseModel.extra_conds` per sample as the samplers
         build them from a CONDITIONING: SDXL's ADM `y` from the pooled output and each image's size and crop, SD3's
-        and Flux's pooled `y`, Flux's guidance."""
+        and Flux's pooled `y`, Flux's guidance, Lumina 2's token count (from the caption's mask)."""
         device, sizes = noisy_latents.device, conditioning.get(SIZE_CONDITIONING)
         samples = []
         for index in range(len(noisy_latents)):
@@ -433,11 +444,14 @@ class ComfyBackend(TrainingBackend):
                              target_width=target_width)
             if self.spec.guidance:
                 extra["guidance"] = self.guidance
+            if self.spec.text_mask_condition:  # without a mask every token of the context counts
+                mask = conditioning.get("context_mask")
+                extra["attention_mask"] = (mask[one] if mask is not None else
+                                           torch.ones(1, conditioning["context"].shape[1], dtype=torch.long))
             conds = self.base_model.extra_conds(cross_attn=conditioning["context"][one], noise=noisy_latents[one],
                                                 device=device, **extra)
-            samples.append({name: cond.process_cond(batch_size=1, device=device).cond.to(device)
-                            for name, cond in conds.items()})
-        return {name: torch.cat([sample[name] for sample in samples]) for name in samples[0]}
+            samples.append({name: cond.process_cond(batch_size=1, device=device).cond for name, cond in conds.items()})
+        return {name: batched([sample[name] for sample in samples], device) for name in samples[0]}
 
     def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         """The diffusion model's raw output (ε, v or the flow velocity) as `BaseModel.apply_model` computes it before
@@ -465,7 +479,8 @@ class ComfyBackend(TrainingBackend):
             sigmas = self.sampling.sigmas[times.to(self.sampling.sigmas.device)].to(device)
         conds = self.model_conditions(noisy_latents, conditioning)
         context = conds.pop("c_crossattn").to(dtype)
-        extra = {name: value.to(dtype) if value.is_floating_point() else value for name, value in conds.items()}
+        extra = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                 for name, value in conds.items()}
         if REFERENCE_LATENTS in conditioning:  # already through process_latent_in, as extra_conds puts them
             references = conditioning[REFERENCE_LATENTS]
             extra["ref_latents"] = [references[:, index].to(dtype) for index in range(references.shape[1])]
@@ -575,8 +590,13 @@ class ComfyBackend(TrainingBackend):
         return data_hash(self.vae.first_stage_model.state_dict())
 
     def conditioning(self, text: str) -> list:
-        """ComfyUI's CONDITIONING for `text`, as CLIPTextEncode makes it."""
-        cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        """ComfyUI's CONDITIONING for `text`, as the family's prompt node makes it (CLIPTextEncode; Lumina 2's
+        CLIPTextEncodeLumina2 with its system prompt), with what the encoder returns beside the context (pooled
+        output; Lumina 2's attention mask) where this ComfyUI returns it."""
+        tokens = self.clip.tokenize(self.spec.caption_template.format(text))
+        if hasattr(self.clip, "encode_from_tokens_scheduled"):  # ComfyUI 0.3.x: CLIPTextEncode's own call
+            return self.clip.encode_from_tokens_scheduled(tokens)
+        cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
         return [[cond, {"pooled_output": pooled}]]
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:

@@ -52,10 +52,10 @@ def reset_to_torch_default_init(module: torch.nn.Module) -> None:
                 parameter.fill_(1.0)
 
 
-def build_clip(target, options: dict):
+def build_clip(target, options: dict, tokenizer_data: dict | None = None):
     import comfy.sd
 
-    clip = comfy.sd.CLIP(target, model_options=options)
+    clip = comfy.sd.CLIP(target, tokenizer_data=tokenizer_data or {}, model_options=options)
     reset_to_torch_default_init(clip.cond_stage_model)
     return clip
 
@@ -272,6 +272,42 @@ def build_chroma():
     return patcher(comfy.supported_models.Chroma(dict(CHROMA_CONFIG))), clip, build_vae(16)
 
 
+LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
+                  "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16,
+                  "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}
+
+
+def gemma_sentencepiece_model() -> torch.Tensor:
+    """A small SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), trained here on the system
+    prompt and captions, as a Lumina 2 text-encoder file carries its tokenizer: a `spiece_model` byte tensor."""
+    import io
+
+    import sentencepiece
+
+    from comfyui_lora_lab.lora_core.families.lumina2 import LUMINA2
+
+    text = [LUMINA2.caption_template.format("a photo of sks, a red circle on a white background")] * 8
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=96,
+                                             model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                             character_coverage=1.0, minloglevel=2)
+    return torch.frombuffer(bytearray(model.getvalue()), dtype=torch.uint8)
+
+
+def build_lumina2():
+    """Lumina 2 with ComfyUI's Gemma-2 text encoder (its class, small; head_dim stays Gemma-2's 256), as CLIPLoader's
+    lumina2 type loads it, with the tokenizer the file would carry."""
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.lumina2 as lumina2
+
+    target = comfy.supported_models_base.ClipTarget(lumina2.LuminaTokenizer, lumina2.te())
+    small_gemma = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                   "num_attention_heads": 2, "num_key_value_heads": 1}
+    clip = build_clip(target, {"gemma2_2b_model_config": small_gemma}, {"spiece_model": gemma_sentencepiece_model()})
+    return patcher(comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))), clip, build_vae(16)
+
+
 def build_qwen_image():
     import comfy.supported_models
 
@@ -279,7 +315,7 @@ def build_qwen_image():
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image,
-            "chroma": build_chroma,
+            "chroma": build_chroma, "lumina2": build_lumina2,
             "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 
@@ -320,7 +356,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "flux": lambda: advanced.ModelSamplingFlux().patch(model, 1.15, 0.5, RESOLUTION, RESOLUTION),
                "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),
                "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1),
-               "chroma": lambda: (model,)}  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
+               "chroma": lambda: (model,),  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
+               "lumina2": lambda: (model,)}  # its own shift 6
     # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
@@ -347,6 +384,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                 for name, cond in patched.model.extra_conds(
                     cross_attn=context, pooled_output=pooled, noise=x[i:i + 1], device=x.device,
                     **({} if backend.guidance is None else {"guidance": backend.guidance}),
+                    **({"attention_mask": torch.ones(1, context.shape[1], dtype=torch.long)}
+                       if backend.spec.text_mask_condition else {}),
                     **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
                                sizes(count)[i].tolist()))).items()})
             for i in range(count)])
@@ -662,6 +701,22 @@ def kontext(backend_module, model, clip, vae, work_dir: Path) -> dict:
             "steps": output["ui"]["lora_lab_training"][0]["steps"]}
 
 
+def prompt_node(backend_module, model, clip) -> dict:
+    """Lumina 2: the CONDITIONING Train LoRA samples with (its captions are encoded in the same template) is ComfyUI's
+    own CLIPTextEncodeLumina2 with the "superior" system prompt, the attention mask its sampler counts tokens from
+    included."""
+    from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+
+    backend = backend_module.ComfyBackend(model, clip)
+    with torch.inference_mode():
+        ((ours, our_extras),) = backend.conditioning("a photo of sks")
+        ((node, node_extras),) = CLIPTextEncodeLumina2.execute(clip, "a photo of sks", "superior").args[0]
+        caption = backend.encode_text(["a photo of sks"])
+    return {"context_equal": bool(torch.equal(ours, node)), "extras": sorted(our_extras),
+            "masks_equal": bool(torch.equal(our_extras["attention_mask"], node_extras["attention_mask"])),
+            "caption_equals_node": bool(torch.equal(caption["context"], node))}
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.training.config import TrainingConfig
@@ -695,6 +750,8 @@ def main() -> None:
     checks["refusals"] = (refusals, backend_module, model, clip)
     if family == "sdxl":
         checks["vae_posterior"] = (vae_posterior, backend_module, model, clip, vae)
+    if family == "lumina2":
+        checks["prompt_node"] = (prompt_node, backend_module, model, clip)
     if family in ("sdxl", "flux"):
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     if family == "flux":

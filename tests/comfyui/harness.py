@@ -405,7 +405,8 @@ FRONTEND_ONLY = None  # a widgets_values slot that holds no input (control_after
 def widget_slots(node_info: dict, force_input_is_widget: bool) -> list[str | None]:
     """The input names that a node's `widgets_values` list holds, in order; FRONTEND_ONLY for the others.
 
-    This is how the March 2024 frontend builds a node's widgets: one per combo or INT/FLOAT/STRING/BOOLEAN
+    This is how the March 2024 frontend builds a node's widgets: one per combo (a list of values, or "COMBO" in
+    ComfyUI's newer node schema) or INT/FLOAT/STRING/BOOLEAN
     input, in `required` then `optional` order; a "control_after_generate" combo after INT `seed`/`noise_seed`
     and after any INT with `control_after_generate` (after a combo with it, that and a filter-list text); an
     "upload" button after the required inputs when one has `image_upload`. That frontend also makes widgets of
@@ -416,7 +417,7 @@ def widget_slots(node_info: dict, force_input_is_widget: bool) -> list[str | Non
         specs = node_info["input"].get(section, {})
         for name, spec in specs.items():
             input_type, options = spec[0], (spec[1] if len(spec) > 1 else {})
-            is_combo = isinstance(input_type, list)
+            is_combo = isinstance(input_type, list) or input_type == "COMBO"  # newer nodes: ["COMBO", {"options": …}]
             if not is_combo and input_type not in WIDGET_VALUE_TYPES:
                 continue
             if options.get("forceInput") and not force_input_is_widget:

@@ -44,16 +44,42 @@ CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64,
 QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
                      "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
                      "axes_dims_rope": [4, 6, 6]}  # support/tiny_qwen_image.py's transformer
+LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
+                  "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16,
+                  "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}  # support/tiny_lumina2.py's
+
+
+def nextdit_to_diffusers(config: dict) -> dict:
+    """diffusers' weight key → ComfyUI's NextDiT key (with rows where qkv is fused), by the rules of diffusers'
+    `convert_lumina2_to_diffusers` (loaders/single_file_utils.py), with qkv split at this model's head counts."""
+    head = config["dim"] // config["n_heads"]
+    q, kv = config["n_heads"] * head, config["n_kv_heads"] * head
+    blocks = [("noise_refiner", config["n_refiner_layers"], True), ("context_refiner", config["n_refiner_layers"], False),
+              ("layers", config["n_layers"], True)]
+    mapping = {}
+    for group, count, modulated in blocks:
+        for index in range(count):
+            ours, theirs = f"{group}.{index}.", f"{group}.{index}."
+            for part, (offset, size) in zip(("to_q", "to_k", "to_v"), ((0, q), (q, kv), (q + kv, kv))):
+                mapping[f"{theirs}attn.{part}.weight"] = (f"{ours}attention.qkv.weight", (0, offset, size))
+            mapping[f"{theirs}attn.to_out.0.weight"] = f"{ours}attention.out.weight"
+            for number in (1, 2, 3):
+                mapping[f"{theirs}feed_forward.linear_{number}.weight"] = f"{ours}feed_forward.w{number}.weight"
+            if modulated:
+                mapping[f"{theirs}norm1.linear.weight"] = f"{ours}adaLN_modulation.1.weight"
+    return mapping
 
 
 def diffusers_pipelines() -> dict:
     from lora_core.demo.tiny_model import build_tiny_pipeline
     from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
+    from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
-            "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma()}
+            "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma(),
+            "lumina2": build_tiny_lumina2()}
 
 
 def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
@@ -74,6 +100,9 @@ def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
     if family == "qwen_image":  # ComfyUI's Qwen-Image names its layers as diffusers does: the map is the identity
         config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG))
         return patcher(config), {key: key for key in state}
+    if family == "lumina2":
+        config = comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))
+        return patcher(config), nextdit_to_diffusers(LUMINA2_CONFIG)
     config = (comfy.supported_models.Chroma(dict(CHROMA_CONFIG)) if family == "chroma"
               else comfy.supported_models.Flux(dict(FLUX_CONFIG)))
     return patcher(config), comfy.utils.flux_to_diffusers(config.unet_config, output_prefix="")
