@@ -4,36 +4,32 @@ masked exactly), training, strength 0, and the kohya file (BFL names, fused exac
 `load_lora_weights` and ComfyUI 0.3.64's core Load LoRA; ai-toolkit's and diffusers' layouts load too."""
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.family_checks import (
+    check_gradient_checkpointing_recomputes_the_same_training,
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base,
+    cli_trains,
+)
 from support.flow_checks import check_objective_against_the_scheduler
 from support.tiny_flow_models import (
     COMFYUI,
     build_tiny_chroma,
     comfy_reads,
-    concept_images,
     randomized,
 )
 
 from lora_core import load_file
 from lora_core.backend import concatenated
-from lora_core.data.config import DatasetConfig
-from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.chroma import ChromaBackend
-from lora_core.families.sd1 import generate
 from lora_core.formats.files import load_lora, save_lora
 from lora_core.network import LoRANetwork, grouped_by_module
 from lora_core.targets import TargetError
 from lora_core.training.config import TrainingConfig
-from lora_core.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT, LONG = "a photo of sks", "a photo of sks, red circle"
@@ -91,18 +87,8 @@ def test_predict_is_the_transformer_on_the_pipelines_inputs_and_each_captions_to
 
 
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(chroma, tmp_path) -> None:
-    backend = ChromaBackend(chroma)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
-    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4)
-    result = train(backend, network, dataset, TrainingConfig(
-        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
-    (_, before), (_, after) = result.validation
-    print(f"chroma validation loss {before:.4f} -> {after:.4f}, {result.steps / result.seconds:.1f} steps/s")
-    assert after < 0.9 * before
-    images = {strength: np.asarray(generate(chroma, network, SHORT, strength, seed=3, steps=2, size=64,
-                                            guidance_scale=4.0)) for strength in (0.0, 1.0)}
-    base = np.asarray(generate(chroma, None, SHORT, seed=3, steps=2, size=64, guidance_scale=4.0))
-    assert np.array_equal(images[0.0], base) and not np.array_equal(images[1.0], base)
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base(
+        ChromaBackend(chroma), chroma, tmp_path, "attention", guidance_scale=4.0)
 
 
 def test_t5_is_never_trained(chroma) -> None:
@@ -204,28 +190,10 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(chroma, tmp_path) -> 
 
 
 def test_cli_trains_a_saved_chroma_base(chroma, tmp_path) -> None:
-    chroma.save_pretrained(tmp_path / "base")
-    data = concept_images(tmp_path / "concept", 4)
-    out = tmp_path / "chroma.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
-         str(out), "--steps", "20", "--resolution", "64", "--rank", "4", "--lr", "1e-2", "--gradient-accumulation",
-         "1", "--validation-every", "20", "--target", "attention"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["best_step"] == 20, "the validation loss must fall"
-    tensors, metadata = load_file(out)
+    tensors, metadata = cli_trains(chroma, tmp_path, "--target", "attention")
     assert metadata["ss_base_model_version"] == "chroma"
     assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in tensors
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(chroma, tmp_path) -> None:
-    backend = ChromaBackend(chroma)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
-    losses = []
-    for checkpointing in (False, True):
-        network = LoRANetwork.create(backend.adapter_targets("full", False), "lora", 4, 4)
-        losses.append(train(backend, network, dataset, TrainingConfig(
-            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
-            gradient_checkpointing=checkpointing)).losses)
-    assert losses[0] == losses[1]
+    check_gradient_checkpointing_recomputes_the_same_training(ChromaBackend(chroma), tmp_path)

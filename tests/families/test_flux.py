@@ -12,6 +12,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.family_checks import (
+    check_gradient_checkpointing_recomputes_the_same_training,
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base,
+    cli_trains,
+)
 from support.flow_checks import check_objective_against_the_scheduler
 from support.tiny_flow_models import (
     COMFYUI,
@@ -25,7 +30,6 @@ from lora_core import load_file
 from lora_core.data.config import DatasetConfig
 from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.flux import FluxBackend, FluxFileError, bfl_layers, fuse, split
-from lora_core.families.sd1 import generate
 from lora_core.formats.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training.config import TrainingConfig
@@ -98,17 +102,8 @@ def test_schnell_refuses_a_guidance_it_would_ignore() -> None:
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(dev, tmp_path) -> None:
     backend = FluxBackend(dev)
     backend.sample_size = 64
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
-    network = LoRANetwork.create(backend.adapter_targets("attention", True), "lora", 4, 4)
-    result = train(backend, network, dataset, TrainingConfig(
-        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
-    (_, before), (_, after) = result.validation
-    print(f"flux validation loss {before:.4f} -> {after:.4f}, {result.steps / result.seconds:.1f} steps/s")
-    assert after < 0.9 * before
-    images = {strength: np.asarray(generate(dev, network, "a photo of sks", strength, seed=3, steps=2, size=64,
-                                            guidance_scale=3.5)) for strength in (0.0, 1.0)}
-    base = np.asarray(generate(dev, None, "a photo of sks", seed=3, steps=2, size=64, guidance_scale=3.5))
-    assert np.array_equal(images[0.0], base) and not np.array_equal(images[1.0], base)
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base(
+        backend, dev, tmp_path, "attention", text_encoder=True, guidance_scale=3.5)
 
 
 @pytest.mark.parametrize("algorithm", ["lora", "dora", "loha"])
@@ -273,18 +268,8 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(dev, tmp_path) -> Non
 
 
 def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
-    dev.save_pretrained(tmp_path / "base")
-    data = concept_images(tmp_path / "concept", 4)
-    out = tmp_path / "flux.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
-         str(out), "--steps", "20", "--resolution", "64", "--rank", "4", "--lr", "1e-2",
-         "--gradient-accumulation", "1", "--validation-every", "20", "--flux-guidance", "1.5", "--preset", "attention"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["best_step"] == 20, "the validation loss must fall below the untrained network's"
-    tensors, metadata = load_file(out)
+    tensors, metadata = cli_trains(dev, tmp_path, "--flux-guidance", "1.5", "--preset", "attention")
+    data, out = tmp_path / "concept", tmp_path / "lora.safetensors"
     assert metadata["ss_base_model_version"] == "flux1"
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in tensors
 
@@ -305,15 +290,7 @@ def test_cli_trains_a_saved_flux_base(dev, tmp_path) -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_training(dev, tmp_path) -> None:
     """Checkpointing the double and single blocks changes memory, not the losses (CLIP-L training included)."""
-    backend = FluxBackend(dev)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
-    losses = []
-    for checkpointing in (False, True):
-        network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)
-        losses.append(train(backend, network, dataset, TrainingConfig(
-            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
-            gradient_checkpointing=checkpointing)).losses)
-    assert losses[0] == losses[1]
+    check_gradient_checkpointing_recomputes_the_same_training(FluxBackend(dev), tmp_path, text_encoder=True)
 
 
 def test_qlora_over_a_4bit_transformer_trains_and_saves_exactly(tmp_path) -> None:

@@ -4,30 +4,29 @@ pipeline batches them), training, strength 0, and the file (kohya's names) read 
 `load_lora_weights` and ComfyUI 0.3.64's core Load LoRA; the layouts other trainers share load too."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.family_checks import (
+    check_gradient_checkpointing_recomputes_the_same_training,
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base,
+    cli_trains,
+)
 from support.flow_checks import check_objective_against_the_scheduler
-from support.tiny_flow_models import COMFYUI, comfy_reads, concept_images, randomized
+from support.tiny_flow_models import COMFYUI, comfy_reads, randomized
 from support.tiny_qwen_image import QWEN_TOKENIZER, build_tiny_qwen_image
 
 from lora_core import load_file
 from lora_core.backend import concatenated
-from lora_core.data.config import DatasetConfig
-from lora_core.data.dataset import ImageFolderDataset
 from lora_core.families.qwen_image import QwenImageBackend
-from lora_core.families.sd1 import generate
 from lora_core.formats.files import load_lora, save_lora
 from lora_core.network import LoRANetwork, grouped_by_module
 from lora_core.targets import TargetError
 from lora_core.training.config import TrainingConfig
-from lora_core.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not QWEN_TOKENIZER.is_dir(),
@@ -94,18 +93,8 @@ def test_images_are_encoded_as_the_pipelines_decode_undoes_them(qwen) -> None:
 
 
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(qwen, tmp_path) -> None:
-    backend = QwenImageBackend(qwen)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
-    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4)
-    result = train(backend, network, dataset, TrainingConfig(
-        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
-    (_, before), (_, after) = result.validation
-    print(f"qwen-image validation loss {before:.4f} -> {after:.4f}, {result.steps / result.seconds:.1f} steps/s")
-    assert after < 0.9 * before
-    images = {strength: np.asarray(generate(qwen, network, SHORT, strength, seed=3, steps=2, size=64,
-                                            guidance_scale=None)) for strength in (0.0, 1.0)}
-    base = np.asarray(generate(qwen, None, SHORT, seed=3, steps=2, size=64, guidance_scale=None))
-    assert np.array_equal(images[0.0], base) and not np.array_equal(images[1.0], base)
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base(
+        QwenImageBackend(qwen), qwen, tmp_path, "attention")
 
 
 def test_the_text_encoder_is_never_trained(qwen) -> None:
@@ -194,34 +183,16 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(qwen, tmp_path) -> No
 
 
 def test_cli_trains_a_saved_qwen_image_base(qwen, tmp_path) -> None:
-    qwen.save_pretrained(tmp_path / "base")
-    data = concept_images(tmp_path / "concept", 4)
-    out = tmp_path / "qwen.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
-         str(out), "--steps", "20", "--resolution", "64", "--rank", "4", "--lr", "1e-2", "--gradient-accumulation",
-         "1", "--validation-every", "20", "--target", "transformer"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["best_step"] == 20, "the validation loss must fall"
-    tensors, metadata = load_file(out)
+    tensors, metadata = cli_trains(qwen, tmp_path, "--target", "transformer")
     assert metadata["ss_base_model_version"] == "qwen_image" and metadata["ss_max_shift"] == "0.9"
     assert "lora_unet_transformer_blocks_0_img_mlp_net_2.lora_down.weight" in tensors
     picture = tmp_path / "grid.png"
     done = subprocess.run(
-        [sys.executable, "-m", "lora_core", "generate", "--base", str(tmp_path / "base"), "--lora", str(out),
-         "--prompt", SHORT, "--strength", "0", "1", "--size", "64", "--steps", "2", "--out", str(picture)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "lora_core", "generate", "--base", str(tmp_path / "base"), "--lora",
+         str(tmp_path / "lora.safetensors"), "--prompt", SHORT, "--strength", "0", "1", "--size", "64", "--steps",
+         "2", "--out", str(picture)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(qwen, tmp_path) -> None:
-    backend = QwenImageBackend(qwen)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
-    losses = []
-    for checkpointing in (False, True):
-        network = LoRANetwork.create(backend.adapter_targets("full", False), "lora", 4, 4)
-        losses.append(train(backend, network, dataset, TrainingConfig(
-            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
-            gradient_checkpointing=checkpointing)).losses)
-    assert losses[0] == losses[1]
+    check_gradient_checkpointing_recomputes_the_same_training(QwenImageBackend(qwen), tmp_path)

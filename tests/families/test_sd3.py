@@ -3,25 +3,22 @@ pipeline's own scheduler and transformer call, training, strength 0, and the fil
 lora_core, diffusers' `load_lora_weights` and ComfyUI 0.3.64's core Load LoRA."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from support.family_checks import (
+    check_gradient_checkpointing_recomputes_the_same_training,
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base,
+    cli_trains,
+)
+from support.tiny_flow_models import COMFYUI, build_tiny_sd3, comfy_reads, randomized
 
 from lora_core import load_file
-from lora_core.data.config import DatasetConfig
-from lora_core.data.dataset import ImageFolderDataset
-from lora_core.families.sd1 import generate
 from lora_core.families.sd3 import SD3Backend
 from lora_core.formats.files import load_lora, save_lora
 from lora_core.network import LoRANetwork
 from lora_core.training.config import TrainingConfig
-from lora_core.training.loop import train
-from support.tiny_flow_models import COMFYUI, build_tiny_sd3, comfy_reads, concept_images, randomized
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,18 +77,8 @@ def test_predict_is_the_pipelines_transformer_call(sd3) -> None:
 
 
 def test_training_lowers_the_validation_loss_and_strength_zero_is_the_base(sd3, tmp_path) -> None:
-    backend = SD3Backend(sd3)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 4), DatasetConfig(resolution=64))
-    network = LoRANetwork.create(backend.adapter_targets("attention", True), "lora", 4, 4)
-    result = train(backend, network, dataset, TrainingConfig(
-        steps=30, learning_rate=1e-2, gradient_accumulation=1, validation_every=30, validation_timesteps=4))
-    (_, before), (_, after) = result.validation
-    print(f"sd3 validation loss {before:.4f} -> {after:.4f}, {result.steps / result.seconds:.1f} steps/s")
-    assert after < 0.95 * before
-    images = {strength: np.asarray(generate(sd3, network, "a photo of sks", strength, seed=3, steps=2, size=64,
-                                            guidance_scale=7.0)) for strength in (0.0, 1.0)}
-    base = np.asarray(generate(sd3, None, "a photo of sks", seed=3, steps=2, size=64, guidance_scale=7.0))
-    assert np.array_equal(images[0.0], base) and not np.array_equal(images[1.0], base)
+    check_training_lowers_the_validation_loss_and_strength_zero_is_the_base(
+        SD3Backend(sd3), sd3, tmp_path, "attention", text_encoder=True, guidance_scale=7.0, fall=0.95)
 
 
 @pytest.mark.parametrize("algorithm", ["lora", "dora", "loha", "lokr"])
@@ -152,31 +139,13 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(sd3, tmp_path) -> Non
 
 
 def test_cli_trains_a_saved_sd3_base(sd3, tmp_path) -> None:
-    sd3.save_pretrained(tmp_path / "base")
-    data = concept_images(tmp_path / "concept", 4)
-    out = tmp_path / "sd3.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data", str(data), "--out",
-         str(out), "--steps", "20", "--resolution", "64", "--rank", "4", "--lr", "1e-2", "--gradient-accumulation",
-         "1", "--validation-every", "20", "--flow-shift", "3.0", "--preset", "attention"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["best_step"] == 20, "the validation loss must fall"
-    tensors, metadata = load_file(out)
+    tensors, metadata = cli_trains(sd3, tmp_path, "--flow-shift", "3.0", "--preset", "attention")
     assert metadata["ss_base_model_version"] == "sd3" and metadata["ss_discrete_flow_shift"] == "3.0"
     assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in tensors
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(sd3, tmp_path) -> None:
-    backend = SD3Backend(sd3)
-    dataset = ImageFolderDataset(concept_images(tmp_path / "concept", 2), DatasetConfig(resolution=64))
-    losses = []
-    for checkpointing in (False, True):
-        network = LoRANetwork.create(backend.adapter_targets("full", True), "lora", 4, 4)
-        losses.append(train(backend, network, dataset, TrainingConfig(
-            steps=2, learning_rate=1e-2, gradient_accumulation=1, validation_every=0,
-            gradient_checkpointing=checkpointing)).losses)
-    assert losses[0] == losses[1]
+    check_gradient_checkpointing_recomputes_the_same_training(SD3Backend(sd3), tmp_path, text_encoder=True)
 
 
 def test_a_bf16_transformer_gets_its_timestep_in_fp32() -> None:
