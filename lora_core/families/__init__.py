@@ -15,13 +15,14 @@ from ..errors import LoRALabError
 from .chroma import CHROMA
 from .family import Family
 from .flux import FLUX
+from .hidream import HIDREAM
 from .lumina2 import LUMINA2
 from .qwen_image import QWEN_IMAGE
 from .sd1 import SD1, SD2
 from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2)
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2, HIDREAM)
 PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backend import TrainingBackend
 from ..formats.files import data_hash
+from ..network import grouped_by_module
 from ..targets import (
     TEXT_ENCODER_PRESET,
     TargetError,
@@ -52,6 +53,25 @@ def flow_objective(config: TrainingConfig, family: Family, timestep_multiplier: 
 
 def flattened(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{name}.{suffix}": value for name, parts in modules.items() for suffix, value in parts.items()}
+
+
+def alpha_folded_up(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A LoRA's lora_up with alpha/rank folded in, as diffusers' files hold it (without alpha)."""
+    rank, up = parts["lora_down.weight"].shape[0], parts["lora_up.weight"]
+    return (up.float() * (float(parts.get("alpha", rank)) / rank)).to(up.dtype)
+
+
+def in_diffusers_naming(tensors: dict[str, torch.Tensor], file_names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The network's tensors under `file_names` (network name → the module's name in files), LoRA as lora_A/lora_B
+    with alpha/rank folded into lora_B and no alpha, as diffusers reads them; other algorithms' tensors keep their
+    suffixes."""
+    out = {}
+    for name, parts in grouped_by_module(tensors).items():
+        if "lora_down.weight" in parts:
+            parts["lora_up.weight"] = alpha_folded_up(parts)
+            parts.pop("alpha", None)
+        out |= {f"{file_names[name]}.{DIFFUSERS_SUFFIXES.get(suffix, suffix)}": value for suffix, value in parts.items()}
+    return out
 
 
 def from_diffusers_naming(tensors: dict[str, torch.Tensor], prefixes: dict[str, str] = DIFFUSERS_PREFIXES

@@ -14,16 +14,16 @@ import torch
 from torch import nn
 
 from ..backend import Conditioning
-from ..network import grouped_by_module
 from ..targets import TargetPreset, all_adaptable, find_targets, kohya_name, kohya_paths
 from ..training.objectives import FlowMatchingObjective
 from .family import BlockLayout, Family
 from .flow import (
     CLIP_L_PREFIX,
-    DIFFUSERS_SUFFIXES,
     FlowBackend,
+    alpha_folded_up,
     flow_objective,
     from_diffusers_naming,
+    in_diffusers_naming,
     transformer_presets,
 )
 
@@ -58,12 +58,6 @@ SD3 = Family(
 
 Tensors = dict[str, torch.Tensor]
 FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds
-
-
-def alpha_folded_up(parts: Tensors) -> torch.Tensor:
-    """A LoRA's lora_up with alpha/rank folded in, as diffusers' files hold it (without alpha)."""
-    rank, up = parts["lora_down.weight"].shape[0], parts["lora_up.weight"]
-    return (up.float() * (float(parts.get("alpha", rank)) / rank)).to(up.dtype)
 
 
 def split_lora(parts: Tensors, pieces: list[FilePart]) -> dict[str, Tensors]:
@@ -144,14 +138,7 @@ class SD3Backend(FlowBackend):
 
     def file_tensors(self, tensors: Tensors) -> Tensors:
         """diffusers' names; LoRA as lora_A/lora_B with alpha/rank folded into lora_B and no alpha."""
-        out: Tensors = {}
-        for name, parts in grouped_by_module(tensors).items():
-            if "lora_down.weight" in parts:
-                parts["lora_up.weight"] = alpha_folded_up(parts)
-                parts.pop("alpha", None)
-            out |= {f"{self.file_names[name]}.{DIFFUSERS_SUFFIXES.get(suffix, suffix)}": value
-                    for suffix, value in parts.items()}
-        return out
+        return in_diffusers_naming(tensors, self.file_names)
 
     def network_tensors(self, tensors: Tensors) -> Tensors:
         """The network's names back (lora_A/lora_B as lora_down/lora_up, scale 1 without alpha)."""

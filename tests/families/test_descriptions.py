@@ -19,6 +19,7 @@ COMFY_MODELS = REPO / ".cache" / "comfyui-0.3.64" / "comfy" / "supported_models.
 def tiny_pipeline(pipeline_class: str):
     from lora_core.demo.tiny_model import build_tiny_pipeline
     from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
+    from support.tiny_hidream import build_tiny_hidream
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
@@ -26,7 +27,7 @@ def tiny_pipeline(pipeline_class: str):
     return {"StableDiffusionPipeline": build_tiny_pipeline, "StableDiffusionXLPipeline": build_tiny_sdxl,
             "StableDiffusion3Pipeline": build_tiny_sd3, "FluxPipeline": build_tiny_flux,
             "QwenImagePipeline": build_tiny_qwen_image, "ChromaPipeline": build_tiny_chroma,
-            "Lumina2Pipeline": build_tiny_lumina2}[pipeline_class](seed=0)
+            "Lumina2Pipeline": build_tiny_lumina2, "HiDreamImagePipeline": build_tiny_hidream}[pipeline_class](seed=0)
 
 
 def comfy_class_bases() -> dict[str, list[str]]:

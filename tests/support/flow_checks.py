@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def check_objective_against_the_scheduler(objective, scheduler, mu: float | None) -> None:
+def check_objective_against_the_scheduler(objective, scheduler, mu: float | None, multiplier: float = 1.0) -> None:
     """x_σ from `scheduler.scale_noise` at its shifted timesteps (set with μ = `mu`, or its fixed shift where `mu` is
-    None), the objective's time timestep / 1000 (σ, as the Flux, Chroma and Qwen-Image pipelines pass it), the
+    None), the objective's time timestep / 1000 × `multiplier` (σ, as the Flux, Chroma and Qwen-Image pipelines
+    pass it; σ·1000, as SD3's and HiDream's do), the
     target ε − x0, and σ drawn logit-normal with the scheduler's exponential shift at `mu` (or its fixed shift)."""
     generator = torch.Generator().manual_seed(1)
     latents, noise = torch.randn(2, 16, 8, 8, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)
@@ -22,7 +23,7 @@ def check_objective_against_the_scheduler(objective, scheduler, mu: float | None
     expected = torch.cat([scheduler.scale_noise(latents[i:i + 1], timesteps[i:i + 1], noise[i:i + 1])
                           for i in range(2)])
     torch.testing.assert_close(seen["noisy"], expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(seen["times"], timesteps / 1000, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["times"], timesteps / 1000 * multiplier, rtol=0, atol=1e-6 * multiplier)
     torch.testing.assert_close(loss, ((noise - latents) ** 2).mean(dim=(1, 2, 3)))
     _, sigmas = objective.draw((3, 16, 8, 8), torch.Generator().manual_seed(5))
     replay = torch.Generator().manual_seed(5)
