@@ -506,6 +506,22 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
             "text_context_difference": float((own["context"] - conditioning["context"]).abs().max())}
 
 
+def shared_layout(backend, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A kohya file in the layout ai-toolkit, diffusion-pipe and ComfyUI share: `diffusion_model.<ComfyUI path>`
+    with lora_A/lora_B, alpha/rank folded into lora_B, no alpha."""
+    paths = {name: path for path, name in backend._unet_names.items()}
+    shared = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        rank = tensors[f"{name}.lora_down.weight"].shape[0]
+        scale = float(tensors.get(f"{name}.alpha", rank)) / rank
+        part = {"lora_down.weight": ("lora_A.weight", 1.0), "lora_up.weight": ("lora_B.weight", scale)}[suffix]
+        shared[f"diffusion_model.{paths[name]}.{part[0]}"] = value * part[1]
+    return shared
+
+
 def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path) -> dict:
     """Train LoRA through the pack's nodes on a fixed concept, then: the fixed-noise loss before and after, MODEL
     and CLIP unchanged, ComfyUI's core loader on the file (unmatched keys, its prediction against the trained network
@@ -520,7 +536,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     folder_paths.set_input_directory(str(work_dir / "input"))
     make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
     fp8 = family in FP8_FAMILIES
-    text_encoder = not fp8 and family not in ("qwen_image", "chroma")  # Qwen2.5-VL and T5 are never trained
+    text_encoder = not fp8 and family not in ("qwen_image", "chroma", "lumina2")  # Qwen2.5-VL, T5, Gemma-2 never
+    # train
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
         (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
@@ -556,6 +573,9 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
                        if key.endswith(("to_k.lora_A.weight", "add_v_proj.lora_A.weight")) else value
                        for key, value in weights.tensors.items()}
             result["foreign"] = core_against_lora_core(backend_module, model, clip, foreign)
+        if backend_module.ComfyBackend(model, clip).spec.file_prefixes:
+            result["shared_layout"] = core_against_lora_core(
+                backend_module, model, clip, shared_layout(backend_module.ComfyBackend(model, clip), weights.tensors))
         core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
 
         applied_model, applied_clip = ApplyLoRA().apply(model, clip, weights, 1.0, 1.0)

@@ -118,7 +118,8 @@ def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, com
                                                                      tmp_path_factory) -> None:
     """kohya's names from ComfyUI's own key maps: `comfy.sd.load_lora_for_models` logs no "lora key not loaded",
     and the MODEL/CLIP it patches predict what lora_core's adapters on the base predict; Apply LoRA samples the same
-    image as core, strength 0 the base image."""
+    image as core, strength 0 the base image. Qwen-Image's, Chroma's and Lumina 2's files in the layout other
+    trainers share (`diffusion_model.<path>.lora_A/B`) are read the same way by core and by Load LoRA."""
     outcome = check(probe(server, comfy_dir, family, tmp_path_factory), "train_and_load")
     keys = outcome["file_keys"]
     for prefix in KEY_PREFIXES[family]:
@@ -133,6 +134,10 @@ def test_core_load_lora_reads_every_key_and_applies_the_trained_lora(server, com
         assert loaded["core_vs_lora_core"] <= 1e-4 * loaded["prediction_scale"], loaded
         assert loaded["lora_effect"] > 1000 * loaded["core_vs_lora_core"], loaded  # the LoRA moves the prediction
     assert outcome["applied_equals_core"] and outcome["strength_zero_equals_base"] and outcome["lora_changes_image"]
+    if family in ("qwen_image", "chroma", "lumina2"):  # the layout other trainers share, as Load LoRA reads it
+        shared = outcome["shared_layout"]
+        assert shared["not_loaded"] == [] and shared["core_vs_lora_core"] <= 1e-4 * shared["prediction_scale"], shared
+        assert shared["lora_effect"] > 1000 * shared["core_vs_lora_core"], shared
 
 
 TEXT_ENCODER_FILE_PREFIXES = {"lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "text_encoder.": "CLIP-L",
