@@ -48,7 +48,7 @@ FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMP
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
              "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell, "
-             "Chroma, Qwen-Image and Lumina 2 by flow matching (also as shifted by ModelSamplingSD3 / "
+             "Chroma, Qwen-Image, Lumina 2 and HiDream-I1 by flow matching (also as shifted by ModelSamplingSD3 / "
              "ModelSamplingFlux / ModelSamplingAuraFlow)")
 
 
@@ -337,7 +337,10 @@ class ComfyBackend(TrainingBackend):
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
-        if self.spec.diffusers_files:
+        if self.spec.file_module_prefix:  # HiDream: <prefix><ComfyUI's path>, which is diffusers' path too
+            self._file_parts = {name: [(f"{self.spec.file_module_prefix}{path}", None)]
+                                for path, name in self._unet_names.items()}
+        elif self.spec.diffusers_files:
             parts = sd3_file_parts(model)
             self._unet_names = {path: name for path, name in self._unet_names.items() if path in parts}
             self._file_parts = {
@@ -423,10 +426,18 @@ class ComfyBackend(TrainingBackend):
         per caption, with a mask of each caption's tokens: Qwen2.5-VL's outputs differ in length, and `predict`
         gives the model each one unpadded, as ComfyUI's samplers do. Each caption is encoded inside the family's
         template (Lumina 2's system prompt, as CLIPTextEncodeLumina2 builds it)."""
-        encoded = [self.clip.encode_from_tokens(self.clip.tokenize(self.spec.caption_template.format(caption)),
-                                                return_pooled=True) for caption in captions]
-        parts = [{"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
-                  **({"pooled": pooled} if pooled is not None else {})} for context, pooled in encoded]
+        parts = []
+        for caption in captions:
+            tokens = self.clip.tokenize(self.spec.caption_template.format(caption))
+            extras = {}
+            if self.spec.text_extras:  # HiDream's Llama states: what the encoder returns besides context and pooled
+                output = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+                context, pooled = output["cond"], output["pooled_output"]
+                extras = {name: output[name] for name in self.spec.text_extras}
+            else:
+                context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            parts.append({"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
+                          **({"pooled": pooled} if pooled is not None else {}), **extras})
         return {name: value.to(self.device) for name, value in concatenated(parts).items()}
 
     def model_conditions(self, noisy_latents: torch.Tensor, conditioning: Conditioning) -> dict[str, torch.Tensor]:
@@ -444,6 +455,7 @@ class ComfyBackend(TrainingBackend):
                              target_width=target_width)
             if self.spec.guidance:
                 extra["guidance"] = self.guidance
+            extra.update({name: conditioning[name][one] for name in self.spec.text_extras if name in conditioning})
             if self.spec.text_mask_condition:  # without a mask every token of the context counts
                 mask = conditioning.get("context_mask")
                 extra["attention_mask"] = (mask[one] if mask is not None else
@@ -501,7 +513,8 @@ class ComfyBackend(TrainingBackend):
 
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """SD3: diffusers' names (`transformer.….lora_A/lora_B`, `text_encoder.…`) that diffusers and ComfyUI read,
-        alpha folded into lora_B; ComfyUI's fused qkv split into to_q/to_k/to_v exactly. Other families: kohya's."""
+        alpha folded into lora_B; ComfyUI's fused qkv split into to_q/to_k/to_v exactly. HiDream: its files'
+        `diffusion_model.<path>.lora_A/lora_B`, alpha folded. Other families: kohya's."""
         if not self._file_parts:
             return tensors
         modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -529,6 +542,9 @@ class ComfyBackend(TrainingBackend):
         trainers' layouts (Qwen-Image's `diffusion_model.…lora_A`) get those renamed."""
         if not self._file_parts:
             return from_diffusers_naming(tensors, self.spec.file_prefixes) if self.spec.file_prefixes else tensors
+        others = {prefix: name for prefix, name in self.spec.file_prefixes.items()
+                  if prefix != self.spec.file_module_prefix}  # HiDream's files in diffusers' naming
+        tensors = from_diffusers_naming(tensors, others) if others else tensors
         owners = {module: (name, rows) for name, pieces in self._file_parts.items() for module, rows in pieces}
         layers = self.loadable_modules()
         out, fused = {}, {}
@@ -565,6 +581,9 @@ class ComfyBackend(TrainingBackend):
         if preset not in self.spec.comfy_presets:
             raise ComfyBackendError(f"unknown target {preset!r} for {self.family}; choose one of "
                                     f"{sorted(self.spec.comfy_presets)}")
+        if text_encoder and not self.spec.text_encoders:
+            raise ComfyBackendError(f"{self.family}'s text encoders are never trained (their outputs are encoded once "
+                                    "and cached); turn train_text_encoder off")
         layers = find_targets(self.unet, self.spec.comfy_presets[preset])
         targets = {self._unet_names[path]: module for path, module in layers.items() if path in self._unet_names}
         if text_encoder:

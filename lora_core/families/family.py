@@ -63,6 +63,8 @@ class Family:
     patched_input: int = 1  # the denoiser's input channels per latent channel (Qwen-Image counts its 2×2 patches: 4)
     text_mask_condition: bool = False  # ComfyUI's denoiser counts the caption's tokens from its mask (Lumina 2)
     caption_template: str = "{}"  # the text a caption is encoded in, as the family's prompt node builds it
+    text_extras: tuple[str, ...] = ()  # ComfyUI text-encoder outputs the denoiser also takes (HiDream's Llama states)
+    file_module_prefix: str = ""  # files name each denoiser layer <prefix><its path> with lora_A/lora_B (HiDream)
     file_prefixes: dict[str, str] = field(default_factory=dict)  # other trainers' file layouts the family's files may
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler

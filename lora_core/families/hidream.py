@@ -45,19 +45,17 @@ HIDREAM_PRESETS = {
     "full": TargetPreset(HIDREAM_BLOCKS, False, (), "every Linear of every block: attention, the MLPs, every expert "
                          "and the adaLN modulation; the experts' gate is a plain weight, which no preset adapts"),
 }
-FILE_PREFIX = "diffusion_model."
 HIDREAM = Family(
     "HiDream-I1", "hidream", "hidream-i1", __name__, "HiDreamBackend", ("HiDreamImagePipeline",),
-    {}, "HiDreamImageTransformer2DModel", ("double_stream_blocks", "single_stream_blocks"),
+    {"HiDream": "HiDream-I1"}, "HiDreamImageTransformer2DModel", ("double_stream_blocks", "single_stream_blocks"),
     HIDREAM_PRESETS, HIDREAM_PRESETS, {},
     BlockLayout("HiDream-I1", groups=("D", "S"), patterns=(
         (re.compile(r"lora_unet_double_stream_blocks_(\d+)(_|$)"), "D"),
         (re.compile(r"lora_unet_single_stream_blocks_(\d+)(_|$)"), "S"),
         (re.compile(r"(?:transformer|diffusion_model)\.double_stream_blocks\.(\d+)\."), "D"),
         (re.compile(r"(?:transformer|diffusion_model)\.single_stream_blocks\.(\d+)\."), "S"))),
-    comfy_variants={"HiDream": "HiDream-I1 (trained by lora_core; the nodes do not train it yet)"},
-    ldm_names=False, diffusers_files=True, flow=True, sample_cfg=5.0, sample_scheduler="simple",
-    file_prefixes={FILE_PREFIX: "lora_unet_"})
+    flow=True, text_extras=("conditioning_llama3",), file_module_prefix="diffusion_model.", sample_cfg=5.0,
+    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"})
 
 Tensors = dict[str, torch.Tensor]
 
@@ -93,7 +91,7 @@ class HiDreamBackend(FlowBackend):
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
-        self.file_names = {kohya_name("lora_unet", path): f"{FILE_PREFIX}{path}"
+        self.file_names = {kohya_name("lora_unet", path): f"{HIDREAM.file_module_prefix}{path}"
                            for path, _ in self.transformer.named_modules() if path}
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
@@ -156,4 +154,4 @@ class HiDreamBackend(FlowBackend):
 
     def network_tensors(self, tensors: Tensors) -> Tensors:
         """The network's names back from this layout, diffusers' and kohya's (scale 1 without alpha)."""
-        return from_diffusers_naming(tensors, {**HIDREAM.file_prefixes, "transformer.": "lora_unet_"})
+        return from_diffusers_naming(tensors, HIDREAM.file_prefixes)

@@ -308,6 +308,71 @@ def build_lumina2():
     return patcher(comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))), clip, build_vae(16)
 
 
+HIDREAM_CONFIG = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+                  "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 4, "caption_channels": [32, 32],
+                  "text_emb_dim": 64, "num_routed_experts": 4, "num_activated_experts": 2,
+                  "axes_dims_rope": [4, 2, 2], "max_resolution": [16, 16], "llama_layers": [0, 1]}
+SMALL_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1}
+
+
+def llama_tokenizer_folder(folder: Path) -> Path:
+    """A Llama-3-style tokenizer (one token per character; <|begin_of_text|> 128000 first, <|eot_id|> 128009) in the
+    files LlamaTokenizerFast reads: this ComfyUI copy's llama_tokenizer folder lacks its tokenizer.json."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {character: index for index, character in enumerate(["<unk>", *string.ascii_letters, *string.digits,
+                                                                   *string.punctuation])}
+    vocab |= {"<|begin_of_text|>": 128000, "<|eot_id|>": 128009}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                             special_tokens=[("<|begin_of_text|>", 128000)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return folder
+
+
+def build_hidream(work_dir: Path):
+    """HiDream with ComfyUI's four-encoder text encoder (CLIP-L, CLIP-G, T5, Llama; each small) as
+    QuadrupleCLIPLoader makes it, its Llama tokenizer written here (see `llama_tokenizer_folder`)."""
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.hidream as hidream
+    import comfy.text_encoders.sd3_clip
+    import comfy.sdxl_clip
+    from transformers import LlamaTokenizerFast
+
+    folder = llama_tokenizer_folder(work_dir / "llama_tokenizer")
+
+    class Tokenizer(hidream.HiDreamTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 — ComfyUI's signature
+            self.clip_l = comfy.sd1_clip.SDTokenizer(embedding_directory=embedding_directory,
+                                                     tokenizer_data=tokenizer_data)
+            self.clip_g = comfy.sdxl_clip.SDXLClipGTokenizer(embedding_directory=embedding_directory,
+                                                             tokenizer_data=tokenizer_data)
+            self.t5xxl = comfy.text_encoders.sd3_clip.T5XXLTokenizer(
+                embedding_directory=embedding_directory, min_length=128, max_length=128, tokenizer_data=tokenizer_data)
+            self.llama = comfy.sd1_clip.SDTokenizer(
+                str(folder), embedding_directory=embedding_directory, pad_with_end=False, embedding_size=4096,
+                embedding_key="llama", tokenizer_class=LlamaTokenizerFast, has_start_token=True, has_end_token=False,
+                pad_to_max_length=False, max_length=99999999, pad_token=128009, min_length=128,
+                tokenizer_data=tokenizer_data)
+
+    target = comfy.supported_models_base.ClipTarget(Tokenizer, hidream.hidream_clip())
+    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP, "clip_g_model_config": SMALL_CLIP,
+                               "t5xxl_model_config": SMALL_T5, "llama_model_config": SMALL_LLAMA})
+    for module in clip.cond_stage_model.modules():  # Llama's RMSNorm scales, zeroed with the rest
+        if "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+            module.weight.fill_(1.0)
+    return patcher(comfy.supported_models.HiDream(dict(HIDREAM_CONFIG))), clip, build_vae(16)
+
+
 def build_qwen_image():
     import comfy.supported_models
 
@@ -320,10 +385,17 @@ BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_imag
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 
 
-def text_conditioning(clip, count: int) -> dict[str, torch.Tensor]:
-    """The context (and pooled output, where the family has one) of "a photo of sks", `count` times."""
-    context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
-    return {"context": context.repeat(count, 1, 1), **({} if pooled is None else {"pooled": pooled.repeat(count, 1)})}
+def text_conditioning(clip, count: int, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The context (and pooled output, where the family has one, and the encoder's `extras` outputs: HiDream's Llama
+    states) of "a photo of sks", `count` times."""
+    tokens = clip.tokenize("a photo of sks")
+    if extras:
+        output = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        context, pooled = output["cond"], output["pooled_output"]
+    else:
+        context, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return {"context": context.repeat(count, 1, 1), **({} if pooled is None else {"pooled": pooled.repeat(count, 1)}),
+            **{name: output[name].repeat(count, *[1] * (output[name].dim() - 1)) for name in extras}}
 
 
 def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +429,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "sd3": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),
                "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1),
                "chroma": lambda: (model,),  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
-               "lumina2": lambda: (model,)}  # its own shift 6
+               "lumina2": lambda: (model,),  # its own shift 6
+               "hidream": lambda: advanced.ModelSamplingSD3().patch(model, 3.0)}  # as ComfyUI's HiDream workflows
     # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
@@ -367,7 +440,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
         count = len(SIGMAS)
         latents, noise = fixed_tensors(patched, count)
         context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
-        conditioning = {**text_conditioning(clip, count), "size_and_crop": sizes(count)}
+        conditioning = {**text_conditioning(clip, count, backend.spec.text_extras), "size_and_crop": sizes(count)}
         objective = backend.objective(TrainingConfig())
         if backend.prediction_type == "flow":
             times = torch.tensor(SIGMAS)
@@ -386,6 +459,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                     **({} if backend.guidance is None else {"guidance": backend.guidance}),
                     **({"attention_mask": torch.ones(1, context.shape[1], dtype=torch.long)}
                        if backend.spec.text_mask_condition else {}),
+                    **{name: conditioning[name][i:i + 1] for name in backend.spec.text_extras},
                     **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
                                sizes(count)[i].tolist()))).items()})
             for i in range(count)])
@@ -488,7 +562,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
     backend = backend_module.ComfyBackend(model, clip)
     latents, noise = fixed_tensors(model, 2)
     times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
-    conditioning = {**text_conditioning(core_clip, 2), "size_and_crop": sizes(2)}
+    conditioning = {**text_conditioning(core_clip, 2, backend.spec.text_extras), "size_and_crop": sizes(2)}
     core_backend = backend_module.ComfyBackend(core_model, core_clip)
     with core_backend.training(False), torch.inference_mode(False), torch.no_grad():
         core_prediction = core_backend.predict(latents + noise, times, conditioning)
@@ -497,7 +571,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
                                               strict=True)
         base_prediction = backend.predict(latents + noise, times, conditioning)
         with trained.applied(1.0):
-            own = {**conditioning, **text_conditioning(clip, 2)}
+            own = {**conditioning, **text_conditioning(clip, 2, backend.spec.text_extras)}
             lora_prediction = backend.predict(latents + noise, times, own)
     return {"not_loaded": [line for line in lines.lines if "lora key not loaded" in line.lower()],
             "core_vs_lora_core": float((core_prediction - lora_prediction).abs().max()),
@@ -536,8 +610,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
     folder_paths.set_input_directory(str(work_dir / "input"))
     make_concept_images(work_dir / "input" / "concept", count=2)  # Load Dataset scales them to RESOLUTION
     fp8 = family in FP8_FAMILIES
-    text_encoder = not fp8 and family not in ("qwen_image", "chroma", "lumina2")  # Qwen2.5-VL, T5, Gemma-2 never
-    # train
+    text_encoder = not fp8 and bool(backend_module.ComfyBackend(model, clip).spec.text_encoders)
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         unet_before, clip_before = tensors_digest(model.model.diffusion_model), tensors_digest(clip.cond_stage_model)
         (dataset, _), = [LoadDataset().load(**CONCEPT_DATASET)["result"]]
@@ -573,7 +646,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
                        if key.endswith(("to_k.lora_A.weight", "add_v_proj.lora_A.weight")) else value
                        for key, value in weights.tensors.items()}
             result["foreign"] = core_against_lora_core(backend_module, model, clip, foreign)
-        if backend_module.ComfyBackend(model, clip).spec.file_prefixes:
+        spec = backend_module.ComfyBackend(model, clip).spec
+        if spec.file_prefixes and not spec.file_module_prefix:  # HiDream's own files are in that layout
             result["shared_layout"] = core_against_lora_core(
                 backend_module, model, clip, shared_layout(backend_module.ComfyBackend(model, clip), weights.tensors))
         core_model, core_clip = comfy.sd.load_lora_for_models(model, clip, weights.tensors, 1.0, 1.0)
@@ -748,6 +822,7 @@ def refusals(backend_module, model, clip) -> dict:
         "settings": lambda: backend.objective(TrainingConfig(**settings)),
         "guidance": lambda: backend_module.ComfyBackend(model, clip, guidance=3.5),
         "loha": lambda: inject(model, clip, "loha", "attention", False),
+        "text_encoder": lambda: inject(model, clip, "lora", "attention", True),
     }.items():
         try:
             attempt()
@@ -761,7 +836,7 @@ def main() -> None:
     comfy_dir, family, work_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     backend_module = import_backend(comfy_dir)
     with torch.inference_mode():  # as ComfyUI's loaders run
-        model, clip, vae = BUILDERS[family]()
+        model, clip, vae = build_hidream(work_dir) if family == "hidream" else BUILDERS[family]()
     checks = {"train_and_load": (train_and_load, backend_module, model, clip, vae, family, work_dir)}
     if family not in FP8_FAMILIES:
         checks["objective"] = (objective_against_comfy, backend_module, model, clip, family)

@@ -44,6 +44,10 @@ CHROMA_CONFIG = {"image_model": "chroma", "in_channels": 64, "out_channels": 64,
 QWEN_IMAGE_CONFIG = {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
                      "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
                      "axes_dims_rope": [4, 6, 6]}  # support/tiny_qwen_image.py's transformer
+HIDREAM_CONFIG = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+                  "num_single_layers": 1, "attention_head_dim": 8, "num_attention_heads": 4, "caption_channels": [64, 32],
+                  "text_emb_dim": 64, "num_routed_experts": 4, "num_activated_experts": 2,
+                  "axes_dims_rope": [4, 2, 2], "max_resolution": [16, 16], "llama_layers": [0, 1]}  # tiny_hidream.py's
 LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32,
                   "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16,
                   "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}  # support/tiny_lumina2.py's
@@ -73,13 +77,14 @@ def nextdit_to_diffusers(config: dict) -> dict:
 def diffusers_pipelines() -> dict:
     from lora_core.demo.tiny_model import build_tiny_pipeline
     from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
+    from support.tiny_hidream import build_tiny_hidream
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
             "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma(),
-            "lumina2": build_tiny_lumina2()}
+            "lumina2": build_tiny_lumina2(), "hidream": build_tiny_hidream()}
 
 
 def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
@@ -99,6 +104,9 @@ def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
         return patcher(config), comfy.utils.mmdit_to_diffusers(config.unet_config, output_prefix="")
     if family == "qwen_image":  # ComfyUI's Qwen-Image names its layers as diffusers does: the map is the identity
         config = comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG))
+        return patcher(config), {key: key for key in state}
+    if family == "hidream":  # ComfyUI's HiDream names its layers as diffusers does: the map is the identity
+        config = comfy.supported_models.HiDream(dict(HIDREAM_CONFIG))
         return patcher(config), {key: key for key in state}
     if family == "lumina2":
         config = comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))

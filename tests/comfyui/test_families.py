@@ -1,5 +1,5 @@
-"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 and scaled-fp8 weights), SD3, Qwen-Image, Chroma and
-Lumina 2, each a
+"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 and scaled-fp8 weights), SD3, Qwen-Image, Chroma, Lumina 2
+and HiDream, each a
 tiny model built from ComfyUI's own classes in `families_probe.py`, run in a ComfyUI checkout's Python (its own
 process, no server): 0.3.64 for all, the 2024 ComfyUI for SDXL (it predates SD3 and Flux).
 
@@ -25,7 +25,8 @@ FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
 RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "flux"),
         ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "flux_scaled_fp8"),
         ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("0.3.64", CURRENT_COMFY_DIR, "qwen_image"),
-        ("0.3.64", CURRENT_COMFY_DIR, "chroma"), ("0.3.64", CURRENT_COMFY_DIR, "lumina2"), ("2024", COMFY_DIR, "sdxl")]
+        ("0.3.64", CURRENT_COMFY_DIR, "chroma"), ("0.3.64", CURRENT_COMFY_DIR, "lumina2"),
+        ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -35,7 +36,9 @@ KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "
                 "qwen_image": ("lora_unet_transformer_blocks_",),
                 "chroma": ("lora_unet_double_blocks_", "lora_unet_single_blocks_"),
                 # kohya's names over NextDiT's layers (qkv fused), as sd-scripts writes them
-                "lumina2": ("lora_unet_noise_refiner_", "lora_unet_context_refiner_", "lora_unet_layers_")}
+                "lumina2": ("lora_unet_noise_refiner_", "lora_unet_context_refiner_", "lora_unet_layers_"),
+                # diffusion-pipe's layout, which diffusers reads (it refuses kohya's names and alpha keys)
+                "hidream": ("diffusion_model.double_stream_blocks.", "diffusion_model.single_stream_blocks.")}
 _results: dict[tuple[str, str], dict] = {}
 
 
@@ -68,10 +71,11 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "qwen_image", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "chroma", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "lumina2", "objective", "flow"),
+    ("0.3.64", CURRENT_COMFY_DIR, "hidream", "objective", "flow"),
     ("2024", COMFY_DIR, "sdxl", "objective", "v_prediction"),
     ("2024", COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
 ], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64", "qwen_image-0.3.64", "chroma-0.3.64",
-        "lumina2-0.3.64", "sdxl-v-2024",
+        "lumina2-0.3.64", "hidream-0.3.64", "sdxl-v-2024",
         "sdxl-eps-2024"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
@@ -146,7 +150,7 @@ TEXT_ENCODER_FILE_PREFIXES = {"lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "tex
 
 @pytest.mark.parametrize(("family", "family_name"), [("sdxl", "SDXL"), ("flux", "Flux.1"), ("sd3", "SD3"),
                                                    ("qwen_image", "Qwen-Image"), ("chroma", "Chroma"),
-                                                   ("lumina2", "Lumina 2")])
+                                                   ("lumina2", "Lumina 2"), ("hidream", "HiDream-I1")])
 def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name, tmp_path_factory) -> None:
     """Inject LoRA's train_text_encoder tooltip names, for each family, exactly the CLIP encoders whose layers the
     trained file holds."""
@@ -160,7 +164,7 @@ def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name,
 @pytest.mark.parametrize(("family", "family_name", "setting"), [
     ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma"), ("sd3", "SD3", "min_snr_gamma"),
     ("qwen_image", "Qwen-Image", "min_snr_gamma"), ("chroma", "Chroma", "min_snr_gamma"),
-    ("lumina2", "Lumina 2", "min_snr_gamma")])
+    ("lumina2", "Lumina 2", "min_snr_gamma"), ("hidream", "HiDream-I1", "min_snr_gamma")])
 def test_what_a_family_cannot_train_is_refused_naming_the_family(
         family, family_name, setting, tmp_path_factory) -> None:
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
@@ -173,6 +177,10 @@ def test_what_a_family_cannot_train_is_refused_naming_the_family(
         assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
     else:
         assert outcome["loha"] is None
+    if family in ("qwen_image", "chroma", "lumina2", "hidream"):  # no text encoder of theirs trains: refused, not ignored
+        assert "train_text_encoder off" in outcome["text_encoder"] and family_name in outcome["text_encoder"]
+    else:
+        assert outcome["text_encoder"] is None
 
 
 def test_lumina2_captions_and_samples_are_encoded_as_its_prompt_node_encodes(tmp_path_factory) -> None:
