@@ -168,8 +168,8 @@ FAMILY_CLIP_TYPES = {"flux": ("DualCLIPLoader", "flux"), "qwen_image": ("CLIPLoa
 def test_family_workflows_are_valid_on_the_server_but_for_the_base_model_files(comfy, comfy_object_info,
                                                                                 name) -> None:
     """ComfyUI's own validation of the shipped SDXL/Flux/Qwen-Image/Chroma/Lumina 2/HiDream workflows refuses only the
-    model
-    file names this test server lacks (and the dataset folder): every node, link and other widget value is one the server accepts."""
+    model file names this test server lacks (and the dataset folder): every node, link and other widget value is one
+    the server accepts."""
     for family, (loader, clip_type) in FAMILY_CLIP_TYPES.items():
         types = comfy_object_info.get(loader, {}).get("input", {}).get("required", {}).get("type", [[]])[0]
         if f"_{family}" in name and (loader not in comfy_object_info or clip_type not in (*types, None)):
