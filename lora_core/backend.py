@@ -41,6 +41,7 @@ class TrainingBackend(ABC):
     family: str = "SD1.x"  # a reader's name of the model family, used in messages
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction", or "flow" (velocity ε − x0)
     reference_images: int = 0  # how many of an edit pair's reference images the denoiser takes (REFERENCE_LATENTS)
+    text_sees_references: bool = False  # the text encoder reads them too (`encode_text_with_references`)
     device: torch.device = torch.device("cpu")
 
     def objective(self, config: TrainingConfig) -> Objective:
@@ -65,6 +66,11 @@ class TrainingBackend(ABC):
     @abstractmethod
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The denoiser's text conditioning for `captions`; runs with gradients when a text-encoder LoRA trains."""
+
+    def encode_text_with_references(self, captions: list[str], references: list[list[torch.Tensor]]) -> Conditioning:
+        """`encode_text` for edit pairs whose text encoder sees the references (Qwen-Image-Edit's vision tower): each
+        caption with its pair's reference images, float [3, H, W] in [-1, 1]."""
+        raise NotImplementedError(f"{self.family}'s text encoder sees no reference images")
 
     @abstractmethod
     def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:

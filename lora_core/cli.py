@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .data.config import DATASET_SETTINGS, REGULARIZATION_FOLDER
 from .errors import LoRALabError
+from .families.qwen_image import EDIT_PROMPT
 from .formats.files import SAVE_PRECISION
 from .network_config import EXTRACT_TARGET, NETWORK_SETTINGS, NetworkConfig
 from .settings import add_arguments, parsed_settings
@@ -46,6 +47,11 @@ def make_backend(pipeline, args: argparse.Namespace, **identity):
         if "guidance" not in inspect.signature(cls).parameters:
             raise SystemExit(f"error: --flux-guidance sets Flux.1-dev's guidance input; {cls.family} has none")
         options["guidance"] = args.flux_guidance
+    if args.edit_prompt is not None:  # the backend refuses it where the pipeline takes no reference images
+        if "edit_prompt" not in inspect.signature(cls).parameters:
+            raise SystemExit(f"error: --edit-prompt sets how Qwen-Image-Edit's text encoder sees reference images; "
+                             f"{cls.family} has none")
+        options["edit_prompt"] = args.edit_prompt
     return cls(pipeline, **identity, **options)
 
 
@@ -324,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
                             "LoRAs; kohya's and diffusers' scripts default to 3.5)")
-    add_arguments(train, (SAVE_PRECISION,))
+    add_arguments(train, (SAVE_PRECISION, EDIT_PROMPT))
     train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
     train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                        help="seconds a rank waits for the others before failing, when several processes train")

@@ -179,6 +179,11 @@ class FlowBackend(TrainingBackend):
             self._vae_fingerprint = data_hash(self.vae.state_dict())
         return self._vae_fingerprint
 
+    @property
+    def sample_pipeline(self) -> Any:
+        """The pipeline sample images are drawn with."""
+        return self.pipeline
+
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
-        return [generate(self.pipeline, None, prompt, seed=seed, steps=steps, guidance_scale=self.sample_guidance,
+        return [generate(self.sample_pipeline, None, prompt, seed=seed, steps=steps, guidance_scale=self.sample_guidance,
                          size=self.sample_size) for prompt in prompts]

@@ -38,8 +38,17 @@ class EncodedDataset:
                 for image in range(dataset.num_images) if dataset.examples[image].references
                 for flip in flips
             }
-            captions = sorted({example.caption for example in dataset.examples}) if cache_text else []
-            self.text_cache = {caption: backend.encode_text([caption]) for caption in captions}
+            # edit pairs whose text encoder sees the references (Qwen-Image-Edit): the text of each (image, flip)
+            self.text_per_image = backend.text_sees_references and bool(self.reference_latents)
+            if not cache_text:
+                self.text_cache = {}
+            elif self.text_per_image:
+                self.text_cache = {key: backend.encode_text_with_references(
+                    [dataset.examples[key[0]].caption], [dataset.reference_pixels(*key)])
+                    for key in self.reference_latents}
+            else:
+                captions = sorted({example.caption for example in dataset.examples})
+                self.text_cache = {caption: backend.encode_text([caption]) for caption in captions}
 
     def encode(self, pixels: torch.Tensor, seed: int, vae: str, cache_dir: str | None, reference: bool = False
                ) -> torch.Tensor:
@@ -71,7 +80,7 @@ class EncodedDataset:
         """The text conditioning of `captions` with each (image, flipped)'s size and crop (SDXL's micro-conditioning)
         and, for edit pairs, its reference images' latents."""
         sizes = [self.dataset.examples[image].size_conditioning(flipped) for image, flipped in keys]
-        conditioning = {**self.text(captions), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
+        conditioning = {**self.text(captions, keys), SIZE_CONDITIONING: torch.tensor(sizes, device=self.backend.device)}
         if self.reference_latents:  # [B, R, C, H, W]
             conditioning[REFERENCE_LATENTS] = torch.stack([self.reference_latents[key] for key in keys])
         return conditioning
@@ -80,9 +89,14 @@ class EncodedDataset:
         """The latents of these (image, flipped) pairs, as one batch."""
         return torch.stack([self.latents[key] for key in keys])
 
-    def text(self, captions: list[str]) -> Conditioning:
-        """The text conditioning of `captions`: cached while the text encoder is frozen, else encoded (with
-        gradients)."""
+    def text(self, captions: list[str], keys: list[tuple[int, bool]]) -> Conditioning:
+        """The text conditioning of `captions` (of the (image, flipped) `keys`): cached while the text encoder is
+        frozen and the captions are not augmented, else encoded (with gradients); with each pair's references where
+        the text encoder sees them."""
         if self.text_cache:
-            return concatenated([self.text_cache[caption] for caption in captions])
+            return concatenated([self.text_cache[key if self.text_per_image else caption]
+                                 for key, caption in zip(keys, captions)])
+        if self.text_per_image:
+            return self.backend.encode_text_with_references(
+                captions, [self.dataset.reference_pixels(*key) for key in keys])
         return self.backend.encode_text(captions)

@@ -202,9 +202,9 @@ def train(
     if references > backend.reference_images:
         raise TrainingError(
             f"the dataset's images have up to {references} reference images (control_images), and {backend.family} "
-            f"takes {backend.reference_images or 'none'}: " + ("train Flux.1 Kontext on edit pairs, or turn "
-                                                              "control_images off" if not backend.reference_images
-                                                              else "give each image one reference image"))
+            f"takes {backend.reference_images or 'none'}: " + (
+                "train an edit model on edit pairs (Flux.1 Kontext, Qwen-Image-Edit), or turn control_images off"
+                if not backend.reference_images else f"give each image at most {backend.reference_images}"))
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)

@@ -23,6 +23,7 @@ from support.tiny_flow_models import (
     build_tiny_flux,
     comfy_reads,
     concept_images,
+    edit_pairs,
     randomized,
 )
 
@@ -329,18 +330,6 @@ def test_a_bf16_transformer_gets_its_timestep_in_fp32() -> None:
     hook.remove()
     (timestep,) = calls
     assert timestep.dtype == torch.float32 and torch.equal(timestep, times)
-
-
-def edit_pairs(folder: Path, count: int = 4) -> Path:
-    """Red circles (the targets) whose references are the same circles in blue, as edit pairs."""
-    concept_images(folder, count)
-    for path in sorted(folder.glob("*.png")):
-        pixels = np.asarray(Image.open(path)).copy()
-        red = pixels[..., 0] > 150
-        pixels[red & (pixels[..., 1] < 100)] = (40, 30, 210)
-        (folder / "control").mkdir(exist_ok=True)
-        Image.fromarray(pixels).save(folder / "control" / path.name)
-    return folder
 
 
 def test_kontext_predict_is_the_pipelines_transformer_call_with_its_reference(dev) -> None:

@@ -169,6 +169,21 @@ def concept_images(directory: Path, count: int = 4, size: int = 64, seed: int = 
     return directory
 
 
+def edit_pairs(folder: Path, count: int = 4) -> Path:
+    """Red circles (the targets) whose references are the same circles in blue, as edit pairs."""
+    import numpy as np
+    from PIL import Image
+
+    concept_images(folder, count)
+    for path in sorted(folder.glob("*.png")):
+        pixels = np.asarray(Image.open(path)).copy()
+        red = pixels[..., 0] > 150
+        pixels[red & (pixels[..., 1] < 100)] = (40, 30, 210)
+        (folder / "control").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(folder / "control" / path.name)
+    return folder
+
+
 def randomized(network, seed: int = 0, std: float = 0.1):
     """`network` with every parameter moved randomly off its initialisation, so ΔW ≠ 0 everywhere."""
     generator = torch.Generator().manual_seed(seed)

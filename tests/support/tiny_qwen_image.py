@@ -69,3 +69,23 @@ def build_tiny_qwen_image(seed: int = 0):
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def qwen_processor(tokenizer):
+    """Qwen2.5-VL's processor over the tokenizer: Qwen2VLImageProcessor with Qwen2.5-VL's pixel bounds (transformers
+    requires a video processor too; images never use it)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056),
+                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+
+
+def build_tiny_qwen_image_edit(pipeline: str = "QwenImageEditPlusPipeline", seed: int = 0):
+    """Qwen-Image-Edit (QwenImageEditPipeline) or -2509 and later (QwenImageEditPlusPipeline) over the same tiny
+    components as `build_tiny_qwen_image`, with Qwen2.5-VL's processor: the vision tower sees the references."""
+    import diffusers
+
+    base = build_tiny_qwen_image(seed)
+    edit = getattr(diffusers, pipeline)(**base.components, processor=qwen_processor(base.tokenizer))
+    edit.set_progress_bar_config(disable=True)
+    return edit
