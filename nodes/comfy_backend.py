@@ -9,6 +9,7 @@ named as ComfyUI's own LoRA key maps (`comfy.lora.model_lora_keys_unet` / `_clip
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from ..lora_core.backend import REFERENCE_LATENTS, SIZE_CONDITIONING, Conditioni
 from ..lora_core.errors import LoRALabError
 from ..lora_core.families import FLUX, Family, comfy_family, comfy_model_name
 from ..lora_core.families.flow import DIFFUSERS_SUFFIXES, from_diffusers_naming
+from ..lora_core.families.qwen_image import EDIT_PROMPT
 from ..lora_core.families.sd3 import FilePart, fused_lora, split_lora
 from ..lora_core.formats.files import data_hash
 from ..lora_core.targets import TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name
@@ -319,7 +321,9 @@ class ComfyBackend(TrainingBackend):
     """Trains MODEL's denoiser through its patched `model_sampling`; encodes with the given VAE and CLIP."""
 
     def __init__(self, model: Any, clip: Any, vae: Any = None, sample_size: int = 512,
-                 guidance: float = FLUX.training_guidance) -> None:
+                 guidance: float = FLUX.training_guidance, edit_prompt: str | None = None) -> None:
+        """`edit_prompt`: how the text encoder sees edit pairs' references, for a family whose encoder sees them
+        (Qwen-Image-Edit: the ComfyUI prompt node the workflow uses); None: the family's first."""
         self.spec, self.prediction_type = trainable_family(model)
         self.family = model_family(model)
         self.model, self.clip, self.vae, self.sample_size = model, clip, vae, sample_size
@@ -334,6 +338,16 @@ class ComfyBackend(TrainingBackend):
         self.guidance = guidance if has_guidance else None
         self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # one-frame video latents
         self.reference_images = self.spec.reference_images  # Flux.1 Kontext's, as ReferenceLatent gives them
+        prompts = self.spec.edit_prompts
+        self.edit_prompt = prompts.get(edit_prompt or next(iter(prompts), None))
+        if prompts and self.edit_prompt is None:
+            raise ComfyBackendError(f"edit_prompt {edit_prompt!r} is not one of {', '.join(prompts)}")
+        if self.edit_prompt is not None:  # Qwen-Image-Edit: Qwen2.5-VL sees the references with the caption
+            self.reference_images, self.text_sees_references = self.edit_prompt.references, True
+        elif edit_prompt not in (None, EDIT_PROMPT.widget.default):
+            raise ComfyBackendError(f"edit_prompt {edit_prompt!r} sets how Qwen-Image-Edit's text encoder sees "
+                                    f"reference images; {self.family}'s sees none, so leave it at "
+                                    f"{EDIT_PROMPT.widget.default}")
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
@@ -417,9 +431,15 @@ class ComfyBackend(TrainingBackend):
 
     def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents of edit pairs' reference images as VAEEncode gives ReferenceLatent (the VAE's own encoding: the
-        posterior's mean in ComfyUI 0.3.64) and the model's extra_conds process them."""
+        posterior's mean in ComfyUI 0.3.64) and the model's extra_conds process them; one-frame video latents
+        (Qwen-Image-Edit's) encoded one by one, the frame axis dropped as `encode_images` drops it."""
         comfy.model_management.throw_exception_if_processing_interrupted()
-        return self.base_model.process_latent_in(self.vae.encode((pixels.movedim(1, -1) + 1) / 2).to(self.device))
+        images = (pixels.movedim(1, -1) + 1) / 2
+        if not self.frames:
+            return self.base_model.process_latent_in(self.vae.encode(images).to(self.device))
+        latents = [self.vae.encode(image[None]).to(self.device) for image in images]
+        return torch.cat([self.base_model.process_latent_in(latent if latent.dim() == 5 else latent[:, :, None])[:, :, 0]
+                          for latent in latents])
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The CLIP output and its pooled output (SDXL's CLIP-G, SD3's CLIP-L+G, Flux's CLIP-L; Qwen-Image has none)
@@ -438,6 +458,21 @@ class ComfyBackend(TrainingBackend):
                 context, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
             parts.append({"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
                           **({"pooled": pooled} if pooled is not None else {}), **extras})
+        return {name: value.to(self.device) for name, value in concatenated(parts).items()}
+
+    def encode_text_with_references(self, captions: list[str], references: list[list[torch.Tensor]]) -> Conditioning:
+        """Each caption with its pair's reference images through ComfyUI's own prompt node of the edit prompt
+        (TextEncodeQwenImageEditPlus: "Picture N:" and each image at 384² px for the vision tower;
+        TextEncodeQwenImageEdit: 1 MP), the images as that node gets them from LoadImage; no VAE, so the node adds no
+        reference latents (the trainer passes them)."""
+        node = getattr(importlib.import_module(self.edit_prompt.comfy_module), self.edit_prompt.comfy_node)
+        parts = []
+        for caption, images in zip(captions, references):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            inputs = {name: ((pixels.movedim(0, -1)[None].float().cpu() + 1) * 127.5).round() / 255  # LoadImage's
+                      for name, pixels in zip(self.edit_prompt.comfy_images, images)}
+            ((context, _),) = node.execute(clip=self.clip, prompt=caption, vae=None, **inputs).args[0]
+            parts.append({"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long)})
         return {name: value.to(self.device) for name, value in concatenated(parts).items()}
 
     def model_conditions(self, noisy_latents: torch.Tensor, conditioning: Conditioning) -> dict[str, torch.Tensor]:
@@ -495,7 +530,9 @@ class ComfyBackend(TrainingBackend):
                  for name, value in conds.items()}
         if REFERENCE_LATENTS in conditioning:  # already through process_latent_in, as extra_conds puts them
             references = conditioning[REFERENCE_LATENTS]
-            extra["ref_latents"] = [references[:, index].to(dtype) for index in range(references.shape[1])]
+            extra["ref_latents"] = [references[:, index, :, None] if self.frames else references[:, index]
+                                    for index in range(references.shape[1])]
+            extra["ref_latents"] = [reference.to(dtype) for reference in extra["ref_latents"]]
         options = {**self.model.model_options.get("transformer_options", {}), "sigmas": sigmas,
                    "cond_or_uncond": [0]}
         time = self.sampling.timestep(sigmas).float().to(device)

@@ -18,6 +18,7 @@ from ..lora_core.data.config import (
 )
 from ..lora_core.data.dataset import ImageFolderDataset
 from ..lora_core.families import FLUX
+from ..lora_core.families.qwen_image import EDIT_PROMPT
 from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.formats.metadata import lora_metadata
 from ..lora_core.network import LoRANetwork
@@ -230,8 +231,10 @@ class TrainingOptions:
 
 
 class FlowMatchingOptions:
-    DESCRIPTION = ("Settings of flow-matching training (SD3/SD3.5, Flux.1): how noise levels are drawn, the loss "
-                   "weighting, Flux's guidance input. Refused for SD1.x/2.x and SDXL when set away from the defaults.")
+    DESCRIPTION = ("Settings of flow-matching training (SD3/SD3.5, Flux.1, Qwen-Image, Chroma, Lumina 2, HiDream): how "
+                   "noise levels are drawn, the loss weighting, Flux's guidance input, how Qwen-Image-Edit's text "
+                   "encoder sees edit pairs' references. Refused for SD1.x/2.x and SDXL when set away from the "
+                   "defaults.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LORA_FLOW_MATCHING_OPTIONS",)
     RETURN_NAMES = ("flow_matching",)
@@ -241,7 +244,8 @@ class FlowMatchingOptions:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {**{name: setting_input(name) for name in FLOW_MATCHING_WIDGETS},
-                             "flux_guidance": FLUX_GUIDANCE_INPUT}}
+                             "flux_guidance": FLUX_GUIDANCE_INPUT},
+                "optional": {"edit_prompt": widget_input(EDIT_PROMPT)}}
 
     def options(self, **options):
         return (options,)
@@ -327,7 +331,7 @@ class TrainLoRA:
             latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
-                               guidance=options["flux_guidance"])
+                               guidance=options["flux_guidance"], edit_prompt=options.get("edit_prompt"))
         state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
         bar = comfy.utils.ProgressBar(steps)
 

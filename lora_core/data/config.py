@@ -50,7 +50,8 @@ class DatasetConfig:
                                minimum=0, allowed="0 or more leading tags", widget=Widget(maximum=100))
     caption_dropout: float = setting(0.0, "Chance that an image is trained with an empty caption.", **PROBABILITY)
     tag_dropout: float = setting(0.0, "Chance that each tag after keep_tokens is left out.", **PROBABILITY)
-    control_images: bool = setting(False, "Edit pairs (Flux.1 Kontext): each image's reference image is the "
+    control_images: bool = setting(False, "Edit pairs (Flux.1 Kontext; Qwen-Image-Edit, up to 3 references): each "
+                                          "image's reference image is the "
                                           "same-stem image in the control/ folder beside it (control/<stem>_0, "
                                           "<stem>_1 … for several), fitted to the image's size and mirrored with it; "
                                           "the model sees it as its reference and learns the edit. An image without "

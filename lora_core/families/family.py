@@ -60,6 +60,8 @@ class Family:
     guidance: bool = False  # the denoiser may take a guidance input (Flux.1-dev's)
     training_guidance: float = 1.0  # its value while training (kohya's Flux docs; both scripts default to 3.5)
     reference_images: int = 0  # reference images of an edit pair the denoiser takes (Flux.1 Kontext's: 1)
+    edit_prompts: dict = field(default_factory=dict)  # name → how the text encoder sees them (Qwen-Image-Edit's); empty:
+    # the text encoder sees none
     patched_input: int = 1  # the denoiser's input channels per latent channel (Qwen-Image counts its 2×2 patches: 4)
     text_mask_condition: bool = False  # ComfyUI's denoiser counts the caption's tokens from its mask (Lumina 2)
     caption_template: str = "{}"  # the text a caption is encoded in, as the family's prompt node builds it

@@ -37,17 +37,6 @@ QWEN_MLP = ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_ml
 QWEN_PRESETS = transformer_presets(
     QWEN_BLOCKS, QWEN_ATTENTION, QWEN_MLP, "q/k/v/out of every block's joint attention (image and text streams)",
     "every Linear of every block, the img_mod/txt_mod modulation included (musubi-tuner leaves it out by default)")
-QWEN_IMAGE = Family(
-    "Qwen-Image", "qwen_image", "Qwen-Image", __name__, "QwenImageBackend", ("QwenImagePipeline", "QwenImageEditPipeline",
-                                                                  "QwenImageEditPlusPipeline"),
-    {"QwenImage": "Qwen-Image"}, "QwenImageTransformer2DModel", ("transformer_blocks",), QWEN_PRESETS, QWEN_PRESETS,
-    {},
-    BlockLayout("Qwen-Image", groups=("T",), patterns=(
-        (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "T"),
-        (re.compile(r"(?:transformer|diffusion_model)\.transformer_blocks\.(\d+)\."), "T"))),
-    flow=True, patched_input=4, reference_images=3, sample_cfg=2.5, sample_scheduler="simple",
-    file_prefixes={"transformer.": "lora_unet_", "diffusion_model.": "lora_unet_"})  # diffusers'; ai-toolkit's,
-# diffusion-pipe's and ComfyUI-converted musubi-tuner files
 
 
 @dataclass(frozen=True)
@@ -57,17 +46,36 @@ class EditPrompt:
     for the vision tower."""
 
     pipeline: str  # the diffusers pipeline whose encode_prompt builds it
-    comfy_node: str  # the ComfyUI node that encodes prompts so
+    comfy_node: str  # the ComfyUI node (in `comfy_module`) that encodes prompts so
+    comfy_images: tuple[str, ...]  # that node's image inputs, in order: the most reference images it takes
     vision_area: int
-    references: int  # the most reference images it takes
     models: str  # the models made for it, in words
+    comfy_module: str = "comfy_extras.nodes_qwen"
+
+    @property
+    def references(self) -> int:
+        return len(self.comfy_images)
 
 
 EDIT_PROMPTS = {
-    "edit_plus": EditPrompt("QwenImageEditPlusPipeline", "TextEncodeQwenImageEditPlus", 384 * 384, 3,
-                            "Qwen-Image-Edit-2509 and later"),
-    "edit": EditPrompt("QwenImageEditPipeline", "TextEncodeQwenImageEdit", 1024 * 1024, 1, "Qwen-Image-Edit"),
+    "edit_plus": EditPrompt("QwenImageEditPlusPipeline", "TextEncodeQwenImageEditPlus", ("image1", "image2", "image3"),
+                            384 * 384, "Qwen-Image-Edit-2509 and later"),
+    "edit": EditPrompt("QwenImageEditPipeline", "TextEncodeQwenImageEdit", ("image",), 1024 * 1024, "Qwen-Image-Edit"),
 }
+QWEN_IMAGE = Family(
+    "Qwen-Image", "qwen_image", "Qwen-Image", __name__, "QwenImageBackend",
+    ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
+    {"QwenImage": "Qwen-Image"}, "QwenImageTransformer2DModel", ("transformer_blocks",), QWEN_PRESETS, QWEN_PRESETS,
+    {},
+    BlockLayout("Qwen-Image", groups=("T",), patterns=(
+        (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "T"),
+        (re.compile(r"(?:transformer|diffusion_model)\.transformer_blocks\.(\d+)\."), "T"))),
+    flow=True, patched_input=4, reference_images=3, edit_prompts=EDIT_PROMPTS, sample_cfg=2.5,
+    sample_scheduler="simple",
+    file_prefixes={"transformer.": "lora_unet_", "diffusion_model.": "lora_unet_"})  # diffusers'; ai-toolkit's,
+# diffusion-pipe's and ComfyUI-converted musubi-tuner files
+
+
 EDIT_PROMPT = Setting(
     "edit_prompt", str, None, "Qwen-Image-Edit edit pairs: how the text encoder sees each pair's reference images, as "
     "the prompt node you will generate with: " + "; ".join(

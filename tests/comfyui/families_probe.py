@@ -210,12 +210,14 @@ SMALL_QWEN = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2
 
 
 def qwen_clip():
-    """ComfyUI's Qwen-Image text encoder (its tokenizer and template, Qwen2.5-VL's language model) with a small
-    language model and without the vision tower, which text prompts never run (658 M parameters even here)."""
+    """ComfyUI's Qwen-Image text encoder (its tokenizer and templates, Qwen2.5-VL's language model and vision tower)
+    small: ComfyUI fixes the vision tower's size (658 M parameters even over a small language model), so the test's
+    has 2 blocks of width 32; the edit prompt nodes run it on their images."""
     import comfy.sd1_clip
     import comfy.supported_models_base
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.qwen_image as qwen_image
+    import comfy.text_encoders.qwen_vl as qwen_vl
 
     class LanguageModel(llama.Qwen25_7BVLI):
         def __init__(self, config_dict, dtype, device, operations):
@@ -223,6 +225,9 @@ def qwen_clip():
             config = llama.Qwen25_7BVLI_Config(**config_dict)
             self.num_layers, self.dtype = config.num_hidden_layers, dtype
             self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.visual = qwen_vl.Qwen2VLVisionTransformer(
+                hidden_size=32, output_hidden_size=config.hidden_size, intermediate_size=64, num_heads=2, num_layers=2,
+                device=device, dtype=dtype, ops=operations)
 
     class TextModel(qwen_image.Qwen25_7BVLIModel):
         def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
@@ -795,6 +800,65 @@ def kontext(backend_module, model, clip, vae, work_dir: Path) -> dict:
             "steps": output["ui"]["lora_lab_training"][0]["steps"]}
 
 
+def qwen_edit(backend_module, model, clip, vae, work_dir: Path) -> dict:
+    """Edit pairs on Qwen-Image (Qwen-Image-Edit): the caption Train LoRA encodes with a pair's reference is ComfyUI's
+    TextEncodeQwenImageEditPlus (or TextEncodeQwenImageEdit) on the reference as LoadImage gives it, and the vision
+    tower saw it (another reference, another context); the velocity with the reference latents equals ComfyUI's own
+    conditioned call (`extra_conds` with the VAE's `reference_latents`, as the prompt node or ReferenceLatent set
+    them, through `apply_model`), and Train LoRA trains on Load Dataset's pairs with either edit prompt."""
+    import folder_paths
+    import numpy as np
+    from comfy_extras.nodes_qwen import TextEncodeQwenImageEdit, TextEncodeQwenImageEditPlus
+    from comfyui_lora_lab.lora_core.backend import REFERENCE_LATENTS
+    from comfyui_lora_lab.lora_core.demo.demo import make_concept_images
+    from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
+    from PIL import Image
+
+    folder_paths.set_input_directory(str(work_dir / "input"))
+    make_concept_images(work_dir / "input" / "pairs", count=2)
+    make_concept_images(work_dir / "input" / "pairs" / "control", count=2, seed=5)  # the same stems
+    caption = "a photo of sks"
+    with torch.inference_mode():
+        (dataset, _), = [LoadDataset().load(**{**CONCEPT_DATASET, "folder": "pairs", "control_images": True})["result"]]
+        backend = backend_module.ComfyBackend(model, clip, vae)
+        edit_backend = backend_module.ComfyBackend(model, clip, vae, edit_prompt="edit")
+        loaded = [torch.from_numpy(np.array(Image.open(example.path.parent / "control" / example.path.name)
+                                            .convert("RGB")).astype(np.float32) / 255.0)[None]
+                  for example in dataset.examples]  # each image's reference as LoadImage gives it
+        references = [dataset.reference_pixels(image) for image in range(2)]
+        ours = [backend.encode_text_with_references([caption], [pixels])["context"] for pixels in references]
+        ((plus_node, _),) = TextEncodeQwenImageEditPlus.execute(clip, caption, None, loaded[0]).args[0]
+        ((edit_node, _),) = TextEncodeQwenImageEdit.execute(clip, caption, None, loaded[0]).args[0]
+        edit_ours = edit_backend.encode_text_with_references([caption], references[:1])["context"]
+        alone = backend.encode_text([caption])["context"]
+
+        sampling = backend_module.model_sampling(model)
+        latents = backend.encode_images(dataset.image_pixels(0)[None], torch.Generator().manual_seed(0))
+        reference = backend.encode_reference_images(references[0][0][None])
+        raw_reference = vae.encode(loaded[0])  # VAEEncode → ReferenceLatent (or the prompt node with its VAE)
+        sigma = torch.tensor([0.6])
+        x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), torch.randn(latents.shape), latents)[:, :, None]
+        conds = model.model.extra_conds(cross_attn=ours[0], noise=x, device=x.device, reference_latents=[raw_reference])
+        denoised = model.model.apply_model(x, sigma, **{name: cond.process_cond(batch_size=1, device=x.device).cond
+                                                        for name, cond in conds.items()})[:, :, 0]
+        conditioning = {"context": ours[0], REFERENCE_LATENTS: reference[:, None]}
+        with backend.training(False), torch.inference_mode(False), torch.no_grad():
+            velocity = backend.predict(x[:, :, 0], sigma, conditioning)
+            without = backend.predict(x[:, :, 0], sigma, {"context": ours[0]})
+        steps = {}
+        for name in ("edit_plus", "edit"):
+            (network,) = inject(model, clip, "lora", "attention", False)
+            output = TrainLoRA().train(network, dataset, vae, 2, 1e-2, 1, "AdamW", 0, 0, caption,
+                                       options={"edit_prompt": name})  # as Flow Matching Options passes it
+            steps[name] = output["ui"]["lora_lab_training"][0]["steps"]
+    return {"plus_equals_node": bool(torch.equal(ours[0], plus_node)), "edit_equals_node": bool(torch.equal(edit_ours, edit_node)),
+            "tokens": [int(ours[0].shape[1]), int(edit_ours.shape[1]), int(alone.shape[1])],
+            "references_differ": bool(not torch.equal(ours[0], ours[1])),
+            "difference": float((denoised - (x[:, :, 0] - sigma * velocity)).abs().max()),
+            "scale": float(denoised.abs().max()), "reference_effect": float((velocity - without).abs().max()),
+            "steps": steps}
+
+
 def prompt_node(backend_module, model, clip) -> dict:
     """Lumina 2: the CONDITIONING Train LoRA samples with (its captions are encoded in the same template) is ComfyUI's
     own CLIPTextEncodeLumina2 with the "superior" system prompt, the attention mask its sampler counts tokens from
@@ -851,6 +915,8 @@ def main() -> None:
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     if family == "flux":
         checks["kontext"] = (kontext, backend_module, model, clip, vae, work_dir)
+    if family == "qwen_image":
+        checks["qwen_edit"] = (qwen_edit, backend_module, model, clip, vae, work_dir)
     if family in FP8_FAMILIES:
         checks["algorithms_in_weights"] = (algorithms_in_weights, backend_module, model, clip, vae, work_dir)
     results = {"parameters": sum(p.numel() for p in model.model.diffusion_model.parameters())}

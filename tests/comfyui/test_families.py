@@ -225,3 +225,18 @@ def test_flux_kontext_trains_on_edit_pairs_as_comfyui_runs_them(tmp_path_factory
     assert outcome["difference"] <= 1e-5 * outcome["scale"], outcome
     assert outcome["reference_effect"] > 1000 * outcome["difference"], outcome
     assert outcome["steps"] == 3
+
+
+def test_qwen_image_edit_trains_on_edit_pairs_as_comfyui_runs_them(tmp_path_factory) -> None:
+    """Load Dataset's control_images on Qwen-Image (Qwen-Image-Edit): each caption is encoded with its pair's
+    reference exactly as TextEncodeQwenImageEditPlus (edit_prompt edit_plus, the default) or TextEncodeQwenImageEdit
+    (edit) encode it from LoadImage's image, through a vision tower that sees it (another reference, another
+    context; 384² px and 1 MP give different token counts, both more than the caption alone); the velocity with the
+    reference latents equals ComfyUI's own call with `reference_latents`, which the reference changes; both train."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, "qwen_image", tmp_path_factory), "qwen_edit")
+    assert outcome["plus_equals_node"] and outcome["edit_equals_node"], outcome
+    plus_tokens, edit_tokens, caption_tokens = outcome["tokens"]
+    assert caption_tokens < plus_tokens < edit_tokens and outcome["references_differ"], outcome
+    assert outcome["difference"] <= 1e-5 * outcome["scale"], outcome
+    assert outcome["reference_effect"] > 1e-3 * outcome["scale"], outcome
+    assert outcome["steps"] == {"edit_plus": 2, "edit": 2}
