@@ -80,6 +80,10 @@ class ImageFolderDataset:
         self._load_folder(self.root, regularization=False)
         self.num_training_images = len(self.examples)  # the concept's images come first in `examples`
         if self.regularization_root is not None:
+            if config.control_images:
+                raise DatasetError(f"class images ({self.regularization_root}) have no reference images, and every "
+                                   "image of an edit pair (control_images) needs one: train edit pairs without a "
+                                   "regularization folder")
             self._load_folder(self.regularization_root, regularization=True)
         expanded = [index for index, example in enumerate(self.examples)
                     for _ in range(example.repeats * config.repeats)]

@@ -198,7 +198,11 @@ def train(
     if config.prior_loss_weight != 1 and not dataset.num_regularization_images:
         raise TrainingError(f"prior_loss_weight = {config.prior_loss_weight} weighs regularization images, and the "
                             "dataset has none: add a regularization folder or leave it at 1")
-    references = max((len(example.references) for example in dataset.examples), default=0)
+    counts = sorted({len(example.references) for example in dataset.examples})
+    if len(counts) > 1 and config.batch_size > 1:
+        raise TrainingError(f"the dataset's images have {' or '.join(map(str, counts))} reference images, and one "
+                            "batch stacks images with the same number: set batch_size 1, or give every image as many")
+    references = counts[-1] if counts else 0
     if references > backend.reference_images:
         raise TrainingError(
             f"the dataset's images have up to {references} reference images (control_images), and {backend.family} "

@@ -82,3 +82,24 @@ def test_training_refuses_edit_pairs_where_the_model_takes_no_reference(tmp_path
     dataset = ImageFolderDataset(tmp_path, DatasetConfig(resolution=64, control_images=True))
     with pytest.raises(TrainingError, match="control_images.*SD1.x takes none.*Flux.1 Kontext"):
         train(backend, network, dataset, TrainingConfig(steps=1, validation_every=0))
+
+
+def test_edit_pairs_refuse_class_images_and_mixed_reference_counts_in_one_batch(tmp_path) -> None:
+    """Class images have no reference: a regularization folder with control_images is refused; images with 1 and 3
+    references cannot share a batch (their reference latents do not stack): refused with batch_size > 1 by name."""
+    from lora_core.network import LoRANetwork
+    from lora_core.training.config import TrainingConfig, TrainingError
+    from lora_core.training.loop import train
+
+    save(tmp_path / "pairs" / "a.png", (16, 16), (255, 0, 0), (0, 0, 255))
+    save(tmp_path / "pairs" / "control" / "a.png", (16, 16), (0, 255, 0), (0, 0, 0))
+    save(tmp_path / "pairs" / "b.png", (16, 16), (255, 0, 0), (0, 0, 255))
+    for index in range(3):
+        save(tmp_path / "pairs" / "control" / f"b_{index}.png", (16, 16), (index, 0, 0), (0, 0, 0))
+    save(tmp_path / "class" / "c.png", (16, 16), (9, 9, 9), (9, 9, 9))
+    with pytest.raises(DatasetError, match="class images .* have no reference images"):
+        ImageFolderDataset(tmp_path / "pairs", PAIRS, regularization_root=tmp_path / "class")
+    dataset = ImageFolderDataset(tmp_path / "pairs", PAIRS)
+    with pytest.raises(TrainingError, match="have 1 or 3 reference images, and one batch stacks"):
+        network = LoRANetwork.create({"lora_unet_layer": torch.nn.Linear(2, 2)}, "lora", 1, 1)
+        train(None, network, dataset, TrainingConfig(batch_size=2, steps=1, validation_every=0))
