@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .training.config import TrainingError
 from .training.objectives import DiscreteObjective, Objective
 
 if TYPE_CHECKING:
@@ -67,6 +68,13 @@ class TrainingBackend(ABC):
     def encode_text(self, captions: list[str]) -> Conditioning:
         """The denoiser's text conditioning for `captions`; runs with gradients when a text-encoder LoRA trains."""
 
+    def check_clip_frames(self, frames: int) -> None:
+        """Refuse clips of `frames` frames the denoiser cannot take (an image model takes none; see
+        `check_frame_step`)."""
+        raise TrainingError(f"the dataset has video clips of {frames} frames, and {self.family} is an image model: "
+                            "train a video model (Wan, HunyuanVideo) on clips, or set frames to 1 to train on the "
+                            "images alone")
+
     def encode_text_with_references(self, captions: list[str], references: list[list[torch.Tensor]]) -> Conditioning:
         """`encode_text` for edit pairs whose text encoder sees the references (Qwen-Image-Edit's vision tower): each
         caption with its pair's reference images, float [3, H, W] in [-1, 1]."""
@@ -123,3 +131,13 @@ class TrainingBackend(ABC):
     def model_info(self) -> dict[str, str]:
         """What the file's metadata says about the base: `name`, `hash`, `version` (kohya's `sd_v1`…)."""
         return {}
+
+
+def check_frame_step(family, frames: int) -> None:
+    """Refuse clips of `frames` frames unless the video `family` takes them (frame_step·k + 1), naming the nearest."""
+    step = family.frame_step
+    if (frames - 1) % step:
+        below = (frames - 1) // step * step + 1
+        examples = ", ".join(str(step * k + 1) for k in (4, 8, 12, 20))
+        raise TrainingError(f"{family.name} takes clips of {step}k+1 frames ({examples}…) and the dataset's have "
+                            f"{frames}: set frames to {below} or {below + step}")

@@ -24,7 +24,14 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from torch import nn
 
-from ..lora_core.backend import REFERENCE_LATENTS, SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
+from ..lora_core.backend import (
+    REFERENCE_LATENTS,
+    SIZE_CONDITIONING,
+    Conditioning,
+    TrainingBackend,
+    check_frame_step,
+    concatenated,
+)
 from ..lora_core.errors import LoRALabError
 from ..lora_core.families import FLUX, Family, comfy_family, comfy_model_name
 from ..lora_core.families.flow import DIFFUSERS_SUFFIXES, from_diffusers_naming
@@ -111,6 +118,9 @@ def trainable_family(model: Any) -> tuple[Family, str]:
         problem = "it needs pooled/ADM conditioning (the UNet's `y` input)"
     elif family.flow and not (isinstance(sampling, FLOW_SAMPLINGS) and denoised is CONST.calculate_denoised):
         problem = f"its sampling is {type(sampling).__name__}, not a flow-matching (CONST) schedule"
+    elif type(base.model_config).__name__ in family.comfy_variants:
+        problem = (f"it is {family.comfy_variants[type(base.model_config).__name__]}, whose extra inputs Train LoRA "
+                   "does not give yet")
     elif family.flow:
         return family, "flow"
     elif not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
@@ -336,7 +346,8 @@ class ComfyBackend(TrainingBackend):
             raise ComfyBackendError(f"flux_guidance {guidance} sets Flux.1-dev's guidance input; {self.family} has "
                                     f"none, so leave it at {FLUX.training_guidance}")
         self.guidance = guidance if has_guidance else None
-        self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # one-frame video latents
+        self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # video latents [B, C, F, H, W]
+        self.video = self.spec.frame_step > 0  # clips train; else (Qwen-Image) images as one-frame latents, axis dropped
         self.reference_images = self.spec.reference_images  # Flux.1 Kontext's, as ReferenceLatent gives them
         prompts = self.spec.edit_prompts
         self.edit_prompt = prompts.get(edit_prompt or next(iter(prompts), None))
@@ -410,9 +421,10 @@ class ComfyBackend(TrainingBackend):
                 or next(self.unet.parameters()).dtype)
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Latents [B, C, H, W] as the diffusion model sees them (`process_latent_in`). A model of one-frame video
-        latents (Qwen-Image's Wan VAE) gets each image encoded alone, as a frame (a batch would be one video), and
-        the frame axis dropped after `process_latent_in`; `predict` puts it back."""
+        """Latents [B, C, H, W] as the diffusion model sees them (`process_latent_in`). A model of video latents
+        gets each image (or clip [3, F, H, W]) encoded alone, as a video (a batch would be one video): a video family
+        keeps the latents [B, C, F', H, W]; Qwen-Image's one-frame latents lose the frame axis after
+        `process_latent_in`, and `predict` puts it back."""
         if self.vae is None:
             raise ComfyBackendError("a VAE is needed to encode the dataset; connect one to Train LoRA")
         comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel between images
@@ -425,9 +437,10 @@ class ComfyBackend(TrainingBackend):
             torch.manual_seed(seed)
             if not self.frames:
                 return self.base_model.process_latent_in(self.vae.encode(images).to(self.device))
-            latents = [self.vae.encode(image[None]).to(self.device) for image in images]
-        frames = [latent if latent.dim() == 5 else latent[:, :, None] for latent in latents]
-        return torch.cat([self.base_model.process_latent_in(frame)[:, :, 0] for frame in frames])
+            latents = [self.vae.encode(image if image.dim() == 4 else image[None]).to(self.device) for image in images]
+        frames = [self.base_model.process_latent_in(latent if latent.dim() == 5 else latent[:, :, None])
+                  for latent in latents]
+        return torch.cat(frames if self.video else [frame[:, :, 0] for frame in frames])
 
     def encode_reference_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Latents of edit pairs' reference images as VAEEncode gives ReferenceLatent (the VAE's own encoding: the
@@ -459,6 +472,11 @@ class ComfyBackend(TrainingBackend):
             parts.append({"context": context, "context_mask": torch.ones(context.shape[:2], dtype=torch.long),
                           **({"pooled": pooled} if pooled is not None else {}), **extras})
         return {name: value.to(self.device) for name, value in concatenated(parts).items()}
+
+    def check_clip_frames(self, frames: int) -> None:
+        if not self.video:
+            super().check_clip_frames(frames)
+        check_frame_step(self.spec, frames)
 
     def encode_text_with_references(self, captions: list[str], references: list[list[torch.Tensor]]) -> Conditioning:
         """Each caption with its pair's reference images through ComfyUI's own prompt node of the edit prompt
@@ -512,7 +530,7 @@ class ComfyBackend(TrainingBackend):
                 name: value[index:index + 1, :int(mask[index].sum())] if name in ("context", "context_mask")
                 else value[index:index + 1] for name, value in conditioning.items()})
                 for index in range(len(noisy_latents))])
-        if self.frames:  # one-frame video latents: the frame axis back
+        if self.frames and not self.video:  # one-frame video latents: the frame axis back
             return self.predict_frames(noisy_latents[:, :, None], times, conditioning)[:, :, 0]
         return self.predict_frames(noisy_latents, times, conditioning)
 
@@ -667,7 +685,7 @@ class ComfyBackend(TrainingBackend):
         images = []
         for prompt in prompts:
             comfy.model_management.throw_exception_if_processing_interrupted()  # KSampler checks between its steps
-            latent = {"samples": torch.zeros(1, channels, size, size)}
+            latent = {"samples": torch.zeros(1, channels, *[1] * self.video, size, size)}  # a video model: a frame
             (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, self.spec.sample_cfg, "euler",
                                                      self.spec.sample_scheduler, self.conditioning(prompt),
                                                      self.conditioning(""), latent)

@@ -10,6 +10,7 @@ from pathlib import Path
 import folder_paths
 
 from ..lora_core.data.dataset import CONTROL_FOLDER, IMAGE_EXTENSIONS
+from ..lora_core.data.videos import VIDEO_EXTENSIONS
 from ..lora_core.errors import LoRALabError
 from ..lora_core.training.checkpoints import STATE_SUFFIX
 
@@ -30,12 +31,13 @@ def dataset_roots() -> list[Path]:
 
 
 def has_images(folder: Path) -> bool:
-    """Images directly inside `folder` or in its immediate subfolders (kohya's `N_name` layout)."""
+    """Images or video clips directly inside `folder` or in its immediate subfolders (kohya's `N_name` layout)."""
+    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     for entry in folder.iterdir():
-        if entry.is_file() and entry.suffix.lower() in IMAGE_EXTENSIONS:
+        if entry.is_file() and entry.suffix.lower() in media:
             return True
         if entry.is_dir() and not entry.name.startswith(".") and any(
-            child.suffix.lower() in IMAGE_EXTENSIONS for child in entry.iterdir() if child.is_file()
+            child.suffix.lower() in media for child in entry.iterdir() if child.is_file()
         ):
             return True
     return False

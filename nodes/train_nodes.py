@@ -69,6 +69,7 @@ def to_image_batch(pictures: list) -> torch.Tensor:
 DATASET_REQUIRED = ("resolution", "caption_extension", "default_caption", "token", "repeats", "flip")
 DATASET_OPTIONAL = ("bucketing", "min_bucket_size", "max_bucket_size", "shuffle_tags", "keep_tokens", "caption_dropout",
                     "tag_dropout", "no_upscale")
+DATASET_VIDEO = ("frames", "frame_stride", "target_fps", "frame_extraction", "frame_windows")  # after control_images
 
 
 class LoadDataset:
@@ -89,6 +90,7 @@ class LoadDataset:
             "regularization_folder": widget_input(REGULARIZATION_FOLDER, ["none", *list_dataset_folders()]),
             "regularization_caption": setting_input("regularization_caption"),
             "control_images": setting_input("control_images"),
+            **{name: setting_input(name) for name in DATASET_VIDEO},
         }}
 
     @classmethod
@@ -108,16 +110,19 @@ class LoadDataset:
         dataset = ImageFolderDataset(resolve_dataset(folder), DatasetConfig(**settings),
                                      regularization_root=regularization)
         size = dataset.examples[0].bucket  # a batch holds one size: the preview shows the images of the first one
-        preview = torch.stack([
-            dataset.image_pixels(index).movedim(0, -1) / 2 + 0.5
+        preview = torch.stack([  # a clip by its first frame
+            (pixels if pixels.dim() == 3 else pixels[:, 0]).movedim(0, -1) / 2 + 0.5
             for index in range(dataset.num_training_images) if dataset.examples[index].bucket == size
+            for pixels in [dataset.image_pixels(index)]
         ][:PREVIEW_IMAGES])
+        clips = sum(example.frames > 1 for example in dataset.examples)
         summary = {"images": dataset.num_training_images, "captioned": dataset.captioned_count,
                    "defaulted": dataset.defaulted_count, "regularization": dataset.num_regularization_images,
                    "examples": len(dataset), "skipped": len(dataset.skipped),
-                   "references": sum(len(example.references) for example in dataset.examples)}
+                   "references": sum(len(example.references) for example in dataset.examples), "clips": clips}
         text = (f"{dataset.num_training_images} images ({dataset.captioned_count} captioned, {dataset.defaulted_count} "
-                f"default caption)" + (f", {summary['references']} reference images" if summary["references"] else "")
+                f"default caption)" + (f", {clips} of them clips of {dataset.config.frames} frames" if clips else "")
+                + (f", {summary['references']} reference images" if summary["references"] else "")
                 + (f", {dataset.num_regularization_images} class images" if dataset.num_regularization_images else "")
                 + f", {len(dataset)} per epoch" + (f", {len(dataset.skipped)} skipped" if dataset.skipped else ""))
         return {"ui": {"text": [text], "lora_lab_dataset": [summary]}, "result": (dataset, preview)}

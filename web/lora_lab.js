@@ -24,7 +24,8 @@ const NOTES = {
   LoraLab_LoadDataset: (output) => {
     const found = output.lora_lab_dataset?.[0];
     return found && [
-      `${found.images} images: ${found.captioned} captioned, ${found.defaulted} default caption`,
+      `${found.images} images: ${found.captioned} captioned, ${found.defaulted} default caption`
+        + (found.clips ? ` (${found.clips} video clips)` : ""),
       `${found.examples} per epoch` + (found.skipped ? `, ${found.skipped} skipped` : ""),
     ];
   },

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..errors import LoRALabError
 from ..settings import Setting, Widget, declared_settings, out_of_range, setting
+from .videos import FRAME_EXTRACTIONS
 
 
 class DatasetError(LoRALabError, ValueError):
@@ -56,6 +57,22 @@ class DatasetConfig:
                                           "<stem>_1 … for several), fitted to the image's size and mirrored with it; "
                                           "the model sees it as its reference and learns the edit. An image without "
                                           "its reference is refused.", widget=Widget())
+    frames: int = setting(1, "Frames of each video clip (mp4, webm, mov, mkv, gif among the images, captioned by the "
+                             "same stem rules): video models take 4k+1 (Wan, HunyuanVideo: 17, 33, 49, 81); images "
+                             "train as one-frame videos. At 1 the clips are skipped, each named: images only.",
+                          minimum=1, allowed="an integer >= 1", widget=Widget(maximum=1025))
+    frame_stride: int = setting(1, "Clips: take every Nth frame (1: every frame); target_fps replaces it when set.",
+                                minimum=1, allowed="an integer >= 1", widget=Widget(maximum=64))
+    target_fps: float = setting(0.0, "Clips: take frames at this rate by their own times (Wan trains at 16 fps, "
+                                     "HunyuanVideo at 24); 0: frame_stride instead.",
+                                minimum=0.0, allowed="0 or a frame rate > 0", widget=Widget(maximum=240.0, step=0.5))
+    frame_extraction: str = setting("head", "Clips with more frames than one window: head trains the first window; "
+                                            "uniform trains frame_windows windows spread evenly from the first frame "
+                                            "to the last; all trains every consecutive window (musubi-tuner's head, "
+                                            "uniform and chunk). A clip shorter than one window is skipped, named.",
+                                    choices=FRAME_EXTRACTIONS, allowed=f"one of {FRAME_EXTRACTIONS}", widget=Widget())
+    frame_windows: int = setting(1, "frame_extraction uniform: the windows taken from each clip.", minimum=1,
+                                 allowed="an integer >= 1", widget=Widget(maximum=100))
     regularization_caption: str = setting("", "Caption of class images without a caption file; empty: the name of "
                                               "their N_class folder (kohya's class token).",
                                           aliases=("--reg-caption",), widget=Widget())

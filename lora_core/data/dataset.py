@@ -12,11 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .buckets import Size, bucket_sizes, fit, select_bucket
 from .captions import LEGACY_ENCODINGS, augment_caption, decode_caption
 from .config import DatasetConfig, DatasetError
 from .images import DatasetWarning, load_image, to_tensor
+from .videos import VIDEO_EXTENSIONS, read_frames, window_starts
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CONTROL_FOLDER = "control"  # with control_images: the reference images of the folder's images, by stem
@@ -25,11 +27,11 @@ _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 @dataclass(frozen=True)
 class Example:
-    """One distinct image with its caption and folder repeat count."""
+    """One distinct image (or window of a video clip) with its caption and folder repeat count."""
 
     path: Path
     caption: str
-    pixels: torch.Tensor  # uint8 [3, H, W]: R×R, or the bucket's size with bucketing
+    pixels: torch.Tensor  # uint8 [3, H, W]: R×R, or the bucket's size with bucketing; a clip's [3, frames, H, W]
     repeats: int
     captioned: bool
     original_size: Size  # (width, height) of the image file
@@ -40,7 +42,12 @@ class Example:
     @property
     def bucket(self) -> tuple[int, int]:
         """(width, height) of the training image; batches only mix images of one bucket."""
-        return self.pixels.shape[2], self.pixels.shape[1]
+        return self.pixels.shape[-1], self.pixels.shape[-2]
+
+    @property
+    def frames(self) -> int:
+        """1 for an image; a clip's frame count."""
+        return 1 if self.pixels.dim() == 3 else self.pixels.shape[1]
 
     def size_conditioning(self, flipped: bool) -> tuple[int, int, int, int, int, int]:
         """SDXL's micro-conditioning of this image: original (height, width), the crop's (top, left) in the scaled
@@ -111,15 +118,19 @@ class ImageFolderDataset:
             default_caption = self.config.default_caption
             if regularization:
                 default_caption = self.config.regularization_caption or _class_name(folder_name)
-            for path in _image_files(folder):
-                example = self._load_example(path, repeats, default_caption, regularization)
-                if example is not None:
-                    self.examples.append(example)
-                    self._folder_names.append(folder_name)
+            for path in _image_files(folder, VIDEO_EXTENSIONS):
+                if path.suffix.lower() in VIDEO_EXTENSIONS:
+                    examples = self._load_clip(path, repeats, default_caption, regularization)
+                else:
+                    examples = [example] if (example := self._load_example(path, repeats, default_caption,
+                                                                           regularization)) else []
+                self.examples += examples
+                self._folder_names += [folder_name] * len(examples)
         if len(self.examples) == before:
             raise DatasetError(
                 f"No usable images in {root} ({len(self.skipped)} skipped as unreadable or oversized). "
-                f"Add {', '.join(IMAGE_EXTENSIONS)} images to it or to subfolders such as '10_name'."
+                f"Add {', '.join(IMAGE_EXTENSIONS)} images (or {', '.join(VIDEO_EXTENSIONS)} clips, with frames "
+                "above 1) to it or to subfolders such as '10_name'."
             )
 
     def __len__(self) -> int:
@@ -153,7 +164,8 @@ class ImageFolderDataset:
         return {folder_name: dict(counts) for folder_name, counts in frequency.items()}
 
     def image_pixels(self, image: int, flip: bool = False) -> torch.Tensor:
-        """Float32 [3, H, W] pixels in [-1, 1] of distinct image `image`, optionally mirrored."""
+        """Float32 [3, H, W] ([3, frames, H, W] for a clip) pixels in [-1, 1] of distinct image `image`, optionally
+        mirrored."""
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
@@ -173,6 +185,12 @@ class ImageFolderDataset:
     def bucket(self, index: int) -> tuple[int, int]:
         """(width, height) of a repeat-expanded index's image."""
         return self.examples[self._expanded[index]].bucket
+
+    def batch_key(self, index: int) -> str:
+        """What the items of one batch share: their bucket ("WxH"), and a clip's frame count ("WxHxF")."""
+        example = self.examples[self._expanded[index]]
+        key = "{}x{}".format(*example.bucket)
+        return key if example.frames == 1 else f"{key}x{example.frames}"
 
     def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1,
                 exclude: Collection[int] = ()) -> BatchSampler:
@@ -229,6 +247,51 @@ class ImageFolderDataset:
         return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned,
                        original_size=image.size, scaled_size=scaled, regularization=regularization,
                        references=references)
+
+    def _load_clip(self, path: Path, repeats: int, default_caption: str, regularization: bool) -> list[Example]:
+        """The windows of `frames` frames of video clip `path` (frame_stride / target_fps, frame_extraction), each an
+        example of [3, frames, H, W] pixels, every frame fitted to the bucket of the clip's frame size; none, with the
+        reason recorded, for a clip that cannot be read or is shorter than one window."""
+        config = self.config
+        if config.frames == 1:
+            self._skip(path, "a video clip, and frames is 1 (images only): set frames (4k+1 for Wan and "
+                             "HunyuanVideo: 17, 33, 81…) to train on clips")
+            return []
+        if config.control_images:
+            self._skip(path, "a video clip: edit pairs (control_images) are images")
+            return []
+        caption_path = path.with_suffix(config.caption_extension)
+        try:
+            caption_text = self._read_caption(caption_path)
+        except OSError as error:
+            self._skip(path, f"caption file {caption_path} is unreadable ({error})")
+            return []
+        sizes: dict[str, Size] = {}
+
+        def fitted(frame: Image.Image) -> Image.Image:
+            if not sizes:  # the clip's bucket, from its first frame
+                sizes["original"] = frame.size
+                sizes["bucket"], sizes["scaled"] = select_bucket(frame.width, frame.height, self.buckets, config)
+            return fit(frame, sizes["bucket"], sizes["scaled"])
+
+        try:
+            frames, _ = read_frames(path, config.frame_stride, config.target_fps, config.max_image_pixels, fitted)
+        except Exception as error:  # PyAV raises many exception types for broken files
+            self._skip(path, str(error) or type(error).__name__)
+            return []
+        if len(frames) < config.frames:
+            taken = (f" at {config.target_fps:g} fps" if config.target_fps else
+                     f" at frame_stride {config.frame_stride}" if config.frame_stride > 1 else "")
+            self._skip(path, f"{len(frames)} frames{taken}, fewer than frames={config.frames}: use a longer clip, "
+                             "fewer frames, or a smaller frame_stride / target_fps")
+            return []
+        pixels = torch.stack([to_tensor(frame) for frame in frames], 1)
+        captioned = bool(caption_text)
+        caption = (caption_text if captioned else default_caption).replace("{token}", config.token)
+        return [Example(path=path, caption=caption, pixels=pixels[:, start:start + config.frames].clone(),
+                        repeats=repeats, captioned=captioned, original_size=sizes["original"],
+                        scaled_size=sizes["scaled"], regularization=regularization)
+                for start in window_starts(len(frames), config.frames, config.frame_extraction, config.frame_windows)]
 
     def _load_reference(self, path: Path, bucket: Size) -> torch.Tensor:
         """A reference image scaled to cover its image's `bucket` and centre-cropped to it, as the image itself."""
@@ -287,12 +350,12 @@ def _reference_files(path: Path) -> list[Path]:
         "turn control_images off to train on the images alone.")
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Visible files in `folder` with an accepted image extension, sorted."""
+def _image_files(folder: Path, others: tuple[str, ...] = ()) -> list[Path]:
+    """Visible files in `folder` with an accepted image extension (or one of `others`), sorted."""
     return sorted(
         path
         for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS + others
     )
 
 
@@ -333,7 +396,7 @@ class BatchSampler:
         for index in torch.randperm(len(self.dataset), generator=self.generator).tolist():
             if self.dataset.image_index(index) in self.excluded:
                 continue
-            queue = self.waiting.setdefault("{}x{}".format(*self.dataset.bucket(index)), [])
+            queue = self.waiting.setdefault(self.dataset.batch_key(index), [])
             queue.append(index)
             if len(queue) == self.global_batch_size:
                 self.ready.append(queue[:])

@@ -21,8 +21,9 @@ from .qwen_image import QWEN_IMAGE
 from .sd1 import SD1, SD2
 from .sd3 import SD3
 from .sdxl import SDXL
+from .wan import WAN
 
-FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2, HIDREAM)
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2, HIDREAM, WAN)
 PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
 
 

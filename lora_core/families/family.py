@@ -63,6 +63,8 @@ class Family:
     edit_prompts: dict = field(default_factory=dict)  # name → how the text encoder sees them (Qwen-Image-Edit's); empty:
     # the text encoder sees none
     patched_input: int = 1  # the denoiser's input channels per latent channel (Qwen-Image counts its 2×2 patches: 4)
+    frame_step: int = 0  # a video family's clips have frame_step·k + 1 frames (its VAE's temporal compression); 0: an
+    # image family (Qwen-Image's one-frame latents are images)
     text_mask_condition: bool = False  # ComfyUI's denoiser counts the caption's tokens from its mask (Lumina 2)
     caption_template: str = "{}"  # the text a caption is encoded in, as the family's prompt node builds it
     text_extras: tuple[str, ...] = ()  # ComfyUI text-encoder outputs the denoiser also takes (HiDream's Llama states)

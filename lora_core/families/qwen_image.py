@@ -127,17 +127,15 @@ class QwenImageBackend(FlowBackend):
 
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "", edit_prompt: str | None = None) -> None:
         """`edit_prompt` (edit pipelines only): how the text encoder sees the references; None: the pipeline's own."""
-        from diffusers import QwenImagePipeline
-
         super().__init__(pipeline, name, model_hash)
-        components = {key: value for key, value in pipeline.components.items() if key != "processor"}
-        self.text_pipeline = (pipeline if type(pipeline) is QwenImagePipeline  # prompts without images, and samples
-                              else QwenImagePipeline(**components))
-        self.text_pipeline.set_progress_bar_config(disable=True)
+        self.text_pipeline = pipeline  # prompts without images, and samples
         self.edit_prompt = self.edit_pipeline = None
         if type(pipeline).__name__ in (prompt.pipeline for prompt in EDIT_PROMPTS.values()):
             import diffusers
 
+            components = {key: value for key, value in pipeline.components.items() if key != "processor"}
+            self.text_pipeline = diffusers.QwenImagePipeline(**components)
+            self.text_pipeline.set_progress_bar_config(disable=True)
             self.edit_prompt = find_edit_prompt(edit_prompt, type(pipeline).__name__)
             self.edit_pipeline = getattr(diffusers, self.edit_prompt.pipeline)(**pipeline.components)
             self.reference_images = self.edit_prompt.references

@@ -198,6 +198,9 @@ def train(
     if config.prior_loss_weight != 1 and not dataset.num_regularization_images:
         raise TrainingError(f"prior_loss_weight = {config.prior_loss_weight} weighs regularization images, and the "
                             "dataset has none: add a regularization folder or leave it at 1")
+    frames = max(example.frames for example in dataset.examples)
+    if frames > 1:
+        backend.check_clip_frames(frames)
     counts = sorted({len(example.references) for example in dataset.examples})
     if len(counts) > 1 and config.batch_size > 1:
         raise TrainingError(f"the dataset's images have {' or '.join(map(str, counts))} reference images, and one "

@@ -378,13 +378,37 @@ def build_hidream(work_dir: Path):
     return patcher(comfy.supported_models.HiDream(dict(HIDREAM_CONFIG))), clip, build_vae(16)
 
 
+WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "num_heads": 2, "num_layers": 2, "ffn_dim": 128,
+              "in_dim": 16, "out_dim": 16, "text_dim": 32, "freq_dim": 32, "patch_size": (1, 2, 2)}
+
+
+def umt5_clip():
+    """ComfyUI's Wan text encoder (umT5 through its own tokenizer class, padded to 512 tokens and zeroed past the
+    caption) with a 1-layer umT5 of width 32; the SentencePiece model is the T5 one ComfyUI ships (Wan's own comes
+    inside the encoder file)."""
+    import comfy.supported_models_base
+    import comfy.text_encoders.wan as wan
+
+    spiece = Path(wan.__file__).with_name("t5_pile_tokenizer") / "tokenizer.model"
+    target = comfy.supported_models_base.ClipTarget(wan.WanT5Tokenizer, wan.te())
+    return build_clip(target, {"umt5xxl_model_config": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2,
+                                                         "num_layers": 1, "vocab_size": 32128}},
+                      tokenizer_data={"spiece_model": str(spiece)})
+
+
+def build_wan():
+    import comfy.supported_models
+
+    return patcher(comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG))), umt5_clip(), wan_vae()
+
+
 def build_qwen_image():
     import comfy.supported_models
 
     return patcher(comfy.supported_models.QwenImage(dict(QWEN_IMAGE_CONFIG))), qwen_clip(), wan_vae()
 
 
-BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image,
+BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image, "wan": build_wan,
             "chroma": build_chroma, "lumina2": build_lumina2,
             "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
@@ -403,10 +427,11 @@ def text_conditioning(clip, count: int, extras: tuple[str, ...] = ()) -> dict[st
             **{name: output[name].repeat(count, *[1] * (output[name].dim() - 1)) for name in extras}}
 
 
-def fixed_tensors(model, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_tensors(model, count: int, frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and noise of `count` 8×8 images, or with `frames` of clips of that many latent frames."""
     channels = getattr(model.model.latent_format, "latent_channels", 4)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(count, channels, 8, 8, generator=generator)
+    latents = torch.randn(count, channels, *[frames] * bool(frames), 8, 8, generator=generator)
     return latents, torch.randn(latents.shape, generator=generator)
 
 
@@ -435,7 +460,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "qwen_image": lambda: advanced.ModelSamplingAuraFlow().patch_aura(model, 3.1),
                "chroma": lambda: (model,),  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
                "lumina2": lambda: (model,),  # its own shift 6
-               "hidream": lambda: advanced.ModelSamplingSD3().patch(model, 3.0)}  # as ComfyUI's HiDream workflows
+               "hidream": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),  # as ComfyUI's HiDream workflows
+               "wan": lambda: advanced.ModelSamplingSD3().patch(model, 8.0)}  # as ComfyUI's Wan 14B workflows
     # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
@@ -443,7 +469,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
         comfy.model_management.load_models_gpu([patched])
         sampling = backend_module.model_sampling(patched)
         count = len(SIGMAS)
-        latents, noise = fixed_tensors(patched, count)
+        latents, noise = fixed_tensors(patched, count, 2 * backend.video)
         context, pooled = clip.encode_from_tokens(clip.tokenize("a photo of sks"), return_pooled=True)
         conditioning = {**text_conditioning(clip, count, backend.spec.text_extras), "size_and_crop": sizes(count)}
         objective = backend.objective(TrainingConfig())
@@ -453,8 +479,9 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
         else:
             times = torch.tensor(TIMESTEPS)
             sigma = sampling.sigmas[times]
-        x = sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, latents)
-        if backend.frames:  # Qwen-Image's latents are one-frame videos [B, C, 1, H, W]
+        x = sampling.noise_scaling(sigma.reshape(-1, *[1] * (latents.dim() - 1)), noise, latents)
+        one_frame = backend.frames and not backend.video
+        if one_frame:  # Qwen-Image's latents are one-frame videos [B, C, 1, H, W]
             x = x[:, :, None]
         denoised = torch.cat([
             patched.model.apply_model(x[i:i + 1], sigma[i:i + 1], **{
@@ -468,14 +495,14 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                     **dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
                                sizes(count)[i].tolist()))).items()})
             for i in range(count)])
-        denoised = denoised[:, :, 0] if backend.frames else denoised
+        denoised = denoised[:, :, 0] if one_frame else denoised
         if backend.prediction_type == "v_prediction":
             scale = sigma / (1 + sigma**2).sqrt()
         elif getattr(objective, "precondition_outputs", False):  # SD3: the loss on x̂0 itself
             scale = torch.ones_like(sigma)
         else:
             scale = sigma
-        by_hand = ((latents - denoised) / scale.reshape(-1, 1, 1, 1)).square().mean(dim=(1, 2, 3))
+        by_hand = ((latents - denoised) / scale.reshape(-1, *[1] * (latents.dim() - 1))).square().flatten(1).mean(1)
         with backend.training(False), torch.inference_mode(False), torch.no_grad():
             trained = objective.loss(lambda noisy, t: backend.predict(noisy, t, conditioning), latents, noise, times)
         drawn = objective.draw((4, *latents.shape[1:]), torch.Generator().manual_seed(7))[1]
@@ -515,7 +542,8 @@ def fixed_loss(backend_module, model, clip, vae, dataset) -> float:
     with torch.inference_mode():
         backend = backend_module.ComfyBackend(model, clip, vae)
         pixels = dataset.image_pixels(0).unsqueeze(0)
-        latents = backend.encode_images(pixels, torch.Generator().manual_seed(0)).repeat(4, 1, 1, 1)
+        latents = backend.encode_images(pixels, torch.Generator().manual_seed(0))
+        latents = latents.repeat(4, *[1] * (latents.dim() - 1))
         conditioning = backend.encode_text(["a photo of sks"] * 4)  # the concept's default caption
         conditioning["size_and_crop"] = sizes(4)
         objective = backend.objective(TrainingConfig())
@@ -544,7 +572,7 @@ def sample(model, clip, seed: int = 3):
     with torch.inference_mode():
         backend = ComfyBackend(model, clip)
         channels = getattr(model.model.latent_format, "latent_channels", 4)
-        latent = {"samples": torch.zeros(1, channels, RESOLUTION // 8, RESOLUTION // 8)}
+        latent = {"samples": torch.zeros(1, channels, *[1] * backend.video, RESOLUTION // 8, RESOLUTION // 8)}
         (sampled,) = comfy_nodes.common_ksampler(model, seed, 4, backend.spec.sample_cfg, "euler",
                                                  backend.spec.sample_scheduler, backend.conditioning("a photo of sks"),
                                                  backend.conditioning(""), latent)
@@ -565,7 +593,7 @@ def core_against_lora_core(backend_module, model, clip, tensors: dict[str, torch
     finally:
         logging.getLogger().removeHandler(lines)
     backend = backend_module.ComfyBackend(model, clip)
-    latents, noise = fixed_tensors(model, 2)
+    latents, noise = fixed_tensors(model, 2, 2 * backend.video)
     times = torch.tensor([0.3, 0.8]) if backend.prediction_type == "flow" else torch.tensor([200, 700])
     conditioning = {**text_conditioning(core_clip, 2, backend.spec.text_extras), "size_and_crop": sizes(2)}
     core_backend = backend_module.ComfyBackend(core_model, core_clip)
@@ -859,6 +887,35 @@ def qwen_edit(backend_module, model, clip, vae, work_dir: Path) -> dict:
             "steps": steps}
 
 
+def wan_clips(backend_module, model, clip, vae, work_dir: Path) -> dict:
+    """Load Dataset with frames 5 on a folder of clips (mp4, webm, gif), a too-short one and a broken file: the valid
+    clips train as 5-frame videos (2 latent frames) through Train LoRA; the others are named."""
+    import folder_paths
+    from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from support.clips import write_clip
+
+    folder_paths.set_input_directory(str(work_dir / "input"))
+    clips = work_dir / "input" / "clips"
+    for name in ("a.mp4", "b.webm", "c.gif"):
+        write_clip(clips / name, 9, size=RESOLUTION)
+    write_clip(clips / "short.mp4", 3, size=RESOLUTION)
+    (clips / "broken.mp4").write_bytes(b"not a video" * 50)
+    with torch.inference_mode():
+        output = LoadDataset().load(**{**CONCEPT_DATASET, "folder": "clips", "frames": 5})
+        dataset, _ = output["result"]
+        backend = backend_module.ComfyBackend(model, clip, vae)
+        latents = backend.encode_images(dataset.image_pixels(0)[None], torch.Generator().manual_seed(0))
+        (network,) = inject(model, clip, "lora", "attention", False)
+        trained = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a video of sks")
+    summary = trained["ui"]["lora_lab_training"][0]
+    return {"examples": sorted(example.path.name for example in dataset.examples),
+            "skipped": sorted(path.name for path, _ in dataset.skipped), "text": output["ui"]["text"][0],
+            "latent_shape": list(latents.shape), "steps": summary["steps"],
+            "losses_finite": all(loss == loss for loss in summary["losses"])}
+
+
 def prompt_node(backend_module, model, clip) -> dict:
     """Lumina 2: the CONDITIONING Train LoRA samples with (its captions are encoded in the same template) is ComfyUI's
     own CLIPTextEncodeLumina2 with the "superior" system prompt, the attention mask its sampler counts tokens from
@@ -915,6 +972,8 @@ def main() -> None:
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     if family == "flux":
         checks["kontext"] = (kontext, backend_module, model, clip, vae, work_dir)
+    if family == "wan":
+        checks["clips"] = (wan_clips, backend_module, model, clip, vae, work_dir)
     if family == "qwen_image":
         checks["qwen_edit"] = (qwen_edit, backend_module, model, clip, vae, work_dir)
     if family in FP8_FAMILIES:

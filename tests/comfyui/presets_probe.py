@@ -53,6 +53,10 @@ LUMINA2_CONFIG = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, 
                   "qk_norm": True, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}  # support/tiny_lumina2.py's
 
 
+WAN_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64,
+              "in_dim": 16, "out_dim": 16, "text_dim": 32, "freq_dim": 32, "patch_size": (1, 2, 2)}  # tiny_wan.py's
+
+
 def nextdit_to_diffusers(config: dict) -> dict:
     """diffusers' weight key → ComfyUI's NextDiT key (with rows where qkv is fused), by the rules of diffusers'
     `convert_lumina2_to_diffusers` (loaders/single_file_utils.py), with qkv split at this model's head counts."""
@@ -80,11 +84,12 @@ def diffusers_pipelines() -> dict:
     from support.tiny_hidream import build_tiny_hidream
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
+    from support.tiny_wan import build_tiny_wan
     from support.tiny_sdxl import build_tiny_sdxl
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
             "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma(),
-            "lumina2": build_tiny_lumina2(), "hidream": build_tiny_hidream()}
+            "lumina2": build_tiny_lumina2(), "hidream": build_tiny_hidream(), "wan": build_tiny_wan()}
 
 
 def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
@@ -108,6 +113,13 @@ def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
     if family == "hidream":  # ComfyUI's HiDream names its layers as diffusers does: the map is the identity
         config = comfy.supported_models.HiDream(dict(HIDREAM_CONFIG))
         return patcher(config), {key: key for key in state}
+    if family == "wan":  # ComfyUI has no diffusers map for Wan: lora_core's names (diffusers' Wan converter reads
+        # them back in tests/families/test_wan.py)
+        from lora_core.families.wan import wan_path
+
+        config = comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG))
+        return patcher(config), {key: f"{wan_path(key.removesuffix('.weight'))}.weight" for key in state
+                                 if key.endswith(".weight")}
     if family == "lumina2":
         config = comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))
         return patcher(config), nextdit_to_diffusers(LUMINA2_CONFIG)

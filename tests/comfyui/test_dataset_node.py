@@ -29,7 +29,7 @@ def test_load_dataset_runs_again_after_captions_or_images_change(comfy: ComfySer
     folder = make_concept_images(comfy.input_dir / "lora_lab_changing", count=2, resolution=64)
     graph = dataset_graph(folder.name)
     assert found(comfy.run(graph)) == {"images": 2, "captioned": 1, "defaulted": 1, "regularization": 0,
-                                       "examples": 2, "skipped": 0, "references": 0}
+                                       "examples": 2, "skipped": 0, "references": 0, "clips": 0}
     assert "1" in cached_nodes(comfy.run(graph)), "an unchanged folder is not read again"
 
     (folder / "circle_00.txt").write_text("")  # the caption edited away: that image gets the default caption

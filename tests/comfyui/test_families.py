@@ -26,7 +26,7 @@ RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "fl
         ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "flux_scaled_fp8"),
         ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("0.3.64", CURRENT_COMFY_DIR, "qwen_image"),
         ("0.3.64", CURRENT_COMFY_DIR, "chroma"), ("0.3.64", CURRENT_COMFY_DIR, "lumina2"),
-        ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("2024", COMFY_DIR, "sdxl")]
+        ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("0.3.64", CURRENT_COMFY_DIR, "wan"), ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -38,7 +38,9 @@ KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "
                 # kohya's names over NextDiT's layers (qkv fused), as sd-scripts writes them
                 "lumina2": ("lora_unet_noise_refiner_", "lora_unet_context_refiner_", "lora_unet_layers_"),
                 # diffusion-pipe's layout, which diffusers reads (it refuses kohya's names and alpha keys)
-                "hidream": ("diffusion_model.double_stream_blocks.", "diffusion_model.single_stream_blocks.")}
+                "hidream": ("diffusion_model.double_stream_blocks.", "diffusion_model.single_stream_blocks."),
+                # diffusion-pipe's layout over Wan's own names, which ComfyUI and diffusers both read
+                "wan": ("diffusion_model.blocks.",)}
 _results: dict[tuple[str, str], dict] = {}
 
 
@@ -72,10 +74,11 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "chroma", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "lumina2", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "hidream", "objective", "flow"),
+    ("0.3.64", CURRENT_COMFY_DIR, "wan", "objective", "flow"),
     ("2024", COMFY_DIR, "sdxl", "objective", "v_prediction"),
     ("2024", COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
 ], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64", "qwen_image-0.3.64", "chroma-0.3.64",
-        "lumina2-0.3.64", "hidream-0.3.64", "sdxl-v-2024",
+        "lumina2-0.3.64", "hidream-0.3.64", "wan-0.3.64", "sdxl-v-2024",
         "sdxl-eps-2024"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
@@ -150,7 +153,8 @@ TEXT_ENCODER_FILE_PREFIXES = {"lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "tex
 
 @pytest.mark.parametrize(("family", "family_name"), [("sdxl", "SDXL"), ("flux", "Flux.1"), ("sd3", "SD3"),
                                                    ("qwen_image", "Qwen-Image"), ("chroma", "Chroma"),
-                                                   ("lumina2", "Lumina 2"), ("hidream", "HiDream-I1")])
+                                                   ("lumina2", "Lumina 2"), ("hidream", "HiDream-I1"),
+                                                   ("wan", "Wan")])
 def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name, tmp_path_factory) -> None:
     """Inject LoRA's train_text_encoder tooltip names, for each family, exactly the CLIP encoders whose layers the
     trained file holds."""
@@ -164,7 +168,8 @@ def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name,
 @pytest.mark.parametrize(("family", "family_name", "setting"), [
     ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma"), ("sd3", "SD3", "min_snr_gamma"),
     ("qwen_image", "Qwen-Image", "min_snr_gamma"), ("chroma", "Chroma", "min_snr_gamma"),
-    ("lumina2", "Lumina 2", "min_snr_gamma"), ("hidream", "HiDream-I1", "min_snr_gamma")])
+    ("lumina2", "Lumina 2", "min_snr_gamma"), ("hidream", "HiDream-I1", "min_snr_gamma"),
+    ("wan", "Wan", "min_snr_gamma")])
 def test_what_a_family_cannot_train_is_refused_naming_the_family(
         family, family_name, setting, tmp_path_factory) -> None:
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
@@ -177,7 +182,7 @@ def test_what_a_family_cannot_train_is_refused_naming_the_family(
         assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
     else:
         assert outcome["loha"] is None
-    if family in ("qwen_image", "chroma", "lumina2", "hidream"):  # no text encoder of theirs trains: refused, not ignored
+    if family in ("qwen_image", "chroma", "lumina2", "hidream", "wan"):  # no text encoder of theirs trains: refused
         assert "train_text_encoder off" in outcome["text_encoder"] and family_name in outcome["text_encoder"]
     else:
         assert outcome["text_encoder"] is None
@@ -240,3 +245,14 @@ def test_qwen_image_edit_trains_on_edit_pairs_as_comfyui_runs_them(tmp_path_fact
     assert outcome["difference"] <= 1e-5 * outcome["scale"], outcome
     assert outcome["reference_effect"] > 1e-3 * outcome["scale"], outcome
     assert outcome["steps"] == {"edit_plus": 2, "edit": 2}
+
+
+def test_wan_trains_on_clips_of_the_dataset_and_names_those_it_cannot(tmp_path_factory) -> None:
+    """Load Dataset with frames 5 on mp4, webm and gif clips, a 3-frame clip and a broken file: the three valid
+    clips become 5-frame items (2 latent frames of ComfyUI's Wan VAE) that Train LoRA trains; the others are
+    skipped by name, and the node's text says so."""
+    outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, "wan", tmp_path_factory), "clips")
+    assert outcome["examples"] == ["a.mp4", "b.webm", "c.gif"] and outcome["skipped"] == ["broken.mp4", "short.mp4"]
+    assert "3 of them clips of 5 frames" in outcome["text"] and "2 skipped" in outcome["text"], outcome["text"]
+    assert outcome["latent_shape"] == [1, 16, 2, 8, 8]
+    assert outcome["steps"] == 3 and outcome["losses_finite"]

@@ -228,7 +228,7 @@ def test_extra_dataset_roots_are_offered_and_other_folders_are_not(comfy: ComfyS
     entry = comfy.run(graph)
     assert entry["outputs"]["1"]["lora_lab_dataset"] == [
         {"images": 2, "captioned": 1, "defaulted": 1, "regularization": 0, "examples": 6, "skipped": 0,
-         "references": 0}]
+         "references": 0, "clips": 0}]
 
 
 def test_inject_continues_training_from_a_loaded_lora(comfy: ComfyServer, dataset, new_loras) -> None:

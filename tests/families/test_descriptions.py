@@ -23,11 +23,13 @@ def tiny_pipeline(pipeline_class: str):
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
+    from support.tiny_wan import build_tiny_wan
 
     return {"StableDiffusionPipeline": build_tiny_pipeline, "StableDiffusionXLPipeline": build_tiny_sdxl,
             "StableDiffusion3Pipeline": build_tiny_sd3, "FluxPipeline": build_tiny_flux,
             "QwenImagePipeline": build_tiny_qwen_image, "ChromaPipeline": build_tiny_chroma,
-            "Lumina2Pipeline": build_tiny_lumina2, "HiDreamImagePipeline": build_tiny_hidream}[pipeline_class](seed=0)
+            "Lumina2Pipeline": build_tiny_lumina2, "HiDreamImagePipeline": build_tiny_hidream,
+            "WanPipeline": build_tiny_wan}[pipeline_class](seed=0)
 
 
 def comfy_class_bases() -> dict[str, list[str]]:

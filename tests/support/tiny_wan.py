@@ -1,0 +1,32 @@
+"""A tiny random WanPipeline with the real diffusers architectures, built offline: the Wan 2.1 VAE layout (16
+latent channels, 4× temporal and 8× spatial compression, Wan's own latents_mean/std) narrow, a 2-block transformer of
+width 32 and a 1-layer umT5 over the test T5 tokenizer; the scheduler is Wan's UniPC with its flow shift 3.0."""
+from __future__ import annotations
+
+import torch
+
+from support.tiny_flow_models import t5_tokenizer
+
+TEXT_WIDTH = 32
+
+
+def build_tiny_wan(seed: int = 0):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=tokenizer.vocab_size + 8, d_model=TEXT_WIDTH, d_ff=64,
+                                               d_kv=16, num_heads=2, num_layers=1)).eval()
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=16, out_channels=16, text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=64,
+                                        num_layers=2, rope_max_seq_len=64)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                           transformer=transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
