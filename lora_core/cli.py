@@ -13,6 +13,7 @@ from pathlib import Path
 from .data.config import DATASET_SETTINGS, REGULARIZATION_FOLDER
 from .errors import LoRALabError
 from .families.qwen_image import EDIT_PROMPT
+from .families.wan import WAN_EXPERT
 from .formats.files import SAVE_PRECISION
 from .network_config import EXTRACT_TARGET, NETWORK_SETTINGS, NetworkConfig
 from .settings import add_arguments, parsed_settings
@@ -47,11 +48,12 @@ def make_backend(pipeline, args: argparse.Namespace, **identity):
         if "guidance" not in inspect.signature(cls).parameters:
             raise SystemExit(f"error: --flux-guidance sets Flux.1-dev's guidance input; {cls.family} has none")
         options["guidance"] = args.flux_guidance
-    if args.edit_prompt is not None:  # the backend refuses it where the pipeline takes no reference images
-        if "edit_prompt" not in inspect.signature(cls).parameters:
-            raise SystemExit(f"error: --edit-prompt sets how Qwen-Image-Edit's text encoder sees reference images; "
-                             f"{cls.family} has none")
-        options["edit_prompt"] = args.edit_prompt
+    for setting, parameter in ((EDIT_PROMPT, "edit_prompt"), (WAN_EXPERT, "expert")):  # the family's own options
+        value = getattr(args, setting.name)
+        if value is not None:
+            if parameter not in inspect.signature(cls).parameters:
+                raise SystemExit(f"error: {setting.flag} is not an option of {cls.family}: {setting.help}")
+            options[parameter] = value
     return cls(pipeline, **identity, **options)
 
 
@@ -330,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
                             "LoRAs; kohya's and diffusers' scripts default to 3.5)")
-    add_arguments(train, (SAVE_PRECISION, EDIT_PROMPT))
+    add_arguments(train, (SAVE_PRECISION, EDIT_PROMPT, WAN_EXPERT))
     train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
     train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                        help="seconds a rank waits for the others before failing, when several processes train")

@@ -402,7 +402,7 @@ class ComfyBackend(TrainingBackend):
             logit_mean=config.logit_mean, logit_std=config.logit_std, mode_scale=config.mode_scale,
             weighting=config.loss_weighting, schedule=None if fixed else self.model_sigma, **fixed,
             precondition_outputs=(self.spec.precondition_outputs if config.precondition_outputs is None
-                                  else config.precondition_outputs))
+                                  else config.precondition_outputs), sigma_range=(config.min_sigma, config.max_sigma))
 
     def model_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The MODEL's own σ at the fraction `sigma` of its schedule: SD3's shift (ModelSamplingSD3), Flux's μ

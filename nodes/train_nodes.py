@@ -191,7 +191,10 @@ TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
 
 
 FLUX_GUIDANCE_INPUT = ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."})
-FLOW_MATCHING_WIDGETS = tuple(name for name in FLOW_MATCHING_SETTINGS if name in WIDGET_SETTINGS)
+# on Flow Matching Options after flux_guidance, as optional inputs (saved workflows hold widget values by position)
+FLOW_MATCHING_LATER = ("min_sigma", "max_sigma")
+FLOW_MATCHING_WIDGETS = tuple(name for name in FLOW_MATCHING_SETTINGS
+                              if name in WIDGET_SETTINGS and name not in FLOW_MATCHING_LATER)
 # Training Options' SD3/Flux inputs in the order workflows saved before Flow Matching Options hold them
 OLD_LAYOUT_OPTIONAL = ("timestep_sampling", "flow_shift", "logit_mean", "logit_std", "loss_weighting", "flux_guidance",
                        "prior_loss_weight", "precondition_outputs")
@@ -250,7 +253,8 @@ class FlowMatchingOptions:
     def INPUT_TYPES(cls):
         return {"required": {**{name: setting_input(name) for name in FLOW_MATCHING_WIDGETS},
                              "flux_guidance": FLUX_GUIDANCE_INPUT},
-                "optional": {"edit_prompt": widget_input(EDIT_PROMPT)}}
+                "optional": {"edit_prompt": widget_input(EDIT_PROMPT),
+                             **{name: setting_input(name) for name in FLOW_MATCHING_LATER}}}
 
     def options(self, **options):
         return (options,)
@@ -271,7 +275,8 @@ class TrainingOptionsWithFlowMatching(TrainingOptions):
 
 
 OPTION_DEFAULTS = {name: spec[1]["default"]
-                   for section in TrainingOptionsWithFlowMatching.INPUT_TYPES().values()
+                   for node in (TrainingOptionsWithFlowMatching, FlowMatchingOptions)
+                   for section in node.INPUT_TYPES().values()
                    for name, spec in section.items()}
 
 
@@ -336,7 +341,7 @@ class TrainLoRA:
             latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
         )
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
-                               guidance=options["flux_guidance"], edit_prompt=options.get("edit_prompt"))
+                               guidance=options["flux_guidance"], edit_prompt=options["edit_prompt"])
         state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
         bar = comfy.utils.ProgressBar(steps)
 

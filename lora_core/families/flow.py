@@ -47,7 +47,7 @@ def flow_objective(config: TrainingConfig, family: Family, timestep_multiplier: 
         config.mode_scale, shift=1.0 if shift is None else shift, resolution_shift=shift is None,
         base_shift=base_shift, max_shift=max_shift, shift_seq_lens=seq_lens, weighting=config.loss_weighting,
         precondition_outputs=(family.precondition_outputs if config.precondition_outputs is None
-                              else config.precondition_outputs),
+                              else config.precondition_outputs), sigma_range=(config.min_sigma, config.max_sigma),
     )
 
 

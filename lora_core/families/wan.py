@@ -10,6 +10,7 @@ musubi-tuner's `lora_unet_` names wants every layer of every block). musubi-tune
 and diffusers' `transformer.blocks.0.attn1.to_q` files load too."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..backend import Conditioning, check_frame_step
+from ..settings import Setting
 from ..targets import TargetError, TargetPreset, kohya_name
 from ..training.objectives import FlowMatchingObjective
 from .family import BlockLayout, Family
@@ -65,6 +67,13 @@ WAN_NAMES = ((r"\.attn1\.to_out\.0$", ".self_attn.o"), (r"\.attn1\.to_([qkv])$",
              (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"))
 
 
+EXPERTS = ("high", "low")
+WAN_EXPERT = Setting(
+    "wan_expert", str, None, "Wan 2.2 A14B (a WanPipeline with two transformers split at its boundary_ratio): the "
+    "expert whose LoRA trains: high (transformer, noise levels σ above the boundary) or low (transformer_2, below "
+    "it); each trains on its own σ range unless min_sigma / max_sigma set another.", choices=(None, *EXPERTS))
+
+
 def wan_path(path: str) -> str:
     """Wan's own name (ComfyUI's) of the diffusers WanTransformer3DModel layer `path`."""
     for pattern, name in WAN_NAMES:
@@ -84,17 +93,34 @@ class WanBackend(FlowBackend):
     sample_guidance = 1.0  # the pipeline's CFG needs a negative prompt; samples are drawn without it
     max_sequence_length = 512  # the pipeline's, and what the I2V attention assumes
 
-    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
+    def __init__(self, pipeline: Any, name: str = "", model_hash: str = "", expert: str | None = None) -> None:
+        """`expert`: which of Wan 2.2 A14B's two transformers trains (required for such a pipeline, refused else)."""
         super().__init__(pipeline, name, model_hash)
+        self.expert_range = None
+        boundary = pipeline.config.get("boundary_ratio")
+        if getattr(pipeline, "transformer_2", None) is not None:
+            if expert not in EXPERTS:
+                raise ValueError(f"this Wan 2.2 pipeline has two experts split at σ {boundary}: choose wan_expert "
+                                 "high (transformer, σ above it) or low (transformer_2, σ below it), one LoRA each")
+            self.transformer = pipeline.transformer if expert == "high" else pipeline.transformer_2
+            self.expert_range = (boundary, 1.0) if expert == "high" else (0.0, boundary)
+        elif expert is not None:
+            raise ValueError(f"wan_expert {expert!r} picks one of Wan 2.2 A14B's two transformers; this pipeline has "
+                             "one: leave it unset")
         paths = [path for path, module in self.transformer.named_modules() if isinstance(module, nn.Linear)]
         self.file_names = {kohya_name("lora_unet", path): f"{WAN.file_module_prefix}{wan_path(path)}" for path in paths}
         self.network_names = {kohya_name("lora_unet", wan_path(path)): kohya_name("lora_unet", path) for path in paths}
 
     def objective(self, config: TrainingConfig) -> FlowMatchingObjective:
         """Logit-normal σ with the scheduler's fixed shift (UniPC's flow_shift, FlowMatchEuler's shift: 3.0 for 480p,
-        5.0 for 720p), σ·1000 as the transformer's time input (the pipeline passes the scheduler's timesteps)."""
+        5.0 for 720p), σ·1000 as the transformer's time input (the pipeline passes the scheduler's timesteps); an
+        A14B expert's σ restricted to its side of the boundary (the pipeline runs `transformer` where t ≥
+        boundary_ratio·1000)."""
         scheduler = self.pipeline.scheduler.config
-        return flow_objective(config, WAN, 1000, scheduler.get("flow_shift") or scheduler.get("shift", 1.0))
+        objective = flow_objective(config, WAN, 1000, scheduler.get("flow_shift") or scheduler.get("shift", 1.0))
+        if self.expert_range is None or objective.sigma_range != (0.0, 1.0):
+            return objective
+        return dataclasses.replace(objective, sigma_range=self.expert_range)  # the expert's σ, as it denoises
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(z − latents_mean) / latents_std of each clip [B, 3, F, H, W] (an image [B, 3, H, W] as one frame)."""

@@ -125,6 +125,14 @@ class TrainingConfig:
         widget=Widget(minimum=0.0, maximum=100.0, step=0.01, unset=0.0,
                       note="0: the model's own schedule, including a ModelSamplingSD3 / ModelSamplingFlux node before "
                            "Train LoRA."))
+    min_sigma: float = setting(0.0, "Flow matching: train only on noise levels σ (after the shift) of at least this: "
+                                    "one expert of a model split at a σ boundary (Wan 2.2 A14B's high-noise expert: "
+                                    "0.875, its boundary).", minimum=0.0, below=1.0, allowed="a number in [0, 1)",
+                               families=FLOW_MATCHING, widget=Widget(maximum=1.0, step=0.001))
+    max_sigma: float = setting(1.0, "Flow matching: train only on noise levels σ (after the shift) of at most this "
+                                    "(Wan 2.2 A14B's low-noise expert: 0.875, its boundary).", above=0.0, maximum=1.0,
+                               allowed="a number in (0, 1]", families=FLOW_MATCHING,
+                               widget=Widget(minimum=0.001, step=0.001))
     loss_weighting: str = setting("none", "SD3/Flux: diffusers' loss weighting over σ (none, sigma_sqrt, cosmap).",
                                   choices=SD3_WEIGHTINGS, allowed=f"one of {SD3_WEIGHTINGS}", families=FLOW_MATCHING,
                                   widget=Widget())
@@ -144,6 +152,7 @@ class TrainingConfig:
              "0 while validation_every is 0: early stopping judges the validation loss, so set validation_every"),
             ("keep_best", not self.keep_best or self.validation_every,
              "False while validation_every is 0: the best weights are those of the lowest validation loss"),
+            ("min_sigma", self.min_sigma < self.max_sigma, f"a value below max_sigma ({self.max_sigma})"),
         ]
         for name, ok, allowed in relations:
             if not ok:

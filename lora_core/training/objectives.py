@@ -185,6 +185,7 @@ class FlowMatchingObjective:
     weighting: str = "none"
     schedule: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's own σ of a drawn σ ∈ [0, 1]
     precondition_outputs: bool = False  # the loss on x̂0 = x_σ − σ·v̂ against x0 (diffusers' and kohya's SD3)
+    sigma_range: tuple[float, float] = (0.0, 1.0)  # only σ (after the shift) in [low, high] train: one expert's
 
     def __post_init__(self) -> None:
         if self.schedule is not None and (self.shift != 1 or self.resolution_shift):
@@ -205,6 +206,8 @@ class FlowMatchingObjective:
                              f"use a value in [{low}, {high:.3f}]")
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0 (1 for none, 3 for SD3.5), got {self.shift}")
+        if not 0 <= self.sigma_range[0] < self.sigma_range[1] <= 1:
+            raise ValueError(f"sigma_range {self.sigma_range} is not an interval of [0, 1]")
         if self.resolution_shift and self.shift != 1:
             raise ValueError(f"shift {self.shift} and resolution_shift both shift σ; set shift 1 for Flux's "
                              "resolution-dependent shift, or resolution_shift False for a fixed shift")
@@ -221,29 +224,46 @@ class FlowMatchingObjective:
                 shift["shift_seq_lens"] = list(self.shift_seq_lens)
         else:
             shift = {"discrete_flow_shift": self.shift}
+        trained = {} if self.sigma_range == (0.0, 1.0) else {"min_timestep": round(self.sigma_range[0] * 1000),
+                                                              "max_timestep": round(self.sigma_range[1] * 1000)}
         return {"timestep_sampling": self.sampling, "weighting_scheme": self.weighting,
-                "precondition_outputs": self.precondition_outputs, **sampling, **shift}
+                "precondition_outputs": self.precondition_outputs, **sampling, **shift, **trained}
 
     def stratified(self, count: int) -> torch.Tensor:
-        """Fixed times for the validation loss: `count` noise levels at the centres of equal strata of (0, 1),
-        unshifted, so that every level counts alike and the times do not depend on the image size."""
-        return stratified_sigmas(count)
+        """Fixed times for the validation loss: `count` noise levels at the centres of equal strata of (0, 1) (of
+        `sigma_range`), unshifted, so that every level counts alike and the times do not depend on the image size."""
+        low, high = self.sigma_range
+        return low + (high - low) * stratified_sigmas(count)
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator, part: slice = slice(None)
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and shifted noise levels σ for a global batch of `shape`, drawn on the CPU; only `part` kept."""
+        """Noise and shifted noise levels σ for a global batch of `shape`, drawn on the CPU; only `part` kept. With a
+        `sigma_range`, σ outside it are drawn again (from the same generator) until all lie in it: the shifted
+        distribution restricted to the range, as one expert of a model split at a σ boundary sees it."""
         if self.resolution_shift and len(shape) != 4:
             raise ValueError(f"Flux's resolution shift needs unpacked latents (B, C, H, W), got shape {tuple(shape)}")
         noise = torch.randn(shape, generator=generator)
-        sigma = sample_sigmas(self.sampling, shape[0], generator, self.logit_mean, self.logit_std, self.mode_scale)
-        if self.schedule is not None:
-            sigma = self.schedule(sigma)
-        elif self.resolution_shift:
-            mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift, self.shift_seq_lens)
-            sigma = flux_shifted_sigmas(sigma, mu)
-        elif self.shift != 1:
-            sigma = shifted_sigmas(sigma, self.shift)
+        sigma = self.shifted(shape, shape[0], generator)
+        low, high = self.sigma_range
+        for _ in range(1000):
+            outside = (sigma < low) | (sigma > high)
+            if not outside.any():
+                break
+            sigma[outside] = self.shifted(shape, int(outside.sum()), generator)
+        else:
+            raise ValueError(f"σ drawn by {self.sampling} with this shift almost never falls in {self.sigma_range}; "
+                             "widen the range or change the sampling")
         return noise[part], sigma[part]
+
+    def shifted(self, shape: tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor:
+        """`count` noise levels drawn by `sampling` and shifted (for latents of `shape`)."""
+        sigma = sample_sigmas(self.sampling, count, generator, self.logit_mean, self.logit_std, self.mode_scale)
+        if self.schedule is not None:
+            return self.schedule(sigma)
+        if self.resolution_shift:
+            mu = flux_mu((shape[2] // 2) * (shape[3] // 2), self.base_shift, self.max_shift, self.shift_seq_lens)
+            return flux_shifted_sigmas(sigma, mu)
+        return shifted_sigmas(sigma, self.shift) if self.shift != 1 else sigma
 
     def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
              ) -> torch.Tensor:

@@ -889,8 +889,10 @@ def qwen_edit(backend_module, model, clip, vae, work_dir: Path) -> dict:
 
 def wan_clips(backend_module, model, clip, vae, work_dir: Path) -> dict:
     """Load Dataset with frames 5 on a folder of clips (mp4, webm, gif), a too-short one and a broken file: the valid
-    clips train as 5-frame videos (2 latent frames) through Train LoRA; the others are named."""
+    clips train as 5-frame videos (2 latent frames) through Train LoRA; the others are named. And min_sigma /
+    max_sigma (an A14B expert's side of the boundary) restrict the σ drawn from the MODEL's own schedule."""
     import folder_paths
+    from comfyui_lora_lab.lora_core.training.config import TrainingConfig
     from comfyui_lora_lab.nodes.train_nodes import LoadDataset, TrainLoRA
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -909,11 +911,14 @@ def wan_clips(backend_module, model, clip, vae, work_dir: Path) -> dict:
         latents = backend.encode_images(dataset.image_pixels(0)[None], torch.Generator().manual_seed(0))
         (network,) = inject(model, clip, "lora", "attention", False)
         trained = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a video of sks")
+        high = backend.objective(TrainingConfig(min_sigma=0.875)).draw((2000, 1), torch.Generator().manual_seed(0))[1]
+        low = backend.objective(TrainingConfig(max_sigma=0.875)).draw((2000, 1), torch.Generator().manual_seed(0))[1]
     summary = trained["ui"]["lora_lab_training"][0]
     return {"examples": sorted(example.path.name for example in dataset.examples),
             "skipped": sorted(path.name for path, _ in dataset.skipped), "text": output["ui"]["text"][0],
             "latent_shape": list(latents.shape), "steps": summary["steps"],
-            "losses_finite": all(loss == loss for loss in summary["losses"])}
+            "losses_finite": all(loss == loss for loss in summary["losses"]),
+            "expert_sigmas": [float(high.min()), float(high.max()), float(low.min()), float(low.max())]}
 
 
 def prompt_node(backend_module, model, clip) -> dict:

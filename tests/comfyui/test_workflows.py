@@ -121,7 +121,7 @@ def with_defaults(inputs: dict, node_info: dict) -> dict:
 SAVED_FLOW_MATCHING = {"timestep_sampling": "uniform", "flow_shift": 3.1, "logit_mean": 0.2, "logit_std": 1.3,
                        "loss_weighting": "cosmap", "flux_guidance": 2.5}
 # Flow Matching Options' settings added after that layout, which the old node never had: Train LoRA uses their defaults
-NEWER_THAN_THE_OLD_LAYOUT = ("edit_prompt",)
+NEWER_THAN_THE_OLD_LAYOUT = ("edit_prompt", "min_sigma", "max_sigma")
 
 
 def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy_object_info) -> None:
@@ -162,7 +162,8 @@ FAMILY_WORKFLOWS = {"train_lora_sdxl.json": {"ckpt_name", "folder"},
                     "train_lora_flux_kontext.json": {"unet_name", "clip_name1", "clip_name2", "vae_name", "folder",
                                                      "image"},
                     "train_lora_qwen_image_edit.json": {"unet_name", "clip_name", "vae_name", "folder", "image"},
-                    "train_lora_wan.json": {"unet_name", "clip_name", "vae_name", "folder"}}
+                    "train_lora_wan.json": {"unet_name", "clip_name", "vae_name", "folder"},
+                    "train_lora_wan22_a14b.json": {"unet_name", "clip_name", "vae_name", "folder"}}
 REFUSED_AS_MISSING = ("value_not_in_list", "custom_validation_failed")
 FAMILY_CLIP_TYPES = {"flux": ("DualCLIPLoader", "flux"), "qwen_image": ("CLIPLoader", "qwen_image"),
                      "chroma": ("CLIPLoader", "chroma"), "lumina2": ("CLIPLoader", "lumina2"),
@@ -189,3 +190,29 @@ def test_family_workflows_are_valid_on_the_server_but_for_the_base_model_files(c
                       if error["type"] in REFUSED_AS_MISSING}
     others = [error for node in errors.values() for error in node["errors"] if error["type"] not in REFUSED_AS_MISSING]
     assert refused_inputs == FAMILY_WORKFLOWS[name] and not others, errors
+
+
+def test_the_wan22_pair_trains_each_expert_on_its_side_of_the_boundary(comfy_object_info) -> None:
+    """train_lora_wan22_a14b.json: the high-noise expert's file trains with min_sigma 0.875, the low-noise one's with
+    max_sigma 0.875, each into its own LoRA file, from one dataset (as the UI workflow's widget values reach the
+    server)."""
+    if "ModelSamplingSD3" not in comfy_object_info:
+        pytest.skip("this ComfyUI predates Wan")
+    graph = load("train_lora_wan22_a14b.json", comfy_object_info)
+
+    def upstream(node_id: str, input_name: str) -> dict:
+        return graph[graph[node_id]["inputs"][input_name][0]]
+
+    experts = {}
+    for node_id, node in graph.items():
+        if node["class_type"] == "LoraLab_Train":
+            model = upstream(node["inputs"]["network"][0], "model")
+            unet = graph[model["inputs"]["model"][0]]["inputs"]["unet_name"]
+            flow = upstream(node["inputs"]["options"][0], "flow_matching")["inputs"]
+            saved = [other["inputs"]["filename_prefix"] for other in graph.values()
+                     if other["class_type"] == "LoraLab_SaveLoRA" and other["inputs"]["lora"][0] == node_id]
+            experts[unet] = (flow["min_sigma"], flow["max_sigma"], node["inputs"]["dataset"][0], saved)
+    high, low = (experts[name] for name in sorted(experts))  # "high_noise" sorts before "low_noise"
+    assert [name.split("_")[2] for name in sorted(experts)] == ["high", "low"]
+    assert high[:2] == (0.875, 1.0) and low[:2] == (0.0, 0.875) and high[2] == low[2]
+    assert high[3] != low[3] and len(high[3]) == len(low[3]) == 1

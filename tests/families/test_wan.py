@@ -248,3 +248,32 @@ def test_cli_trains_a_saved_wan_base_on_clips(wan, tmp_path) -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_training(wan, tmp_path) -> None:
     check_gradient_checkpointing_recomputes_the_same_training(WanBackend(wan), tmp_path)
+
+
+def test_a14b_experts_each_train_their_own_transformer_on_their_side_of_the_boundary(tmp_path) -> None:
+    """Wan 2.2 A14B's layout (transformer for σ ≥ 0.875, transformer_2 below, as the pipeline switches): the backend
+    refuses to guess the expert; each expert's network adapts its own transformer, and its σ are the shifted
+    distribution restricted to its side (same quantiles as unrestricted draws that fall there); validation σ lie
+    there too; min_sigma / max_sigma set another range, and min_sigma ≥ max_sigma is refused."""
+    pair = build_tiny_wan(seed=0, experts=True)
+    with pytest.raises(ValueError, match="two experts split at σ 0.875: choose wan_expert high"):
+        WanBackend(pair)
+    with pytest.raises(ValueError, match="has one: leave it unset"):
+        WanBackend(build_tiny_wan(seed=0), expert="low")
+    unrestricted = WanBackend(build_tiny_wan(seed=0)).objective(TrainingConfig()).draw(
+        (20000, 1), torch.Generator().manual_seed(0))[1]
+    for expert, inside in (("high", lambda sigma: sigma >= 0.875), ("low", lambda sigma: sigma <= 0.875)):
+        backend = WanBackend(pair, expert=expert)
+        expected = pair.transformer if expert == "high" else pair.transformer_2
+        layers = {id(module) for module in backend.adapter_targets("attention", False).values()}
+        assert layers <= {id(module) for module in expected.modules()}
+        objective = backend.objective(TrainingConfig())
+        _, sigmas = objective.draw((20000, 1), torch.Generator().manual_seed(1))
+        assert bool(inside(sigmas).all()) and bool(inside(objective.stratified(4)).all())
+        reference = unrestricted[inside(unrestricted)]
+        quantiles = torch.tensor([0.1, 0.5, 0.9])
+        torch.testing.assert_close(sigmas.quantile(quantiles), reference.quantile(quantiles), rtol=0, atol=0.01)
+    ranged = WanBackend(pair, expert="high").objective(TrainingConfig(min_sigma=0.95))
+    assert bool((ranged.draw((500, 1), torch.Generator().manual_seed(2))[1] >= 0.95).all())
+    with pytest.raises(TrainingError, match="min_sigma = 0.9 is out of range: use a value below max_sigma"):
+        TrainingConfig(min_sigma=0.9, max_sigma=0.5).validate()

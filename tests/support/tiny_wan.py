@@ -10,7 +10,8 @@ from support.tiny_flow_models import t5_tokenizer
 TEXT_WIDTH = 32
 
 
-def build_tiny_wan(seed: int = 0):
+def build_tiny_wan(seed: int = 0, experts: bool = False):
+    """With `experts`, Wan 2.2 A14B's layout: a second transformer for the low noise levels, split at 0.875."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -21,12 +22,15 @@ def build_tiny_wan(seed: int = 0):
     torch.manual_seed(seed + 1)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=tokenizer.vocab_size + 8, d_model=TEXT_WIDTH, d_ff=64,
                                                d_kv=16, num_heads=2, num_layers=1)).eval()
-    torch.manual_seed(seed + 2)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                        in_channels=16, out_channels=16, text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=64,
-                                        num_layers=2, rope_max_seq_len=64)
+    transformers = []
+    for offset in range(2 if experts else 1):
+        torch.manual_seed(seed + 2 + offset)
+        transformers.append(WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                           transformer=transformer)
+                           transformer=transformers[0], transformer_2=transformers[1] if experts else None,
+                           boundary_ratio=0.875 if experts else None)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
