@@ -43,6 +43,7 @@ class TrainingBackend(ABC):
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction", or "flow" (velocity ε − x0)
     reference_images: int = 0  # how many of an edit pair's reference images the denoiser takes (REFERENCE_LATENTS)
     text_sees_references: bool = False  # the text encoder reads them too (`encode_text_with_references`)
+    sample_frames: int = 1  # frames of each sample: a video family's samples are clips as long as the dataset's
     device: torch.device = torch.device("cpu")
 
     def objective(self, config: TrainingConfig) -> Objective:
@@ -125,7 +126,8 @@ class TrainingBackend(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot key a latent cache on disk")
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
-        """One image per prompt from the model as it is now (LoRA attached), each from noise of `seed`."""
+        """One image per prompt from the model as it is now (LoRA attached), each from noise of `seed`; a video
+        family's, with `sample_frames` > 1, a clip (a list of frames)."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate sample images")
 
     def model_info(self) -> dict[str, str]:

@@ -30,6 +30,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+SAMPLE_FPS = 16  # clips' frame rate in animated samples where the dataset sets none (Wan's)
+
+
 def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
     from .families import base_dtype
@@ -154,7 +157,12 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
             bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", val=validation_loss, lr=f"{report.learning_rate:.2e}")
             bar.update(1)
             for index, image in enumerate(report.samples if is_main and report.samples else []):
-                image.save(out.parent / f"{out.stem}-sample-step{report.step:08d}-{index}.png")
+                name = f"{out.stem}-sample-step{report.step:08d}-{index}"
+                if isinstance(image, list):  # a clip: an animated WEBP at the dataset's frame rate
+                    image[0].save(out.parent / f"{name}.webp", save_all=True, append_images=image[1:], loop=0,
+                                  duration=round(1000 / (dataset.config.target_fps or SAMPLE_FPS)), quality=90)
+                else:
+                    image.save(out.parent / f"{name}.png")
 
         try:
             result = train(backend, network, dataset, config, callback=show, checkpointer=checkpointer,

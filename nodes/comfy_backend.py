@@ -675,7 +675,7 @@ class ComfyBackend(TrainingBackend):
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
         """KSampler (euler, the family's usual cfg and scheduler) and VAE Decode, as the core nodes do it, with the
-        LoRA attached."""
+        LoRA attached; a video family's clips of `sample_frames` frames (4k+1: one latent frame per 4)."""
         from PIL import Image
 
         import nodes as comfy_nodes  # ComfyUI's own nodes module
@@ -685,13 +685,15 @@ class ComfyBackend(TrainingBackend):
         images = []
         for prompt in prompts:
             comfy.model_management.throw_exception_if_processing_interrupted()  # KSampler checks between its steps
-            latent = {"samples": torch.zeros(1, channels, *[1] * self.video, size, size)}  # a video model: a frame
+            frames = [(self.sample_frames - 1) // self.spec.frame_step + 1] if self.video else []
+            latent = {"samples": torch.zeros(1, channels, *frames, size, size)}
             (sampled,) = comfy_nodes.common_ksampler(self.model, seed, steps, self.spec.sample_cfg, "euler",
                                                      self.spec.sample_scheduler, self.conditioning(prompt),
                                                      self.conditioning(""), latent)
             decoded = self.vae.decode(sampled["samples"])  # [B, H, W, 3], or [B, frames, H, W, 3] for a video VAE
-            pixels = decoded.reshape(-1, *decoded.shape[-3:])[0]
-            images.append(Image.fromarray((pixels.clamp(0, 1) * 255).round().byte().cpu().numpy()))
+            pixels = (decoded.reshape(-1, *decoded.shape[-3:]).clamp(0, 1) * 255).round().byte().cpu().numpy()
+            clip = [Image.fromarray(frame) for frame in pixels]
+            images.append(clip if self.video and self.sample_frames > 1 else clip[0])
         return images
 
     def model_info(self) -> dict[str, str]:

@@ -303,7 +303,7 @@ class TrainLoRA:
     RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples")
     OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
                        "CLIP with the LoRA applied at strength 1.", "The training loss per step and the validation loss.",
-                       "The sample images of every sample step, in order (an image saying so when sampling is off).")
+                       "The sample images of every sample step, in order (a video model's: each clip's frames; an image saying so when sampling is off).")
     FUNCTION = "train"
 
     @classmethod
@@ -347,7 +347,8 @@ class TrainLoRA:
 
         def on_step(report: StepReport) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            preview = ("PNG", report.samples[0], 512) if report.samples else None  # the loss is drawn by web/
+            first = report.samples[0] if report.samples else None  # a clip shows its first frame
+            preview = ("PNG", first[0] if isinstance(first, list) else first, 512) if first else None  # loss: web/
             bar.update_absolute(report.step, report.total_steps, preview)
             send_event("lora_lab.train.step", {
                 "node": unique_id, "step": report.step, "total": report.total_steps, "loss": report.loss,
@@ -377,7 +378,8 @@ class TrainLoRA:
                    "validation_held_out": result.validation_held_out}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses, result.validation)])
-        samples = [image for _, images in result.samples for image in images]
+        samples = [frame for _, images in result.samples for image in images  # a clip: its frames in order
+                   for frame in (image if isinstance(image, list) else [image])]
         samples = to_image_batch(samples) if samples else no_samples_image(dataset.config.resolution)
         return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve, samples)}
 

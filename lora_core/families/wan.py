@@ -175,11 +175,14 @@ class WanBackend(FlowBackend):
         return named
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
-        """One frame per prompt (an image), from noise of `seed`, at the sample size."""
-        size = self.sample_size or 480
-        return [self.pipeline(prompt, height=size, width=size, num_frames=1, num_inference_steps=steps,
-                              guidance_scale=self.sample_guidance, generator=torch.Generator().manual_seed(seed),
-                              output_type="pil").frames[0][0] for prompt in prompts]
+        """A clip of `sample_frames` frames per prompt (an image at 1), from noise of `seed`, at the sample size."""
+        size, samples = self.sample_size or 480, []
+        for prompt in prompts:
+            frames = self.pipeline(prompt, height=size, width=size, num_frames=self.sample_frames,
+                                   num_inference_steps=steps, guidance_scale=self.sample_guidance,
+                                   generator=torch.Generator().manual_seed(seed), output_type="pil").frames[0]
+            samples.append(frames if self.sample_frames > 1 else frames[0])
+        return samples
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.name, "hash": self.model_hash, "version": WAN.version}

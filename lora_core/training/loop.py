@@ -55,7 +55,7 @@ class StepReport:
     learning_rate: float
     elapsed: float
     validation_loss: float | None = None  # on the steps where it was evaluated
-    samples: list | None = None  # images generated after this step, if it was a sample step
+    samples: list | None = None  # images (clips: lists of frames) generated after this step, if a sample step
     checkpoint: Path | None = None  # the LoRA file saved after this step, if any
 
 
@@ -201,6 +201,7 @@ def train(
     frames = max(example.frames for example in dataset.examples)
     if frames > 1:
         backend.check_clip_frames(frames)
+    backend.sample_frames = frames  # samples of a clip dataset are clips
     counts = sorted({len(example.references) for example in dataset.examples})
     if len(counts) > 1 and config.batch_size > 1:
         raise TrainingError(f"the dataset's images have {' or '.join(map(str, counts))} reference images, and one "

@@ -910,7 +910,8 @@ def wan_clips(backend_module, model, clip, vae, work_dir: Path) -> dict:
         backend = backend_module.ComfyBackend(model, clip, vae)
         latents = backend.encode_images(dataset.image_pixels(0)[None], torch.Generator().manual_seed(0))
         (network,) = inject(model, clip, "lora", "attention", False)
-        trained = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 0, "a video of sks")
+        trained = TrainLoRA().train(network, dataset, vae, 3, 1e-2, 1, "AdamW", 0, 3, "a video of sks",
+                                    options={"sample_steps": 2})  # one sample clip, at the last step
         high = backend.objective(TrainingConfig(min_sigma=0.875)).draw((2000, 1), torch.Generator().manual_seed(0))[1]
         low = backend.objective(TrainingConfig(max_sigma=0.875)).draw((2000, 1), torch.Generator().manual_seed(0))[1]
     summary = trained["ui"]["lora_lab_training"][0]
@@ -918,7 +919,8 @@ def wan_clips(backend_module, model, clip, vae, work_dir: Path) -> dict:
             "skipped": sorted(path.name for path, _ in dataset.skipped), "text": output["ui"]["text"][0],
             "latent_shape": list(latents.shape), "steps": summary["steps"],
             "losses_finite": all(loss == loss for loss in summary["losses"]),
-            "expert_sigmas": [float(high.min()), float(high.max()), float(low.min()), float(low.max())]}
+            "expert_sigmas": [float(high.min()), float(high.max()), float(low.min()), float(low.max())],
+            "samples_shape": list(trained["result"][4].shape)}
 
 
 def prompt_node(backend_module, model, clip) -> dict:

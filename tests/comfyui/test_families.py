@@ -250,7 +250,8 @@ def test_qwen_image_edit_trains_on_edit_pairs_as_comfyui_runs_them(tmp_path_fact
 def test_wan_trains_on_clips_of_the_dataset_and_names_those_it_cannot(tmp_path_factory) -> None:
     """Load Dataset with frames 5 on mp4, webm and gif clips, a 3-frame clip and a broken file: the three valid
     clips become 5-frame items (2 latent frames of ComfyUI's Wan VAE) that Train LoRA trains; the others are
-    skipped by name, and the node's text says so. min_sigma / max_sigma keep σ on one expert's side."""
+    skipped by name, and the node's text says so; the sample is a 5-frame clip. min_sigma / max_sigma keep σ on
+    one expert's side."""
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, "wan", tmp_path_factory), "clips")
     assert outcome["examples"] == ["a.mp4", "b.webm", "c.gif"] and outcome["skipped"] == ["broken.mp4", "short.mp4"]
     assert "3 of them clips of 5 frames" in outcome["text"] and "2 skipped" in outcome["text"], outcome["text"]
@@ -258,3 +259,4 @@ def test_wan_trains_on_clips_of_the_dataset_and_names_those_it_cannot(tmp_path_f
     assert outcome["steps"] == 3 and outcome["losses_finite"]
     high_min, high_max, low_min, low_max = outcome["expert_sigmas"]  # Wan 2.2 A14B's experts, split at 0.875
     assert 0.875 <= high_min < high_max <= 1 and 0 <= low_min < low_max <= 0.875, outcome
+    assert outcome["samples_shape"] == [5, 64, 64, 3]  # the sample clip's 5 frames, as the samples IMAGE

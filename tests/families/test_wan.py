@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from support.clips import write_clip
 from support.family_checks import check_gradient_checkpointing_recomputes_the_same_training
@@ -234,16 +235,21 @@ def test_comfyui_maps_and_applies_every_module_of_the_file(wan, tmp_path) -> Non
 
 
 def test_cli_trains_a_saved_wan_base_on_clips(wan, tmp_path) -> None:
+    """The CLI trains a saved WanPipeline on clips and images (--frames 5), writes the file in Wan's names and its
+    sample as an animated WEBP of 5 frames at 16 fps."""
     wan.save_pretrained(tmp_path / "base")
     out = tmp_path / "wan.safetensors"
     done = subprocess.run(
         [sys.executable, "-m", "lora_core", "train", "--base", str(tmp_path / "base"), "--data",
          str(clips_and_images(tmp_path / "data")), "--frames", "5", "--out", str(out), "--steps", "20",
          "--resolution", "32", "--rank", "4", "--lr", "1e-2", "--gradient-accumulation", "1", "--validation-every",
-         "20"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "20", "--sample-every", "20", "--sample-steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["best_step"] == 20, "the validation loss must fall"
     assert all(key.startswith("diffusion_model.blocks.") for key in load_file(out)[0])
+    with Image.open(tmp_path / "wan-sample-step00000020-0.webp") as sample:  # the sample: a clip of the dataset's 5
+        sample.load()
+        assert sample.n_frames == 5 and sample.info["duration"] == round(1000 / 16)
 
 
 def test_gradient_checkpointing_recomputes_the_same_training(wan, tmp_path) -> None:
