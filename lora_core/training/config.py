@@ -128,7 +128,7 @@ class TrainingConfig:
     min_sigma: float = setting(0.0, "Flow matching: train only on noise levels σ (after the shift) of at least this: "
                                     "one expert of a model split at a σ boundary (Wan 2.2 A14B's high-noise expert: "
                                     "0.875, its boundary).", minimum=0.0, below=1.0, allowed="a number in [0, 1)",
-                               families=FLOW_MATCHING, widget=Widget(maximum=1.0, step=0.001))
+                               families=FLOW_MATCHING, widget=Widget(maximum=0.999, step=0.001))
     max_sigma: float = setting(1.0, "Flow matching: train only on noise levels σ (after the shift) of at most this "
                                     "(Wan 2.2 A14B's low-noise expert: 0.875, its boundary).", above=0.0, maximum=1.0,
                                allowed="a number in (0, 1]", families=FLOW_MATCHING,

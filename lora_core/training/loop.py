@@ -201,7 +201,6 @@ def train(
     frames = max(example.frames for example in dataset.examples)
     if frames > 1:
         backend.check_clip_frames(frames)
-    backend.sample_frames = frames  # samples of a clip dataset are clips
     counts = sorted({len(example.references) for example in dataset.examples})
     if len(counts) > 1 and config.batch_size > 1:
         raise TrainingError(f"the dataset's images have {' or '.join(map(str, counts))} reference images, and one "
@@ -213,6 +212,7 @@ def train(
             f"takes {backend.reference_images or 'none'}: " + (
                 "train an edit model on edit pairs (Flux.1 Kontext, Qwen-Image-Edit), or turn control_images off"
                 if not backend.reference_images else f"give each image at most {backend.reference_images}"))
+    backend.sample_frames = frames  # samples of a clip dataset are clips
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)
