@@ -1,13 +1,16 @@
 """Train-step benchmark: LoRA Lab against the diffusers + PEFT reference loop on the same SD1.5- or SDXL-architecture
-UNet, Flux.1 or Qwen-Image transformer.
+UNet, Flux.1, Qwen-Image or Wan 2.1 video transformer.
 
 The reference is the loop of diffusers' `train_text_to_image_lora.py` (UNets: PEFT LoRA on to_q/to_k/to_v/to_out.0)
 or `train_dreambooth_lora_flux.py` / `_qwen_image.py` (flow matching, LoRA on the layers of LoRA Lab's `attention` preset:
-both streams' attention projections, the single blocks' fused q/k/v/MLP-in and output layers):
+both streams' attention projections, the single blocks' fused q/k/v/MLP-in and output layers; for Wan, which
+diffusers' examples have no LoRA script for, the same flow-matching loop on video latents [B, 16, F', H/8, W/8]
+with σ·1000 as the time input, LoRA on every block's self- and cross-attention q/k/v/out):
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
 targets through `lora_core.train` (fp32 adapters, no autocast). Both run in one process, in alternating blocks
 after warm-up, with random weights, latents and text embeddings (no download). Prints JSON with median seconds per
-optimizer step, peak memory above the resident weights, and the ratios LoRA Lab / reference.
+optimizer step, peak memory above the resident weights (and the absolute peak on CUDA), the latent frames and
+tokens, and the ratios LoRA Lab / reference (--skip-reference: LoRA Lab alone, no reference copy, no ratios).
 
     python bench/train_step.py --size small                       # the routine CPU check, well under a minute
     python bench/train_step.py --size full --device cuda --dtype bf16   # full-size SD1.5 UNet at 512 px
@@ -17,8 +20,16 @@ optimizer step, peak memory above the resident weights, and the ratios LoRA Lab 
     python bench/train_step.py --size flux-block --resolution 256       # Flux's widths, 1 double + 2 single blocks
     python bench/train_step.py --size flux --device cuda --dtype bf16 --gradient-checkpointing   # both trainers
     python bench/train_step.py --size qwen-image --device cuda --dtype bf16 --gradient-checkpointing   # 20 B, 1024 px
+    python bench/train_step.py --size wan-small --height 64 --width 64 --frames 5 --steps 2 --blocks 1   # CPU check
+    python bench/train_step.py --size wan-1.3b --device cuda --dtype bf16 --gradient-checkpointing   # 480×832×33
+    python bench/train_step.py --size wan-14b --device cuda --dtype bf16 --gradient-checkpointing --frames 81 \\
+        --skip-reference                                           # Wan 2.1 14B (a 2.2 A14B expert), LoRA Lab alone
+    python bench/train_step.py --size hunyuan-video --device cuda --dtype bf16 --gradient-checkpointing \
+        --skip-reference                                           # HunyuanVideo (13 B) at 544×960×33, LoRA Lab alone
 
-On CUDA the denoiser is built on the device (random weights), so a 12 B transformer needs no host copy.
+On CUDA the denoiser is built on the device (random weights), so a 12 B transformer needs no host copy. Video sizes
+(wan-*, hunyuan-video*) take --height/--width (default 480×832 for Wan, 544×960 for HunyuanVideo) and --frames
+(4k+1, default 33); the others take --resolution.
 """
 from __future__ import annotations
 
@@ -45,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train  # noqa: E402
 from lora_core.backend import TrainingBackend  # noqa: E402
 from lora_core.families.flux import FLUX_PRESETS, FluxBackend  # noqa: E402
+from lora_core.families.hunyuan_video import HUNYUAN_VIDEO_PRESETS, HunyuanVideoBackend  # noqa: E402
 from lora_core.families.qwen_image import QWEN_PRESETS, QwenImageBackend  # noqa: E402
+from lora_core.families.wan import WAN_PRESETS, WanBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
 SDXL = dict(  # SDXL 1.0's UNet configuration (2.6 B parameters)
@@ -88,7 +101,30 @@ QWEN_TRANSFORMERS = {
     "qwen-image-small": {"num_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
                          "axes_dims_rope": (4, 6, 6)},
 }
+WAN = {  # Wan 2.1 T2V 14B's transformer, also each expert of Wan 2.2 T2V A14B (diffusers' defaults; 14 B parameters)
+    "num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40, "in_channels": 16,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "patch_size": (1, 2, 2), "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads", "eps": 1e-6,
+}
+WAN_TRANSFORMERS = {
+    "wan-14b": WAN,
+    # Wan 2.1 T2V 1.3B (width 1536, 30 blocks; 1.4 B parameters), as diffusers' convert_wan_to_diffusers.py builds it
+    "wan-1.3b": {**WAN, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+    "wan-small": {**WAN, "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 1,
+                  "text_dim": 32, "freq_dim": 32},
+}
+HUNYUAN_TRANSFORMERS = {
+    "hunyuan-video": {},  # diffusers' defaults are HunyuanVideo's transformer (20 double, 40 single blocks; 13 B)
+    "hunyuan-video-small": {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 1, "num_single_layers": 1,
+                            "text_embed_dim": 32, "pooled_projection_dim": 32, "rope_axes_dim": (4, 6, 6)},
+}
+VIDEO_TRANSFORMERS = {**WAN_TRANSFORMERS, **HUNYUAN_TRANSFORMERS}
+VIDEO_SIZES = {**dict.fromkeys(WAN_TRANSFORMERS, (480, 832)),  # height, width: Wan 2.1's 480p
+               **dict.fromkeys(HUNYUAN_TRANSFORMERS, (544, 960))}  # HunyuanVideo's 540p
+VIDEO_FRAMES = 33
+WAN_TEXT_TOKENS = 512  # umT5 states zero-padded to 512 tokens, as WanPipeline passes them
 FLUX_TEXT_TOKENS = 512  # T5 tokens of Flux.1-dev
+HUNYUAN_TEXT_TOKENS = 128  # a long caption's Llama tokens after the template (the pipeline keeps up to 256)
 QWEN_TEXT_TOKENS = 128  # a long caption's Qwen2.5-VL tokens after the template (the pipeline keeps up to 512)
 DEFAULT_RESOLUTION = {"full": 512, "sdxl": 1024, "sdxl-block": 1024, "flux": 1024, "flux-block": 1024,
                       "qwen-image": 1024}  # small: 64
@@ -143,6 +179,8 @@ class SyntheticFluxBackend(FluxBackend):
     """Flux's transformer with fixed random latents and T5/CLIP outputs standing in for the VAE and text encoders;
     the denoiser call (2×2 packing, ids, guidance 1) is FluxBackend's."""
 
+    time_scale = 1.0  # the reference's time input is σ (train_dreambooth_lora_flux.py passes timesteps / 1000)
+
     def __init__(self, transformer, latent_size: int, device: torch.device) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -170,6 +208,8 @@ class SyntheticQwenImageBackend(QwenImageBackend):
     """Qwen-Image's transformer with fixed random latents and Qwen2.5-VL hidden states standing in for the VAE and
     text encoder; the denoiser call (2×2 packing, img_shapes, text mask) is QwenImageBackend's."""
 
+    time_scale = 1.0  # σ, as train_dreambooth_lora_qwen_image.py passes it
+
     def __init__(self, transformer, latent_size: int, device: torch.device) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -195,8 +235,69 @@ class SyntheticQwenImageBackend(QwenImageBackend):
         return [self.transformer]
 
 
+class SyntheticWanBackend(WanBackend):
+    """Wan's transformer with fixed random video latents [16, F', H/8, W/8] and umT5 states [1, 512, text_dim]
+    standing in for the VAE and text encoder; the denoiser call (latents as they are, σ·1000) is WanBackend's."""
+
+    time_scale = 1000.0  # σ·1000, as WanPipeline passes the scheduler's timesteps (and LoRA Lab's objective does)
+
+    def __init__(self, transformer, latent_size: tuple[int, int, int], device: torch.device) -> None:
+        """`latent_size`: latent frames, height, width."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        super().__init__(SimpleNamespace(transformer=transformer, vae=None, text_encoder=None,
+                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), config={},
+                                         components={}))
+        generator = torch.Generator().manual_seed(0)
+        self.latent = torch.randn(16, *latent_size, generator=generator).to(device)
+        width = transformer.config.text_dim
+        self.context = torch.randn(1, WAN_TEXT_TOKENS, width, generator=generator).to(device, transformer.dtype)
+
+    def encode_images(self, pixels, generator):
+        return self.latent.expand(pixels.shape[0], -1, -1, -1, -1)
+
+    def encode_text(self, captions):
+        return {"context": self.context.expand(len(captions), -1, -1)}
+
+    def frozen_modules(self):
+        return [self.transformer]
+
+
+class SyntheticHunyuanVideoBackend(HunyuanVideoBackend):
+    """HunyuanVideo's transformer with fixed random video latents [16, F', H/8, W/8], Llama states [1, 128, 4096] and
+    a CLIP-L pooled output standing in for the VAE and text encoders; the denoiser call (mask, guidance 1·1000,
+    σ·1000) is HunyuanVideoBackend's."""
+
+    time_scale = 1000.0  # σ·1000, as HunyuanVideoPipeline passes the scheduler's timesteps
+
+    def __init__(self, transformer, latent_size: tuple[int, int, int], device: torch.device) -> None:
+        """`latent_size`: latent frames, height, width."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        super().__init__(SimpleNamespace(transformer=transformer, vae=None, text_encoder=None,
+                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), components={}))
+        generator = torch.Generator().manual_seed(0)
+        config, dtype = transformer.config, transformer.dtype
+        self.latent = torch.randn(16, *latent_size, generator=generator).to(device)
+        self.context = torch.randn(1, HUNYUAN_TEXT_TOKENS, config.text_embed_dim, generator=generator).to(device, dtype)
+        self.pooled = torch.randn(1, config.pooled_projection_dim, generator=generator).to(device, dtype)
+
+    def encode_images(self, pixels, generator):
+        return self.latent.expand(pixels.shape[0], -1, -1, -1, -1)
+
+    def encode_text(self, captions):
+        context = self.context.expand(len(captions), -1, -1)
+        return {"context": context, "pooled": self.pooled.expand(len(captions), -1),
+                "context_mask": torch.ones(context.shape[:2], dtype=torch.long, device=context.device)}
+
+    def frozen_modules(self):
+        return [self.transformer]
+
+
 SYNTHETIC_FLOW_BACKENDS = {**dict.fromkeys(TRANSFORMERS, SyntheticFluxBackend),
-                           **dict.fromkeys(QWEN_TRANSFORMERS, SyntheticQwenImageBackend)}
+                           **dict.fromkeys(QWEN_TRANSFORMERS, SyntheticQwenImageBackend),
+                           **dict.fromkeys(WAN_TRANSFORMERS, SyntheticWanBackend),
+                           **dict.fromkeys(HUNYUAN_TRANSFORMERS, SyntheticHunyuanVideoBackend)}
 
 
 def synchronize(device: torch.device) -> None:
@@ -212,13 +313,18 @@ def memory_baseline(device: torch.device) -> int:
     return torch.cuda.memory_allocated()
 
 
-def peak_above(device: torch.device, baseline: int) -> int:
-    return torch.cuda.max_memory_allocated() - baseline if device.type == "cuda" else 0
+def peak_above(device: torch.device, baseline: int) -> tuple[int, int]:
+    """The peak since `memory_baseline` above its resident memory (weights, adapters, optimizer state), and the
+    absolute peak (weights included); 0, 0 off CUDA."""
+    if device.type != "cuda":
+        return 0, 0
+    peak = torch.cuda.max_memory_allocated()
+    return peak - baseline, peak
 
 
 def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_kernels: str,
-                   gradient_checkpointing: bool) -> tuple[list[float], int, list[float]]:
-    """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory, losses."""
+                   gradient_checkpointing: bool) -> tuple[list[float], tuple[int, int], list[float]]:
+    """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory (above, total), losses."""
     baseline = memory_baseline(backend.device)
     stamps: list[float] = []
 
@@ -233,7 +339,7 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_k
 
 
 def reference_block(model: torch.nn.Module, loss: Callable[[torch.Generator], torch.Tensor], device: torch.device,
-                    steps: int) -> tuple[list[float], int, list[float]]:
+                    steps: int) -> tuple[list[float], tuple[int, int], list[float]]:
     """The diffusers LoRA scripts' inner loop on a PEFT-adapted denoiser: `loss` draws noise and time and predicts."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
@@ -267,18 +373,21 @@ def unet_loss(unet, scheduler, backend: SyntheticBackend, dtype: torch.dtype) ->
     return loss
 
 
-def flow_loss(backend: FluxBackend | QwenImageBackend, dtype: torch.dtype) -> Callable[[torch.Generator], torch.Tensor]:
+def flow_loss(backend: FluxBackend | QwenImageBackend | WanBackend, dtype: torch.dtype
+              ) -> Callable[[torch.Generator], torch.Tensor]:
     """train_dreambooth_lora_{flux,qwen_image}.py: σ logit-normal, x_σ = (1 − σ)·x + σ·noise, the velocity noise − x as the
-    target; the transformer called on packed latents with image/text ids and guidance, as `backend.predict` does."""
+    target; the transformer called on packed latents with image/text ids and guidance (Wan: on the video latents
+    as they are, σ·1000 as its time), as `backend.predict` does."""
     device, latents = backend.device, backend.latent[None]
     conditioning = backend.encode_text([""])
 
     def loss(generator: torch.Generator) -> torch.Tensor:
         noise = torch.randn(latents.shape, generator=generator).to(device)
         sigmas = torch.sigmoid(torch.randn((1,), generator=generator)).to(device)
-        noisy = (1 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        per_sample = sigmas.view(-1, *[1] * (latents.dim() - 1))
+        noisy = (1 - per_sample) * latents + per_sample * noise
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = backend.predict(noisy, sigmas, conditioning)
+            prediction = backend.predict(noisy, sigmas * backend.time_scale, conditioning)
         return F.mse_loss(prediction.float(), (noise - latents).float())
 
     return loss
@@ -286,12 +395,22 @@ def flow_loss(backend: FluxBackend | QwenImageBackend, dtype: torch.dtype) -> Ca
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted({**UNETS, **TRANSFORMERS, **QWEN_TRANSFORMERS}), default="small")
+    parser.add_argument("--size", choices=sorted({**UNETS, **TRANSFORMERS, **QWEN_TRANSFORMERS, **VIDEO_TRANSFORMERS}),
+                        default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--resolution", type=int, default=None,
                         help="default: 512 (full), 1024 (sdxl, sdxl-block, flux, flux-block, qwen-image), 64 (the "
-                        "small ones)")
+                        "small ones); not for the video sizes (--height, --width)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="video sizes (wan-*, hunyuan-video*): frame height in pixels, a multiple of 16 "
+                        "(default 480 for Wan, 544 for HunyuanVideo)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="video sizes: frame width in pixels, a multiple of 16 (default 832 for Wan, 960 for "
+                        "HunyuanVideo)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help=f"video sizes: frames of the clip, 4k+1 (default {VIDEO_FRAMES}); latents hold "
+                        "(frames − 1) // 4 + 1 of them")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per block (after 2 warm-up steps)")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks of each trainer")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -302,6 +421,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="both trainers recompute the denoiser's blocks in backward (LoRA Lab's setting; the "
                         "reference calls diffusers' enable_gradient_checkpointing, as its scripts' flag does)")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="time and measure LoRA Lab alone: no copy of the denoiser for the reference, no "
+                        "reference trainer, no ratios (a 14 B video transformer's two copies need not fit)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of "
                         "one block of each trainer to stderr")
     args = parser.parse_args()
@@ -309,7 +431,31 @@ def main() -> None:
     from peft import LoraConfig
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    resolution = args.resolution or DEFAULT_RESOLUTION.get(args.size, 64)
+    video = args.size in VIDEO_TRANSFORMERS
+    if video:
+        if args.resolution is not None:
+            parser.error(f"--size {args.size} is a video transformer: give --height and --width, not --resolution")
+        height, width = args.height or VIDEO_SIZES[args.size][0], args.width or VIDEO_SIZES[args.size][1]
+        frames = VIDEO_FRAMES if args.frames is None else args.frames
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            parser.error(f"--height and --width must be positive multiples of 16 (8× VAE, 2×2 patches); got "
+                         f"{height}×{width}")
+        if frames < 1 or (frames - 1) % 4:
+            parser.error(f"--frames must be 4k+1 (1, 5, …, 33, …, 81): the VAE compresses 4 frames to one after "
+                         f"the first; got {frames}")
+        latent_frames = (frames - 1) // 4 + 1
+        latent_size = (latent_frames, height // 8, width // 8)
+        tokens = latent_frames * (height // 16) * (width // 16)
+        resolution = min(height, width)  # the dataset's square crop; the synthetic backend ignores the pixels
+    else:
+        if args.height is not None or args.width is not None or args.frames is not None:
+            parser.error(f"--height, --width and --frames are for the video sizes (wan-*, hunyuan-video*); --size "
+                         f"{args.size} takes --resolution")
+        resolution = args.resolution or DEFAULT_RESOLUTION.get(args.size, 64)
+        height = width = resolution
+        frames, latent_size = 1, resolution // 8
+        # the transformers' 2×2-packed latent tokens (a UNet has none)
+        tokens = (resolution // 16) ** 2 if args.size in SYNTHETIC_FLOW_BACKENDS else None
     torch.manual_seed(0)
     if args.size in TRANSFORMERS:
         from diffusers import FluxTransformer2DModel
@@ -323,6 +469,25 @@ def main() -> None:
         with device:
             model = QwenImageTransformer2DModel(**QWEN_TRANSFORMERS[args.size]).to(dtype)
         targets = list(find_targets(model, QWEN_PRESETS["attention"]))
+    elif args.size in HUNYUAN_TRANSFORMERS:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        with device:
+            model = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMERS[args.size]).to(dtype)
+        targets = list(find_targets(model, HUNYUAN_VIDEO_PRESETS["attention"]))
+    elif video:
+        from diffusers import WanTransformer3DModel
+
+        with device:
+            model = WanTransformer3DModel(**WAN_TRANSFORMERS[args.size]).to(dtype)
+        kept = model._keep_in_fp32_modules  # fp32 where from_pretrained(torch_dtype=…) keeps it: rope, norms…
+        for name, module in model.named_modules():  # (rope's frequency buffers too)
+            if any(part in kept for part in name.split(".")):
+                module.float()
+        for name, parameter in model.named_parameters():  # scale_shift_table
+            if any(part in kept for part in name.split(".")):
+                parameter.data = parameter.data.float()
+        targets = list(find_targets(model, WAN_PRESETS["attention"]))
     else:
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
@@ -330,29 +495,33 @@ def main() -> None:
         with device:
             model = UNet2DConditionModel(**UNETS[args.size]).to(dtype)
         targets = ["to_k", "to_q", "to_v", "to_out.0"]
-    reference_model = copy.deepcopy(model)
+    reference_model = None if args.skip_reference else copy.deepcopy(model)
     model.requires_grad_(False)
-    reference_model.requires_grad_(False)
-    if args.gradient_checkpointing:
-        reference_model.enable_gradient_checkpointing()
-    reference_model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                           target_modules=targets))
-    for parameter in reference_model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    if reference_model is not None:
+        reference_model.requires_grad_(False)
+        if args.gradient_checkpointing:
+            reference_model.enable_gradient_checkpointing()
+        reference_model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
+                                               target_modules=targets))
+        for parameter in reference_model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
 
+    reference_loss = None
     if args.size in SYNTHETIC_FLOW_BACKENDS:
         synthetic = SYNTHETIC_FLOW_BACKENDS[args.size]
-        backend = synthetic(model, resolution // 8, device)
-        reference_loss = flow_loss(synthetic(reference_model, resolution // 8, device), dtype)
+        backend = synthetic(model, latent_size, device)
+        if reference_model is not None:
+            reference_loss = flow_loss(synthetic(reference_model, latent_size, device), dtype)
     else:
-        backend = SyntheticBackend(model, scheduler, resolution // 8, device)
-        reference_loss = unet_loss(reference_model, scheduler, backend, dtype)
+        backend = SyntheticBackend(model, scheduler, latent_size, device)
+        if reference_model is not None:
+            reference_loss = unet_loss(reference_model, scheduler, backend, dtype)
     network = LoRANetwork.create(backend.adapter_targets("attention", False), rank=RANK).to(device)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # images of the frame size: only their count matters
         rng = np.random.default_rng(0)
         for index in range(4):
-            Image.fromarray(rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)).save(f"{folder}/{index}.png")
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(f"{folder}/{index}.png")
         dataset = ImageFolderDataset(folder, DatasetConfig(resolution=resolution))
 
     before = {k: v.clone() for k, v in network.state_dict().items()}
@@ -362,8 +531,9 @@ def main() -> None:
         name = "lora_lab" if choice == kernel_choices[0] else f"lora_lab_{choice}_kernels"
         trainers[name] = functools.partial(lora_lab_block, backend, dataset, network, args.steps + 2,
                                            args.mixed_precision, choice, args.gradient_checkpointing)
-    trainers["reference"] = lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)
-    results = {name: {"seconds": [], "memory": [], "losses": []} for name in trainers}
+    if reference_model is not None:
+        trainers["reference"] = lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)
+    results = {name: {"seconds": [], "memory": [], "memory_total": [], "losses": []} for name in trainers}
     failures: dict[str, str] = {}  # a trainer that raised (e.g. a CUDA error) is reported and left out of later blocks
     for _ in range(args.blocks):
         for name, block in trainers.items():
@@ -377,7 +547,8 @@ def main() -> None:
                 traceback.print_exc()
                 continue
             results[name]["seconds"] += seconds[1:]  # the first interval still warms up
-            results[name]["memory"].append(memory)
+            results[name]["memory"].append(memory[0])
+            results[name]["memory_total"].append(memory[1])
             results[name]["losses"] += losses
     results = {name: result for name, result in results.items() if name not in failures}
 
@@ -389,7 +560,7 @@ def main() -> None:
         for name, block in (("reference", lambda: reference_block(reference_model, reference_loss, device, 3)),
                             ("lora_lab", lambda: lora_lab_block(backend, dataset, network, 3, args.mixed_precision,
                                                                 kernel_choices[0], args.gradient_checkpointing))):
-            if name in failures:
+            if name in failures or name not in trainers:
                 continue
             with profile(activities=activities) as profiler:
                 block()
@@ -398,14 +569,18 @@ def main() -> None:
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "denoiser": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
-        "resolution": resolution, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "resolution": None if video else resolution, "height": height, "width": width, "frames": frames,
+        "tokens": tokens, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
+        "gradient_checkpointing": args.gradient_checkpointing, "skip_reference": args.skip_reference,
         "weight_bytes_each": sum(p.numel() * p.element_size() for p in model.parameters()),
         "denoiser_parameters": sum(p.numel() for p in model.parameters()),
-        "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters()),
-                            "reference": sum(p.numel() for p in reference_model.parameters() if p.requires_grad)},
+        "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters())} | (
+            {} if reference_model is None else
+            {"reference": sum(p.numel() for p in reference_model.parameters() if p.requires_grad)}),
         "median_step_seconds": {name: statistics.median(result["seconds"]) for name, result in results.items()},
         "peak_memory_bytes": {name: max(result["memory"]) for name, result in results.items()},
+        # the absolute peak, weights included (with the reference: both copies of the denoiser are resident)
+        "peak_memory_total_bytes": {name: max(result["memory_total"]) for name, result in results.items()},
         "lora_lab_parameter_dtypes": sorted({str(p.dtype) for p in network.parameters()}),
         "losses_finite": all(bool(np.isfinite(result["losses"]).all()) for result in results.values()),
         "lora_lab_weights_changed": any(not torch.equal(v, before[k]) for k, v in network.state_dict().items()),

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,21 @@ def test_train_step_benchmark_qwen_image_small_variant_with_checkpointing() -> N
     assert report["denoiser"] == "qwen-image-small" and report["gradient_checkpointing"]
     assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
     assert not report["failures"] and report["losses_finite"] and report["lora_lab_weights_changed"]
+
+
+@pytest.mark.parametrize("size", ["wan-small", "hunyuan-video-small"])
+def test_train_step_benchmark_video_small_variants(size: str) -> None:
+    """Wan's and HunyuanVideo's transformers on 5-frame video latents (2 latent frames) through both trainers, and
+    LoRA Lab alone with --skip-reference (the full-size runs' setting: no second copy of the denoiser)."""
+    args = ("bench/train_step.py", "--size", size, "--height", "32", "--width", "48", "--frames", "5", "--steps", "2",
+            "--blocks", "1")
+    report = run_bench(*args)
+    assert (report["frames"], report["tokens"]) == (5, 2 * 2 * 3)
+    assert report["lora_parameters"]["lora_lab"] == report["lora_parameters"]["reference"] > 0
+    assert not report["failures"] and report["losses_finite"] and report["lora_lab_weights_changed"]
+    alone = run_bench(*args, "--skip-reference", "--gradient-checkpointing")
+    assert set(alone["median_step_seconds"]) == {"lora_lab"} and "step_ratio" not in alone
+    assert alone["losses_finite"] and alone["lora_lab_weights_changed"]
 
 
 def test_file_size_benchmark_small_variant() -> None:

@@ -16,6 +16,7 @@ from .chroma import CHROMA
 from .family import Family
 from .flux import FLUX
 from .hidream import HIDREAM
+from .hunyuan_video import HUNYUAN_VIDEO
 from .lumina2 import LUMINA2
 from .qwen_image import QWEN_IMAGE
 from .sd1 import SD1, SD2
@@ -23,7 +24,7 @@ from .sd3 import SD3
 from .sdxl import SDXL
 from .wan import WAN
 
-FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2, HIDREAM, WAN)
+FAMILIES = (SD1, SD2, SDXL, SD3, FLUX, QWEN_IMAGE, CHROMA, LUMINA2, HIDREAM, WAN, HUNYUAN_VIDEO)
 PIPELINES = {pipeline: family for family in FAMILIES for pipeline in family.pipelines}  # diffusers class → family
 
 

@@ -69,10 +69,18 @@ class Family:
     caption_template: str = "{}"  # the text a caption is encoded in, as the family's prompt node builds it
     text_extras: tuple[str, ...] = ()  # ComfyUI text-encoder outputs the denoiser also takes (HiDream's Llama states)
     file_module_prefix: str = ""  # files name each denoiser layer <prefix><its path> with lora_A/lora_B (HiDream)
+    file_paths: tuple[tuple[str, str], ...] = ()  # (pattern, replacement): a denoiser layer's name in files from its
+    # path in ComfyUI, where they differ (HunyuanVideo's own names over ComfyUI's Flux layers)
     file_prefixes: dict[str, str] = field(default_factory=dict)  # other trainers' file layouts the family's files may
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler
     sample_scheduler: str = "normal"
+
+    def file_path(self, path: str) -> str:
+        """The name files give the denoiser layer at ComfyUI's `path` (without `file_module_prefix`)."""
+        for pattern, name in self.file_paths:
+            path = re.sub(pattern, name, path)
+        return path
 
     def backend_class(self) -> type:
         return getattr(importlib.import_module(self.module), self.backend)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..backend import TrainingBackend
+from ..backend import TrainingBackend, check_frame_step
 from ..formats.files import data_hash
 from ..network import grouped_by_module
 from ..targets import (
@@ -128,10 +128,11 @@ class FlowBackend(TrainingBackend):
         return self.transformer.dtype
 
     def check_packable(self, height: int, width: int) -> None:
-        """Refuse latents the transformer's 2×2 patches cannot pack (Flux, Chroma, Qwen-Image)."""
+        """Refuse latents the transformer's 2×2 patches cannot pack (Flux, Chroma, Qwen-Image, HunyuanVideo)."""
         if height % 2 or width % 2:
+            scale = getattr(self.pipeline, "vae_scale_factor", None) or self.pipeline.vae_scale_factor_spatial
             raise ValueError(f"{self.family} packs latents in 2×2 patches, so image sides must be multiples of "
-                             f"{2 * self.pipeline.vae_scale_factor} pixels; got latents of {height}×{width}")
+                             f"{2 * scale} pixels; got latents of {height}×{width}")
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(z − shift_factor) · scaling_factor, as the pipelines undo it before decoding."""
@@ -187,3 +188,24 @@ class FlowBackend(TrainingBackend):
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
         return [generate(self.sample_pipeline, None, prompt, seed=seed, steps=steps, guidance_scale=self.sample_guidance,
                          size=self.sample_size) for prompt in prompts]
+
+
+class VideoBackend(FlowBackend):
+    """A text-to-video pipeline (Wan's, HunyuanVideo's) whose transformer takes video latents [B, C, F, H, W]: clips of
+    the family's 4k+1 frames train, and samples are clips as long as the dataset's."""
+
+    spec: Family
+    default_sample_size = 480  # pixels of each side of a sample clip's frames unless `sample_size` says
+
+    def check_clip_frames(self, frames: int) -> None:
+        check_frame_step(self.spec, frames)
+
+    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        """A clip of `sample_frames` frames per prompt (an image at 1), from noise of `seed`, at the sample size."""
+        size, samples = self.sample_size or self.default_sample_size, []
+        for prompt in prompts:
+            frames = self.sample_pipeline(prompt, height=size, width=size, num_frames=self.sample_frames,
+                                          num_inference_steps=steps, guidance_scale=self.sample_guidance,
+                                          generator=torch.Generator().manual_seed(seed), output_type="pil").frames[0]
+            samples.append(frames if self.sample_frames > 1 else frames[0])
+        return samples

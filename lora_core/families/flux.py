@@ -78,8 +78,8 @@ class FluxFileError(LoRALabError, ValueError):
     says which and why."""
 
 
-def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
-    """kohya's file name (over Black Forest Labs' layer names) → the diffusers paths it holds, in its row order."""
+def bfl_paths(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Black Forest Labs' (ComfyUI's) path of each original layer → the diffusers paths it holds, in its row order."""
     layers: dict[str, tuple[str, ...]] = {}
     for index in range(len(transformer.transformer_blocks)):
         block = f"transformer_blocks.{index}."
@@ -87,19 +87,24 @@ def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
             ("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1"),
             ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context", "norm1_context"),
         ):
-            name = f"double_blocks_{index}_{stream}"
-            layers[f"{name}_attn_qkv"] = tuple(f"{block}attn.{part}" for part in qkv)
-            layers[f"{name}_attn_proj"] = (f"{block}attn.{proj}",)
-            layers[f"{name}_mlp_0"] = (f"{block}{ff}.net.0.proj",)
-            layers[f"{name}_mlp_2"] = (f"{block}{ff}.net.2",)
-            layers[f"{name}_mod_lin"] = (f"{block}{norm}.linear",)
+            name = f"double_blocks.{index}.{stream}"
+            layers[f"{name}_attn.qkv"] = tuple(f"{block}attn.{part}" for part in qkv)
+            layers[f"{name}_attn.proj"] = (f"{block}attn.{proj}",)
+            layers[f"{name}_mlp.0"] = (f"{block}{ff}.net.0.proj",)
+            layers[f"{name}_mlp.2"] = (f"{block}{ff}.net.2",)
+            layers[f"{name}_mod.lin"] = (f"{block}{norm}.linear",)
     for index in range(len(transformer.single_transformer_blocks)):
         block = f"single_transformer_blocks.{index}."
-        name = f"single_blocks_{index}"
-        layers[f"{name}_linear1"] = tuple(f"{block}{part}" for part in SINGLE_BLOCK_LINEAR1)
-        layers[f"{name}_linear2"] = (f"{block}proj_out",)
-        layers[f"{name}_modulation_lin"] = (f"{block}norm.linear",)
-    return {f"lora_unet_{name}": paths for name, paths in layers.items()}
+        name = f"single_blocks.{index}"
+        layers[f"{name}.linear1"] = tuple(f"{block}{part}" for part in SINGLE_BLOCK_LINEAR1)
+        layers[f"{name}.linear2"] = (f"{block}proj_out",)
+        layers[f"{name}.modulation.lin"] = (f"{block}norm.linear",)
+    return layers
+
+
+def bfl_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:
+    """kohya's file name (over Black Forest Labs' layer names) → the diffusers paths it holds, in its row order."""
+    return {kohya_name("lora_unet", path): paths for path, paths in bfl_paths(transformer).items()}
 
 
 def piece_rank(piece: Tensors) -> int:

@@ -17,12 +17,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..backend import Conditioning, check_frame_step
+from ..backend import Conditioning
 from ..settings import Setting
 from ..targets import TargetError, TargetPreset, kohya_name
 from ..training.objectives import FlowMatchingObjective
 from .family import BlockLayout, Family
-from .flow import FlowBackend, flow_objective, from_diffusers_naming, in_diffusers_naming, transformer_presets
+from .flow import (
+    VideoBackend,
+    flow_objective,
+    from_diffusers_naming,
+    in_diffusers_naming,
+    transformer_presets,
+)
 
 if TYPE_CHECKING:
     from ..training.config import TrainingConfig
@@ -83,12 +89,13 @@ def wan_path(path: str) -> str:
     return path
 
 
-class WanBackend(FlowBackend):
+class WanBackend(VideoBackend):
     """WanPipeline for training: the trainer sees video latents [B, C, F, H, W] (an image is one frame) and the
     transformer takes them as they are; text conditioning is umT5's states zero-padded to 512 tokens, as the
     pipeline passes them (no mask)."""
 
     family = WAN.name
+    spec = WAN
     presets = WAN_PRESETS
     sample_guidance = 1.0  # the pipeline's CFG needs a negative prompt; samples are drawn without it
     max_sequence_length = 512  # the pipeline's, and what the I2V attention assumes
@@ -134,9 +141,6 @@ class WanBackend(FlowBackend):
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
         return (latents - mean) / std
 
-    def check_clip_frames(self, frames: int) -> None:
-        check_frame_step(WAN, frames)
-
     def encode_text(self, captions: list[str]) -> Conditioning:
         context, _ = self.pipeline.encode_prompt(captions, do_classifier_free_guidance=False,
                                                  max_sequence_length=self.max_sequence_length,
@@ -173,16 +177,6 @@ class WanBackend(FlowBackend):
             module, dot, suffix = key.partition(".")
             named[f"{self.network_names.get(module, module)}{dot}{suffix}"] = value
         return named
-
-    def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
-        """A clip of `sample_frames` frames per prompt (an image at 1), from noise of `seed`, at the sample size."""
-        size, samples = self.sample_size or 480, []
-        for prompt in prompts:
-            frames = self.pipeline(prompt, height=size, width=size, num_frames=self.sample_frames,
-                                   num_inference_steps=steps, guidance_scale=self.sample_guidance,
-                                   generator=torch.Generator().manual_seed(seed), output_type="pil").frames[0]
-            samples.append(frames if self.sample_frames > 1 else frames[0])
-        return samples
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.name, "hash": self.model_hash, "version": WAN.version}

@@ -20,6 +20,7 @@ def tiny_pipeline(pipeline_class: str):
     from lora_core.demo.tiny_model import build_tiny_pipeline
     from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
     from support.tiny_hidream import build_tiny_hidream
+    from support.tiny_hunyuan_video import build_tiny_hunyuan_video
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_sdxl import build_tiny_sdxl
@@ -29,7 +30,7 @@ def tiny_pipeline(pipeline_class: str):
             "StableDiffusion3Pipeline": build_tiny_sd3, "FluxPipeline": build_tiny_flux,
             "QwenImagePipeline": build_tiny_qwen_image, "ChromaPipeline": build_tiny_chroma,
             "Lumina2Pipeline": build_tiny_lumina2, "HiDreamImagePipeline": build_tiny_hidream,
-            "WanPipeline": build_tiny_wan}[pipeline_class](seed=0)
+            "WanPipeline": build_tiny_wan, "HunyuanVideoPipeline": build_tiny_hunyuan_video}[pipeline_class](seed=0)
 
 
 def comfy_class_bases() -> dict[str, list[str]]:
