@@ -49,7 +49,8 @@ def make_backend(pipeline, args: argparse.Namespace, **identity):
     options = {}
     if args.flux_guidance is not None:
         if "guidance" not in inspect.signature(cls).parameters:
-            raise SystemExit(f"error: --flux-guidance sets Flux.1-dev's guidance input; {cls.family} has none")
+            raise SystemExit(f"error: --flux-guidance sets the embedded guidance input of Flux.1-dev and HunyuanVideo; "
+                             f"{cls.family} has none")
         options["guidance"] = args.flux_guidance
     for setting, parameter in ((EDIT_PROMPT, "edit_prompt"), (WAN_EXPERT, "expert")):  # the family's own options
         value = getattr(args, setting.name)
@@ -338,8 +339,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "
                        "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; the VAE stays fp32, the LoRA is fp32")
     train.add_argument("--flux-guidance", type=float, default=None,
-                       help="Flux.1-dev: the guidance input during training (default 1.0, as kohya's docs recommend for "
-                            "LoRAs; kohya's and diffusers' scripts default to 3.5)")
+                       help="Flux.1-dev and HunyuanVideo: the embedded guidance input during training (default 1.0, "
+                            "as kohya's docs recommend for Flux LoRAs and musubi-tuner trains HunyuanVideo; kohya's and "
+                            "diffusers' Flux scripts default to 3.5)")
     add_arguments(train, (SAVE_PRECISION, EDIT_PROMPT, WAN_EXPERT))
     train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
     train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,

@@ -56,9 +56,10 @@ FLOW_SAMPLINGS = tuple(getattr(comfy.model_sampling, name) for name in FLOW_SAMP
                        if hasattr(comfy.model_sampling, name))
 IMAGE_INPUT_FAMILIES = {9: "inpainting", 8: "instruct-pix2pix"}  # extra input channels: masked image (+ mask)
 SUPPORTED = ("Train LoRA trains SD1.x and SD2.x and SDXL text-to-image models with ε- or v-prediction (also as set by "
-             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell, "
-             "Chroma, Qwen-Image, Lumina 2 and HiDream-I1 by flow matching (also as shifted by ModelSamplingSD3 / "
-             "ModelSamplingFlux / ModelSamplingAuraFlow)")
+             "ModelSamplingDiscrete eps / v_prediction, with or without zsnr), and SD3/SD3.5, Flux.1 dev/schnell "
+             "(and Kontext), Chroma, Qwen-Image (and Edit), Lumina 2, HiDream-I1, Wan 2.1/2.2 text-to-video and "
+             "HunyuanVideo text-to-video by flow matching (also as shifted by ModelSamplingSD3 / ModelSamplingFlux / "
+             "ModelSamplingAuraFlow)")
 
 
 def batched(values: list, device: torch.device):
@@ -343,8 +344,8 @@ class ComfyBackend(TrainingBackend):
         self.device = comfy.model_management.get_torch_device()
         has_guidance = self.spec.guidance and model.model.model_config.unet_config.get("guidance_embed", False)
         if guidance != FLUX.training_guidance and not has_guidance:
-            raise ComfyBackendError(f"flux_guidance {guidance} sets Flux.1-dev's guidance input; {self.family} has "
-                                    f"none, so leave it at {FLUX.training_guidance}")
+            raise ComfyBackendError(f"flux_guidance {guidance} sets the embedded guidance input of Flux.1-dev and "
+                                    f"HunyuanVideo; {self.family} has none, so leave it at {FLUX.training_guidance}")
         self.guidance = guidance if has_guidance else None
         self.frames = getattr(model.model.latent_format, "latent_dimensions", 2) == 3  # video latents [B, C, F, H, W]
         self.video = self.spec.frame_step > 0  # clips train; else (Qwen-Image) images as one-frame latents, axis dropped
@@ -362,9 +363,13 @@ class ComfyBackend(TrainingBackend):
         self._unet_names = denoiser_layer_names(model, self.spec)
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
-        if self.spec.file_module_prefix:  # HiDream: <prefix><ComfyUI's path>, which is diffusers' path too
-            self._file_parts = {name: [(f"{self.spec.file_module_prefix}{path}", None)]
-                                for path, name in self._unet_names.items()}
+        self._file_aliases: dict[str, str] = {}  # other trainers' kohya names of the file's layers → network name
+        if self.spec.file_module_prefix:  # <prefix><the layer's name in files>: ComfyUI's path (Wan; HiDream's, which
+            # is diffusers' path too) or HunyuanVideo's own names over ComfyUI's Flux layers
+            files = {name: self.spec.file_path(path) for path, name in self._unet_names.items()}
+            self._file_parts = {name: [(f"{self.spec.file_module_prefix}{path}", None)] for name, path in files.items()}
+            self._file_aliases = {kohya_name(UNET_PREFIX, path): name for name, path in files.items()
+                                  if kohya_name(UNET_PREFIX, path) != name}  # musubi-tuner's HunyuanVideo names
         elif self.spec.diffusers_files:
             parts = sd3_file_parts(model)
             self._unet_names = {path: name for path, name in self._unet_names.items() if path in parts}
@@ -568,8 +573,9 @@ class ComfyBackend(TrainingBackend):
 
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """SD3: diffusers' names (`transformer.….lora_A/lora_B`, `text_encoder.…`) that diffusers and ComfyUI read,
-        alpha folded into lora_B; ComfyUI's fused qkv split into to_q/to_k/to_v exactly. HiDream: its files'
-        `diffusion_model.<path>.lora_A/lora_B`, alpha folded. Other families: kohya's."""
+        alpha folded into lora_B; ComfyUI's fused qkv split into to_q/to_k/to_v exactly. HiDream, Wan and
+        HunyuanVideo: `diffusion_model.<the layer's name in files>.lora_A/lora_B`, alpha folded. Other families:
+        kohya's."""
         if not self._file_parts:
             return tensors
         modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -594,13 +600,15 @@ class ComfyBackend(TrainingBackend):
         """`file_tensors` undone: diffusers' to_q/to_k/to_v fused back into ComfyUI's qkv (one lora_A if the pieces
         share it, else their ranks side by side), lora_A/lora_B as lora_down/lora_up at scale 1. Names that are not
         the family's file names (kohya-style checkpoints) pass as they are. Families whose files also come in other
-        trainers' layouts (Qwen-Image's `diffusion_model.…lora_A`) get those renamed."""
+        trainers' layouts (Qwen-Image's `diffusion_model.…lora_A`, musubi-tuner's HunyuanVideo names) get those
+        renamed."""
         if not self._file_parts:
             return from_diffusers_naming(tensors, self.spec.file_prefixes) if self.spec.file_prefixes else tensors
         others = {prefix: name for prefix, name in self.spec.file_prefixes.items()
                   if prefix != self.spec.file_module_prefix}  # HiDream's files in diffusers' naming
         tensors = from_diffusers_naming(tensors, others) if others else tensors
         owners = {module: (name, rows) for name, pieces in self._file_parts.items() for module, rows in pieces}
+        owners |= {alias: (name, None) for alias, name in self._file_aliases.items()}
         layers = self.loadable_modules()
         out, fused = {}, {}
         for key, value in tensors.items():

@@ -190,7 +190,7 @@ class InjectLoRA:
 TEXT_ENCODER_LR_CHOICES = ("same as learning_rate", "frozen", "custom")
 
 
-FLUX_GUIDANCE_INPUT = ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev: the value of the guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."})
+FLUX_GUIDANCE_INPUT = ("FLOAT", {"default": FLUX.training_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux.1-dev and HunyuanVideo: the value of the embedded guidance input while training. 1.0 as kohya's Flux docs recommend for LoRAs and musubi-tuner trains HunyuanVideo; kohya's --guidance_scale and diffusers' Flux LoRA script default to 3.5. Refused for models without a guidance input."})
 # on Flow Matching Options after flux_guidance, as optional inputs (saved workflows hold widget values by position)
 FLOW_MATCHING_LATER = ("min_sigma", "max_sigma")
 FLOW_MATCHING_WIDGETS = tuple(name for name in FLOW_MATCHING_SETTINGS

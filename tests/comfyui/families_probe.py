@@ -402,6 +402,52 @@ def build_wan():
     return patcher(comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG))), umt5_clip(), wan_vae()
 
 
+HUNYUAN_VIDEO_CONFIG = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
+                        "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+                        "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 256, "patch_size": [1, 2, 2],
+                        "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False}
+
+
+def build_hunyuan_video(work_dir: Path):
+    """HunyuanVideo with ComfyUI's text encoder (CLIP-L and a 4-layer Llama: it takes the third-last layer, small) as
+    DualCLIPLoader's hunyuan_video type makes it, its Llama tokenizer the tiny pipeline's (tests/support: the
+    template's 95 tokens and Llama 3's header ids, so ComfyUI crops the template as it does with the real one; this
+    ComfyUI copy lacks its llama tokenizer.json); the VAE is Wan 2.1's (16 channels, 4× temporal and 8× spatial, as
+    HunyuanVideo's), whose full size ComfyUI fixes as it fixes HunyuanVideo's."""
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    import comfy.text_encoders.hunyuan_video as hunyuan_video
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from support.tiny_hunyuan_video import llama3_tokenizer_folder
+
+    folder = llama3_tokenizer_folder(work_dir / "llama3_tokenizer")
+
+    class Tokenizer(hunyuan_video.HunyuanVideoTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 — ComfyUI's signature
+            self.clip_l = comfy.sd1_clip.SDTokenizer(embedding_directory=embedding_directory,
+                                                     tokenizer_data=tokenizer_data)
+            self.llama_template = DEFAULT_PROMPT_TEMPLATE["template"]  # ComfyUI's own, word for word
+            self.llama = comfy.sd1_clip.SDTokenizer(  # LLAMA3Tokenizer's settings over the tiny tokenizer, read as
+                # its file says (transformers 5's LlamaTokenizer would rebuild it with SentencePiece's pre-tokenizer)
+                str(folder), embedding_directory=embedding_directory, pad_with_end=False, embedding_size=4096,
+                embedding_key="llama", tokenizer_class=PreTrainedTokenizerFast, has_start_token=True,
+                has_end_token=False,
+                pad_to_max_length=False, max_length=99999999, pad_token=128258, min_length=1,
+                tokenizer_data=tokenizer_data)
+
+    target = comfy.supported_models_base.ClipTarget(Tokenizer, hunyuan_video.hunyuan_video_clip())
+    clip = build_clip(target, {"clip_l_model_config": SMALL_CLIP,
+                               "llama_model_config": {**SMALL_LLAMA, "num_hidden_layers": 4}})
+    for module in clip.cond_stage_model.modules():  # Llama's RMSNorm scales, zeroed with the rest
+        if "RMSNorm" in type(module).__name__ and getattr(module, "weight", None) is not None:
+            module.weight.fill_(1.0)
+    return patcher(comfy.supported_models.HunyuanVideo(dict(HUNYUAN_VIDEO_CONFIG))), clip, wan_vae()
+
+
 def build_qwen_image():
     import comfy.supported_models
 
@@ -461,7 +507,8 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "chroma": lambda: (model,),  # its own ModelSamplingFlux (μ 1.15)  # as ComfyUI's
                "lumina2": lambda: (model,),  # its own shift 6
                "hidream": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),  # as ComfyUI's HiDream workflows
-               "wan": lambda: advanced.ModelSamplingSD3().patch(model, 8.0)}  # as ComfyUI's Wan 14B workflows
+               "wan": lambda: advanced.ModelSamplingSD3().patch(model, 8.0),  # as ComfyUI's Wan 14B workflows
+               "hunyuan_video": lambda: (model,)}  # its own shift 7
     # Qwen-Image workflows shift it
     with torch.inference_mode():
         (patched,) = patches[family]()
@@ -629,6 +676,36 @@ def shared_layout(backend, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return shared
 
 
+def musubi_layout(backend_module, model, clip, tensors: dict[str, torch.Tensor]) -> dict:
+    """A HunyuanVideo file (`diffusion_model.<HunyuanVideo's path>.lora_A/B`) renamed as musubi-tuner writes it
+    (`lora_unet_double_blocks_0_img_mlp_fc1.lora_down/lora_up`): the adapters Load LoRA makes of it against those of
+    the file itself, and the keys ComfyUI's core loader leaves unmapped."""
+    import comfy.sd
+    from comfyui_lora_lab.lora_core.network import LoRANetwork
+
+    suffixes = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+    musubi = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.rpartition(".")
+        module, _, leaf = module.rpartition(".")
+        name = "lora_unet_" + module.removeprefix("diffusion_model.").replace(".", "_")
+        musubi[f"{name}.{suffixes[f'{leaf}.{suffix}']}"] = value
+    backend = backend_module.ComfyBackend(model, clip)
+    with torch.inference_mode(False), torch.no_grad():
+        networks = [LoRANetwork.from_tensors(backend.network_tensors(file), backend.loadable_modules(), strict=True)[0]
+                    for file in (tensors, musubi)]
+        difference = max(float((networks[1].adapters[name].delta_weight() - adapter.delta_weight()).abs().max())
+                         for name, adapter in networks[0].items())
+    lines = LogLines()
+    logging.getLogger().addHandler(lines)
+    try:
+        comfy.sd.load_lora_for_models(model, clip, musubi, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(lines)
+    return {"modules": [len(network.adapters) for network in networks], "delta_w_difference": difference,
+            "core_not_loaded": sorted(line.split()[-1] for line in lines.lines if "lora key not loaded" in line.lower())}
+
+
 def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path) -> dict:
     """Train LoRA through the pack's nodes on a fixed concept, then: the fixed-noise loss before and after, MODEL
     and CLIP unchanged, ComfyUI's core loader on the file (unmatched keys, its prediction against the trained network
@@ -680,6 +757,8 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
                        for key, value in weights.tensors.items()}
             result["foreign"] = core_against_lora_core(backend_module, model, clip, foreign)
         spec = backend_module.ComfyBackend(model, clip).spec
+        if family == "hunyuan_video":  # musubi-tuner's names, which Load LoRA reads (core maps only some of them)
+            result["musubi_layout"] = musubi_layout(backend_module, model, clip, weights.tensors)
         if spec.file_prefixes and not spec.file_module_prefix:  # HiDream's own files are in that layout
             result["shared_layout"] = core_against_lora_core(
                 backend_module, model, clip, shared_layout(backend_module.ComfyBackend(model, clip), weights.tensors))
@@ -939,6 +1018,21 @@ def prompt_node(backend_module, model, clip) -> dict:
             "caption_equals_node": bool(torch.equal(caption["context"], node))}
 
 
+def caption_tokens(backend_module, model, clip) -> dict:
+    """HunyuanVideo: the context Train LoRA trains with is CLIPTextEncode's, ComfyUI's template crop leaving the
+    caption's Llama tokens and <|eot_id|>; the pooled output is CLIP-L's."""
+    import nodes as comfy_nodes
+
+    backend = backend_module.ComfyBackend(model, clip)
+    with torch.inference_mode():
+        caption = backend.encode_text(["a video of sks"])
+        ((node, extras),) = comfy_nodes.CLIPTextEncode().encode(clip, "a video of sks")[0]
+        tokens = clip.tokenize("a video of sks")["llama"][0]
+    return {"context_equals_node": bool(torch.equal(caption["context"], node)),
+            "pooled_equals_node": bool(torch.equal(caption["pooled"], extras["pooled_output"])),
+            "context_tokens": caption["context"].shape[1], "tokenized": len(tokens)}
+
+
 def refusals(backend_module, model, clip) -> dict:
     """What Train LoRA refuses for this family, each message as the user sees it."""
     from comfyui_lora_lab.lora_core.training.config import TrainingConfig
@@ -964,7 +1058,8 @@ def main() -> None:
     comfy_dir, family, work_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     backend_module = import_backend(comfy_dir)
     with torch.inference_mode():  # as ComfyUI's loaders run
-        model, clip, vae = build_hidream(work_dir) if family == "hidream" else BUILDERS[family]()
+        builders = {"hidream": build_hidream, "hunyuan_video": build_hunyuan_video}
+        model, clip, vae = builders[family](work_dir) if family in builders else BUILDERS[family]()
     checks = {"train_and_load": (train_and_load, backend_module, model, clip, vae, family, work_dir)}
     if family not in FP8_FAMILIES:
         checks["objective"] = (objective_against_comfy, backend_module, model, clip, family)
@@ -975,6 +1070,8 @@ def main() -> None:
         checks["vae_posterior"] = (vae_posterior, backend_module, model, clip, vae)
     if family == "lumina2":
         checks["prompt_node"] = (prompt_node, backend_module, model, clip)
+    if family == "hunyuan_video":
+        checks["caption_tokens"] = (caption_tokens, backend_module, model, clip)
     if family in ("sdxl", "flux"):
         checks["algorithms"] = (algorithms, backend_module, model, clip, vae, work_dir)
     if family == "flux":

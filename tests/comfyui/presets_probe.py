@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from families_probe import patcher  # noqa: E402
+from families_probe import HUNYUAN_VIDEO_CONFIG, patcher  # noqa: E402
 from model_machinery_probe import import_backend  # noqa: E402
 
 from support.tiny_sdxl import COMFY_UNET_CONFIG  # noqa: E402
@@ -82,6 +82,7 @@ def diffusers_pipelines() -> dict:
     from lora_core.demo.tiny_model import build_tiny_pipeline
     from support.tiny_flow_models import build_tiny_chroma, build_tiny_flux, build_tiny_sd3
     from support.tiny_hidream import build_tiny_hidream
+    from support.tiny_hunyuan_video import build_tiny_hunyuan_video
     from support.tiny_lumina2 import build_tiny_lumina2
     from support.tiny_qwen_image import build_tiny_qwen_image
     from support.tiny_wan import build_tiny_wan
@@ -89,7 +90,8 @@ def diffusers_pipelines() -> dict:
 
     return {"sd1": build_tiny_pipeline(seed=0), "sdxl": build_tiny_sdxl(), "sd3": build_tiny_sd3(),
             "flux": build_tiny_flux(), "qwen_image": build_tiny_qwen_image(), "chroma": build_tiny_chroma(),
-            "lumina2": build_tiny_lumina2(), "hidream": build_tiny_hidream(), "wan": build_tiny_wan()}
+            "lumina2": build_tiny_lumina2(), "hidream": build_tiny_hidream(), "wan": build_tiny_wan(),
+            "hunyuan_video": build_tiny_hunyuan_video()}
 
 
 def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
@@ -120,6 +122,21 @@ def comfy_model_and_map(family: str, denoiser: torch.nn.Module):
         config = comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG))
         return patcher(config), {key: f"{wan_path(key.removesuffix('.weight'))}.weight" for key in state
                                  if key.endswith(".weight")}
+    if family == "hunyuan_video":  # ComfyUI builds it from Flux's layers and has no diffusers map for it: lora_core's
+        # table of which diffusers layers each fused layer holds (diffusers' converter reads them back in
+        # tests/families/test_hunyuan_video.py)
+        from lora_core.families.flux import bfl_paths
+
+        config = comfy.supported_models.HunyuanVideo(dict(HUNYUAN_VIDEO_CONFIG))
+        modules, mapping = dict(denoiser.named_modules()), {}
+        for comfy_path, paths in bfl_paths(denoiser).items():
+            offset = 0
+            for path in paths:
+                rows = modules[path].out_features
+                mapping[f"{path}.weight"] = (f"{comfy_path}.weight", (0, offset, rows)) if len(paths) > 1 \
+                    else f"{comfy_path}.weight"
+                offset += rows
+        return patcher(config), mapping
     if family == "lumina2":
         config = comfy.supported_models.Lumina2(dict(LUMINA2_CONFIG))
         return patcher(config), nextdit_to_diffusers(LUMINA2_CONFIG)

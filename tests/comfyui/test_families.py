@@ -26,7 +26,8 @@ RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "fl
         ("0.3.64", CURRENT_COMFY_DIR, "flux_fp8"), ("0.3.64", CURRENT_COMFY_DIR, "flux_scaled_fp8"),
         ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("0.3.64", CURRENT_COMFY_DIR, "qwen_image"),
         ("0.3.64", CURRENT_COMFY_DIR, "chroma"), ("0.3.64", CURRENT_COMFY_DIR, "lumina2"),
-        ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("0.3.64", CURRENT_COMFY_DIR, "wan"), ("2024", COMFY_DIR, "sdxl")]
+        ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("0.3.64", CURRENT_COMFY_DIR, "wan"),
+        ("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video"), ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -40,7 +41,9 @@ KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "
                 # diffusion-pipe's layout, which diffusers reads (it refuses kohya's names and alpha keys)
                 "hidream": ("diffusion_model.double_stream_blocks.", "diffusion_model.single_stream_blocks."),
                 # diffusion-pipe's layout over Wan's own names, which ComfyUI and diffusers both read
-                "wan": ("diffusion_model.blocks.",)}
+                "wan": ("diffusion_model.blocks.",),
+                # the same layout over HunyuanVideo's own names (img_attn_qkv, img_mlp.fc1, …), q/k/v fused
+                "hunyuan_video": ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")}
 _results: dict[tuple[str, str], dict] = {}
 
 
@@ -75,10 +78,11 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "lumina2", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "hidream", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "wan", "objective", "flow"),
+    ("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video", "objective", "flow"),
     ("2024", COMFY_DIR, "sdxl", "objective", "v_prediction"),
     ("2024", COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
 ], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64", "qwen_image-0.3.64", "chroma-0.3.64",
-        "lumina2-0.3.64", "hidream-0.3.64", "wan-0.3.64", "sdxl-v-2024",
+        "lumina2-0.3.64", "hidream-0.3.64", "wan-0.3.64", "hunyuan_video-0.3.64", "sdxl-v-2024",
         "sdxl-eps-2024"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
@@ -154,7 +158,7 @@ TEXT_ENCODER_FILE_PREFIXES = {"lora_te1_": "CLIP-L", "lora_te2_": "CLIP-G", "tex
 @pytest.mark.parametrize(("family", "family_name"), [("sdxl", "SDXL"), ("flux", "Flux.1"), ("sd3", "SD3"),
                                                    ("qwen_image", "Qwen-Image"), ("chroma", "Chroma"),
                                                    ("lumina2", "Lumina 2"), ("hidream", "HiDream-I1"),
-                                                   ("wan", "Wan")])
+                                                   ("wan", "Wan"), ("hunyuan_video", "HunyuanVideo")])
 def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name, tmp_path_factory) -> None:
     """Inject LoRA's train_text_encoder tooltip names, for each family, exactly the CLIP encoders whose layers the
     trained file holds."""
@@ -169,20 +173,21 @@ def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name,
     ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma"), ("sd3", "SD3", "min_snr_gamma"),
     ("qwen_image", "Qwen-Image", "min_snr_gamma"), ("chroma", "Chroma", "min_snr_gamma"),
     ("lumina2", "Lumina 2", "min_snr_gamma"), ("hidream", "HiDream-I1", "min_snr_gamma"),
-    ("wan", "Wan", "min_snr_gamma")])
+    ("wan", "Wan", "min_snr_gamma"), ("hunyuan_video", "HunyuanVideo", "min_snr_gamma")])
 def test_what_a_family_cannot_train_is_refused_naming_the_family(
         family, family_name, setting, tmp_path_factory) -> None:
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
     assert setting in outcome["settings"] and family_name in outcome["settings"]
-    if family == "flux":
-        assert outcome["guidance"] is None  # Flux.1-dev has a guidance input
+    if family in ("flux", "hunyuan_video"):
+        assert outcome["guidance"] is None  # Flux.1-dev and HunyuanVideo have a guidance input
     else:
         assert "flux_guidance" in outcome["guidance"] and family_name in outcome["guidance"]
     if family == "sd3":  # Inject LoRA refuses, before any training, what SD3's files cannot hold
         assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
     else:
         assert outcome["loha"] is None
-    if family in ("qwen_image", "chroma", "lumina2", "hidream", "wan"):  # no text encoder of theirs trains: refused
+    if family in ("qwen_image", "chroma", "lumina2", "hidream", "wan", "hunyuan_video"):  # no text encoder of theirs
+        # trains: refused
         assert "train_text_encoder off" in outcome["text_encoder"] and family_name in outcome["text_encoder"]
     else:
         assert outcome["text_encoder"] is None
@@ -260,3 +265,19 @@ def test_wan_trains_on_clips_of_the_dataset_and_names_those_it_cannot(tmp_path_f
     high_min, high_max, low_min, low_max = outcome["expert_sigmas"]  # Wan 2.2 A14B's experts, split at 0.875
     assert 0.875 <= high_min < high_max <= 1 and 0 <= low_min < low_max <= 0.875, outcome
     assert outcome["samples_shape"] == [5, 64, 64, 3]  # the sample clip's 5 frames, as the samples IMAGE
+
+
+def test_hunyuan_video_captions_and_files_are_what_comfyui_and_musubi_tuner_make(tmp_path_factory) -> None:
+    """HunyuanVideo: each caption's context is CLIPTextEncode's (ComfyUI crops the Llama template to the caption's
+    tokens and <|eot_id|>; the tiny tokenizer spells "sks" out), its pooled output CLIP-L's; the trained file renamed
+    as musubi-tuner names it loads through Load LoRA to the same ΔW, where ComfyUI's core loader maps only the layers
+    whose names ComfyUI's own Flux layers share (img_mlp.fc1 is ComfyUI's img_mlp.0)."""
+    results = probe("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video", tmp_path_factory)
+    tokens = check(results, "caption_tokens")
+    assert tokens["context_equals_node"] and tokens["pooled_equals_node"], tokens
+    assert tokens["context_tokens"] == len("a video of".split()) + len("sks") + 1, tokens
+    assert tokens["tokenized"] == 95 + tokens["context_tokens"], tokens  # the template's 95 tokens, cropped
+    musubi = check(results, "train_and_load")["musubi_layout"]
+    assert musubi["modules"][0] == musubi["modules"][1] > 0 and musubi["delta_w_difference"] == 0.0, musubi
+    assert musubi["core_not_loaded"] and all("_mlp_fc" in key or "_mod_linear" in key or "_modulation_linear" in key
+                                             for key in musubi["core_not_loaded"]), musubi

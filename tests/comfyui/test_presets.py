@@ -12,7 +12,7 @@ import pytest
 from .harness import CURRENT_COMFY_DIR, VENV_PYTHON
 
 PROBE = Path(__file__).with_name("presets_probe.py")
-FAMILIES = ("sd1", "sdxl", "sd3", "flux", "qwen_image", "chroma", "lumina2", "hidream", "wan")
+FAMILIES = ("sd1", "sdxl", "sd3", "flux", "qwen_image", "chroma", "lumina2", "hidream", "wan", "hunyuan_video")
 
 
 @pytest.fixture(scope="module")

@@ -163,12 +163,13 @@ FAMILY_WORKFLOWS = {"train_lora_sdxl.json": {"ckpt_name", "folder"},
                                                      "image"},
                     "train_lora_qwen_image_edit.json": {"unet_name", "clip_name", "vae_name", "folder", "image"},
                     "train_lora_wan.json": {"unet_name", "clip_name", "vae_name", "folder"},
-                    "train_lora_wan22_a14b.json": {"unet_name", "clip_name", "vae_name", "folder"}}
+                    "train_lora_wan22_a14b.json": {"unet_name", "clip_name", "vae_name", "folder"},
+                    "train_lora_hunyuan_video.json": {"unet_name", "clip_name1", "clip_name2", "vae_name", "folder"}}
 REFUSED_AS_MISSING = ("value_not_in_list", "custom_validation_failed")
 FAMILY_CLIP_TYPES = {"flux": ("DualCLIPLoader", "flux"), "qwen_image": ("CLIPLoader", "qwen_image"),
                      "chroma": ("CLIPLoader", "chroma"), "lumina2": ("CLIPLoader", "lumina2"),
                      "hidream": ("QuadrupleCLIPLoader", None),  # a loader of its own: no type to choose
-                     "wan": ("CLIPLoader", "wan")}
+                     "wan": ("CLIPLoader", "wan"), "hunyuan_video": ("DualCLIPLoader", "hunyuan_video")}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY_WORKFLOWS))
