@@ -688,7 +688,8 @@ class ComfyBackend(TrainingBackend):
 
         import nodes as comfy_nodes  # ComfyUI's own nodes module
 
-        size = self.sample_size // 8
+        compression = getattr(self.vae, "spacial_compression_encode", lambda: 8)()  # 16 for Wan 2.2's VAE
+        size = self.sample_size // compression
         channels = getattr(self.base_model.latent_format, "latent_channels", 4)
         images = []
         for prompt in prompts:

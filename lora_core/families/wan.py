@@ -1,5 +1,6 @@
-"""Wan 2.1 and 2.2 text-to-video with diffusers' WanPipeline: video latents [B, C, F, H, W] of the Wan VAE (4×
-temporal, 8× or 16× spatial compression; normalized by its latents_mean/std), umT5 states zero-padded to 512 tokens
+"""Wan 2.1 and 2.2 text-to-video with diffusers' WanPipeline (the 2.2 TI2V 5B as text-to-video, its time given per
+latent token as the pipeline gives it): video latents [B, C, F, H, W] of the Wan VAE (4× temporal, 8× spatial and 16
+channels, or the 2.2 VAE's 16× and 48; normalized by its latents_mean/std), umT5 states zero-padded to 512 tokens
 (never trained: encoded once and cached), flow matching with the scheduler's fixed shift and σ·1000 as the time
 input. Images train as one-frame videos; clips must have 4k+1 frames.
 
@@ -11,6 +12,7 @@ and diffusers' `transformer.blocks.0.attn1.to_q` files load too."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -52,11 +54,11 @@ COMFY_WAN_PRESETS = {
 }
 WAN = Family(
     "Wan", "wan", "wan", __name__, "WanBackend", ("WanPipeline",),
-    {"WAN21_T2V": "Wan 2.1 / 2.2 text-to-video"}, "WanModel", ("blocks",), WAN_PRESETS, COMFY_WAN_PRESETS, {},
+    {"WAN21_T2V": "Wan 2.1 / 2.2 text-to-video", "WAN22_T2V": "Wan 2.2 TI2V 5B (text-to-video)"}, "WanModel", ("blocks",), WAN_PRESETS, COMFY_WAN_PRESETS, {},
     BlockLayout("Wan", groups=("B",), patterns=(
         (re.compile(r"lora_unet_blocks_(\d+)(_|$)"), "B"),
         (re.compile(r"(?:transformer|diffusion_model)\.blocks\.(\d+)\."), "B"))),
-    comfy_variants={"WAN21_I2V": "Wan image-to-video", "WAN22_T2V": "Wan 2.2 TI2V 5B",
+    comfy_variants={"WAN21_I2V": "Wan image-to-video",
                     "WAN21_FunControl2V": "Wan Fun Control", "WAN21_Camera": "Wan camera control",
                     "WAN22_Camera": "Wan 2.2 camera control", "WAN21_Vace": "Wan VACE", "WAN21_HuMo": "Wan HuMo",
                     "WAN22_S2V": "Wan 2.2 speech-to-video", "WAN22_Animate": "Wan 2.2 Animate"},
@@ -114,6 +116,8 @@ class WanBackend(VideoBackend):
         elif expert is not None:
             raise ValueError(f"wan_expert {expert!r} picks one of Wan 2.2 A14B's two transformers; this pipeline has "
                              "one: leave it unset")
+        # Wan 2.2 TI2V 5B's pipeline gives each latent token its own time (all the same without a start image)
+        self.expand_timesteps = bool(pipeline.config.get("expand_timesteps", False))
         paths = [path for path, module in self.transformer.named_modules() if isinstance(module, nn.Linear)]
         self.file_names = {kohya_name("lora_unet", path): f"{WAN.file_module_prefix}{wan_path(path)}" for path in paths}
         self.network_names = {kohya_name("lora_unet", wan_path(path)): kohya_name("lora_unet", path) for path in paths}
@@ -148,9 +152,14 @@ class WanBackend(VideoBackend):
         return {"context": context}
 
     def predict(self, noisy_latents: torch.Tensor, times: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """The transformer's velocity for video latents; σ·1000 goes in as fp32 (its time embedding is fp32)."""
-        dtype = self.transformer.dtype
-        return self.transformer(hidden_states=noisy_latents.to(dtype), timestep=times.float(),
+        """The transformer's velocity for video latents; σ·1000 goes in as fp32 (its time embedding is fp32), one
+        per latent token where the pipeline expands it (TI2V 5B)."""
+        dtype, timestep = self.transformer.dtype, times.float()
+        if self.expand_timesteps:
+            patch = self.transformer.config.patch_size
+            tokens = math.prod(size // step for size, step in zip(noisy_latents.shape[2:], patch))
+            timestep = timestep[:, None].expand(-1, tokens)
+        return self.transformer(hidden_states=noisy_latents.to(dtype), timestep=timestep,
                                 encoder_hidden_states=conditioning["context"].to(dtype), return_dict=False)[0]
 
     def adapter_targets(self, preset: str, text_encoder: bool) -> dict[str, nn.Module]:

@@ -402,6 +402,16 @@ def build_wan():
     return patcher(comfy.supported_models.WAN21_T2V(dict(WAN_CONFIG))), umt5_clip(), wan_vae()
 
 
+def build_wan22_5b():
+    """Wan 2.2 TI2V 5B's layout (48 latent channels in and out, ComfyUI's WAN22_T2V and its Wan22 latent format),
+    small; the VAE is a small KL VAE of 48 channels standing in for the 2.2 VAE, whose full size ComfyUI fixes (its
+    latents have the channels the model takes; the model's own tests encode with the real layout in lora_core)."""
+    import comfy.supported_models
+
+    config = {**WAN_CONFIG, "in_dim": 48, "out_dim": 48}
+    return patcher(comfy.supported_models.WAN22_T2V(config)), umt5_clip(), build_vae(48)
+
+
 HUNYUAN_VIDEO_CONFIG = {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32,
                         "context_in_dim": 32, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
                         "depth_single_blocks": 1, "axes_dim": [4, 6, 6], "theta": 256, "patch_size": [1, 2, 2],
@@ -455,6 +465,7 @@ def build_qwen_image():
 
 
 BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "qwen_image": build_qwen_image, "wan": build_wan,
+            "wan22_5b": build_wan22_5b,
             "chroma": build_chroma, "lumina2": build_lumina2,
             "flux_fp8": lambda: build_flux(torch.float8_e4m3fn), "flux_scaled_fp8": build_flux_scaled_fp8}
 FP8_FAMILIES = ("flux_fp8", "flux_scaled_fp8")
@@ -508,6 +519,7 @@ def objective_against_comfy(backend_module, model, clip, family: str) -> dict:
                "lumina2": lambda: (model,),  # its own shift 6
                "hidream": lambda: advanced.ModelSamplingSD3().patch(model, 3.0),  # as ComfyUI's HiDream workflows
                "wan": lambda: advanced.ModelSamplingSD3().patch(model, 8.0),  # as ComfyUI's Wan 14B workflows
+               "wan22_5b": lambda: advanced.ModelSamplingSD3().patch(model, 8.0),  # as ComfyUI's 5B workflow
                "hunyuan_video": lambda: (model,)}  # its own shift 7
     # Qwen-Image workflows shift it
     with torch.inference_mode():

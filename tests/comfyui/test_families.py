@@ -1,6 +1,5 @@
-"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 and scaled-fp8 weights), SD3, Qwen-Image, Chroma, Lumina 2
-and HiDream, each a
-tiny model built from ComfyUI's own classes in `families_probe.py`, run in a ComfyUI checkout's Python (its own
+"""Train LoRA on SDXL (ε and v), Flux.1 (also over fp8 and scaled-fp8 weights), SD3, Qwen-Image, Chroma, Lumina 2,
+HiDream, Wan (2.1 and the 2.2 TI2V 5B) and HunyuanVideo, each a tiny model built from ComfyUI's own classes in `families_probe.py`, run in a ComfyUI checkout's Python (its own
 process, no server): 0.3.64 for all, the 2024 ComfyUI for SDXL (it predates SD3 and Flux).
 
 Per family: the loss equals the one computed by hand from ComfyUI's patched `model_sampling`; training lowers the
@@ -27,7 +26,8 @@ RUNS = [("0.3.64", CURRENT_COMFY_DIR, "sdxl"), ("0.3.64", CURRENT_COMFY_DIR, "fl
         ("0.3.64", CURRENT_COMFY_DIR, "sd3"), ("0.3.64", CURRENT_COMFY_DIR, "qwen_image"),
         ("0.3.64", CURRENT_COMFY_DIR, "chroma"), ("0.3.64", CURRENT_COMFY_DIR, "lumina2"),
         ("0.3.64", CURRENT_COMFY_DIR, "hidream"), ("0.3.64", CURRENT_COMFY_DIR, "wan"),
-        ("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video"), ("2024", COMFY_DIR, "sdxl")]
+        ("0.3.64", CURRENT_COMFY_DIR, "wan22_5b"), ("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video"),
+        ("2024", COMFY_DIR, "sdxl")]
 KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_te1_",
                          "lora_te2_"),
                 "flux": ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_"),
@@ -41,7 +41,7 @@ KEY_PREFIXES = {"sdxl": ("lora_unet_input_blocks_", "lora_unet_middle_block_", "
                 # diffusion-pipe's layout, which diffusers reads (it refuses kohya's names and alpha keys)
                 "hidream": ("diffusion_model.double_stream_blocks.", "diffusion_model.single_stream_blocks."),
                 # diffusion-pipe's layout over Wan's own names, which ComfyUI and diffusers both read
-                "wan": ("diffusion_model.blocks.",),
+                "wan": ("diffusion_model.blocks.",), "wan22_5b": ("diffusion_model.blocks.",),
                 # the same layout over HunyuanVideo's own names (img_attn_qkv, img_mlp.fc1, …), q/k/v fused
                 "hunyuan_video": ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")}
 _results: dict[tuple[str, str], dict] = {}
@@ -78,11 +78,12 @@ def check(results: dict, name: str) -> dict:
     ("0.3.64", CURRENT_COMFY_DIR, "lumina2", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "hidream", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "wan", "objective", "flow"),
+    ("0.3.64", CURRENT_COMFY_DIR, "wan22_5b", "objective", "flow"),
     ("0.3.64", CURRENT_COMFY_DIR, "hunyuan_video", "objective", "flow"),
     ("2024", COMFY_DIR, "sdxl", "objective", "v_prediction"),
     ("2024", COMFY_DIR, "sdxl", "objective_eps", "epsilon"),
 ], ids=["sdxl-v-0.3.64", "sdxl-eps-0.3.64", "flux-0.3.64", "sd3-0.3.64", "qwen_image-0.3.64", "chroma-0.3.64",
-        "lumina2-0.3.64", "hidream-0.3.64", "wan-0.3.64", "hunyuan_video-0.3.64", "sdxl-v-2024",
+        "lumina2-0.3.64", "hidream-0.3.64", "wan-0.3.64", "wan22_5b-0.3.64", "hunyuan_video-0.3.64", "sdxl-v-2024",
         "sdxl-eps-2024"])
 def test_loss_is_the_one_comfys_patched_model_sampling_defines(server, comfy_dir, family, objective, prediction_type,
                                                                tmp_path_factory) -> None:
@@ -173,7 +174,8 @@ def test_text_encoder_tooltip_names_the_encoders_that_train(family, family_name,
     ("sdxl", "SDXL", "timestep_sampling"), ("flux", "Flux.1", "min_snr_gamma"), ("sd3", "SD3", "min_snr_gamma"),
     ("qwen_image", "Qwen-Image", "min_snr_gamma"), ("chroma", "Chroma", "min_snr_gamma"),
     ("lumina2", "Lumina 2", "min_snr_gamma"), ("hidream", "HiDream-I1", "min_snr_gamma"),
-    ("wan", "Wan", "min_snr_gamma"), ("hunyuan_video", "HunyuanVideo", "min_snr_gamma")])
+    ("wan", "Wan", "min_snr_gamma"), ("wan22_5b", "Wan 2.2 TI2V 5B", "min_snr_gamma"),
+    ("hunyuan_video", "HunyuanVideo", "min_snr_gamma")])
 def test_what_a_family_cannot_train_is_refused_naming_the_family(
         family, family_name, setting, tmp_path_factory) -> None:
     outcome = check(probe("0.3.64", CURRENT_COMFY_DIR, family, tmp_path_factory), "refusals")
@@ -186,8 +188,8 @@ def test_what_a_family_cannot_train_is_refused_naming_the_family(
         assert "loha" in outcome["loha"] and "use algorithm lora" in outcome["loha"]
     else:
         assert outcome["loha"] is None
-    if family in ("qwen_image", "chroma", "lumina2", "hidream", "wan", "hunyuan_video"):  # no text encoder of theirs
-        # trains: refused
+    if family in ("qwen_image", "chroma", "lumina2", "hidream", "wan", "wan22_5b", "hunyuan_video"):  # no text encoder
+        # of theirs trains: refused
         assert "train_text_encoder off" in outcome["text_encoder"] and family_name in outcome["text_encoder"]
     else:
         assert outcome["text_encoder"] is None
