@@ -322,6 +322,9 @@ def peak_above(device: torch.device, baseline: int) -> tuple[int, int]:
     return peak - baseline, peak
 
 
+PLANS: list = []  # lora_core's memory plan of each LoRA Lab block, before its first step
+
+
 def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_kernels: str,
                    gradient_checkpointing: bool) -> tuple[list[float], tuple[int, int], list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory (above, total), losses."""
@@ -336,7 +339,7 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_k
     # reference has none)
     config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision, validation_every=0,
                             cpu_conv_kernels=conv_kernels, gradient_checkpointing=gradient_checkpointing)
-    result = train(backend, network, dataset, config, callback=record)
+    result = train(backend, network, dataset, config, callback=record, memory_plan=PLANS.append)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
 
@@ -543,7 +546,7 @@ def main() -> None:
                 continue
             try:
                 seconds, memory, losses = block()
-            except RuntimeError as error:
+            except (RuntimeError, ValueError) as error:  # a CUDA error; a run the memory plan refuses
                 failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
                 print(f"{name} failed:", file=sys.stderr)
                 traceback.print_exc()
@@ -583,6 +586,14 @@ def main() -> None:
         "peak_memory_bytes": {name: max(result["memory"]) for name, result in results.items()},
         # the absolute peak, weights included (with the reference: both copies of the denoiser are resident)
         "peak_memory_total_bytes": {name: max(result["memory_total"]) for name, result in results.items()},
+        # lora_core's plan of LoRA Lab's peak with one copy of the denoiser, against the measured one: the absolute
+        # peak alone, beside the reference its weights (parameters and buffers) plus its peak above them
+        "memory_plan": PLANS[-1].describe() if PLANS else None,
+        "planned_bytes": PLANS[-1].total if PLANS else None,
+        "lora_lab_measured_bytes": None if device.type != "cuda" or "lora_lab" not in results else (
+            max(results["lora_lab"]["memory_total"]) if reference_model is None else
+            sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+            + max(results["lora_lab"]["memory"])),
         "lora_lab_parameter_dtypes": sorted({str(p.dtype) for p in network.parameters()}),
         "losses_finite": all(bool(np.isfinite(result["losses"]).all()) for result in results.values()),
         "lora_lab_weights_changed": any(not torch.equal(v, before[k]) for k, v in network.state_dict().items()),

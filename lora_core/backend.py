@@ -96,7 +96,17 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def frozen_modules(self) -> list[nn.Module]:
-        """The base models, whose own parameters must get no gradients while the LoRA trains."""
+        """The base models, whose own parameters must get no gradients while the LoRA trains; the denoiser first."""
+
+    def saved_activations(self) -> float | None:
+        """The memory plan's values per token and channel autograd keeps of one denoiser block (`Family`'s); None for
+        a UNet, whose activations are not planned."""
+        return None
+
+    def parkable_modules(self) -> list[nn.Module]:
+        """The models the loop may move off the device while the denoiser trains, once their outputs are cached
+        (text encoders, VAE): the frozen models after the denoiser."""
+        return self.frozen_modules()[1:]
 
     def file_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The network's tensors (kohya module names, `.lora_down.weight`…) as this family's LoRA files store them:

@@ -167,7 +167,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
         try:
             result = train(backend, network, dataset, config, callback=show, checkpointer=checkpointer,
-                           resume_state=resume_state, distributed=distributed)
+                           resume_state=resume_state, distributed=distributed,
+                           memory_plan=lambda plan: is_main and bar.write(plan.describe()))
         except TrainingDiverged as error:
             result = error.result
             out = out.with_name(out.stem + "-last-good.safetensors")

@@ -664,6 +664,12 @@ class ComfyBackend(TrainingBackend):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet] + ([self.clip.cond_stage_model] if self.clip is not None else [])
 
+    def parkable_modules(self) -> list[nn.Module]:
+        return []  # ComfyUI's model management places its models
+
+    def saved_activations(self) -> float | None:
+        return self.spec.saved_activations if self.spec.flow else None  # the flow families' denoisers are transformers
+
     def checkpoint_blocks(self) -> list[nn.Module]:
         blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]

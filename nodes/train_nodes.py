@@ -1,6 +1,7 @@
 """Load Dataset, Inject LoRA and Train LoRA: thin ComfyUI nodes over `lora_core`."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,15 +368,19 @@ class TrainLoRA:
                                         Path(prefix).name, metadata)
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
             lora_network = network.build(backend, config.seed).to(backend.device)
+        def show_plan(plan) -> None:  # before the first step; a run that will not fit a GPU is refused after it
+            logging.info("LoRA Lab: %s", plan.describe())
+            send_event("lora_lab.train.plan", {"node": unique_id, "text": plan.describe()})
+
         result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
-                       resume_state=state)  # encodes the dataset, then loads the denoiser (`backend.training`)
+                       resume_state=state, memory_plan=show_plan)  # encodes the dataset, then loads the denoiser
         weights = LoRAWeights.from_network(lora_network, metadata(result.steps), file_tensors=backend.file_tensors)
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
         history = loss_history(result.losses, smooth(result.losses, config.loss_smoothing))  # bounded for /history
         summary = {"steps": result.steps, "total": config.steps, **history,
                    "best_step": result.best_step, "best_loss": result.best_loss, "stop_reason": result.stop_reason,
                    "seconds": result.seconds, "validation": result.validation,
-                   "validation_held_out": result.validation_held_out}
+                   "validation_held_out": result.validation_held_out, "memory_plan": result.memory_plan}
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([loss_curve(result.losses, result.validation)])
         samples = [frame for _, images in result.samples for image in images  # a clip: its frames in order

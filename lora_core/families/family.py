@@ -73,6 +73,8 @@ class Family:
     # path in ComfyUI, where they differ (HunyuanVideo's own names over ComfyUI's Flux layers)
     file_prefixes: dict[str, str] = field(default_factory=dict)  # other trainers' file layouts the family's files may
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)
+    saved_activations: float = 16.0  # the memory plan's values per token and channel autograd keeps of one
+    # transformer block (measured: Flux.1's 16, Wan's 22; the other transformers are planned with Flux's)
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler
     sample_scheduler: str = "normal"
 

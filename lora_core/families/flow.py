@@ -114,6 +114,7 @@ class FlowBackend(TrainingBackend):
     Subclasses give the family, presets, text encoding, the denoiser call and the objective's constants."""
 
     prediction_type = "flow"
+    spec: Family
     presets: dict[str, TargetPreset]
     sample_guidance: float  # the guidance scale sample images are drawn with
 
@@ -126,6 +127,9 @@ class FlowBackend(TrainingBackend):
 
     def compute_dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    def saved_activations(self) -> float:
+        return self.spec.saved_activations
 
     def check_packable(self, height: int, width: int) -> None:
         """Refuse latents the transformer's 2×2 patches cannot pack (Flux, Chroma, Qwen-Image, HunyuanVideo)."""
@@ -194,7 +198,6 @@ class VideoBackend(FlowBackend):
     """A text-to-video pipeline (Wan's, HunyuanVideo's) whose transformer takes video latents [B, C, F, H, W]: clips of
     the family's 4k+1 frames train, and samples are clips as long as the dataset's."""
 
-    spec: Family
     default_sample_size = 480  # pixels of each side of a sample clip's frames unless `sample_size` says
 
     def check_clip_frames(self, frames: int) -> None:

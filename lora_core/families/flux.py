@@ -202,8 +202,6 @@ class FusedFileBackend(FlowBackend):
     original layer may hold several of diffusers' (a fused qkv): those fused exactly on saving, split back on loading;
     files in diffusers' naming and the family's other layouts (`Family.file_prefixes`) renamed."""
 
-    spec: Family
-
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
         self.modules_by_path = dict(self.transformer.named_modules())

@@ -111,6 +111,7 @@ class QwenImageBackend(FlowBackend):
     length; batches are zero-padded, and the mask keeps padding out of attention, as the pipeline batches prompts)."""
 
     family = QWEN_IMAGE.name
+    spec = QWEN_IMAGE
     presets = QWEN_PRESETS
     sample_guidance = None  # the pipeline's true CFG needs a negative prompt; samples are drawn without it
     max_sequence_length = 512  # text tokens after the template, the pipeline's default

@@ -88,6 +88,7 @@ class SD3Backend(FlowBackend):
     """StableDiffusion3Pipeline for training; latents [B, 16, H, W] go to the transformer as they are."""
 
     family = SD3.name
+    spec = SD3
     presets = SD3_PRESETS
     sample_guidance = 7.0
     max_sequence_length = 256  # T5 tokens, the pipeline's default

@@ -62,7 +62,8 @@ WAN = Family(
                     "WAN21_FunControl2V": "Wan Fun Control", "WAN21_Camera": "Wan camera control",
                     "WAN22_Camera": "Wan 2.2 camera control", "WAN21_Vace": "Wan VACE", "WAN21_HuMo": "Wan HuMo",
                     "WAN22_S2V": "Wan 2.2 speech-to-video", "WAN22_Animate": "Wan 2.2 Animate"},
-    flow=True, frame_step=4, file_module_prefix="diffusion_model.", sample_cfg=5.0, sample_scheduler="simple",
+    flow=True, frame_step=4, file_module_prefix="diffusion_model.", saved_activations=22.0, sample_cfg=5.0,
+    sample_scheduler="simple",
     file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"})  # diffusion-pipe's; diffusers'
 # Wan's own layer names (ComfyUI's, and the files') for diffusers' paths inside and outside the blocks
 WAN_NAMES = ((r"\.attn1\.to_out\.0$", ".self_attn.o"), (r"\.attn1\.to_([qkv])$", r".self_attn.\1"),

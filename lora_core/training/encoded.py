@@ -3,12 +3,19 @@ and the conditioning of every caption, encoded once before the first step (kohya
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file as load_tensors
 
-from ..backend import REFERENCE_LATENTS, SIZE_CONDITIONING, Conditioning, TrainingBackend, concatenated
+from ..backend import (
+    REFERENCE_LATENTS,
+    SIZE_CONDITIONING,
+    Conditioning,
+    TrainingBackend,
+    concatenated,
+)
 from ..data.dataset import Batch, ImageFolderDataset
 from ..formats.files import save_file, tensor_bytes
 
@@ -69,6 +76,17 @@ class EncodedDataset:
         if cached is not None:
             save_file(cached, {"latent": latent}, {"lora_lab": "cached latent"}, overwrite=True)
         return latent
+
+    def largest_latent_values(self) -> int:
+        """Values per channel of the largest item the denoiser sees: its latent (frames × height × width) and its
+        reference latents', which edit models take in the same sequence."""
+        return max(math.prod(latent.shape[1:]) + sum(math.prod(reference.shape[1:]) for reference in
+                                                     self.reference_latents.get(key, []))
+                   for key, latent in self.latents.items())
+
+    def longest_text(self) -> int:
+        """Tokens of the longest cached caption's context (0 where captions are encoded at each step)."""
+        return max((conditioning["context"].shape[1] for conditioning in self.text_cache.values()), default=0)
 
     def batch_latents(self, batch: Batch) -> torch.Tensor:
         return self.stacked(list(zip(batch.images, batch.flipped)))

@@ -27,6 +27,7 @@ from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .distributed import Distributed
 from .encoded import EncodedDataset
+from .memory_plan import MemoryPlan, plan_memory
 from .objectives import Objective
 from .optim import make_optimizer, make_scheduler
 from .precision import Precision
@@ -181,13 +182,15 @@ def train(
     checkpointer: Checkpointer | None = None,
     resume_state: dict | None = None,
     distributed: Distributed | None = None,
+    memory_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> TrainingResult:
     """Train `network` on `dataset` through `backend`; the callback may return False to stop after any step.
 
     The base models are frozen and the network attached only for the run: afterwards both are as they were,
     with the network's new weights (those of the lowest validation loss with `keep_best` or early stopping).
     `checkpointer` saves checkpoints; `resume_state` (from `checkpoints.load_state`) continues a run where its
-    checkpoint left it.
+    checkpoint left it. `memory_plan` is called with the run's memory plan once the dataset is encoded, before the
+    first step; on a CUDA device a run the plan says will not fit is refused then, naming what would make it fit.
 
     `distributed` (from `Distributed.from_environment()`) trains data-parallel: every rank runs this with the same
     settings on its share of each global batch of `batch_size × world_size × gradient_accumulation`, DDP averages
@@ -248,6 +251,9 @@ def train(
             BatchLoss(network, backend, encoded, objective, state.noise_generator, distributed,
                       config.prior_loss_weight))
 
+    # the text encoders and VAE off a GPU while the denoiser trains, where their outputs are cached
+    parked = backend.parkable_modules() if backend.device.type == "cuda" and encoded.text_cache else []
+
     def validation_loss() -> float:
         network.eval()
         try:
@@ -257,10 +263,22 @@ def train(
             network.train()
 
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()),
-          backend.training(network.has_text_encoder), network.applied(1.0),
+          moved(parked, torch.device("cpu")), backend.training(network.has_text_encoder), network.applied(1.0),
           checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
           tuned_convolutions(backend.device.type == "cuda"), attention_without_cudnn(),
           cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size")):
+        plan = plan_memory(backend.frozen_modules(), backend.checkpoint_blocks(), network, backend.device,
+                           encoded.largest_latent_values(), encoded.longest_text(), config.batch_size,
+                           (precision.autocast_dtype or precision.base_dtype).itemsize, config.gradient_checkpointing,
+                           config.optimizer, backend.saved_activations())
+        result.memory_plan = plan.describe()
+        if memory_plan is not None:
+            memory_plan(plan)
+        if backend.device.type == "cuda":
+            # what PyTorch already holds here, weights and cached blocks, is this run's too
+            available = torch.cuda.mem_get_info(backend.device)[0] + torch.cuda.memory_reserved(backend.device)
+            if refusal := plan.refusal(available):
+                raise TrainingError(refusal)
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat
             state.record_validation(validation_loss(), keep_best)
@@ -298,7 +316,8 @@ def train(
                 report.validation_loss = validation_loss()
                 state.record_validation(report.validation_loss, keep_best)
             if config.sample_every and step % config.sample_every == 0:
-                report.samples = sample(backend, network, config)
+                with moved(parked, backend.device):
+                    report.samples = sample(backend, network, config)
                 result.samples.append((step, report.samples))
             if checkpointer is not None and checkpointer.due(step) and distributed.is_main:
                 result.seconds = time.perf_counter() - started
@@ -319,6 +338,19 @@ def train(
 
 
 @torch.no_grad()
+@contextmanager
+def moved(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """`modules` on `device` inside the block, back where each was afterwards."""
+    places = [next(module.parameters()).device for module in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, place in zip(modules, places):
+            module.to(place)
+
+
 def sample(backend: TrainingBackend, network: LoRANetwork, config: TrainingConfig) -> list:
     """Images for the sample prompts with the network as it is now, from a fixed seed: on PyTorch's own convolution
     kernels, so that they equal what generating with the saved LoRA gives later, bit for bit."""

@@ -38,6 +38,7 @@ class TrainingResult:
     stop_reason: str = "completed"
     seconds: float = 0.0
     precision: str = ""
+    memory_plan: str = ""  # what the run was planned to hold on its device (MemoryPlan.describe)
     samples: list[tuple[int, list]] = field(default_factory=list)  # (step, images)
 
     @property

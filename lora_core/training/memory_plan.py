@@ -1,0 +1,139 @@
+"""The device memory a run will take, planned before its first step: the denoiser's weights as they are stored, the
+other models left on the device, the LoRA with its gradients and optimizer state (fp32), and the activations of one
+step, which a transformer denoiser's width, blocks and tokens decide.
+
+Activations count values of tokens × width in the compute dtype: what autograd keeps of one block for its backward
+(the family's `saved_activations` values per token and channel: Flux's 16 unless measured otherwise) for every
+block, or with gradient checkpointing the input of every block and those of the one block recomputed; and the
+transient values of one block's backward (BACKWARD_BLOCK). The constants are measured (bench/train_step.py on an
+H200: docs/benchmarks.md says which runs set them and which check them); a UNet's activations (SD1.x/2.x, SDXL) are
+not planned yet. The plan is an estimate: its total is what
+`torch.cuda.max_memory_allocated` would read, without the CUDA context (CUDA_CONTEXT)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+GIB = 2**30
+BACKWARD_BLOCK = 24.0  # the transient values of one block's backward, in tokens × width values
+CUDA_CONTEXT = GIB // 2  # the CUDA context and kernels, outside PyTorch's allocator (its peak does not count them)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "lion": 4, "sgd": 4, "rmsprop": 4, "adafactor": 0,
+                         "prodigy": 16}  # per fp32 LoRA value; an optimizer not listed is planned as AdamW
+MIN_TOKENS = 256  # fewer tokens than a 256² image's are no way to fit a run
+PATCH_TOKENS = 4  # latent values per token of every transformer family: 2×2 patches (Flux packs them alike)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes on the training device, by what holds them."""
+
+    weights: int  # the denoiser's, as stored (fp8 at one byte, NF4 at half)
+    weight_values: int  # how many values they hold
+    other_models: int  # text encoders and VAE left on the device
+    adapters: int  # LoRA values, their gradients and the optimizer's state, fp32
+    tokens: int  # the largest batch's tokens (latent and text) the activations are planned for
+    width: int  # a transformer block's residual width; 0: a UNet, whose activations are not planned
+    blocks: int
+    activation_bytes: int  # of one value in the compute (or autocast) dtype
+    checkpointing: bool
+    saved_per_block: float  # the values per token and channel autograd keeps of one block (Family.saved_activations)
+
+    def activations_for(self, tokens: int, checkpointing: bool) -> int:
+        if not self.width:
+            return 0
+        kept = self.blocks + self.saved_per_block if checkpointing else self.blocks * self.saved_per_block
+        return int((kept + BACKWARD_BLOCK) * tokens * self.width * self.activation_bytes)
+
+    @property
+    def activations(self) -> int:
+        return self.activations_for(self.tokens, self.checkpointing)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.other_models + self.adapters + self.activations
+
+    def breakdown(self) -> str:
+        parts = [f"weights {size(self.weights)}", f"other models {size(self.other_models)}",
+                 f"LoRA + gradients + optimizer {size(self.adapters)}"]
+        if self.width:
+            parts.append(f"activations {size(self.activations)} ({self.tokens:,} tokens × {self.width} × "
+                         f"{self.blocks} blocks, {'with' if self.checkpointing else 'without'} gradient checkpointing)")
+        else:
+            parts.append("activations not planned for a UNet")
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        return f"memory plan: ≈ {size(self.total)} on the device ({self.breakdown()}; planned, not measured)"
+
+    def refusal(self, available: int) -> str | None:
+        """Why the run will not fit in `available` bytes and the fewest of these that make it fit, in this order:
+        gradient checkpointing, the text encoders and VAE off the device, fp8 weights, fewer tokens; None where it
+        fits."""
+        if self.total <= available:
+            return None
+        changes, plan = [], self
+        if self.width and not self.checkpointing:
+            plan = replace(plan, checkpointing=True)
+            changes.append(("gradient_checkpointing on", plan))
+        if self.other_models:
+            plan = replace(plan, other_models=0)
+            changes.append(("the text encoders and VAE off this device (latents and captions cached)", plan))
+        if self.weights > self.weight_values:  # stored in more than a byte a value
+            plan = replace(plan, weights=self.weight_values)
+            changes.append((("the denoiser's weights in fp8 (ComfyUI's Load Diffusion Model weight_dtype fp8_e4m3fn; "
+                              "lora_core's --qlora stores NF4, half that)"), plan))
+        needed = f"this run needs ≈ {size(self.total)} on the device and {size(available)} are free for it"
+        planned = f"(planned: {self.breakdown()})"
+        for count, (_, candidate) in enumerate(changes, 1):
+            if candidate.total <= available:
+                ways = " and ".join(change for change, _ in changes[:count])
+                return f"{needed}: it would fit with {ways} (≈ {size(candidate.total)}) {planned}"
+        fixed, per_token = plan.total - plan.activations, plan.activations_for(1, plan.checkpointing)
+        if per_token and (available - fixed) // per_token >= MIN_TOKENS:
+            ways = " and ".join([change for change, _ in changes] + [
+                (f"at most {(available - fixed) // per_token:,} tokens a batch (now {self.tokens:,}: a lower "
+                 "resolution, fewer frames or a smaller batch)")])
+            return f"{needed}: it would fit with {ways} {planned}"
+        return f"{needed}, whatever these settings: train on a device with more memory {planned}"
+
+
+def size(count: int) -> str:
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / 2**20:.0f} MiB"
+
+
+def module_bytes(module: nn.Module, device: torch.device, seen: set[int]) -> int:
+    """Bytes of `module`'s parameters and buffers on `device`'s type, each storage once across calls sharing `seen`."""
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != device.type or tensor.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(tensor.untyped_storage().data_ptr())
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def block_width(block: nn.Module) -> int:
+    """The residual width of a transformer block: the input width most of its Linear layers share."""
+    widths = Counter(module.in_features for module in block.modules() if isinstance(module, nn.Linear))
+    return widths.most_common(1)[0][0] if widths else 0
+
+
+def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Module, device: torch.device,
+                latent_values: int, text_tokens: int, batch_size: int, activation_bytes: int, checkpointing: bool,
+                optimizer: str, saved_per_block: float | None) -> MemoryPlan:
+    """The plan for a run whose largest latent holds `latent_values` values per channel (frames × height × width)
+    and longest caption `text_tokens` tokens; `frozen` lists the denoiser first, then the other models;
+    `saved_per_block` is the family's (None: a UNet, whose activations are not planned)."""
+    seen: set[int] = set()
+    weights = module_bytes(frozen[0], device, seen)
+    weight_values = sum(tensor.numel() for tensor in [*frozen[0].parameters(), *frozen[0].buffers()])
+    other = sum(module_bytes(module, device, seen) for module in frozen[1:])
+    lora_values = sum(parameter.numel() for parameter in network.parameters() if parameter.requires_grad)
+    adapters = lora_values * (8 + OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8))
+    width = block_width(blocks[0]) if saved_per_block is not None and blocks else 0
+    tokens = batch_size * (latent_values // PATCH_TOKENS + text_tokens)
+    return MemoryPlan(weights, weight_values, other, adapters, tokens, width, len(blocks), activation_bytes,
+                      checkpointing, saved_per_block or 0.0)
