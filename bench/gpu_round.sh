@@ -3,7 +3,7 @@
 # Qwen-Image denoisers (random weights) in bf16 at 1024 px, LoRA Lab against the diffusers + PEFT loop; `video`: Wan 2.1
 # transformers at 480×832 (1.3B against the reference at 33 frames; 14B alone at 81 frames, --skip-reference) and
 # HunyuanVideo's at 544×960×33 (alone).
-#   bash bench/gpu_round.sh OUTPUT_FOLDER [all|second|video|plan]      # RUN_TIMEOUT=seconds per run (default 240)
+#   bash bench/gpu_round.sh OUTPUT_FOLDER [all|second|video|plan|swap]      # RUN_TIMEOUT=seconds per run (default 240)
 set -u
 out=${1:?output folder}
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
@@ -35,4 +35,7 @@ case ${2:-all} in
     run h200_plan_flux_1024_checkpointing --size flux --gradient-checkpointing --steps 1 --blocks 1 --skip-reference
     run h200_plan_flux_512_no_checkpointing --size flux --resolution 512 --steps 1 --blocks 1 --skip-reference
     run h200_plan_wan_14b_480x832x81_refused --size wan-14b --frames 81 --steps 1 --blocks 1 --skip-reference ;;
+  swap)  # block swap: Flux.1-dev at 1024 px, checkpointing, 30 of its 57 blocks swapped against none, one process
+    run h200_flux_1024_block_swap_30 --size flux --gradient-checkpointing --steps 3 --blocks 1 --skip-reference \
+        --blocks-to-swap 0 30 ;;
 esac

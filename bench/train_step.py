@@ -326,7 +326,8 @@ PLANS: list = []  # lora_core's memory plan of each LoRA Lab block, before its f
 
 
 def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_kernels: str,
-                   gradient_checkpointing: bool) -> tuple[list[float], tuple[int, int], list[float]]:
+                   gradient_checkpointing: bool, blocks_to_swap: int = 0
+                   ) -> tuple[list[float], tuple[int, int], list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory (above, total), losses."""
     baseline = memory_baseline(backend.device)
     stamps: list[float] = []
@@ -338,7 +339,8 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_k
     # no validation loss: the loop computes one after the last step, which the last interval would time (the
     # reference has none)
     config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision, validation_every=0,
-                            cpu_conv_kernels=conv_kernels, gradient_checkpointing=gradient_checkpointing)
+                            cpu_conv_kernels=conv_kernels, gradient_checkpointing=gradient_checkpointing,
+                            blocks_to_swap=blocks_to_swap)
     result = train(backend, network, dataset, config, callback=record, memory_plan=PLANS.append)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
@@ -426,6 +428,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="both trainers recompute the denoiser's blocks in backward (LoRA Lab's setting; the "
                         "reference calls diffusers' enable_gradient_checkpointing, as its scripts' flag does)")
+    parser.add_argument("--blocks-to-swap", type=int, nargs="+", default=[0],
+                        help="LoRA Lab's blocks_to_swap; several values: one LoRA Lab trainer each, timed in the same "
+                        "run (lora_lab_swap_N beside lora_lab), so their step and memory ratios share one process")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time and measure LoRA Lab alone: no copy of the denoiser for the reference, no "
                         "reference trainer, no ratios (a 14 B video transformer's two copies need not fit)")
@@ -535,7 +540,12 @@ def main() -> None:
     for choice in kernel_choices:
         name = "lora_lab" if choice == kernel_choices[0] else f"lora_lab_{choice}_kernels"
         trainers[name] = functools.partial(lora_lab_block, backend, dataset, network, args.steps + 2,
-                                           args.mixed_precision, choice, args.gradient_checkpointing)
+                                           args.mixed_precision, choice, args.gradient_checkpointing,
+                                           args.blocks_to_swap[0])
+    for count in args.blocks_to_swap[1:]:
+        trainers[f"lora_lab_swap_{count}"] = functools.partial(
+            lora_lab_block, backend, dataset, network, args.steps + 2, args.mixed_precision, kernel_choices[0],
+            args.gradient_checkpointing, count)
     if reference_model is not None:
         trainers["reference"] = lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)
     results = {name: {"seconds": [], "memory": [], "memory_total": [], "losses": []} for name in trainers}
@@ -588,8 +598,9 @@ def main() -> None:
         "peak_memory_total_bytes": {name: max(result["memory_total"]) for name, result in results.items()},
         # lora_core's plan of LoRA Lab's peak with one copy of the denoiser, against the measured one: the absolute
         # peak alone, beside the reference its weights (parameters and buffers) plus its peak above them
-        "memory_plan": PLANS[-1].describe() if PLANS else None,
-        "planned_bytes": PLANS[-1].total if PLANS else None,
+        "memory_plan": PLANS[0].describe() if PLANS else None,
+        "planned_bytes": PLANS[0].total if PLANS else None,
+        "memory_plans": [plan.describe() for plan in PLANS],  # every LoRA Lab block's, in the order they ran
         "lora_lab_measured_bytes": None if device.type != "cuda" or "lora_lab" not in results else (
             max(results["lora_lab"]["memory_total"]) if reference_model is None else
             sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -606,6 +617,12 @@ def main() -> None:
             report[f"step_ratio_{name}"] = seconds[name] / seconds["reference"]
         if device.type == "cuda":
             report["memory_ratio"] = report["peak_memory_bytes"]["lora_lab"] / report["peak_memory_bytes"]["reference"]
+    totals = report["peak_memory_total_bytes"]
+    for name in sorted(seconds.keys() - {"lora_lab", "reference"}):
+        if name.startswith("lora_lab_swap_") and "lora_lab" in seconds:  # block swap against none, same process
+            report[f"{name}_step_ratio"] = seconds[name] / seconds["lora_lab"]
+            if device.type == "cuda":
+                report[f"{name}_peak_ratio"] = totals[name] / totals["lora_lab"]
     print(json.dumps(report, indent=2))
 
 

@@ -33,12 +33,13 @@ def file_sha256(path: Path) -> str:
 SAMPLE_FPS = 16  # clips' frame rate in animated samples where the dataset sets none (Wan's)
 
 
-def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False):
+def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False,
+                  to_device: bool = True):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
     from .families import base_dtype
     from .families import load_pipeline as load_family_pipeline
 
-    return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser)
+    return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser, to_device)
 
 
 def make_backend(pipeline, args: argparse.Namespace, **identity):
@@ -115,7 +116,15 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
-    pipeline = load_pipeline(Path(args.base), str(distributed.device), args.base_dtype, args.qlora)
+    swap = args.blocks_to_swap
+    if swap and args.qlora:
+        raise SystemExit("error: --blocks-to-swap moves full-precision blocks between host and device; with --qlora "
+                         "the NF4 weights stay on the device: use one or the other")
+    pipeline = load_pipeline(Path(args.base), str(distributed.device), args.base_dtype, args.qlora, to_device=not swap)
+    if swap:  # the swapped blocks never reach the device whole: a denoiser larger than it trains
+        from .families import place_for_swap
+
+        place_for_swap(pipeline, make_backend(pipeline, args).checkpoint_blocks()[-swap:], str(distributed.device))
     if distributed.is_main:
         from .families import describe_memory
 

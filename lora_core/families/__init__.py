@@ -99,11 +99,13 @@ def base_dtype(name: str, device: str) -> torch.dtype:
     return BASE_DTYPES[name]
 
 
-def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, quantize_denoiser: bool = False) -> Any:
+def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, quantize_denoiser: bool = False,
+                  to_device: bool = True) -> Any:
     """The pipeline saved in the local folder `base` (nothing is downloaded), as its model_index.json names it: read on
     the CPU with the denoiser and text encoders in `dtype` and the VAE in fp32 (as diffusers' SDXL script keeps it:
     SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), then moved to
-    `device`, so no full-precision copy of a big base ever reaches the device."""
+    `device` (unless `to_device` is False: then `place_for_swap` places it), so no full-precision copy of a big base
+    ever reaches the device."""
     import diffusers
 
     cls = getattr(diffusers, pipeline_class(base))
@@ -116,7 +118,18 @@ def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, q
         from ..quantize import quantize_linear_layers
 
         quantize_linear_layers(denoiser(pipeline))
-    return pipeline.to(device)
+    return pipeline.to(device) if to_device else pipeline
+
+
+def place_for_swap(pipeline: Any, host_blocks: list[torch.nn.Module], device: str) -> None:
+    """A pipeline loaded on the host moved to `device`, but for the weights of `host_blocks` (the blocks a block
+    swap keeps on the host and brings one at a time), so that a denoiser larger than the device trains."""
+    host = {id(tensor) for block in host_blocks for tensor in [*block.parameters(), *block.buffers()]}
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                if id(tensor) not in host:
+                    tensor.data = tensor.data.to(device)
 
 
 def memory_of(pipeline: Any) -> dict[str, tuple[int, list[str]]]:

@@ -94,6 +94,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(False, "Recompute the denoiser's block activations (UNet or transformer "
                                                   "blocks) in backward: much less memory, about a third slower.",
                                            widget=Widget())
+    blocks_to_swap: int = setting(0, "Keep the frozen weights of the denoiser's last N blocks in host memory and bring "
+                                     "each to the device only for its forward and backward, the next one copied ahead "
+                                     "while one computes (sd-scripts' and musubi-tuner's blocks_to_swap): less device "
+                                     "memory, slower where the copies outlast the compute. 0: none.", minimum=0)
     cpu_conv_kernels: str = setting("by_size", "frozen fp32 convolutions on CPU: by_size runs those with small outputs "
                                                "on PyTorch's GEMM kernel (faster there than oneDNN's); pytorch leaves "
                                                "the choice to PyTorch (see cpu_convolution.py)",

@@ -9,7 +9,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .distributed import Distributed
 from .encoded import EncodedDataset
+from .block_swap import swapped_blocks
 from .memory_plan import MemoryPlan, plan_memory
 from .objectives import Objective
 from .optim import make_optimizer, make_scheduler
@@ -266,11 +267,12 @@ def train(
           moved(parked, torch.device("cpu")), backend.training(network.has_text_encoder), network.applied(1.0),
           checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
           tuned_convolutions(backend.device.type == "cuda"), attention_without_cudnn(),
-          cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size")):
+          cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size"),
+          ExitStack() as swap):
         plan = plan_memory(backend.frozen_modules(), backend.checkpoint_blocks(), network, backend.device,
                            encoded.largest_latent_values(), encoded.longest_text(), config.batch_size,
                            (precision.autocast_dtype or precision.base_dtype).itemsize, config.gradient_checkpointing,
-                           config.optimizer, backend.saved_activations())
+                           config.optimizer, backend.saved_activations(), config.blocks_to_swap)
         result.memory_plan = plan.describe()
         if memory_plan is not None:
             memory_plan(plan)
@@ -279,6 +281,7 @@ def train(
             available = torch.cuda.mem_get_info(backend.device)[0] + torch.cuda.memory_reserved(backend.device)
             if refusal := plan.refusal(available):
                 raise TrainingError(refusal)
+        swap.enter_context(swapped_blocks(backend.checkpoint_blocks(), config.blocks_to_swap, backend.device))
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat
             state.record_validation(validation_loss(), keep_best)

@@ -40,6 +40,8 @@ class MemoryPlan:
     activation_bytes: int  # of one value in the compute (or autocast) dtype
     checkpointing: bool
     saved_per_block: float  # the values per token and channel autograd keeps of one block (Family.saved_activations)
+    block_bytes: tuple[int, ...] = ()  # each block's frozen weights, in order (what block swap moves)
+    swapped: int = 0  # blocks_to_swap: their weights are on the host, two of them on the device at a time
 
     def activations_for(self, tokens: int, checkpointing: bool) -> int:
         if not self.width:
@@ -52,11 +54,24 @@ class MemoryPlan:
         return self.activations_for(self.tokens, self.checkpointing)
 
     @property
+    def swapped_in(self) -> int:
+        """The device copies of the swapped blocks in use at once: the one computing and the next."""
+        return 2 * max(self.block_bytes[len(self.block_bytes) - self.swapped:], default=0) if self.swapped else 0
+
+    @property
     def total(self) -> int:
-        return self.weights + self.other_models + self.adapters + self.activations
+        return self.weights + self.swapped_in + self.other_models + self.adapters + self.activations
+
+    def with_swap(self, count: int) -> MemoryPlan:
+        """This plan with `count` of the last blocks swapped (their weights leave the device)."""
+        moved = sum(self.block_bytes[len(self.block_bytes) - count:]) - sum(
+            self.block_bytes[len(self.block_bytes) - self.swapped:]) if self.swapped else sum(
+            self.block_bytes[len(self.block_bytes) - count:])
+        return replace(self, weights=self.weights - moved, swapped=count)
 
     def breakdown(self) -> str:
-        parts = [f"weights {size(self.weights)}", f"other models {size(self.other_models)}",
+        swap = f" + {size(self.swapped_in)} of {self.swapped} swapped blocks" if self.swapped else ""
+        parts = [f"weights {size(self.weights)}{swap}", f"other models {size(self.other_models)}",
                  f"LoRA + gradients + optimizer {size(self.adapters)}"]
         if self.width:
             parts.append(f"activations {size(self.activations)} ({self.tokens:,} tokens × {self.width} × "
@@ -70,8 +85,8 @@ class MemoryPlan:
 
     def refusal(self, available: int) -> str | None:
         """Why the run will not fit in `available` bytes and the fewest of these that make it fit, in this order:
-        gradient checkpointing, the text encoders and VAE off the device, fp8 weights, fewer tokens; None where it
-        fits."""
+        gradient checkpointing, the text encoders and VAE off the device, the fewest swapped blocks that fit, fp8
+        weights, fewer tokens; None where it fits."""
         if self.total <= available:
             return None
         changes, plan = [], self
@@ -81,6 +96,11 @@ class MemoryPlan:
         if self.other_models:
             plan = replace(plan, other_models=0)
             changes.append(("the text encoders and VAE off this device (latents and captions cached)", plan))
+        swap = next((count for count in range(max(self.swapped, 1), len(self.block_bytes))
+                     if plan.with_swap(count).total <= available), None) if self.block_bytes else None
+        if swap is not None:
+            plan = plan.with_swap(swap)
+            changes.append((f"blocks_to_swap {swap}", plan))
         if self.weights > self.weight_values:  # stored in more than a byte a value
             plan = replace(plan, weights=self.weight_values)
             changes.append((("the denoiser's weights in fp8 (ComfyUI's Load Diffusion Model weight_dtype fp8_e4m3fn; "
@@ -123,17 +143,24 @@ def block_width(block: nn.Module) -> int:
 
 def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Module, device: torch.device,
                 latent_values: int, text_tokens: int, batch_size: int, activation_bytes: int, checkpointing: bool,
-                optimizer: str, saved_per_block: float | None) -> MemoryPlan:
+                optimizer: str, saved_per_block: float | None, swapped: int = 0) -> MemoryPlan:
     """The plan for a run whose largest latent holds `latent_values` values per channel (frames × height × width)
     and longest caption `text_tokens` tokens; `frozen` lists the denoiser first, then the other models;
-    `saved_per_block` is the family's (None: a UNet, whose activations are not planned)."""
+    `saved_per_block` is the family's (None: a UNet, whose activations are not planned); the last `swapped` blocks
+    are to be swapped (planned before they are, with every block where it is now)."""
     seen: set[int] = set()
     weights = module_bytes(frozen[0], device, seen)
+    weights += sum(tensor.numel() * tensor.element_size() for block in blocks[len(blocks) - swapped:] if swapped
+                   for tensor in [*block.parameters(), *block.buffers()]
+                   if not tensor.requires_grad and tensor.device.type != device.type)  # loaded on the host for swap
     weight_values = sum(tensor.numel() for tensor in [*frozen[0].parameters(), *frozen[0].buffers()])
     other = sum(module_bytes(module, device, seen) for module in frozen[1:])
     lora_values = sum(parameter.numel() for parameter in network.parameters() if parameter.requires_grad)
     adapters = lora_values * (8 + OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8))
     width = block_width(blocks[0]) if saved_per_block is not None and blocks else 0
     tokens = batch_size * (latent_values // PATCH_TOKENS + text_tokens)
-    return MemoryPlan(weights, weight_values, other, adapters, tokens, width, len(blocks), activation_bytes,
-                      checkpointing, saved_per_block or 0.0)
+    block_bytes = tuple(sum(tensor.numel() * tensor.element_size() for tensor in [*block.parameters(), *block.buffers()]
+                            if not tensor.requires_grad) for block in blocks)
+    plan = MemoryPlan(weights, weight_values, other, adapters, tokens, width, len(blocks), activation_bytes,
+                      checkpointing, saved_per_block or 0.0, block_bytes)
+    return plan.with_swap(swapped) if swapped else plan
