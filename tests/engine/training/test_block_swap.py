@@ -8,7 +8,13 @@ import pytest
 import torch
 from support.tiny_flow_models import build_tiny_flux, concept_images
 
-from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, train
+from lora_core import (
+    DatasetConfig,
+    ImageFolderDataset,
+    LoRANetwork,
+    TrainingConfig,
+    train,
+)
 from lora_core.families.flux import FluxBackend
 from lora_core.training.block_swap import BlockSwap
 from lora_core.training.config import TrainingError
