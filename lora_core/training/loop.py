@@ -340,7 +340,6 @@ def train(
     return result
 
 
-@torch.no_grad()
 @contextmanager
 def moved(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
     """`modules` on `device` inside the block, back where each was afterwards."""
@@ -354,6 +353,7 @@ def moved(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
             module.to(place)
 
 
+@torch.no_grad()
 def sample(backend: TrainingBackend, network: LoRANetwork, config: TrainingConfig) -> list:
     """Images for the sample prompts with the network as it is now, from a fixed seed: on PyTorch's own convolution
     kernels, so that they equal what generating with the saved LoRA gives later, bit for bit."""
