@@ -36,10 +36,11 @@ SAMPLE_FPS = 16  # clips' frame rate in animated samples where the dataset sets 
 def load_pipeline(base: Path, device: str, dtype: str = "fp32", quantize_denoiser: bool = False,
                   to_device: bool = True):
     """The diffusers pipeline in the local folder `base`, of any family lora_core trains (nothing is downloaded)."""
-    from .families import base_dtype
+    from .families import base_dtype, fp8_storage
     from .families import load_pipeline as load_family_pipeline
 
-    return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser, to_device)
+    return load_family_pipeline(base, device, base_dtype(dtype, device), quantize_denoiser, to_device,
+                                fp8_storage(dtype))
 
 
 def make_backend(pipeline, args: argparse.Namespace, **identity):
@@ -347,7 +348,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes), "
                        "quantized on the CPU before the base moves to --device")
     train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "
-                       "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; the VAE stays fp32, the LoRA is fp32")
+                       "auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32; fp8 (e4m3fn) or fp8_e5m2 store the "
+                       "denoiser's Linear and Conv2d weights in one byte, scaled per tensor, and cast each layer to "
+                       "auto's dtype as it runs; the VAE stays fp32, the LoRA is fp32")
     train.add_argument("--flux-guidance", type=float, default=None,
                        help="Flux.1-dev and HunyuanVideo: the embedded guidance input during training (default 1.0, "
                             "as kohya's docs recommend for Flux LoRAs and musubi-tuner trains HunyuanVideo; kohya's and "

@@ -85,29 +85,36 @@ BASE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 def base_dtype(name: str, device: str) -> torch.dtype:
-    """The dtype `--base-dtype name` loads the denoiser and text encoders in: "auto" is bf16 on CUDA (as kohya's and
-    diffusers' scripts train), fp32 elsewhere."""
-    if name == "auto":
+    """The dtype `--base-dtype name` loads the denoiser and text encoders in, and an fp8 denoiser computes in: "auto"
+    (and fp8's compute) is bf16 on CUDA (as kohya's and diffusers' scripts train), fp32 elsewhere."""
+    from ..fp8 import FP8_DTYPES
+
+    if name == "auto" or name in FP8_DTYPES:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name == "fp8":
-        raise FamilyError("--base-dtype fp8 is not available in lora_core yet (weights stored in fp8 and cast per "
-                          "layer): train an fp8 base in ComfyUI (Load Diffusion Model's weight_dtype fp8_e4m3fn, or an "
-                          "fp8_scaled file), or use --qlora (NF4) here")
     if name not in BASE_DTYPES:
         raise FamilyError(f"--base-dtype {name!r} is not a dtype lora_core loads bases in; use auto, "
-                          f"{', '.join(BASE_DTYPES)} (fp8: in ComfyUI)")
+                          f"{', '.join([*BASE_DTYPES, *FP8_DTYPES])}")
     return BASE_DTYPES[name]
 
 
+def fp8_storage(name: str) -> torch.dtype | None:
+    """The fp8 dtype `--base-dtype name` stores the denoiser's weights in (fp8 is e4m3fn); None: not fp8."""
+    from ..fp8 import FP8_DTYPES
+
+    return FP8_DTYPES.get(name)
+
+
 def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, quantize_denoiser: bool = False,
-                  to_device: bool = True) -> Any:
+                  to_device: bool = True, fp8: torch.dtype | None = None) -> Any:
     """The pipeline saved in the local folder `base` (nothing is downloaded), as its model_index.json names it: read on
     the CPU with the denoiser and text encoders in `dtype` and the VAE in fp32 (as diffusers' SDXL script keeps it:
-    SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), then moved to
-    `device` (unless `to_device` is False: then `place_for_swap` places it), so no full-precision copy of a big base
-    ever reaches the device."""
+    SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), or its weights
+    stored in `fp8` (cast per layer to `dtype`), then moved to `device` (unless `to_device` is False: then
+    `place_for_swap` places it), so no full-precision copy of a big base ever reaches the device."""
     import diffusers
 
+    if quantize_denoiser and fp8 is not None:
+        raise FamilyError("a denoiser is stored either in NF4 (--qlora) or in fp8 (--base-dtype fp8), not both")
     cls = getattr(diffusers, pipeline_class(base))
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls.__name__ == "StableDiffusionPipeline" else {}
     _, vae_class = json.loads((base / "model_index.json").read_text())["vae"]
@@ -118,6 +125,10 @@ def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, q
         from ..quantize import quantize_linear_layers
 
         quantize_linear_layers(denoiser(pipeline))
+    for model in denoisers(pipeline) if fp8 is not None else ():
+        from ..fp8 import store_in_fp8
+
+        store_in_fp8(model, fp8)
     return pipeline.to(device) if to_device else pipeline
 
 
@@ -154,3 +165,8 @@ def describe_memory(pipeline: Any) -> str:
 def denoiser(pipeline: Any) -> Any:
     """The pipeline's denoiser: its UNet (SD1.x/2.x, SDXL) or its transformer (SD3, Flux)."""
     return pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+
+
+def denoisers(pipeline: Any) -> list[Any]:
+    """Every denoiser the pipeline holds: Wan 2.2 A14B's two experts, else the one."""
+    return [denoiser(pipeline), *[model for model in [getattr(pipeline, "transformer_2", None)] if model is not None]]

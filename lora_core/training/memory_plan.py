@@ -103,8 +103,8 @@ class MemoryPlan:
             changes.append((f"blocks_to_swap {swap}", plan))
         if self.weights > self.weight_values:  # stored in more than a byte a value
             plan = replace(plan, weights=self.weight_values)
-            changes.append((("the denoiser's weights in fp8 (ComfyUI's Load Diffusion Model weight_dtype fp8_e4m3fn; "
-                              "lora_core's --qlora stores NF4, half that)"), plan))
+            changes.append((("the denoiser's weights in fp8 (lora_core's --base-dtype fp8, ComfyUI's Load Diffusion "
+                              "Model weight_dtype fp8_e4m3fn; --qlora stores NF4, half that)"), plan))
         needed = f"this run needs ≈ {size(self.total)} on the device and {size(available)} are free for it"
         planned = f"(planned: {self.breakdown()})"
         for count, (_, candidate) in enumerate(changes, 1):

@@ -99,7 +99,6 @@ def test_cli_train_writes_a_lora_and_refuses_to_overwrite(demo: Path, tmp_path) 
      "--resume-from was renamed: use --start-from-lora"),
     ("Prodigy's lr for AdamW", ["--lr", "1.0"], "learning_rate = 1.0 is out of range for AdamW"),
     ("an unknown base dtype", ["--base-dtype", "fp64"], "--base-dtype 'fp64' is not a dtype lora_core loads bases in"),
-    ("an fp8 base", ["--base-dtype", "fp8"], "train an fp8 base in ComfyUI"),
     ("LBFGS", ["--optimizer", "LBFGS"], "cannot train a LoRA: it needs a closure"),
 ])
 def test_cli_bad_inputs_are_clear_errors(demo: Path, tmp_path, problem: str, args: list[str], message: str) -> None:
@@ -142,6 +141,31 @@ def test_base_dtype_loads_denoiser_and_text_encoder_in_it_and_the_cli_shows_thei
         size = unet_bytes * (2 if expected == "float32" else 1)
         assert f"unet {size / 2**20:,.1f} MiB ({expected})" in line and "vae" in line and "(float32)" in line, line
         assert out.exists()
+
+
+def test_an_fp8_base_trains_from_the_cli_in_a_quarter_of_the_unets_fp32_bytes(demo: Path, tmp_path) -> None:
+    """--base-dtype fp8: the UNet's Linear and Conv2d weights in one byte (proj_in/out, kept by diffusers' layerwise
+    casting, and the norms stay fp32 on a CPU); the LoRA trains from it, lowers its validation loss and is fp32."""
+    import torch
+
+    from lora_core.families import load_pipeline, memory_of
+
+    fp32 = memory_of(load_pipeline(demo / "base", "cpu"))["unet"][0]
+    out = tmp_path / "fp8.safetensors"
+    result = run("train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out", str(out),
+                 "--steps", "30", "--resolution", "32", "--base-dtype", "fp8", "--lr", "3e-3", "--save-dtype",
+                 "float32", "--validation-every", "10")
+    line = next(line for line in result.stdout.splitlines() if line.startswith("base in memory:"))
+    unet = line.split("unet ")[1]
+    assert unet.split(" (")[1].startswith("float32/float8_e4m3fn)"), line
+    assert 0.25 * fp32 < float(unet.split(" MiB")[0]) * 2**20 < 0.35 * fp32, line
+    tensors, _ = load_file(out)
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["best_step"] > 0, summary  # the validation loss fell below the untrained one
+    refused = run(*["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--out",
+                    str(tmp_path / "x.safetensors"), "--base-dtype", "fp8", "--qlora"], check=False)
+    assert refused.returncode != 0 and "either in NF4 (--qlora) or in fp8" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_qlora_quantizes_the_denoiser_before_the_base_moves(demo: Path, monkeypatch) -> None:
