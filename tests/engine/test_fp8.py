@@ -146,3 +146,58 @@ def test_conv_layers_with_named_padding_stay_in_the_compute_dtype() -> None:
     x = torch.randn(1, 3, 5, 5)
     assert torch.equal(model(x), F.conv2d(F.pad(F.conv2d(x, model[0].weight, model[0].bias, padding="same"),
                                                 (1, 1, 1, 1), mode="reflect"), model[1].weight, model[1].bias))
+
+
+def tiny_pipeline(family: str, seed: int = 0):
+    from support.tiny_flow_models import build_tiny_chroma, build_tiny_sd3
+    from support.tiny_hidream import build_tiny_hidream
+    from support.tiny_hunyuan_video import build_tiny_hunyuan_video
+    from support.tiny_lumina2 import build_tiny_lumina2
+    from support.tiny_qwen_image import build_tiny_qwen_image
+    from support.tiny_sdxl import build_tiny_sdxl
+    from support.tiny_wan import build_tiny_wan
+
+    from lora_core.demo.tiny_model import build_tiny_pipeline
+
+    return {"sd1": build_tiny_pipeline, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3, "flux": build_tiny_flux,
+            "chroma": build_tiny_chroma, "qwen_image": build_tiny_qwen_image, "lumina2": build_tiny_lumina2,
+            "hidream": build_tiny_hidream, "wan": build_tiny_wan, "hunyuan_video": build_tiny_hunyuan_video,
+            }[family](seed=seed)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "chroma", "qwen_image", "lumina2", "hidream", "wan",
+                                    "hunyuan_video"])
+def test_every_family_trains_on_an_fp8_base_as_on_its_dequantized_weights(family: str, tmp_path) -> None:
+    """Two steps on the fp8 base and on the same base holding the dequantized weights in plain layers: the same losses
+    and the same LoRA, bit for bit (so the fp8 layers are the layers the family's LoRA targets)."""
+    from lora_core.families import backend_class, denoisers
+
+    pipeline, oracle = tiny_pipeline(family), tiny_pipeline(family)
+    for model, plain in zip(denoisers(pipeline), denoisers(oracle)):
+        store_in_fp8(model, torch.float8_e4m3fn)
+        plain_layers = dict(plain.named_modules())
+        for name, layer in model.named_modules():
+            if isinstance(layer, (Fp8Linear, Fp8Conv2d)):
+                plain_layers[name].weight.data = dense_weight(layer)
+    dataset = ImageFolderDataset(concept_images(tmp_path, 2), DatasetConfig(resolution=64))
+    runs = []
+    for each in (pipeline, oracle):
+        backend = backend_class(each)(each)
+        network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4, seed=1)
+        result = train(backend, network, dataset, TrainingConfig(steps=2, learning_rate=1e-2, validation_every=2))
+        runs.append((result.losses, result.validation, network.state_dict()))
+    (losses, validation, weights), (oracle_losses, oracle_validation, oracle_weights) = runs
+    assert losses == oracle_losses and validation == oracle_validation
+    assert all(torch.equal(value, oracle_weights[key]) for key, value in weights.items())
+    blocks = backend_class(pipeline)(pipeline).checkpoint_blocks()
+    assert {type(layer) for block in blocks for layer in block.modules()}.isdisjoint({nn.Linear, nn.Conv2d}), \
+        "every Linear and Conv2d of the repeated blocks is stored in fp8"
+
+
+def test_both_experts_of_wan_22_a14b_are_stored_in_fp8(tmp_path) -> None:
+    from support.tiny_wan import build_tiny_wan
+
+    build_tiny_wan(seed=0, experts=True).save_pretrained(tmp_path / "base")
+    pipeline = load_pipeline(tmp_path / "base", "cpu", fp8=torch.float8_e4m3fn)
+    for model in (pipeline.transformer, pipeline.transformer_2):
+        assert torch.float8_e4m3fn in {p.dtype for p in model.parameters()} and model.dtype == torch.float32
