@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -130,6 +130,13 @@ class TrainingBackend(ABC):
     def checkpoint_blocks(self) -> list[nn.Module]:
         """The denoiser's blocks to recompute in backward when gradient checkpointing is on."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
+
+    def block_swap(self, count: int, checkpointing: bool) -> AbstractContextManager:
+        """The frozen weights of the denoiser's last `count` blocks kept off the device inside the block (entered
+        inside `training()`): lora_core's BlockSwap, each block brought for its forward and backward."""
+        from .training.block_swap import swapped_blocks
+
+        return swapped_blocks(self.checkpoint_blocks(), count, self.device)
 
     def vae_fingerprint(self) -> str:
         """A string that changes with the VAE's weights: part of the key of latents cached on disk."""

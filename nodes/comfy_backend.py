@@ -38,7 +38,14 @@ from ..lora_core.families.flow import DIFFUSERS_SUFFIXES, from_diffusers_naming
 from ..lora_core.families.qwen_image import EDIT_PROMPT
 from ..lora_core.families.sd3 import FilePart, fused_lora, split_lora
 from ..lora_core.formats.files import data_hash
-from ..lora_core.targets import TEXT_ENCODER_PRESET, UNET_PREFIX, all_adaptable, find_targets, kohya_name
+from ..lora_core.targets import (
+    TEXT_ENCODER_PRESET,
+    UNET_PREFIX,
+    all_adaptable,
+    find_targets,
+    kohya_name,
+)
+from ..lora_core.training.block_swap import check_swap_count, frozen_bytes
 from ..lora_core.training.objectives import FlowMatchingObjective, Objective
 
 if TYPE_CHECKING:
@@ -673,6 +680,33 @@ class ComfyBackend(TrainingBackend):
     def checkpoint_blocks(self) -> list[nn.Module]:
         blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]
+
+    @contextmanager
+    def block_swap(self, count: int, checkpointing: bool) -> Iterator[None]:
+        """ComfyUI's own partial loading frees as many bytes of the denoiser's weights as its last `count` blocks hold
+        (its smallest layers first, ComfyUI's order) and casts those layers to the device per use, patches
+        included; ComfyUI's model management loads them again when it next needs the model whole."""
+        if not count:
+            yield
+            return
+        blocks = self.checkpoint_blocks()
+        check_swap_count(blocks, count)
+        if not hasattr(self.model, "partially_unload"):
+            raise ComfyBackendError("blocks_to_swap needs ComfyUI's partial loading (ModelPatcher.partially_unload, in "
+                                    "ComfyUI since mid-2024); this ComfyUI has none: update it, or set blocks_to_swap "
+                                    "0 and save memory with fp8 weights or gradient_checkpointing")
+        if not checkpointing:
+            raise ComfyBackendError("blocks_to_swap in ComfyUI needs gradient_checkpointing on: ComfyUI casts each "
+                                    "swapped layer's weight to a device copy per use, and without recomputation "
+                                    "autograd keeps every copy until the backward, so no memory would be saved")
+        wanted = frozen_bytes(blocks[-count:])
+        with torch.inference_mode():  # as ComfyUI's model management runs
+            freed = self.model.partially_unload(self.model.offload_device, wanted)
+        cast = sum(1 for module in self.unet.modules() if getattr(module, "comfy_patched_weights", None) is False)
+        logging.info("LoRA Lab: blocks_to_swap %d: ComfyUI left %.2f GiB of the denoiser's weights (%d blocks hold "
+                     "%.2f GiB) in host memory and casts %d layers per use", count, freed / 2**30, count,
+                     wanted / 2**30, cast)
+        yield
 
     def vae_fingerprint(self) -> str:
         return data_hash(self.vae.first_stage_model.state_dict())

@@ -233,6 +233,7 @@ class TrainingOptions:
         }, "optional": {
             "prior_loss_weight": setting_input("prior_loss_weight"),
             "flow_matching": ("LORA_FLOW_MATCHING_OPTIONS", {"tooltip": "From Flow Matching Options (SD3, Flux). Unconnected: that node's defaults."}),
+            "blocks_to_swap": setting_input("blocks_to_swap"),
         }}
 
     def options(self, flow_matching=None, **options):
@@ -276,9 +277,9 @@ class TrainingOptionsWithFlowMatching(TrainingOptions):
 
 
 OPTION_DEFAULTS = {name: spec[1]["default"]
-                   for node in (TrainingOptionsWithFlowMatching, FlowMatchingOptions)
+                   for node in (TrainingOptions, TrainingOptionsWithFlowMatching, FlowMatchingOptions)
                    for section in node.INPUT_TYPES().values()
-                   for name, spec in section.items()}
+                   for name, spec in section.items() if "default" in spec[1]}
 
 
 def text_encoder_learning_rate(options: dict) -> float | None:

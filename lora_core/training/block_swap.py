@@ -76,13 +76,23 @@ class SwappedBlock:
             self.ready = None
 
 
+def check_swap_count(blocks: list[nn.Module], count: int) -> None:
+    if not 0 < count < len(blocks):
+        raise TrainingError(f"blocks_to_swap {count} out of range: this denoiser has {len(blocks)} blocks, and at "
+                            f"least one stays on the device (1 to {len(blocks) - 1})")
+
+
+def frozen_bytes(blocks: list[nn.Module]) -> int:
+    """Bytes of the frozen parameters and buffers of `blocks`: what swapping them moves."""
+    return sum(tensor.nbytes for block in blocks for tensor in [*block.parameters(), *block.buffers()]
+               if not tensor.requires_grad)
+
+
 class BlockSwap:
     """The last `count` of `blocks` swapped between host and `device` around each use (see the module's doc)."""
 
     def __init__(self, blocks: list[nn.Module], count: int, device: torch.device) -> None:
-        if not 0 < count < len(blocks):
-            raise TrainingError(f"blocks_to_swap {count} out of range: this denoiser has {len(blocks)} blocks, and at "
-                             f"least one stays on the device (1 to {len(blocks) - 1})")
+        check_swap_count(blocks, count)
         self.blocks = blocks
         self.first = len(blocks) - count
         self.swapped = {index: SwappedBlock(block, device) for index, block in enumerate(blocks) if index >= self.first}

@@ -27,7 +27,6 @@ from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .distributed import Distributed
 from .encoded import EncodedDataset
-from .block_swap import swapped_blocks
 from .memory_plan import MemoryPlan, plan_memory
 from .objectives import Objective
 from .optim import make_optimizer, make_scheduler
@@ -281,7 +280,7 @@ def train(
             available = torch.cuda.mem_get_info(backend.device)[0] + torch.cuda.memory_reserved(backend.device)
             if refusal := plan.refusal(available):
                 raise TrainingError(refusal)
-        swap.enter_context(swapped_blocks(backend.checkpoint_blocks(), config.blocks_to_swap, backend.device))
+        swap.enter_context(backend.block_swap(config.blocks_to_swap, config.gradient_checkpointing))
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat
             state.record_validation(validation_loss(), keep_best)

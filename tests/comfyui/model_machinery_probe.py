@@ -1,6 +1,6 @@
 """Checks of the ComfyUI backend on fixed tensors, run inside a ComfyUI checkout's Python (not its server).
 
-`python model_machinery_probe.py COMFY_DIR CHECKPOINT` loads the checkpoint as CheckpointLoaderSimple does, runs
+`python model_machinery_probe.py COMFY_DIR CHECKPOINT SCRATCH_DIR` loads the checkpoint as CheckpointLoaderSimple does, runs
 each check and prints one JSON object `{check: result}`; a check that raises reports `{"error": "..."}`. The
 hand computations use only ComfyUI's own `model_sampling` and `BaseModel.apply_model`.
 """
@@ -47,9 +47,8 @@ def targets_against_comfy(backend_module, model, clip, sampling: str, zsnr: bool
 
     By hand: x = x0 + σ·ε (`noise_scaling`), x̂0 = `apply_model(x, σ)`; the ε error is (x0 − x̂0)/σ, the v error
     (x0 − x̂0)/√(1−ᾱ) with ᾱ = 1/(1+σ²), because x̂0 = x − σ·ε̂ for EPS and √ᾱ·x_t − √(1−ᾱ)·v̂ for V_PREDICTION."""
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
-
     import comfy.model_management
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
     with torch.inference_mode():  # as ComfyUI runs every node
         (patched,) = ModelSamplingDiscrete().patch(model, sampling, zsnr)
@@ -105,6 +104,62 @@ def training_without_copies(backend_module, model, clip) -> dict:
     }
 
 
+def block_swap_through_partial_loading(backend_module, model, clip, vae, folder: Path) -> dict:
+    """Two steps of Train LoRA's loop with gradient checkpointing, without and with blocks_to_swap 4, on the MODEL
+    with a weight patch on every attention output (as Load LoRA leaves one), so ComfyUI's per-layer patches run:
+    the losses and LoRAs, the bytes ComfyUI left off during training, and the refusal without checkpointing."""
+    import comfy.model_management
+    from comfyui_lora_lab.lora_core.data.config import DatasetConfig
+    from comfyui_lora_lab.lora_core.data.dataset import ImageFolderDataset
+    from comfyui_lora_lab.lora_core.demo.demo import make_concept_images
+    from comfyui_lora_lab.lora_core.network import LoRANetwork
+    from comfyui_lora_lab.lora_core.training.config import TrainingConfig
+    from comfyui_lora_lab.lora_core.training.loop import train
+
+    dataset = ImageFolderDataset(make_concept_images(folder / "concept", count=2, resolution=64),
+                                 DatasetConfig(resolution=64))
+    runs, outcome = {}, {}
+    with torch.inference_mode():
+        patched = model.clone()
+        state = patched.model.state_dict()
+        generator = torch.Generator().manual_seed(0)
+        patched.add_patches({key: (torch.randn(value.shape, generator=generator) * 0.01,) for key, value in state.items()
+                             if key.endswith("attn1.to_out.0.weight")}, 1.0)
+        for count in (0, 4):
+            comfy.model_management.unload_all_models()
+            backend = backend_module.ComfyBackend(patched, clip, vae)
+            with torch.inference_mode(False):
+                network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4.0, 1)
+            during = []
+
+            def watch(report, backend=backend, during=during) -> None:
+                during.append(sum(comfy.model_management.module_size(module) for module in backend.unet.modules()
+                                  if getattr(module, "comfy_patched_weights", None) is False))
+
+            config = TrainingConfig(steps=2, learning_rate=1e-3, validation_every=0, gradient_checkpointing=True,
+                                    blocks_to_swap=count)
+            try:
+                result = train(backend, network, dataset, config, callback=watch)
+            except backend_module.ComfyBackendError as error:  # a ComfyUI without partial loading
+                return {"refused": str(error)}
+            runs[count] = (result.losses, {key: value.clone() for key, value in network.state_dict().items()})
+            outcome[f"off_device_bytes_{count}"] = during
+        outcome["block_bytes_4"] = sum(tensor.nbytes for block in backend.checkpoint_blocks()[-4:]
+                                       for tensor in block.parameters())
+        outcome["refused"] = None
+        outcome["lowvram_after"] = bool(patched.model.model_lowvram)
+        try:
+            train(backend, network, dataset, TrainingConfig(steps=1, validation_every=0, blocks_to_swap=4))
+            outcome["refused_without_checkpointing"] = None
+        except backend_module.ComfyBackendError as error:
+            outcome["refused_without_checkpointing"] = str(error)
+    (losses, weights), (swapped_losses, swapped_weights) = runs[0], runs[4]
+    outcome["same_losses"] = losses == swapped_losses
+    outcome["same_lora"] = all(torch.equal(value, swapped_weights[key]) for key, value in weights.items())
+    outcome["losses"] = [losses, swapped_losses]
+    return outcome
+
+
 def refuses_sdxl_refiner(backend_module) -> dict:
     """An SDXL-Refiner-shaped MODEL (ComfyUI's SDXLRefiner class, a one-level UNet with its ADM and context widths)."""
     import comfy.model_patcher
@@ -130,12 +185,13 @@ def main() -> None:
     import comfy.sd
 
     with torch.inference_mode():  # as ComfyUI runs CheckpointLoaderSimple
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(checkpoint)
     checks = {
         **{f"targets_{sampling}{'_zsnr' if zsnr else ''}": (targets_against_comfy, backend_module, model, clip, sampling, zsnr)
            for sampling, zsnr in (("eps", False), ("v_prediction", False), ("v_prediction", True))},
         "training_without_copies": (training_without_copies, backend_module, model, clip),
         "refuses_sdxl_refiner": (refuses_sdxl_refiner, backend_module),
+        "block_swap": (block_swap_through_partial_loading, backend_module, model, clip, vae, Path(sys.argv[3])),
     }
     results = {}
     for name, (check, *arguments) in checks.items():

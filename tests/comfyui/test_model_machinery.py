@@ -27,10 +27,11 @@ CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 @pytest.fixture(scope="module")
-def probe(comfy: ComfyServer) -> dict:
+def probe(comfy: ComfyServer, tmp_path_factory) -> dict:
     """The probe's results, run once per server in that server's ComfyUI checkout (its own process)."""
     checkpoint = comfy.comfy_dir / "models" / "checkpoints" / TEST_CHECKPOINT
-    completed = subprocess.run([str(comfy.python), str(PROBE), str(comfy.comfy_dir), str(checkpoint)],
+    scratch = tmp_path_factory.mktemp("machinery")
+    completed = subprocess.run([str(comfy.python), str(PROBE), str(comfy.comfy_dir), str(checkpoint), str(scratch)],
                                capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -62,6 +63,23 @@ def test_training_holds_no_second_copy_and_hands_back_the_same_weights(probe: di
     assert outcome["inference_weights_during"] == 0
     assert outcome["adapters"] > 0 and outcome["adapters_without_gradient"] == []
     assert outcome["same_weights_after"]
+
+
+def test_blocks_to_swap_trains_the_same_lora_through_comfys_partial_loading(probe: dict) -> None:
+    """SD1.5 at full size (ComfyUI's classes): blocks_to_swap 4 has ComfyUI's partial loading leave at least the 4 last
+    blocks' bytes of weights off the device (cast per layer, the MODEL's weight patches applied per use) during
+    training; the losses and the LoRA are bit for bit those of training without swap. Without gradient
+    checkpointing it is refused (autograd would keep every cast copy). The March 2024 ComfyUI has no partial
+    unloading: refused, naming what to do."""
+    outcome = result(probe, "block_swap")
+    if outcome["refused"] is not None:
+        assert "needs ComfyUI's partial loading" in outcome["refused"] and "update it" in outcome["refused"]
+        return
+    assert outcome["off_device_bytes_0"] == [0, 0]
+    assert all(off >= outcome["block_bytes_4"] > 50e6 for off in outcome["off_device_bytes_4"]), outcome
+    assert outcome["lowvram_after"]
+    assert outcome["same_losses"] and outcome["same_lora"], outcome["losses"]
+    assert "needs gradient_checkpointing on" in outcome["refused_without_checkpointing"]
 
 
 def test_sdxl_refiner_is_refused_naming_the_family_and_what_is_supported(probe: dict) -> None:
