@@ -121,11 +121,16 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     if swap and args.qlora:
         raise SystemExit("error: --blocks-to-swap moves full-precision blocks between host and device; with --qlora "
                          "the NF4 weights stay on the device: use one or the other")
-    pipeline = load_pipeline(Path(args.base), str(distributed.device), args.base_dtype, args.qlora, to_device=not swap)
+    if args.fsdp and (swap or args.qlora or args.base_dtype.startswith("fp8")):
+        raise SystemExit("error: --fsdp shards the base's weights over the ranks in their own dtype; it does not "
+                         "combine with --blocks-to-swap (each rank then holds a share already), --qlora's NF4 or an "
+                         "fp8 base, which FSDP2 would all-gather in one byte untested here: use one or the other")
+    pipeline = load_pipeline(Path(args.base), str(distributed.device), args.base_dtype, args.qlora,
+                             to_device=not (swap or args.fsdp))
     if swap:  # the swapped blocks never reach the device whole: a denoiser larger than it trains
-        from .families import place_for_swap
+        from .families import place_except
 
-        place_for_swap(pipeline, make_backend(pipeline, args).checkpoint_blocks()[-swap:], str(distributed.device))
+        place_except(pipeline, make_backend(pipeline, args).checkpoint_blocks()[-swap:], str(distributed.device))
     if distributed.is_main:
         from .families import describe_memory
 
@@ -140,6 +145,18 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         adapters = NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS))
         network = LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder),
                                      adapters.algorithm, adapters.rank, adapters.alpha, args.seed)
+    if args.fsdp:  # after the adapters, which read the base's weights whole when they are made (DoRA's magnitude)
+        from .families import denoisers, place_except
+        from .training.memory_plan import size
+
+        held = distributed.shard(backend.checkpoint_blocks(), denoisers(pipeline))
+        place_except(pipeline, denoisers(pipeline), str(distributed.device))
+        backend.device = distributed.device
+        if distributed.is_main:
+            whole = sum(tensor.numel() * tensor.element_size() for model in denoisers(pipeline)
+                        for tensor in model.parameters())
+            print(f"fsdp: each of the {distributed.world_size} ranks holds {size(held)} of the denoiser's "
+                  f"{size(whole)} of weights", flush=True)
     network.to(backend.device)
     backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now, not at saving
     config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
@@ -357,6 +374,10 @@ def parser() -> argparse.ArgumentParser:
                             "diffusers' Flux scripts default to 3.5)")
     add_arguments(train, (SAVE_PRECISION, EDIT_PROMPT, WAN_EXPERT))
     train.add_argument("--device", default="cpu", help="under torchrun/accelerate, cuda means cuda:LOCAL_RANK")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun/accelerate: shard the frozen base over the ranks with FSDP2 (fully_shard), "
+                            "each rank holding 1/N of its weights and gathering one block at a time, for a base that "
+                            "does not fit one device; the LoRA stays whole on every rank and is saved as one file")
     train.add_argument("--distributed-timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
                        help="seconds a rank waits for the others before failing, when several processes train")
     train.add_argument("--overwrite", action="store_true")

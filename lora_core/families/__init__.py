@@ -110,7 +110,7 @@ def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, q
     the CPU with the denoiser and text encoders in `dtype` and the VAE in fp32 (as diffusers' SDXL script keeps it:
     SDXL's overflows in fp16), the denoiser's Linear layers quantized to NF4 there if asked (QLoRA), or its weights
     stored in `fp8` (cast per layer to `dtype`), then moved to `device` (unless `to_device` is False: then
-    `place_for_swap` places it), so no full-precision copy of a big base ever reaches the device."""
+    `place_except` places it), so no full-precision copy of a big base ever reaches the device."""
     import diffusers
 
     if quantize_denoiser and fp8 is not None:
@@ -132,9 +132,10 @@ def load_pipeline(base: Path, device: str, dtype: torch.dtype = torch.float32, q
     return pipeline.to(device) if to_device else pipeline
 
 
-def place_for_swap(pipeline: Any, host_blocks: list[torch.nn.Module], device: str) -> None:
+def place_except(pipeline: Any, host_blocks: list[torch.nn.Module], device: str) -> None:
     """A pipeline loaded on the host moved to `device`, but for the weights of `host_blocks` (the blocks a block
-    swap keeps on the host and brings one at a time), so that a denoiser larger than the device trains."""
+    swap keeps on the host and brings one at a time; a denoiser FSDP2 has sharded and placed), so that a denoiser
+    larger than the device trains."""
     host = {id(tensor) for block in host_blocks for tensor in [*block.parameters(), *block.buffers()]}
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):

@@ -1,5 +1,6 @@
 """Data-parallel training on PyTorch's own engine: one process per device, started by `torchrun` or
-`accelerate launch`, DistributedDataParallel over the LoRA parameters (see `training.BatchLoss`).
+`accelerate launch`, DistributedDataParallel over the LoRA parameters (see `training.BatchLoss`), and with `--fsdp`
+the frozen base sharded over the ranks by FSDP2 (`Distributed.shard`), for bases that do not fit one device.
 
 A launcher tells each process its place through the environment: WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT. `Distributed.from_environment()` reads it and joins the process group (gloo on the CPU, NCCL on
@@ -91,6 +92,26 @@ class Distributed:
         ddp = nn.parallel.DistributedDataParallel
         newer = "forward_sync_buffers" in inspect.signature(ddp).parameters  # newer PyTorch; formerly broadcast_buffers
         return ddp(module, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+
+    def shard(self, blocks: list[nn.Module], roots: list[nn.Module]) -> int:
+        """FSDP2 (PyTorch's `fully_shard`) over the frozen base: each of `blocks`, then the rest of each of `roots`,
+        split over the ranks, so each rank holds 1/world_size of the weights and gathers one block whole only for
+        its forward and its backward (again after checkpointing's recompute). The LoRA stays whole on every rank:
+        DistributedDataParallel averages its gradients, and rank 0 saves it as an ordinary file. Returns the bytes
+        of the base this rank holds."""
+        try:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as error:
+            raise DistributedError(f"--fsdp needs PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard, PyTorch "
+                                   f"2.6 and newer): {error}") from error
+        if not self.enabled:
+            raise DistributedError("--fsdp shards the base over the processes torchrun or accelerate launch starts; "
+                                   "this is one process: launch several, or leave --fsdp out")
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for module in [*blocks, *roots]:
+            fully_shard(module, mesh=mesh)
+        return sum(tensor.to_local().nbytes for root in roots for tensor in root.parameters())
 
     def syncing(self, model: nn.Module, sync: bool):
         """Around a micro-step's forward and backward: gradients are averaged over the ranks only where `sync`

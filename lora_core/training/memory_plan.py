@@ -128,6 +128,7 @@ def module_bytes(module: nn.Module, device: torch.device, seen: set[int]) -> int
     """Bytes of `module`'s parameters and buffers on `device`'s type, each storage once across calls sharing `seen`."""
     total = 0
     for tensor in [*module.parameters(), *module.buffers()]:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP2: this rank's shard
         if tensor.device.type != device.type or tensor.untyped_storage().data_ptr() in seen:
             continue
         seen.add(tensor.untyped_storage().data_ptr())

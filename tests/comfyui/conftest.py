@@ -17,6 +17,8 @@ from .harness import REPO_ROOT, ComfyServer, ServerFlavour, browser_flavours, se
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "comfy" in metafunc.fixturenames:
         flavours = browser_flavours() if metafunc.module.__name__.endswith("test_browser") else server_flavours()
+        only = getattr(metafunc.module, "SERVERS", None)  # a module that runs on some servers alone
+        flavours = [flavour for flavour in flavours if only is None or flavour.name in only or flavour.name == "user"]
         metafunc.parametrize("comfy", flavours, ids=[flavour.name for flavour in flavours], indirect=True,
                              scope="session")
 

@@ -346,6 +346,10 @@ class ComfyServer:
                              f"{status.exception_type}: {status.message}\n{status.traceback}")
         return entry
 
+    def free_models(self) -> None:
+        """Unloads every model and frees the memory ComfyUI holds, as its /free endpoint does."""
+        self._request("POST", "/free", {"unload_models": True, "free_memory": True})
+
     def fetch_image_bytes(self, image: dict) -> bytes:
         """The file behind an output's `{filename, subfolder, type}` dict, as `/view` serves it."""
         query = urllib.parse.urlencode({"filename": image["filename"], "subfolder": image.get("subfolder", ""),

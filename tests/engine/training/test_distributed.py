@@ -7,6 +7,7 @@ launch with a clear message, and the last checkpoint stays intact and resumes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -199,6 +200,38 @@ def test_two_ranks_train_the_lora_one_process_trains_with_the_same_global_batch(
     assert all(np.allclose(got[key], expected[key], rtol=1e-5, atol=1e-6) for key in expected), difference
     start = tensors(two_ranks.with_name("ddp-step00000002.safetensors"))
     assert max_difference(start, got) > 1e-3, "training moved the weights after the step-2 checkpoint"
+
+
+def test_fsdp2_shards_the_base_and_trains_the_lora_one_process_trains(demo, tmp_path) -> None:
+    """--fsdp: FSDP2 splits the frozen UNet over the two ranks (each holds half its weights) and gathers one block
+    at a time, with gradient checkpointing recomputing the blocks; the LoRA, whole on every rank, comes out as one
+    ordinary file equal to one process's with the same global batch."""
+    base, data = demo
+    common = ["--base", str(base), "--data", str(data), *TRAIN, "--gradient-checkpointing"]
+    sharded = launch(torchrun(), *common, "--batch-size", "1", "--out", str(tmp_path / "fsdp.safetensors"), "--fsdp")
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    held = re.search(r"fsdp: each of the 2 ranks holds ([\d.]+) MiB of the denoiser's ([\d.]+) MiB", sharded.stdout)
+    assert held and abs(float(held.group(1)) - float(held.group(2)) / 2) <= 0.1, sharded.stdout
+    single = subprocess.run([sys.executable, "-m", "lora_core", "train", *common, "--batch-size", "2",
+                             "--out", str(tmp_path / "single.safetensors")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    expected, got = tensors(tmp_path / "single.safetensors"), tensors(tmp_path / "fsdp.safetensors")
+    print(f"FSDP2 over two ranks against one process: max abs difference {max_difference(expected, got):.3g}")
+    assert all(np.allclose(got[key], expected[key], rtol=1e-5, atol=1e-6) for key in expected)
+
+
+@pytest.mark.parametrize(("launcher", "extra", "message"), [
+    ("python", [], "--fsdp shards the base over the processes torchrun or accelerate launch starts"),
+    ("torchrun", ["--blocks-to-swap", "1"], "--fsdp shards the base's weights over the ranks in their own dtype"),
+])
+def test_fsdp2_is_refused_where_it_cannot_shard(demo, tmp_path, launcher: str, extra: list[str], message: str) -> None:
+    base, data = demo
+    command = [sys.executable] if launcher == "python" else torchrun()
+    run = launch(command, "--base", str(base), "--data", str(data), "--steps", "1", "--resolution", "64", "--fsdp",
+                 *extra, "--out", str(tmp_path / "x.safetensors"))
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_two_ranks_resume_from_their_checkpoint_exactly(demo, two_ranks, tmp_path) -> None:
