@@ -35,7 +35,10 @@ case ${2:-all} in
     run h200_plan_flux_1024_checkpointing --size flux --gradient-checkpointing --steps 1 --blocks 1 --skip-reference
     run h200_plan_flux_512_no_checkpointing --size flux --resolution 512 --steps 1 --blocks 1 --skip-reference
     run h200_plan_wan_14b_480x832x81_refused --size wan-14b --frames 81 --steps 1 --blocks 1 --skip-reference ;;
-  swap)  # block swap: Flux.1-dev at 1024 px, checkpointing, 30 of its 57 blocks swapped against none, one process
+  swap)  # block swap: Flux.1-dev at 1024 px, checkpointing, 30 of its 57 blocks swapped against none, one process;
+    # then fp8 weights (lora_core's --base-dtype fp8) with 0 and 28 swapped: the 12 GB goal of #26
     run h200_flux_1024_block_swap_30 --size flux --gradient-checkpointing --steps 3 --blocks 1 --skip-reference \
-        --blocks-to-swap 0 30 ;;
+        --blocks-to-swap 0 30
+    run h200_flux_1024_fp8_block_swap_28 --size flux --gradient-checkpointing --fp8 --steps 3 --blocks 1 \
+        --skip-reference --blocks-to-swap 0 28 ;;
 esac

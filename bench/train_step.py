@@ -431,6 +431,9 @@ def main() -> None:
     parser.add_argument("--blocks-to-swap", type=int, nargs="+", default=[0],
                         help="LoRA Lab's blocks_to_swap; several values: one LoRA Lab trainer each, timed in the same "
                         "run (lora_lab_swap_N beside lora_lab), so their step and memory ratios share one process")
+    parser.add_argument("--fp8", action="store_true",
+                        help="LoRA Lab's denoiser stored in fp8 e4m3fn and cast per layer (lora_core's --base-dtype fp8); "
+                             "the reference keeps --dtype")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time and measure LoRA Lab alone: no copy of the denoiser for the reference, no "
                         "reference trainer, no ratios (a 14 B video transformer's two copies need not fit)")
@@ -507,6 +510,10 @@ def main() -> None:
         targets = ["to_k", "to_q", "to_v", "to_out.0"]
     reference_model = None if args.skip_reference else copy.deepcopy(model)
     model.requires_grad_(False)
+    if args.fp8:
+        from lora_core.fp8 import store_in_fp8
+
+        store_in_fp8(model, torch.float8_e4m3fn)
     if reference_model is not None:
         reference_model.requires_grad_(False)
         if args.gradient_checkpointing:
@@ -583,7 +590,8 @@ def main() -> None:
 
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "denoiser": args.size, "dtype": args.dtype, "lora_lab_mixed_precision": args.mixed_precision,
+        "denoiser": args.size, "dtype": args.dtype, "lora_lab_fp8_weights": args.fp8,
+        "lora_lab_mixed_precision": args.mixed_precision,
         "resolution": None if video else resolution, "height": height, "width": width, "frames": frames,
         "tokens": tokens, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
         "gradient_checkpointing": args.gradient_checkpointing, "skip_reference": args.skip_reference,

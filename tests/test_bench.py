@@ -69,3 +69,12 @@ def test_file_size_benchmark_small_variant() -> None:
     rows = run_bench("bench/file_size.py", "--size", "small")
     assert {row["preset"] for row in rows} == {"attention", "transformer", "full"}
     assert all(row["file_bytes"] > row["payload_bytes"] for row in rows)
+
+
+def test_train_step_benchmark_flux_small_variant_in_fp8_with_swap() -> None:
+    """The GPU round's fp8 + swap runs, small: LoRA Lab on fp8 weights, with and without a swapped block, both train
+    (the memory planned for fp8 counts one byte a weight)."""
+    report = run_bench("bench/train_step.py", "--size", "flux-small", "--steps", "2", "--blocks", "1", "--fp8",
+                       "--gradient-checkpointing", "--skip-reference", "--blocks-to-swap", "0", "1")
+    assert report["lora_lab_fp8_weights"] and set(report["median_step_seconds"]) == {"lora_lab", "lora_lab_swap_1"}
+    assert not report["failures"] and report["losses_finite"] and report["lora_lab_weights_changed"]

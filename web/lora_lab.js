@@ -1,5 +1,6 @@
 // LoRA Lab's front-end extension: a panel drawn with canvas at the bottom of the pack's nodes, after they run.
-// - Train LoRA: a live loss chart, fed by the `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
+// - Train LoRA: the memory plan before the first step (`lora_lab.train.plan`), then a live loss chart, fed by the
+//   `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
 // - Save LoRA: the saved file's name and size; Load Dataset: the image and caption counts.
 // After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs:
 // into the first graph the page shows, which the legacy front end loads before `setup` and the current ones after.
@@ -135,6 +136,13 @@ api.addEventListener("lora_lab.train.step", ({ detail }) => {
   makeRoom(node);
 });
 
+api.addEventListener("lora_lab.train.plan", ({ detail }) => {
+  const node = trainNode(detail.node);
+  if (!node) return;
+  chartOf(node).setPlan(detail.text);
+  makeRoom(node);
+});
+
 api.addEventListener("lora_lab.train.done", ({ detail }) => {
   const node = trainNode(detail.node);
   if (node) showOutput(node, { lora_lab_training: [detail] });
@@ -194,8 +202,9 @@ async function restoreLastRun() {
 function chartSnapshot(nodeId) {
   const chart = findPanel(app.graph.getNodeById(nodeId))?.chart;
   if (!chart) return null;
-  const { steps, losses, smoothed, received, validation, total, summary, halted, draws, area } = chart;
-  return structuredClone({ steps, losses, smoothed, received, validation, total, summary, halted, draws, area });
+  const { steps, losses, smoothed, received, validation, total, summary, halted, draws, area, plan } = chart;
+  return structuredClone({ steps, losses, smoothed, received, validation, total, summary, halted, draws, area, plan,
+                           status: chart.plan || losses.length ? chart.statusLines() : [] });
 }
 
 window.LoraLab = Object.freeze({

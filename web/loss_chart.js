@@ -1,5 +1,5 @@
-// The loss chart inside the Train LoRA node: raw and smoothed loss per step, the validation loss where it was
-// evaluated, the step, learning rate and times. Plain canvas 2D drawing; the chart knows nothing of ComfyUI.
+// The loss chart inside the Train LoRA node: the run's memory plan before its first step, then raw and smoothed
+// loss per step, the validation loss where it was evaluated, the step, learning rate, times and the planned memory. Plain canvas 2D drawing; the chart knows nothing of ComfyUI.
 // The smoothed loss is lora_core's (training/plots.py `smooth`), as the server sends it: the chart draws no other.
 
 const LINE_HEIGHT = 16;
@@ -35,7 +35,19 @@ export class LossChart {
   constructor() {
     this.draws = 0;
     this.area = null; // where the last draw put the chart, in the node's coordinates
+    this.plan = null; // the run's memory plan (`lora_lab.train.plan`), kept through its steps
     this.reset();
+  }
+
+  /** A run's memory plan, sent before its first step: it starts the run, and the chart shows it until steps come. */
+  setPlan(text) {
+    this.reset();
+    this.plan = text;
+  }
+
+  /** "≈ 7.2 GiB" of the plan's text, or null. */
+  get plannedTotal() {
+    return this.plan?.match(/≈ [\d.]+ [MG]iB/)?.[0] ?? null;
   }
 
   /**
@@ -83,6 +95,7 @@ export class LossChart {
     this.total = Math.max(this.total, summary.steps);
     this.elapsed = summary.seconds;
     this.summary = summary;
+    this.plan = summary.memory_plan || this.plan;
   }
 
   /** The run ended without a summary: `reason` is "error" or "interrupted". */
@@ -92,11 +105,16 @@ export class LossChart {
 
   statusLines() {
     const last = this.losses.length - 1;
+    const planned = this.plannedTotal ? `   memory planned ${this.plannedTotal}` : "";
+    if (!this.losses.length) {  // before the first step: the plan, its total first, then what makes it up
+      const [, breakdown = ""] = this.plan.match(/\((.*)\)$/) ?? [];
+      return [`memory plan: ${this.plannedTotal ?? "?"} on the training device, before the first step`, breakdown];
+    }
     if (this.summary) {
       const { steps, best_step, best_loss, stop_reason, seconds } = this.summary;
       return [
         `${steps} / ${this.total} steps, ${stop_reason.replace("_", " ")} in ${formatDuration(seconds)}`,
-        `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}`,
+        `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}${planned}`,
       ];
     }
     const remaining = (this.elapsed / this.lastStep) * (this.total - this.lastStep);
@@ -111,7 +129,7 @@ export class LossChart {
 
   /** Draws the chart into the rectangle (x, y, width, CHART_HEIGHT) of `ctx`. */
   draw(ctx, x, y, width) {
-    if (!this.losses.length) return;
+    if (!this.losses.length && !this.plan) return;
     ctx.save();
     ctx.fillStyle = COLORS.background;
     ctx.strokeStyle = COLORS.border;
@@ -132,7 +150,7 @@ export class LossChart {
       width: width - AXIS_WIDTH - PADDING,
       height: PLOT_HEIGHT,
     };
-    this.drawPlot(ctx, plot);
+    if (this.losses.length) this.drawPlot(ctx, plot);
     ctx.restore();
     this.draws += 1;
     this.area = { x, y, width, height: CHART_HEIGHT };

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,6 +281,9 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         show_nodes(page)
 
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["plan"] == summary["memory_plan"] and summary["memory_plan"].startswith("memory plan: ≈ ")
+        planned = re.search(r"≈ [\d.]+ [MG]iB", summary["memory_plan"]).group(0)
+        assert chart["status"][1].endswith(f"memory planned {planned}"), chart["status"]
         assert len(summary["losses"]) == TRAINING_OVERRIDES["LoraLab_Train"]["steps"]
         assert_close(chart["received"], summary["losses"])  # every step's event arrived
         assert_close(chart["losses"], summary["losses"])
@@ -350,6 +354,15 @@ def test_the_validation_loss_is_drawn_and_a_long_run_comes_back_from_its_bounded
     page, log = open_app(browser, comfy)
     try:
         load_shrunk_workflow(page)
+        plan = ("memory plan: ≈ 7.2 GiB on the device (weights 5.0 GiB, other models 0 MiB, LoRA + gradients + "
+                "optimizer 96 MiB, activations 2.1 GiB (4,096 tokens × 3072 × 57 blocks, with gradient "
+                "checkpointing); planned, not measured)")
+        send_events(page, [("lora_lab.train.plan", {"node": TRAIN, "text": plan})])
+        show_nodes(page)
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["plan"] == plan and chart["draws"] > 0, "the plan is drawn before the first step"
+        assert chart["status"] == ["memory plan: ≈ 7.2 GiB on the training device, before the first step",
+                                   plan[plan.index("(") + 1:-1]]
         steps = [{"node": TRAIN, "step": step, "total": 40, "loss": 1 / step, "smoothed": 1.5 / step, "lr": 1e-4,
                   "elapsed": step, "validation_loss": 0.2 + 1 / step if step % 5 == 0 else None}
                  for step in range(1, 21)]
@@ -366,6 +379,7 @@ def test_the_validation_loss_is_drawn_and_a_long_run_comes_back_from_its_bounded
                    "stop_reason": "completed", "seconds": 100.0, "validation": [[1000, 0.3], [2000, 0.25]]}
         send_events(page, [("lora_lab.train.done", {"node": TRAIN, **summary})])
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["status"][1].endswith("memory planned ≈ 7.2 GiB")  # the run's plan, beside its result
         assert chart["steps"] == loss_steps and chart["total"] == 2000
         assert_close(chart["losses"], summary["losses"])
         assert_close(chart["smoothed"], summary["smoothed"])

@@ -21,7 +21,14 @@ from safetensors.torch import load_file
 from lora_core.demo.demo import make_concept_images
 
 from .harness import ComfyServer
-from .make_real_size_models import CLIP_L, FLUX_BLOCKS, FLUX_TRANSFORMER, FLUX_VAE, SDXL_CHECKPOINT, T5XXL
+from .make_real_size_models import (
+    CLIP_L,
+    FLUX_BLOCKS,
+    FLUX_TRANSFORMER,
+    FLUX_VAE,
+    SDXL_CHECKPOINT,
+    T5XXL,
+)
 from .test_lora_lab_nodes import pixels, sampling_nodes, saved_name
 
 pytestmark = pytest.mark.real_size
@@ -109,7 +116,7 @@ def test_full_size_sdxl_trains_and_comfys_core_loader_reads_every_key(comfy: Com
     loader = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SDXL_CHECKPOINT}}}
     outputs = (["1", 0], ["1", 1], ["1", 2])
     graph = {**loader, **training_nodes(*outputs, dataset, "lora_lab_real_sdxl",
-                                        options_node(comfy, gradient_checkpointing=True))}
+                                        options_node(comfy, gradient_checkpointing=True, validation_every=0))}
     entry = comfy.run(graph, timeout=3600)
     name = saved_name(entry, "6")
     tensors = load_file(comfy.loras_dir / name)
@@ -133,12 +140,13 @@ def test_full_width_flux_in_fp8_trains_with_swap_and_comfys_core_loader_reads_ev
     }
     log_before = len(comfy.log_text())
     graph = {**loader, **training_nodes(["1", 0], ["7", 0], ["8", 0], dataset, "lora_lab_real_flux",
-                                        options_node(comfy, gradient_checkpointing=True, blocks_to_swap=1))}
+                                        options_node(comfy, gradient_checkpointing=True, blocks_to_swap=1,
+                                                     validation_every=0))}
     entry = comfy.run(graph, timeout=3600)
     log = comfy.log_text()[log_before:]
     assert "model weight dtype torch.float8_e4m3fn" in log, log[-3000:]
     swapped = re.search(r"blocks_to_swap 1: ComfyUI left ([\d.]+) GiB", log)
-    assert swapped and float(swapped.group(1)) > 0.1, log[-3000:]  # a single block at full width: 0.28 GiB in fp8
+    assert swapped and float(swapped.group(1)) > 0.1, log[-3000:]  # the last block (a single one): 0.13 GiB in fp8
     name = saved_name(entry, "6")
     tensors = load_file(comfy.loras_dir / name)
     modules = {key.partition(".")[0] for key in tensors}
@@ -148,5 +156,7 @@ def test_full_width_flux_in_fp8_trains_with_swap_and_comfys_core_loader_reads_ev
     assert "lora key not loaded" not in images["log"].lower()
     assert not np.array_equal(images["core"], images["base"]), "the LoRA must change the image"
     difference = np.abs(images["core"].astype(float) - images["apply"].astype(float)).mean()
-    assert difference <= 0.1 * np.abs(images["core"].astype(float) - images["base"].astype(float)).mean()
+    effect = np.abs(images["core"].astype(float) - images["base"].astype(float)).mean()
+    print(f"Flux fp8: core loader against Apply LoRA {difference:.3f}, against the base {effect:.3f} (mean |Δ| of 0-255)")
+    assert difference <= 0.1 * effect
     comfy.free_models()

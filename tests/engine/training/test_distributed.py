@@ -19,10 +19,21 @@ import numpy as np
 import pytest
 import torch
 
-from lora_core import DatasetConfig, ImageFolderDataset, LoRANetwork, TrainingConfig, load_file, train
+from lora_core import (
+    DatasetConfig,
+    ImageFolderDataset,
+    LoRANetwork,
+    TrainingConfig,
+    load_file,
+    train,
+)
 from lora_core.families.sd1 import DiffusersBackend
 from lora_core.training.checkpoints import Checkpointer, load_state, state_path
-from lora_core.training.distributed import Distributed, DistributedError, is_peer_failure
+from lora_core.training.distributed import (
+    Distributed,
+    DistributedError,
+    is_peer_failure,
+)
 from lora_core.training.encoded import EncodedDataset
 from lora_core.training.loop import TrainingError, diffusion_loss
 from lora_core.training.objectives import DiscreteObjective
