@@ -105,7 +105,7 @@ export class LossChart {
 
   statusLines() {
     const last = this.losses.length - 1;
-    const planned = this.plannedTotal ? `   memory planned ${this.plannedTotal}` : "";
+    const planned = this.plannedTotal ? `   memory ${this.plannedTotal} planned` : "";
     if (!this.losses.length) {  // before the first step: the plan, its total first, then what makes it up
       const [, breakdown = ""] = this.plan.match(/\((.*)\)$/) ?? [];
       return [`memory plan: ${this.plannedTotal ?? "?"} on the training device, before the first step`, breakdown];
@@ -113,8 +113,8 @@ export class LossChart {
     if (this.summary) {
       const { steps, best_step, best_loss, stop_reason, seconds } = this.summary;
       return [
-        `${steps} / ${this.total} steps, ${stop_reason.replace("_", " ")} in ${formatDuration(seconds)}`,
-        `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}${planned}`,
+        `${steps} / ${this.total} steps, ${stop_reason.replace("_", " ")} in ${formatDuration(seconds)}${planned}`,
+        `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}`,
       ];
     }
     const remaining = (this.elapsed / this.lastStep) * (this.total - this.lastStep);

@@ -283,7 +283,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
         assert chart["plan"] == summary["memory_plan"] and summary["memory_plan"].startswith("memory plan: ≈ ")
         planned = re.search(r"≈ [\d.]+ [MG]iB", summary["memory_plan"]).group(0)
-        assert chart["status"][1].endswith(f"memory planned {planned}"), chart["status"]
+        assert chart["status"][0].endswith(f"memory {planned} planned"), chart["status"]
         assert len(summary["losses"]) == TRAINING_OVERRIDES["LoraLab_Train"]["steps"]
         assert_close(chart["received"], summary["losses"])  # every step's event arrived
         assert_close(chart["losses"], summary["losses"])
@@ -379,7 +379,7 @@ def test_the_validation_loss_is_drawn_and_a_long_run_comes_back_from_its_bounded
                    "stop_reason": "completed", "seconds": 100.0, "validation": [[1000, 0.3], [2000, 0.25]]}
         send_events(page, [("lora_lab.train.done", {"node": TRAIN, **summary})])
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
-        assert chart["status"][1].endswith("memory planned ≈ 7.2 GiB")  # the run's plan, beside its result
+        assert chart["status"][0].endswith("memory ≈ 7.2 GiB planned")  # the run's plan, beside its result
         assert chart["steps"] == loss_steps and chart["total"] == 2000
         assert_close(chart["losses"], summary["losses"])
         assert_close(chart["smoothed"], summary["smoothed"])
