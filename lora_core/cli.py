@@ -117,11 +117,11 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
-    swap = args.blocks_to_swap
-    if swap and args.qlora:
+    swap = args.blocks_to_swap  # None: auto, which swaps blocks of a base loaded onto the device whole
+    if swap != 0 and args.qlora:
         raise SystemExit("error: --blocks-to-swap moves full-precision blocks between host and device; with --qlora "
                          "the NF4 weights stay on the device: use one or the other")
-    if args.fsdp and (swap or args.qlora or args.base_dtype.startswith("fp8")):
+    if args.fsdp and (swap != 0 or args.qlora or args.base_dtype.startswith("fp8")):
         raise SystemExit("error: --fsdp shards the base's weights over the ranks in their own dtype; it does not "
                          "combine with --blocks-to-swap (each rank then holds a share already), --qlora's NF4 or an "
                          "fp8 base, which FSDP2 would all-gather in one byte untested here: use one or the other")

@@ -50,6 +50,7 @@ class Setting:
     cli: bool = True  # an option of `python -m lora_core train`, --name-with-dashes
     aliases: tuple[str, ...] = ()  # earlier flags, still accepted
     widget: Widget | None = None  # None: on no node (or a node shows it its own way)
+    words: tuple[tuple[str, Any], ...] = ()  # values the CLI takes as words ("auto" → None) beside the type's
 
     @property
     def flag(self) -> str:
@@ -130,10 +131,23 @@ def add_arguments(parser: argparse.ArgumentParser, settings: tuple[Setting, ...]
         elif each.type is tuple:  # repeated; the given values replace the default
             options.update(action="append", default=None)
         else:
-            options["type"] = each.type
+            options["type"] = cli_type(each)
             if each.choices:
                 options["choices"] = [choice for choice in each.choices if choice is not None]
         parser.add_argument(each.flag, *each.aliases, **options)
+
+
+def cli_type(each: Setting) -> Any:
+    """The setting's type for argparse, taking its words too (`--blocks-to-swap auto`)."""
+    if not each.words:
+        return each.type
+    words = dict(each.words)
+
+    def parse(text: str) -> Any:
+        return words[text] if text in words else each.type(text)
+
+    parse.__name__ = each.type.__name__  # argparse names the type in its error message
+    return parse
 
 
 def parsed_settings(args: argparse.Namespace, settings: tuple[Setting, ...]) -> dict[str, Any]:

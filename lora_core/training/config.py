@@ -94,14 +94,16 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(False, "Recompute the denoiser's block activations (UNet or transformer "
                                                   "blocks) in backward: much less memory, about a third slower.",
                                            widget=Widget())
-    blocks_to_swap: int = setting(0, "Keep the frozen weights of the denoiser's last N blocks in host memory and bring "
-                                     "each to the device only for its forward and backward, the next one copied ahead "
-                                     "while one computes (sd-scripts' and musubi-tuner's blocks_to_swap): less device "
-                                     "memory, slower where the copies outlast the compute. 0: none.", minimum=0,
-                                  widget=Widget(maximum=200, note=(
-                                      "In ComfyUI: ComfyUI's own partial loading frees as many bytes as N blocks hold "
-                                      "(its smallest layers first) and casts those layers to the device per use, with "
-                                      "no copy ahead; needs gradient_checkpointing and a ComfyUI from mid-2024 on.")))
+    blocks_to_swap: int | None = setting(
+        0, "Keep the frozen weights of the denoiser's last N blocks in host memory and bring each to the device only "
+           "for its forward and backward, the next one copied ahead while one computes (sd-scripts' and musubi-tuner's "
+           "blocks_to_swap): less device memory, slower where the copies outlast the compute. 0: none; auto: the "
+           "fewest the memory plan says fit the GPU's free memory (none on a CPU).",
+        minimum=0, allowed="0 (none), a number of blocks, or auto", words=(("auto", None),),
+        widget=Widget(minimum=-1, maximum=200, unset=-1, note=(
+            "-1 is auto. In ComfyUI: ComfyUI's own partial loading frees as many bytes as N blocks hold (its smallest "
+            "layers first) and casts those layers to the device per use, with no copy ahead; needs "
+            "gradient_checkpointing and a ComfyUI from mid-2024 on.")))
     cpu_conv_kernels: str = setting("by_size", "frozen fp32 convolutions on CPU: by_size runs those with small outputs "
                                                "on PyTorch's GEMM kernel (faster there than oneDNN's); pytorch leaves "
                                                "the choice to PyTorch (see cpu_convolution.py)",

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -268,19 +268,24 @@ def train(
           tuned_convolutions(backend.device.type == "cuda"), attention_without_cudnn(),
           cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size"),
           ExitStack() as swap):
+        swapped = config.blocks_to_swap or 0  # None: auto, decided from the plan on a GPU
         plan = plan_memory(backend.frozen_modules(), backend.checkpoint_blocks(), network, backend.device,
                            encoded.largest_latent_values(), encoded.longest_text(), config.batch_size,
                            (precision.autocast_dtype or precision.base_dtype).itemsize, config.gradient_checkpointing,
-                           config.optimizer, backend.saved_activations(), config.blocks_to_swap)
-        result.memory_plan = plan.describe()
-        if memory_plan is not None:
-            memory_plan(plan)
+                           config.optimizer, backend.saved_activations(), swapped)
+        available = None
         if backend.device.type == "cuda":
             # what PyTorch already holds here, weights and cached blocks, is this run's too
             available = torch.cuda.mem_get_info(backend.device)[0] + torch.cuda.memory_reserved(backend.device)
-            if refusal := plan.refusal(available):
-                raise TrainingError(refusal)
-        swap.enter_context(backend.block_swap(config.blocks_to_swap, config.gradient_checkpointing))
+            if config.blocks_to_swap is None and (swapped := plan.fewest_swapped(available) or 0):
+                plan = plan.with_swap(swapped)
+        plan = replace(plan, auto_swap=config.blocks_to_swap is None)
+        result.memory_plan = plan.describe()
+        if memory_plan is not None:
+            memory_plan(plan)
+        if available is not None and (refusal := plan.refusal(available)):
+            raise TrainingError(refusal)
+        swap.enter_context(backend.block_swap(swapped, config.gradient_checkpointing))
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat
             state.record_validation(validation_loss(), keep_best)

@@ -42,6 +42,7 @@ class MemoryPlan:
     saved_per_block: float  # the values per token and channel autograd keeps of one block (Family.saved_activations)
     block_bytes: tuple[int, ...] = ()  # each block's frozen weights, in order (what block swap moves)
     swapped: int = 0  # blocks_to_swap: their weights are on the host, two of them on the device at a time
+    auto_swap: bool = False  # blocks_to_swap auto: `swapped` is what the plan chose
 
     def activations_for(self, tokens: int, checkpointing: bool) -> int:
         if not self.width:
@@ -69,6 +70,12 @@ class MemoryPlan:
             self.block_bytes[len(self.block_bytes) - count:])
         return replace(self, weights=self.weights - moved, swapped=count)
 
+    def fewest_swapped(self, available: int) -> int | None:
+        """The fewest of the last blocks to swap for this plan (swapping none) to fit `available` bytes: 0 where it
+        fits as it is, None where no count does."""
+        return next((count for count in range(len(self.block_bytes) or 1)
+                     if self.with_swap(count).total <= available), None)
+
     def breakdown(self) -> str:
         swap = f" + {size(self.swapped_in)} of {self.swapped} swapped blocks" if self.swapped else ""
         parts = [f"weights {size(self.weights)}{swap}", f"other models {size(self.other_models)}",
@@ -81,7 +88,8 @@ class MemoryPlan:
         return ", ".join(parts)
 
     def describe(self) -> str:
-        return f"memory plan: ≈ {size(self.total)} on the device ({self.breakdown()}; planned, not measured)"
+        auto = f"; blocks_to_swap auto: {self.swapped or 'none'}" if self.auto_swap else ""
+        return f"memory plan: ≈ {size(self.total)} on the device ({self.breakdown()}{auto}; planned, not measured)"
 
     def refusal(self, available: int) -> str | None:
         """Why the run will not fit in `available` bytes and the fewest of these that make it fit, in this order:

@@ -173,7 +173,7 @@ def test_widgets_carry_the_config_defaults_the_declared_ranges_and_the_help(node
         assert high == (setting.maximum if setting.widget.maximum is None else setting.widget.maximum), setting.name
         assert options.get("step") == setting.widget.step, setting.name
         unset = low is not None and low == setting.widget.unset  # flow_shift's 0: the family's own
-        assert setting.minimum is None or low >= setting.minimum, setting.name
+        assert setting.minimum is None or low >= setting.minimum or unset, setting.name  # blocks_to_swap: -1 auto
         assert setting.above is None or low > setting.above or unset, setting.name
         assert setting.maximum is None or high <= setting.maximum, setting.name
         assert setting.below is None or high < setting.below, setting.name

@@ -4,6 +4,8 @@ block run out of turn fails); the weights are back afterwards; the memory plan c
 and names the blocks_to_swap that would fit."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from support.tiny_flow_models import build_tiny_flux, concept_images
@@ -18,7 +20,7 @@ from lora_core import (
 from lora_core.families.flux import FluxBackend
 from lora_core.training.block_swap import BlockSwap
 from lora_core.training.config import TrainingError
-from lora_core.training.memory_plan import GIB
+from lora_core.training.memory_plan import GIB, MemoryPlan
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,32 @@ def test_the_plan_counts_the_swapped_blocks_and_names_the_swap_that_fits(flux, t
     big = type(big)(12 * GIB, 12 * GIB, 0, 0, 16, 32, 10, 2, True, 16.0, (GIB,) * 10)
     refusal = big.refusal(int(9.5 * GIB))  # 12 − 5 on the host + 2 in use = 9 GiB and the activations
     assert "it would fit with blocks_to_swap 5 (" in refusal, refusal
+
+
+def test_auto_swaps_the_fewest_blocks_the_plan_fits_and_none_on_a_cpu(flux, tmp_path) -> None:
+    """blocks_to_swap auto (None; `--blocks-to-swap auto`, the node's -1): on a GPU the fewest of the last blocks
+    with which the plan fits the free memory, 0 where it fits as it is; on a CPU none, as the plan says."""
+    from lora_core.settings import add_arguments
+    from lora_core.training.config import TRAINING_SETTINGS
+
+    big = MemoryPlan(12 * GIB, 12 * GIB, 0, 0, 16, 32, 10, 2, True, 16.0, (GIB,) * 10)
+    assert big.fewest_swapped(13 * GIB) == 0
+    assert big.fewest_swapped(int(9.5 * GIB)) == 5  # 12 − 5 on the host + 2 in use, and the activations
+    assert big.with_swap(5).total <= 9.5 * GIB < big.with_swap(4).total
+    assert big.fewest_swapped(GIB) is None
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TRAINING_SETTINGS)
+    assert parser.parse_args(["--blocks-to-swap", "auto"]).blocks_to_swap is None
+    assert parser.parse_args(["--blocks-to-swap", "3"]).blocks_to_swap == 3
+    setting = next(each for each in TRAINING_SETTINGS if each.name == "blocks_to_swap")
+    assert setting.config_value(-1) is None and setting.widget_default() == 0 and setting.config_value(2) == 2
+
+    backend = FluxBackend(flux)
+    dataset = ImageFolderDataset(concept_images(tmp_path, 2), DatasetConfig(resolution=64))
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4)
+    result = train(backend, network, dataset, TrainingConfig(steps=1, validation_every=0, blocks_to_swap=None))
+    assert result.memory_plan.endswith("blocks_to_swap auto: none; planned, not measured)"), result.memory_plan
 
 
 def test_the_cli_trains_the_same_lora_with_blocks_swapped(flux, tmp_path) -> None:
