@@ -131,6 +131,12 @@ class TrainingBackend(ABC):
         """The denoiser's blocks to recompute in backward when gradient checkpointing is on."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
+    def check_block_swap(self, count: int, checkpointing: bool) -> None:
+        """Refuse a swap of `count` blocks that `block_swap` could not do (the count out of range)."""
+        from .training.block_swap import check_swap_count
+
+        check_swap_count(self.checkpoint_blocks(), count)
+
     def block_swap(self, count: int, checkpointing: bool) -> AbstractContextManager:
         """The frozen weights of the denoiser's last `count` blocks kept off the device inside the block (entered
         inside `training()`): lora_core's BlockSwap, each block brought for its forward and backward."""

@@ -681,16 +681,9 @@ class ComfyBackend(TrainingBackend):
         blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]
 
-    @contextmanager
-    def block_swap(self, count: int, checkpointing: bool) -> Iterator[None]:
-        """ComfyUI's own partial loading frees as many bytes of the denoiser's weights as its last `count` blocks hold
-        (its smallest layers first, ComfyUI's order) and casts those layers to the device per use, patches
-        included; ComfyUI's model management loads them again when it next needs the model whole."""
-        if not count:
-            yield
-            return
-        blocks = self.checkpoint_blocks()
-        check_swap_count(blocks, count)
+    def check_block_swap(self, count: int, checkpointing: bool) -> None:
+        """The count in range, a ComfyUI that unloads partially, and gradient checkpointing on (see below)."""
+        check_swap_count(self.checkpoint_blocks(), count)
         if not hasattr(self.model, "partially_unload"):
             raise ComfyBackendError("blocks_to_swap needs ComfyUI's partial loading (ModelPatcher.partially_unload, in "
                                     "ComfyUI since mid-2024); this ComfyUI has none: update it, or set blocks_to_swap "
@@ -699,7 +692,17 @@ class ComfyBackend(TrainingBackend):
             raise ComfyBackendError("blocks_to_swap in ComfyUI needs gradient_checkpointing on: ComfyUI casts each "
                                     "swapped layer's weight to a device copy per use, and without recomputation "
                                     "autograd keeps every copy until the backward, so no memory would be saved")
-        wanted = frozen_bytes(blocks[-count:])
+
+    @contextmanager
+    def block_swap(self, count: int, checkpointing: bool) -> Iterator[None]:
+        """ComfyUI's own partial loading frees as many bytes of the denoiser's weights as its last `count` blocks hold
+        (its smallest layers first, ComfyUI's order) and casts those layers to the device per use, patches
+        included; ComfyUI's model management loads them again when it next needs the model whole."""
+        if not count:
+            yield
+            return
+        self.check_block_swap(count, checkpointing)
+        wanted = frozen_bytes(self.checkpoint_blocks()[-count:])
         with torch.inference_mode():  # as ComfyUI's model management runs
             freed = self.model.partially_unload(self.model.offload_device, wanted)
         cast = sum(1 for module in self.unet.modules() if getattr(module, "comfy_patched_weights", None) is False)

@@ -216,6 +216,8 @@ def train(
                 "train an edit model on edit pairs (Flux.1 Kontext, Qwen-Image-Edit), or turn control_images off"
                 if not backend.reference_images else f"give each image at most {backend.reference_images}"))
     backend.sample_frames = frames  # samples of a clip dataset are clips
+    if config.blocks_to_swap:  # refused now, before the dataset is encoded
+        backend.check_block_swap(config.blocks_to_swap, config.gradient_checkpointing)
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)

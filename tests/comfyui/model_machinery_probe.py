@@ -148,8 +148,9 @@ def block_swap_through_partial_loading(backend_module, model, clip, vae, folder:
                                        for tensor in block.parameters())
         outcome["refused"] = None
         outcome["lowvram_after"] = bool(patched.model.model_lowvram)
-        try:
-            train(backend, network, dataset, TrainingConfig(steps=1, validation_every=0, blocks_to_swap=4))
+        try:  # refused before the dataset is encoded: a backend without a VAE would fail only there
+            train(backend_module.ComfyBackend(patched, clip), network, dataset,
+                  TrainingConfig(steps=1, validation_every=0, blocks_to_swap=4))
             outcome["refused_without_checkpointing"] = None
         except backend_module.ComfyBackendError as error:
             outcome["refused_without_checkpointing"] = str(error)
