@@ -15,6 +15,7 @@ checkpointing does not hold a second, wider copy of every weight. The weights ar
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +99,13 @@ def store_in_fp8(model: nn.Module, storage_dtype: torch.dtype) -> tuple[int, int
     patterns = kept_in_compute_dtype(model)
     largest = torch.finfo(storage_dtype).max
     stored = kept = 0
+    unhandled = []  # Linear/Conv2d layers this module cannot cast: subclasses with their own forward, other paddings
     for name, layer in model.named_modules():
         fp8_class = FP8_CLASSES.get(type(layer))
         if fp8_class is None or (fp8_class is Fp8Conv2d and (layer.padding_mode != "zeros"
                                                               or isinstance(layer.padding, str))):
+            if isinstance(layer, (nn.Linear, nn.Conv2d)) and not isinstance(layer, (Fp8Linear, Fp8Conv2d)):
+                unhandled.append(f"{name} ({type(layer).__name__})")
             continue
         if any(re.search(pattern, name) for pattern in patterns):
             kept += 1
@@ -114,6 +118,9 @@ def store_in_fp8(model: nn.Module, storage_dtype: torch.dtype) -> tuple[int, int
         stored += 1
     if stored and isinstance(getattr(type(model), "dtype", None), property):
         model.__class__ = reporting_compute_dtype(type(model))
+    if unhandled:
+        warnings.warn(f"fp8: {len(unhandled)} Linear/Conv2d layers stay in the compute dtype, not being plain "
+                      f"nn.Linear or zero-padded nn.Conv2d: {', '.join(unhandled[:5])}", stacklevel=2)
     return stored, kept
 
 

@@ -140,9 +140,10 @@ def test_load_pipeline_stores_every_denoiser_in_fp8_on_the_host_and_refuses_nf4_
         load_pipeline(tmp_path / "base", "cpu", quantize_denoiser=True, fp8=torch.float8_e4m3fn)
 
 
-def test_conv_layers_with_named_padding_stay_in_the_compute_dtype() -> None:
+def test_conv_layers_with_named_padding_stay_in_the_compute_dtype_and_say_so() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 3, padding="same"), nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"))
-    assert store_in_fp8(model, torch.float8_e4m3fn) == (0, 0)
+    with pytest.warns(UserWarning, match=r"fp8: 2 Linear/Conv2d layers stay in the compute dtype.*0 \(Conv2d\)"):
+        assert store_in_fp8(model, torch.float8_e4m3fn) == (0, 0)
     x = torch.randn(1, 3, 5, 5)
     assert torch.equal(model(x), F.conv2d(F.pad(F.conv2d(x, model[0].weight, model[0].bias, padding="same"),
                                                 (1, 1, 1, 1), mode="reflect"), model[1].weight, model[1].bias))
