@@ -131,7 +131,7 @@ class TrainingBackend(ABC):
         """The denoiser's blocks to recompute in backward when gradient checkpointing is on."""
         raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
 
-    def check_block_swap(self, count: int, checkpointing: bool) -> None:
+    def check_block_swap(self, count: int, checkpointing: bool, algorithm: str) -> None:
         """Refuse a swap of `count` blocks that `block_swap` could not do (the count out of range)."""
         from .training.block_swap import check_swap_count
 

@@ -149,6 +149,9 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         from .families import denoisers, place_except
         from .training.memory_plan import size
 
+        if len(denoisers(pipeline)) > 1:
+            raise SystemExit("error: --fsdp shards the blocks of the expert that trains; Wan 2.2 A14B's other expert "
+                             "would be gathered whole by each rank when it samples: not supported yet")
         held = distributed.shard(backend.checkpoint_blocks(), denoisers(pipeline))
         place_except(pipeline, denoisers(pipeline), str(distributed.device))
         backend.device = distributed.device

@@ -185,10 +185,11 @@ def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def trainable_weights(modules: list[nn.Module]) -> Iterator[None]:
+def trainable_weights(modules: list[nn.Module]) -> Iterator[list]:
     """Inside the block, parameters and buffers made under `torch.inference_mode()` (as ComfyUI loads every model)
     are replaced by trainable aliases of the same memory; afterwards the originals are put back wherever ComfyUI
-    has not meanwhile moved or re-patched the weight itself."""
+    has not meanwhile moved or re-patched the weight itself. Yields the (module, name, original, alias) list, which
+    `release_moved` trims."""
     replaced: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(False):
         for root in modules:
@@ -204,12 +205,19 @@ def trainable_weights(modules: list[nn.Module]) -> Iterator[None]:
                         module._buffers[name] = alias
                     replaced.append((module, name, tensor, alias))
     try:
-        yield
+        yield replaced
     finally:
         for module, name, original, alias in reversed(replaced):
             current = getattr(module, name)
             if current is alias and alias.data_ptr() == original.data_ptr():
                 (module._parameters if name in module._parameters else module._buffers)[name] = original
+
+
+def release_moved(replaced: list) -> None:
+    """Drop the originals whose alias ComfyUI has since moved (partial unloading) or replaced by its own tensor: they
+    would never be put back, and holding them would keep their device memory."""
+    replaced[:] = [(module, name, original, alias) for module, name, original, alias in replaced
+                   if getattr(module, name) is alias and alias.data_ptr() == original.data_ptr()]
 
 
 IN_PLACE_RESIDUAL_BLOCKS = frozenset({"BasicTransformerBlock", "CLIPLayer", "DoubleStreamBlock", "SingleStreamBlock"})
@@ -371,6 +379,8 @@ class ComfyBackend(TrainingBackend):
         self._text_names = text_encoder_layer_names(clip, self.spec)
         self._file_parts: dict[str, list[FilePart]] = {}  # network name → file module name(s), for diffusers files
         self._file_aliases: dict[str, str] = {}  # other trainers' kohya names of the file's layers → network name
+        self._aliases: list = []  # training()'s trainable aliases of ComfyUI's weights
+        self._swap_bytes = 0  # what block_swap has ComfyUI keep off the device, while it lasts
         if self.spec.file_module_prefix:  # <prefix><the layer's name in files>: ComfyUI's path (Wan; HiDream's, which
             # is diffusers' path too) or HunyuanVideo's own names over ComfyUI's Flux layers
             files = {name: self.spec.file_path(path) for path, name in self._unet_names.items()}
@@ -398,7 +408,7 @@ class ComfyBackend(TrainingBackend):
         with torch.inference_mode(False), torch.no_grad():  # patching (fp8 stochastic rounding too) needs no graph
             comfy.model_management.load_models_gpu(patchers)
         modules = self.frozen_modules()
-        with (trainable_weights(modules), copied_norm_inputs(modules), copied_block_inputs(modules),
+        with (trainable_weights(modules) as self._aliases, copied_norm_inputs(modules), copied_block_inputs(modules),
               differentiable_fp8_layers(modules)):
             yield
 
@@ -681,9 +691,14 @@ class ComfyBackend(TrainingBackend):
         blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]
 
-    def check_block_swap(self, count: int, checkpointing: bool) -> None:
-        """The count in range, a ComfyUI that unloads partially, and gradient checkpointing on (see below)."""
+    def check_block_swap(self, count: int, checkpointing: bool, algorithm: str) -> None:
+        """The count in range, a ComfyUI that unloads partially, gradient checkpointing on (see below), and no DoRA."""
         check_swap_count(self.checkpoint_blocks(), count)
+        if algorithm == "dora":
+            raise ComfyBackendError("blocks_to_swap in ComfyUI does not train DoRA: DoRA normalizes by the base "
+                                    "weight, and ComfyUI keeps a swapped layer's weight on the host, unpatched, "
+                                    "casting it only inside the layer; train DoRA without swap, or LoRA/LoHa/LoKr "
+                                    "with it")
         if not hasattr(self.model, "partially_unload"):
             raise ComfyBackendError("blocks_to_swap needs ComfyUI's partial loading (ModelPatcher.partially_unload, in "
                                     "ComfyUI since mid-2024); this ComfyUI has none: update it, or set blocks_to_swap "
@@ -697,19 +712,29 @@ class ComfyBackend(TrainingBackend):
     def block_swap(self, count: int, checkpointing: bool) -> Iterator[None]:
         """ComfyUI's own partial loading frees as many bytes of the denoiser's weights as its last `count` blocks hold
         (its smallest layers first, ComfyUI's order) and casts those layers to the device per use, patches
-        included; ComfyUI's model management loads them again when it next needs the model whole."""
+        included; ComfyUI's model management loads them again when it next needs the model whole. The loop has
+        `check_block_swap`ed the count first."""
         if not count:
             yield
             return
-        self.check_block_swap(count, checkpointing)
-        wanted = frozen_bytes(self.checkpoint_blocks()[-count:])
-        with torch.inference_mode():  # as ComfyUI's model management runs
-            freed = self.model.partially_unload(self.model.offload_device, wanted)
+        self._swap_bytes = frozen_bytes(self.checkpoint_blocks()[-count:])
+        freed = self.unload_for_swap()
         cast = sum(1 for module in self.unet.modules() if getattr(module, "comfy_patched_weights", None) is False)
         logging.info("LoRA Lab: blocks_to_swap %d: ComfyUI left %.2f GiB of the denoiser's weights (%d blocks hold "
                      "%.2f GiB) in host memory and casts %d layers per use", count, freed / 2**30, count,
-                     wanted / 2**30, cast)
-        yield
+                     self._swap_bytes / 2**30, cast)
+        try:
+            yield
+        finally:
+            self._swap_bytes = 0
+
+    def unload_for_swap(self) -> int:
+        """ComfyUI's partial unloading of the swap's bytes (again after a sample, whose load brought them back);
+        the device copies the trainable aliases still held are let go. Returns the bytes ComfyUI freed."""
+        with torch.inference_mode():  # as ComfyUI's model management runs
+            freed = self.model.partially_unload(self.model.offload_device, self._swap_bytes)
+        release_moved(self._aliases)
+        return freed
 
     def vae_fingerprint(self) -> str:
         return data_hash(self.vae.first_stage_model.state_dict())
@@ -726,7 +751,16 @@ class ComfyBackend(TrainingBackend):
 
     def sample_images(self, prompts: list[str], seed: int, steps: int) -> list:
         """KSampler (euler, the family's usual cfg and scheduler) and VAE Decode, as the core nodes do it, with the
-        LoRA attached; a video family's clips of `sample_frames` frames (4k+1: one latent frame per 4)."""
+        LoRA attached; a video family's clips of `sample_frames` frames (4k+1: one latent frame per 4). KSampler's
+        load brings swapped layers back: the swap is made again afterwards."""
+        try:
+            return self.sampled_images(prompts, seed, steps)
+        finally:
+            if self._swap_bytes:
+                self.unload_for_swap()
+
+    def sampled_images(self, prompts: list[str], seed: int, steps: int) -> list:
+        """`sample_images` without the swap's care."""
         from PIL import Image
 
         import nodes as comfy_nodes  # ComfyUI's own nodes module

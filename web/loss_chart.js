@@ -108,7 +108,8 @@ export class LossChart {
     const planned = this.plannedTotal ? `   memory ${this.plannedTotal} planned` : "";
     if (!this.losses.length) {  // before the first step: the plan, its total first, then what makes it up
       const [, breakdown = ""] = this.plan.match(/\((.*)\)$/) ?? [];
-      return [`memory plan: ${this.plannedTotal ?? "?"} on the training device, before the first step`, breakdown];
+      const when = this.halted ? `; ${this.halted} before the first step` : ", before the first step";
+      return [`memory plan: ${this.plannedTotal ?? "?"} on the training device${when}`, breakdown];
     }
     if (this.summary) {
       const { steps, best_step, best_loss, stop_reason, seconds } = this.summary;

@@ -217,7 +217,7 @@ def train(
                 if not backend.reference_images else f"give each image at most {backend.reference_images}"))
     backend.sample_frames = frames  # samples of a clip dataset are clips
     if config.blocks_to_swap:  # refused now, before the dataset is encoded
-        backend.check_block_swap(config.blocks_to_swap, config.gradient_checkpointing)
+        backend.check_block_swap(config.blocks_to_swap, config.gradient_checkpointing, network.algorithm)
     objective = backend.objective(config)
     precision = Precision.for_run(config.mixed_precision, backend.compute_dtype(), backend.device)
     groups = parameter_groups(network, config)
@@ -287,6 +287,8 @@ def train(
             memory_plan(plan)
         if available is not None and (refusal := plan.refusal(available)):
             raise TrainingError(refusal)
+        if swapped and config.blocks_to_swap is None:  # auto's count, checked as a given one is at the start
+            backend.check_block_swap(swapped, config.gradient_checkpointing, network.algorithm)
         swap.enter_context(backend.block_swap(swapped, config.gradient_checkpointing))
         network.train()
         if validation and not result.validation:  # the untrained network's loss: what learning must beat

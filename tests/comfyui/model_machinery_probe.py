@@ -127,7 +127,7 @@ def block_swap_through_partial_loading(backend_module, model, clip, vae, folder:
                              if key.endswith("attn1.to_out.0.weight")}, 1.0)
         for count in (0, 4):
             comfy.model_management.unload_all_models()
-            backend = backend_module.ComfyBackend(patched, clip, vae)
+            backend = backend_module.ComfyBackend(patched, clip, vae, sample_size=64)
             with torch.inference_mode(False):
                 network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4.0, 1)
             during = []
@@ -137,7 +137,7 @@ def block_swap_through_partial_loading(backend_module, model, clip, vae, folder:
                                   if getattr(module, "comfy_patched_weights", None) is False))
 
             config = TrainingConfig(steps=2, learning_rate=1e-3, validation_every=0, gradient_checkpointing=True,
-                                    blocks_to_swap=count)
+                                    blocks_to_swap=count, sample_every=1, sample_steps=1)  # KSampler's load too
             try:
                 result = train(backend, network, dataset, config, callback=watch)
             except backend_module.ComfyBackendError as error:  # a ComfyUI without partial loading
@@ -148,12 +148,17 @@ def block_swap_through_partial_loading(backend_module, model, clip, vae, folder:
                                        for tensor in block.parameters())
         outcome["refused"] = None
         outcome["lowvram_after"] = bool(patched.model.model_lowvram)
-        try:  # refused before the dataset is encoded: a backend without a VAE would fail only there
-            train(backend_module.ComfyBackend(patched, clip), network, dataset,
-                  TrainingConfig(steps=1, validation_every=0, blocks_to_swap=4))
-            outcome["refused_without_checkpointing"] = None
-        except backend_module.ComfyBackendError as error:
-            outcome["refused_without_checkpointing"] = str(error)
+        with torch.inference_mode(False):
+            dora = LoRANetwork.create(backend.adapter_targets("attention", False), "dora", 4, 4.0, 1)
+        for name, trained, checkpointing in (("refused_without_checkpointing", network, False),
+                                             ("refused_dora", dora, True)):
+            try:  # refused before the dataset is encoded: a backend without a VAE would fail only there
+                train(backend_module.ComfyBackend(patched, clip), trained, dataset,
+                      TrainingConfig(steps=1, validation_every=0, blocks_to_swap=4,
+                                     gradient_checkpointing=checkpointing))
+                outcome[name] = None
+            except backend_module.ComfyBackendError as error:
+                outcome[name] = str(error)
     (losses, weights), (swapped_losses, swapped_weights) = runs[0], runs[4]
     outcome["same_losses"] = losses == swapped_losses
     outcome["same_lora"] = all(torch.equal(value, swapped_weights[key]) for key, value in weights.items())

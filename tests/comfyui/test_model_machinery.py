@@ -68,9 +68,10 @@ def test_training_holds_no_second_copy_and_hands_back_the_same_weights(probe: di
 def test_blocks_to_swap_trains_the_same_lora_through_comfys_partial_loading(probe: dict) -> None:
     """SD1.5 at full size (ComfyUI's classes): blocks_to_swap 4 has ComfyUI's partial loading leave at least the 4 last
     blocks' bytes of weights off the device (cast per layer, the MODEL's weight patches applied per use) during
-    training; the losses and the LoRA are bit for bit those of training without swap. Without gradient
-    checkpointing it is refused (autograd would keep every cast copy). The March 2024 ComfyUI has no partial
-    unloading: refused, naming what to do."""
+    training, also after each step's sample (KSampler's load brings them back; the swap is made again); the losses
+    and the LoRA are bit for bit those of training without swap. Refused before encoding: without gradient
+    checkpointing (autograd would keep every cast copy), and DoRA (it normalizes by the base weight). The March 2024
+    ComfyUI has no partial unloading: refused, naming what to do."""
     outcome = result(probe, "block_swap")
     if outcome["refused"] is not None:
         assert "needs ComfyUI's partial loading" in outcome["refused"] and "update it" in outcome["refused"]
@@ -80,6 +81,7 @@ def test_blocks_to_swap_trains_the_same_lora_through_comfys_partial_loading(prob
     assert outcome["lowvram_after"]
     assert outcome["same_losses"] and outcome["same_lora"], outcome["losses"]
     assert "needs gradient_checkpointing on" in outcome["refused_without_checkpointing"]
+    assert "does not train DoRA" in outcome["refused_dora"]
 
 
 def test_sdxl_refiner_is_refused_naming_the_family_and_what_is_supported(probe: dict) -> None:
