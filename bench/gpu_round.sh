@@ -40,5 +40,8 @@ case ${2:-all} in
     run h200_flux_1024_block_swap_30 --size flux --gradient-checkpointing --steps 3 --blocks 1 --skip-reference \
         --blocks-to-swap 0 30
     run h200_flux_1024_fp8_block_swap_28 --size flux --gradient-checkpointing --fp8 --steps 3 --blocks 1 \
-        --skip-reference --blocks-to-swap 0 28 ;;
+        --skip-reference --blocks-to-swap 0 28
+    # and with the checkpointed blocks' inputs in host memory (--cpu-offload-checkpointing)
+    run h200_flux_1024_fp8_block_swap_28_offload --size flux --gradient-checkpointing --fp8 --cpu-offload-checkpointing \
+        --steps 3 --blocks 1 --skip-reference --blocks-to-swap 28 ;;
 esac

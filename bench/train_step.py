@@ -9,7 +9,7 @@ with σ·1000 as the time input, LoRA on every block's self- and cross-attention
 trainable parameters cast to fp32, autocast in the base dtype, AdamW, gradient clipping. LoRA Lab trains the same
 targets through `lora_core.train` (fp32 adapters, no autocast). Both run in one process, in alternating blocks
 after warm-up, with random weights, latents and text embeddings (no download). Prints JSON with median seconds per
-optimizer step, peak memory above the resident weights (and the absolute peak on CUDA), the latent frames and
+optimizer step, peak memory above the resident weights and the absolute peak (on a CPU: RSS), the latent frames and
 tokens, and the ratios LoRA Lab / reference (--skip-reference: LoRA Lab alone, no reference copy, no ratios).
 
     python bench/train_step.py --size small                       # the routine CPU check, well under a minute
@@ -35,14 +35,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
 import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 from pathlib import Path
 
@@ -58,6 +61,8 @@ from lora_core.backend import TrainingBackend  # noqa: E402
 from lora_core.families.flux import FLUX_PRESETS, FluxBackend  # noqa: E402
 from lora_core.families.hunyuan_video import HUNYUAN_VIDEO_PRESETS, HunyuanVideoBackend  # noqa: E402
 from lora_core.families.qwen_image import QWEN_PRESETS, QwenImageBackend  # noqa: E402
+from lora_core.families.sd1 import SD1  # noqa: E402
+from lora_core.families.sdxl import SDXL as SDXL_FAMILY  # noqa: E402
 from lora_core.families.wan import WAN_PRESETS, WanBackend  # noqa: E402
 from lora_core.targets import UNET_PREFIX, find_targets, named_for_kohya  # noqa: E402
 
@@ -173,6 +178,9 @@ class SyntheticBackend(TrainingBackend):
 
     def checkpoint_blocks(self):
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
+    def unet_activations(self):
+        return (SDXL_FAMILY if self.added is not None else SD1).unet_activations
 
 
 class SyntheticFluxBackend(FluxBackend):
@@ -305,9 +313,59 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak since start or the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+RUNTIME_RSS: list[int] = []  # the resident memory before the denoiser is built: Python, PyTorch, diffusers
+RUNTIME_MALLOC: list[int] = []  # and the bytes glibc's malloc had handed out then
+MALLOC_PEAKS: list[int] = []  # on a CPU, each LoRA Lab block's peak of malloc's bytes in use above RUNTIME_MALLOC
+
+
+class MallocInfo(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int:
+    """The bytes glibc's malloc has handed out and not taken back (heap chunks in use and mmapped chunks): the tensors
+    alive and little else, whatever freed memory malloc keeps, which the RSS also counts."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallocInfo
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@contextmanager
+def malloc_peak(peaks: list[int]) -> Iterator[None]:
+    """Append the peak of `malloc_in_use` inside the block, read every half millisecond by a thread (PyTorch's
+    kernels let go of the GIL while they run)."""
+    peak, done = [malloc_in_use()], threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.0005):
+            peak[0] = max(peak[0], malloc_in_use())
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        peaks.append(max(peak[0], malloc_in_use()))
+
+
 def memory_baseline(device: torch.device) -> int:
+    """The memory resident now, the peak reset to it: PyTorch's allocator on CUDA, the process's RSS on a CPU (Linux
+    resets VmHWM to the current RSS when "5" is written to clear_refs)."""
     if device.type != "cuda":
-        return 0
+        Path("/proc/self/clear_refs").write_text("5")
+        return resident_bytes()
     synchronize(device)
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()
@@ -315,9 +373,10 @@ def memory_baseline(device: torch.device) -> int:
 
 def peak_above(device: torch.device, baseline: int) -> tuple[int, int]:
     """The peak since `memory_baseline` above its resident memory (weights, adapters, optimizer state), and the
-    absolute peak (weights included); 0, 0 off CUDA."""
+    absolute peak (weights included; on a CPU, above the RSS before the denoiser was built)."""
     if device.type != "cuda":
-        return 0, 0
+        peak = max(resident_bytes("VmHWM"), baseline)
+        return peak - baseline, peak - RUNTIME_RSS[0]
     peak = torch.cuda.max_memory_allocated()
     return peak - baseline, peak
 
@@ -326,7 +385,7 @@ PLANS: list = []  # lora_core's memory plan of each LoRA Lab block, before its f
 
 
 def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_kernels: str,
-                   gradient_checkpointing: bool, blocks_to_swap: int = 0
+                   gradient_checkpointing: bool, blocks_to_swap: int = 0, offload: bool = False
                    ) -> tuple[list[float], tuple[int, int], list[float]]:
     """`steps` optimizer steps through lora_core.train; per-step seconds, peak memory (above, total), losses."""
     baseline = memory_baseline(backend.device)
@@ -340,8 +399,9 @@ def lora_lab_block(backend, dataset, network, steps: int, precision: str, conv_k
     # reference has none)
     config = TrainingConfig(steps=steps, gradient_accumulation=1, mixed_precision=precision, validation_every=0,
                             cpu_conv_kernels=conv_kernels, gradient_checkpointing=gradient_checkpointing,
-                            blocks_to_swap=blocks_to_swap)
-    result = train(backend, network, dataset, config, callback=record, memory_plan=PLANS.append)
+                            blocks_to_swap=blocks_to_swap, cpu_offload_checkpointing=offload)
+    with malloc_peak(MALLOC_PEAKS) if backend.device.type == "cpu" else nullcontext():
+        result = train(backend, network, dataset, config, callback=record, memory_plan=PLANS.append)
     return list(np.diff(stamps)), peak_above(backend.device, baseline), result.losses
 
 
@@ -431,6 +491,9 @@ def main() -> None:
     parser.add_argument("--blocks-to-swap", type=int, nargs="+", default=[0],
                         help="LoRA Lab's blocks_to_swap; several values: one LoRA Lab trainer each, timed in the same "
                         "run (lora_lab_swap_N beside lora_lab), so their step and memory ratios share one process")
+    parser.add_argument("--cpu-offload-checkpointing", action="store_true",
+                        help="LoRA Lab keeps the checkpointed blocks' inputs in host memory (with "
+                        "--gradient-checkpointing; transformers on CUDA)")
     parser.add_argument("--fp8", action="store_true",
                         help="LoRA Lab's denoiser stored in fp8 e4m3fn and cast per layer (lora_core's --base-dtype fp8); "
                              "the reference keeps --dtype")
@@ -470,6 +533,10 @@ def main() -> None:
         # the transformers' 2×2-packed latent tokens (a UNet has none)
         tokens = (resolution // 16) ** 2 if args.size in SYNTHETIC_FLOW_BACKENDS else None
     torch.manual_seed(0)
+    import diffusers  # noqa: F401  (before the runtime's RSS is read)
+
+    RUNTIME_RSS.append(resident_bytes())
+    RUNTIME_MALLOC.append(malloc_in_use())
     if args.size in TRANSFORMERS:
         from diffusers import FluxTransformer2DModel
 
@@ -548,11 +615,11 @@ def main() -> None:
         name = "lora_lab" if choice == kernel_choices[0] else f"lora_lab_{choice}_kernels"
         trainers[name] = functools.partial(lora_lab_block, backend, dataset, network, args.steps + 2,
                                            args.mixed_precision, choice, args.gradient_checkpointing,
-                                           args.blocks_to_swap[0])
+                                           args.blocks_to_swap[0], args.cpu_offload_checkpointing)
     for count in args.blocks_to_swap[1:]:
         trainers[f"lora_lab_swap_{count}"] = functools.partial(
             lora_lab_block, backend, dataset, network, args.steps + 2, args.mixed_precision, kernel_choices[0],
-            args.gradient_checkpointing, count)
+            args.gradient_checkpointing, count, args.cpu_offload_checkpointing)
     if reference_model is not None:
         trainers["reference"] = lambda: reference_block(reference_model, reference_loss, device, args.steps + 2)
     results = {name: {"seconds": [], "memory": [], "memory_total": [], "losses": []} for name in trainers}
@@ -595,6 +662,7 @@ def main() -> None:
         "resolution": None if video else resolution, "height": height, "width": width, "frames": frames,
         "tokens": tokens, "rank": RANK, "lora_lab_cpu_conv_kernels": kernel_choices[0],
         "gradient_checkpointing": args.gradient_checkpointing, "skip_reference": args.skip_reference,
+        "lora_lab_cpu_offload_checkpointing": args.cpu_offload_checkpointing,
         "weight_bytes_each": sum(p.numel() * p.element_size() for p in model.parameters()),
         "denoiser_parameters": sum(p.numel() for p in model.parameters()),
         "lora_parameters": {"lora_lab": sum(p.numel() for p in network.parameters())} | (
@@ -609,10 +677,14 @@ def main() -> None:
         "memory_plan": PLANS[0].describe() if PLANS else None,
         "planned_bytes": PLANS[0].total if PLANS else None,
         "memory_plans": [plan.describe() for plan in PLANS],  # every LoRA Lab block's, in the order they ran
-        "lora_lab_measured_bytes": None if device.type != "cuda" or "lora_lab" not in results else (
+        # on a CPU: the peak RSS above the process's before the denoiser was built (without the reference alone)
+        "lora_lab_measured_bytes": None if "lora_lab" not in results or (
+            device.type != "cuda" and reference_model is not None) else (
             max(results["lora_lab"]["memory_total"]) if reference_model is None else
             sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             + max(results["lora_lab"]["memory"])),
+        # on a CPU: the peak of malloc's bytes in use above the runtime's (LoRA Lab's first block; the tensors alive)
+        "lora_lab_malloc_peak_bytes": MALLOC_PEAKS[0] - RUNTIME_MALLOC[0] if MALLOC_PEAKS else None,
         "lora_lab_parameter_dtypes": sorted({str(p.dtype) for p in network.parameters()}),
         "losses_finite": all(bool(np.isfinite(result["losses"]).all()) for result in results.values()),
         "lora_lab_weights_changed": any(not torch.equal(v, before[k]) for k, v in network.state_dict().items()),

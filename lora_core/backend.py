@@ -100,7 +100,21 @@ class TrainingBackend(ABC):
 
     def saved_activations(self) -> float | None:
         """The memory plan's values per token and channel autograd keeps of one denoiser block (`Family`'s); None for
-        a UNet, whose activations are not planned."""
+        a UNet (`unet_activations`)."""
+        return None
+
+    def cpu_offload_problem(self) -> str | None:
+        """Why the inputs of the checkpointed blocks cannot be kept in host memory here; None where they can."""
+        if self.device.type == "cpu":
+            return "the run trains on the CPU, where the activations already are in host memory: leave it off"
+        if self.unet_activations() is not None:
+            return ("a UNet keeps its skip connections outside its blocks, on the device, so moving the blocks' inputs "
+                    "saves little: leave it off and use blocks_to_swap or a lower resolution")
+        return None
+
+    def unet_activations(self) -> tuple[float, float] | None:
+        """The memory plan's values per latent position a UNet denoiser keeps in a step, without and with gradient
+        checkpointing (`Family`'s); None for a transformer."""
         return None
 
     def parkable_modules(self) -> list[nn.Module]:

@@ -687,6 +687,9 @@ class ComfyBackend(TrainingBackend):
     def saved_activations(self) -> float | None:
         return self.spec.saved_activations if self.spec.flow else None  # the flow families' denoisers are transformers
 
+    def unet_activations(self) -> tuple[float, float] | None:
+        return None if self.spec.flow else self.spec.unet_activations
+
     def checkpoint_blocks(self) -> list[nn.Module]:
         blocks = [getattr(self.unet, name) for name in self.spec.comfy_blocks]
         return [block for group in blocks for block in (group if isinstance(group, nn.ModuleList) else [group])]

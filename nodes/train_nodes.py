@@ -234,6 +234,7 @@ class TrainingOptions:
             "prior_loss_weight": setting_input("prior_loss_weight"),
             "flow_matching": ("LORA_FLOW_MATCHING_OPTIONS", {"tooltip": "From Flow Matching Options (SD3, Flux). Unconnected: that node's defaults."}),
             "blocks_to_swap": setting_input("blocks_to_swap"),
+            "cpu_offload_checkpointing": setting_input("cpu_offload_checkpointing"),
         }}
 
     def options(self, flow_matching=None, **options):

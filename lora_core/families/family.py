@@ -75,6 +75,9 @@ class Family:
     # come in: key prefix → the network's name prefix (lora_A/lora_B read as lora_down/lora_up)
     saved_activations: float = 16.0  # the memory plan's values per token and channel autograd keeps of one
     # transformer block (measured: Flux.1's 16, Wan's 22; the other transformers are planned with Flux's)
+    unet_activations: tuple[float, float] = (0.0, 0.0)  # a UNet's: values per latent position and channel of its
+    # first level autograd keeps in a step, its backward's transients included, without and with gradient
+    # checkpointing (measured; zeros: a transformer)
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler
     sample_scheduler: str = "normal"
 

@@ -40,13 +40,15 @@ SD1_BLOCKS = BlockLayout(
 SD1 = Family(
     "SD1.x", "sd_v1", "stable-diffusion-v1", __name__, "DiffusersBackend", ("StableDiffusionPipeline",),
     {"SD15": "SD1.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_l": TEXT_ENCODER_PREFIX},
-    SD1_BLOCKS, comfy_variants={"SD15_instructpix2pix": "SD1.x instruct-pix2pix"}, ldm_names=False)
+    SD1_BLOCKS, comfy_variants={"SD15_instructpix2pix": "SD1.x instruct-pix2pix"}, ldm_names=False,
+    unet_activations=(324.0, 142.0))  # measured on SD1.5's UNet at 512 px (docs/benchmarks.md)
 # SD2.x: the same pipeline and backend (which tells the versions apart by the UNet), OpenCLIP-H as ComfyUI's clip_h
 SD2 = Family(
     "SD2.x", "sd_v2", "stable-diffusion-v2-512", __name__, "DiffusersBackend", (),
     {"SD20": "SD2.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_h": TEXT_ENCODER_PREFIX},
     SD1_BLOCKS, comfy_variants={"SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP"},
-    modelspec_v="stable-diffusion-v2-768-v", ldm_names=False)
+    modelspec_v="stable-diffusion-v2-768-v", ldm_names=False,
+    unet_activations=SD1.unet_activations)  # SD1's widths and levels: planned with SD1.5's, not measured
 
 
 class DiffusersBackend(TrainingBackend):
@@ -104,6 +106,9 @@ class DiffusersBackend(TrainingBackend):
 
     def checkpoint_blocks(self) -> list[nn.Module]:
         return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
+    def unet_activations(self) -> tuple[float, float]:
+        return SD2.unet_activations if base_model_version(self.unet.config) == SD2.version else SD1.unet_activations
 
     def vae_fingerprint(self) -> str:
         if not hasattr(self, "_vae_fingerprint"):

@@ -44,7 +44,8 @@ SDXL = Family(
     BlockLayout("SDXL", ((TEXT_ENCODER_BLOCK, *numbered("IN", (4, 5, 7, 8)), "MID", *numbered("OUT", range(6))),
                          (TEXT_ENCODER_BLOCK, *numbered("IN", range(9)), "MID", *numbered("OUT", range(9))))),
     comfy_variants={"SDXLRefiner": "SDXL Refiner", "SDXL_instructpix2pix": "SDXL instruct-pix2pix"},
-    modelspec_implementation="https://github.com/Stability-AI/generative-models", adm=True)
+    modelspec_implementation="https://github.com/Stability-AI/generative-models", adm=True,
+    unet_activations=(585.0, 250.0))  # measured on SDXL's UNet at 512 px (docs/benchmarks.md)
 
 
 class SDXLNamingError(LoRALabError, ValueError):
@@ -113,6 +114,9 @@ class SDXLBackend(DiffusersBackend):
     def __init__(self, pipeline: Any, name: str = "", model_hash: str = "") -> None:
         super().__init__(pipeline, name, model_hash)
         self.text_encoder_2, self.tokenizer_2 = pipeline.text_encoder_2, pipeline.tokenizer_2
+
+    def unet_activations(self) -> tuple[float, float]:
+        return SDXL.unet_activations
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if not (self.vae.dtype == torch.float16 and self.vae.config.force_upcast):

@@ -94,6 +94,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = setting(False, "Recompute the denoiser's block activations (UNet or transformer "
                                                   "blocks) in backward: much less memory, about a third slower.",
                                            widget=Widget())
+    cpu_offload_checkpointing: bool = setting(
+        False, "With gradient_checkpointing: keep each transformer block's input in host memory instead of on the "
+               "device, copied back for its recompute in backward (kohya's cpu_offload_checkpointing): the device "
+               "holds one block's activations instead of every block's input, at the cost of the copies. Refused for "
+               "UNets and when training on the CPU.", widget=Widget())
     blocks_to_swap: int | None = setting(
         0, "Keep the frozen weights of the denoiser's last N blocks in host memory and bring each to the device only "
            "for its forward and backward, the next one copied ahead while one computes (sd-scripts' and musubi-tuner's "
@@ -163,6 +168,8 @@ class TrainingConfig:
             ("keep_best", not self.keep_best or self.validation_every,
              "False while validation_every is 0: the best weights are those of the lowest validation loss"),
             ("min_sigma", self.min_sigma < self.max_sigma, f"a value below max_sigma ({self.max_sigma})"),
+            ("cpu_offload_checkpointing", not self.cpu_offload_checkpointing or self.gradient_checkpointing,
+             "False while gradient_checkpointing is off: it moves the inputs checkpointing keeps, so turn that on"),
         ]
         for name, ok, allowed in relations:
             if not ok:

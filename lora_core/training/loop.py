@@ -108,12 +108,14 @@ def attention_without_cudnn() -> Iterator[None]:
 
 
 @contextmanager
-def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
+def checkpointed(blocks: list[nn.Module], offload_to: torch.device | None = None) -> Iterator[None]:
     """Gradient checkpointing: inside the block each of `blocks` keeps only its inputs for backward and recomputes
-    the rest, trading compute for activation memory; their forwards are restored after it."""
+    the rest, trading compute for activation memory; with `offload_to` (host memory) those inputs are kept there
+    instead of on the device (`offloaded`). Their forwards are restored after it."""
     previous = [block.__dict__.get("forward") for block in blocks]
     for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = (functools.partial(checkpoint, block.forward, use_reentrant=False) if offload_to is None
+                         else offloaded(block.forward, offload_to))
     try:
         yield
     finally:
@@ -122,6 +124,33 @@ def checkpointed(blocks: list[nn.Module]) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = forward
+
+
+def offloaded(forward: Callable, host: torch.device) -> Callable:
+    """`forward` checkpointed with the inputs that carry gradients (the activations flowing through the blocks) kept
+    in `host` memory for the recompute, copied back to their device for it (kohya's cpu_offload_checkpointing). The
+    forward itself reads the device tensors, and nothing holds them once the next block has read them, so the device
+    keeps one block's activations instead of every block's input. Inputs without gradients (times, rotary
+    embeddings, masks) stay where they are: the caller holds them anyway."""
+
+    def run(*args, **kwargs):
+        values = [*args, *kwargs.values()]
+        devices = {index: value.device for index, value in enumerate(values)
+                   if isinstance(value, torch.Tensor) and value.requires_grad}
+        kept = [value.detach().to(host, non_blocking=True, copy=True).requires_grad_() if index in devices else value
+                for index, value in enumerate(values)]
+        first_call = [values]  # the forward's own inputs; the recompute copies the kept ones back
+        positional, names = len(args), tuple(kwargs)  # not the tensors: the closure must not hold them
+
+        def on_device(*kept):
+            inputs = first_call.pop() if first_call else [
+                value.to(devices[index], non_blocking=True) if index in devices else value
+                for index, value in enumerate(kept)]
+            return forward(*inputs[:positional], **dict(zip(names, inputs[positional:])))
+
+        return checkpoint(on_device, *kept, use_reentrant=False)
+
+    return run
 
 
 def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torch.Tensor, conditioning: Conditioning,
@@ -216,6 +245,8 @@ def train(
                 "train an edit model on edit pairs (Flux.1 Kontext, Qwen-Image-Edit), or turn control_images off"
                 if not backend.reference_images else f"give each image at most {backend.reference_images}"))
     backend.sample_frames = frames  # samples of a clip dataset are clips
+    if config.cpu_offload_checkpointing and (problem := backend.cpu_offload_problem()):
+        raise TrainingError(f"cpu_offload_checkpointing: {problem}")
     if config.blocks_to_swap:  # refused now, before the dataset is encoded
         backend.check_block_swap(config.blocks_to_swap, config.gradient_checkpointing, network.algorithm)
     objective = backend.objective(config)
@@ -266,7 +297,8 @@ def train(
 
     with (torch.inference_mode(False), torch.enable_grad(), frozen(backend.frozen_modules()),
           moved(parked, torch.device("cpu")), backend.training(network.has_text_encoder), network.applied(1.0),
-          checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else []),
+          checkpointed(backend.checkpoint_blocks() if config.gradient_checkpointing else [],
+                       torch.device("cpu") if config.cpu_offload_checkpointing else None),
           tuned_convolutions(backend.device.type == "cuda"), attention_without_cudnn(),
           cpu_convolution.kernels_by_size(backend.frozen_modules(), config.cpu_conv_kernels == "by_size"),
           ExitStack() as swap):
@@ -274,7 +306,8 @@ def train(
         plan = plan_memory(backend.frozen_modules(), backend.checkpoint_blocks(), network, backend.device,
                            encoded.largest_latent_values(), encoded.longest_text(), config.batch_size,
                            (precision.autocast_dtype or precision.base_dtype).itemsize, config.gradient_checkpointing,
-                           config.optimizer, backend.saved_activations(), swapped)
+                           config.optimizer, backend.saved_activations(), swapped, backend.unet_activations(),
+                           config.cpu_offload_checkpointing)
         available = None
         if backend.device.type == "cuda":
             # what PyTorch already holds here, weights and cached blocks, is this run's too

@@ -5,10 +5,12 @@ step, which a transformer denoiser's width, blocks and tokens decide.
 Activations count values of tokens × width in the compute dtype: what autograd keeps of one block for its backward
 (the family's `saved_activations` values per token and channel: Flux's 16 unless measured otherwise) for every
 block, or with gradient checkpointing the input of every block and those of the one block recomputed; and the
-transient values of one block's backward (BACKWARD_BLOCK). The constants are measured (bench/train_step.py on an
-H200: docs/benchmarks.md says which runs set them and which check them); a UNet's activations (SD1.x/2.x, SDXL) are
-not planned yet. The plan is an estimate: its total is what
-`torch.cuda.max_memory_allocated` would read, without the CUDA context (CUDA_CONTEXT)."""
+transient values of one block's backward (BACKWARD_BLOCK). A UNet's (SD1.x/2.x, SDXL) are its family's values per
+latent position and channel of its first level (`Family.unet_activations`), with and without checkpointing: its
+levels' widths and resolutions make them a fixed multiple of the latent's area and the UNet's base width. The constants are measured (bench/train_step.py on an H200 and on
+this CPU: docs/benchmarks.md says which runs set them and which check them). The plan is an estimate: its total is
+what `torch.cuda.max_memory_allocated` would read, without the CUDA context (CUDA_CONTEXT); on a CPU, the peak of
+the bytes malloc has in use (the RSS also holds freed memory glibc keeps)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -22,6 +24,8 @@ BACKWARD_BLOCK = 24.0  # the transient values of one block's backward, in tokens
 CUDA_CONTEXT = GIB // 2  # the CUDA context and kernels, outside PyTorch's allocator (its peak does not count them)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "lion": 4, "sgd": 4, "rmsprop": 4, "adafactor": 0,
                          "prodigy": 16}  # per fp32 LoRA value; an optimizer not listed is planned as AdamW
+OFFLOADED_INPUTS = 3  # block inputs on the device at once with cpu_offload_checkpointing: the block's, its output
+# (the next one's) and the copy its recompute reads
 MIN_TOKENS = 256  # fewer tokens than a 256² image's are no way to fit a run
 PATCH_TOKENS = 4  # latent values per token of every transformer family: 2×2 patches (Flux packs them alike)
 
@@ -34,8 +38,9 @@ class MemoryPlan:
     weight_values: int  # how many values they hold
     other_models: int  # text encoders and VAE left on the device
     adapters: int  # LoRA values, their gradients and the optimizer's state, fp32
-    tokens: int  # the largest batch's tokens (latent and text) the activations are planned for
-    width: int  # a transformer block's residual width; 0: a UNet, whose activations are not planned
+    tokens: int  # the largest batch's tokens (latent and text) the activations are planned for; a UNet's: its latent
+    # positions (batch × frames × height × width of the latent)
+    width: int  # a transformer block's residual width; a UNet's first level's channels
     blocks: int
     activation_bytes: int  # of one value in the compute (or autocast) dtype
     checkpointing: bool
@@ -43,11 +48,21 @@ class MemoryPlan:
     block_bytes: tuple[int, ...] = ()  # each block's frozen weights, in order (what block swap moves)
     swapped: int = 0  # blocks_to_swap: their weights are on the host, two of them on the device at a time
     auto_swap: bool = False  # blocks_to_swap auto: `swapped` is what the plan chose
+    offloaded: bool = False  # cpu_offload_checkpointing: the checkpointed blocks' inputs are in host memory
+    unet_values: tuple[float, float] = (0.0, 0.0)  # a UNet's values per latent position and channel of its first
+    # level, without and with checkpointing (Family.unet_activations); zeros: a transformer
+
+    @property
+    def unet(self) -> bool:
+        return bool(self.unet_values[0])
 
     def activations_for(self, tokens: int, checkpointing: bool) -> int:
+        if self.unet:
+            return int(self.unet_values[checkpointing] * tokens * self.width * self.activation_bytes)
         if not self.width:
             return 0
-        kept = self.blocks + self.saved_per_block if checkpointing else self.blocks * self.saved_per_block
+        inputs = min(OFFLOADED_INPUTS, self.blocks) if self.offloaded else self.blocks  # the blocks' inputs kept
+        kept = inputs + self.saved_per_block if checkpointing else self.blocks * self.saved_per_block
         return int((kept + BACKWARD_BLOCK) * tokens * self.width * self.activation_bytes)
 
     @property
@@ -80,11 +95,15 @@ class MemoryPlan:
         swap = f" + {size(self.swapped_in)} of {self.swapped} swapped blocks" if self.swapped else ""
         parts = [f"weights {size(self.weights)}{swap}", f"other models {size(self.other_models)}",
                  f"LoRA + gradients + optimizer {size(self.adapters)}"]
-        if self.width:
+        checkpointing = f"{'with' if self.checkpointing else 'without'} gradient checkpointing" + (
+            ", its inputs in host memory" if self.offloaded else "")
+        if self.unet:
+            parts.append(f"activations {size(self.activations)} ({self.tokens:,} latent positions × {self.width}, {checkpointing})")
+        elif self.width:
             parts.append(f"activations {size(self.activations)} ({self.tokens:,} tokens × {self.width} × "
-                         f"{self.blocks} blocks, {'with' if self.checkpointing else 'without'} gradient checkpointing)")
+                         f"{self.blocks} blocks, {checkpointing})")
         else:
-            parts.append("activations not planned for a UNet")
+            parts.append("activations not planned for this denoiser")
         return ", ".join(parts)
 
     def describe(self) -> str:
@@ -98,7 +117,7 @@ class MemoryPlan:
         if self.total <= available:
             return None
         changes, plan = [], self
-        if self.width and not self.checkpointing:
+        if (self.width or self.unet) and not self.checkpointing:
             plan = replace(plan, checkpointing=True)
             changes.append(("gradient_checkpointing on", plan))
         if self.other_models:
@@ -113,6 +132,9 @@ class MemoryPlan:
             plan = replace(plan, weights=self.weight_values)
             changes.append((("the denoiser's weights in fp8 (lora_core's --base-dtype fp8, ComfyUI's Load Diffusion "
                               "Model weight_dtype fp8_e4m3fn; --qlora stores NF4, half that)"), plan))
+        if self.width and not self.unet and not self.offloaded:
+            plan = replace(plan, offloaded=True)
+            changes.append(("cpu_offload_checkpointing on", plan))
         needed = f"this run needs ≈ {size(self.total)} on the device and {size(available)} are free for it"
         planned = f"(planned: {self.breakdown()})"
         for count, (_, candidate) in enumerate(changes, 1):
@@ -121,8 +143,9 @@ class MemoryPlan:
                 return f"{needed}: it would fit with {ways} (≈ {size(candidate.total)}) {planned}"
         fixed, per_token = plan.total - plan.activations, plan.activations_for(1, plan.checkpointing)
         if per_token and (available - fixed) // per_token >= MIN_TOKENS:
+            unit = "latent positions" if self.unet else "tokens"
             ways = " and ".join([change for change, _ in changes] + [
-                (f"at most {(available - fixed) // per_token:,} tokens a batch (now {self.tokens:,}: a lower "
+                (f"at most {(available - fixed) // per_token:,} {unit} a batch (now {self.tokens:,}: a lower "
                  "resolution, fewer frames or a smaller batch)")])
             return f"{needed}: it would fit with {ways} {planned}"
         return f"{needed}, whatever these settings: train on a device with more memory {planned}"
@@ -150,13 +173,20 @@ def block_width(block: nn.Module) -> int:
     return widths.most_common(1)[0][0] if widths else 0
 
 
+def first_convolution_width(unet: nn.Module) -> int:
+    """The channels of a UNet's first level: its input convolution's (diffusers' conv_in, ComfyUI's
+    input_blocks.0.0), the first Conv2d it registers."""
+    return next(module.out_channels for module in unet.modules() if isinstance(module, nn.Conv2d))
+
+
 def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Module, device: torch.device,
                 latent_values: int, text_tokens: int, batch_size: int, activation_bytes: int, checkpointing: bool,
-                optimizer: str, saved_per_block: float | None, swapped: int = 0) -> MemoryPlan:
+                optimizer: str, saved_per_block: float | None, swapped: int = 0,
+                unet_values: tuple[float, float] | None = None, offloaded: bool = False) -> MemoryPlan:
     """The plan for a run whose largest latent holds `latent_values` values per channel (frames × height × width)
     and longest caption `text_tokens` tokens; `frozen` lists the denoiser first, then the other models;
-    `saved_per_block` is the family's (None: a UNet, whose activations are not planned); the last `swapped` blocks
-    are to be swapped (planned before they are, with every block where it is now)."""
+    `saved_per_block` is a transformer family's, `unet_values` a UNet family's (both None: activations not planned);
+    the last `swapped` blocks are to be swapped (planned before they are, with every block where it is now)."""
     seen: set[int] = set()
     weights = module_bytes(frozen[0], device, seen)
     weights += sum(tensor.numel() * tensor.element_size() for block in blocks[len(blocks) - swapped:] if swapped
@@ -166,10 +196,11 @@ def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Mo
     other = sum(module_bytes(module, device, seen) for module in frozen[1:])
     lora_values = sum(parameter.numel() for parameter in network.parameters() if parameter.requires_grad)
     adapters = lora_values * (8 + OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8))
-    width = block_width(blocks[0]) if saved_per_block is not None and blocks else 0
-    tokens = batch_size * (latent_values // PATCH_TOKENS + text_tokens)
+    width = (first_convolution_width(frozen[0]) if unet_values else
+             block_width(blocks[0]) if saved_per_block is not None and blocks else 0)
+    tokens = batch_size * (latent_values if unet_values else latent_values // PATCH_TOKENS + text_tokens)
     block_bytes = tuple(sum(tensor.numel() * tensor.element_size() for tensor in [*block.parameters(), *block.buffers()]
                             if not tensor.requires_grad) for block in blocks)
     plan = MemoryPlan(weights, weight_values, other, adapters, tokens, width, len(blocks), activation_bytes,
-                      checkpointing, saved_per_block or 0.0, block_bytes)
+                      checkpointing, saved_per_block or 0.0, block_bytes, offloaded=offloaded, unet_values=unet_values or (0.0, 0.0))
     return plan.with_swap(swapped) if swapped else plan

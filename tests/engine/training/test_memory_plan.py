@@ -4,6 +4,7 @@ each run's sizes with today's constants, against `torch.cuda.max_memory_allocate
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from lora_core import (
 from lora_core.families.flux import FLUX, FluxBackend
 from lora_core.families.hunyuan_video import HUNYUAN_VIDEO
 from lora_core.families.qwen_image import QWEN_IMAGE
+from lora_core.families.sd1 import SD1
+from lora_core.families.sdxl import SDXL
 from lora_core.families.wan import WAN
 from lora_core.training.memory_plan import GIB, MemoryPlan
 
@@ -104,3 +107,50 @@ def test_the_plan_is_within_15_percent_of_the_peak_measured_on_a_gpu(name, width
                 else report["weight_bytes_each"] + report["peak_memory_bytes"]["lora_lab"])
     print(f"{name}: planned {plan.total / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB")
     assert abs(plan.total / measured - 1) <= 0.15, (plan.total / GIB, measured / GIB)
+
+
+# The UNet runs on the H200 (bf16, no checkpointing, beside the reference): file, family; its first level is 320 wide
+MEASURED_UNETS = [("h200_full_bf16.json", SD1), ("h200_sdxl_bf16.json", SDXL)]
+
+
+@pytest.mark.parametrize(("name", "family"), MEASURED_UNETS, ids=[name.removesuffix(".json") for name, _ in
+                                                                  MEASURED_UNETS])
+def test_a_unets_plan_is_within_15_percent_of_the_peak_measured_on_a_gpu(name, family) -> None:
+    """The UNets' constants were fitted on this CPU's peak RSS at 512 px (test_memory_plan_rss.py); these runs are
+    the GPU's check of them."""
+    report = json.loads((RESULTS / name).read_text())
+    parameters = report.get("denoiser_parameters") or report["unet_parameters"]
+    weights = report.get("weight_bytes_each") or 2 * parameters  # bf16
+    positions = (report["resolution"] // 8) ** 2
+    plan = MemoryPlan(weights, parameters, 0, 16 * report["lora_parameters"]["lora_lab"], positions, 320, 0, 2,
+                      False, 0.0, unet_values=family.unet_activations)
+    measured = weights + report["peak_memory_bytes"]["lora_lab"]
+    print(f"{name}: planned {plan.total / GIB:.2f} GiB, measured {measured / GIB:.2f} GiB")
+    assert abs(plan.total / measured - 1) <= 0.15, (plan.total / GIB, measured / GIB)
+    assert abs(plan.activations / (measured - weights - plan.adapters) - 1) <= 0.15
+
+
+def test_a_unets_plan_counts_its_activations_from_the_latents_area(pipeline, concept_dir) -> None:
+    """The tiny SD1 UNet at 64 px, batch 2: its latent positions, its first level's width and SD1's constant."""
+    from support.training_runs import make
+
+    backend, dataset, network = make(pipeline, concept_dir)
+    plans = []
+    train(backend, network, dataset, TrainingConfig(steps=1, validation_every=0, batch_size=2),
+          memory_plan=plans.append)
+    (plan,) = plans
+    assert plan.tokens == 2 * (64 // 8) ** 2 and plan.width == pipeline.unet.config.block_out_channels[0]
+    assert plan.activations == int(SD1.unet_activations[0] * plan.tokens * plan.width * 4) > 0
+    assert "latent positions" in plan.describe() and "not planned" not in plan.describe()
+
+
+def test_cpu_offload_checkpointing_is_planned_and_offered_where_it_makes_the_run_fit() -> None:
+    """With the blocks' inputs in host memory the plan keeps 3 of them instead of all 57; a run that fits only so is
+    told to turn it on."""
+    plan = flux_dev_like(checkpointing=True, other_models=0)
+    plan = replace(plan, weights=plan.weight_values)  # fp8 already
+    offloaded = replace(plan, offloaded=True)
+    assert offloaded.activations == int((3 + FLUX.saved_activations + 24) * plan.tokens * plan.width * 2)
+    assert "its inputs in host memory" in offloaded.describe()
+    refusal = plan.refusal((offloaded.total + plan.total) // 2)
+    assert "it would fit with cpu_offload_checkpointing on (≈" in refusal
