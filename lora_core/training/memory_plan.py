@@ -49,6 +49,8 @@ class MemoryPlan:
     swapped: int = 0  # blocks_to_swap: their weights are on the host, two of them on the device at a time
     auto_swap: bool = False  # blocks_to_swap auto: `swapped` is what the plan chose
     offloaded: bool = False  # cpu_offload_checkpointing: the checkpointed blocks' inputs are in host memory
+    host_weights: int | None = None  # frozen weights in host memory besides the swapped blocks' (the text encoders
+    # and VAE parked there, a base left there); None: the device is the host (a CPU run)
     unet_values: tuple[float, float] = (0.0, 0.0)  # a UNet's values per latent position and channel of its first
     # level, without and with checkpointing (Family.unet_activations); zeros: a transformer
 
@@ -73,6 +75,15 @@ class MemoryPlan:
     def swapped_in(self) -> int:
         """The device copies of the swapped blocks in use at once: the one computing and the next."""
         return 2 * max(self.block_bytes[len(self.block_bytes) - self.swapped:], default=0) if self.swapped else 0
+
+    @property
+    def host(self) -> int:
+        """Host memory the run adds beside the device's: the weights kept there, the swapped blocks' and the inputs
+        cpu_offload_checkpointing keeps there (the Python process and the dataset not counted)."""
+        swapped_out = sum(self.block_bytes[len(self.block_bytes) - self.swapped:]) if self.swapped else 0
+        inputs = (self.blocks * self.tokens * self.width * self.activation_bytes
+                  if self.offloaded and self.checkpointing and not self.unet else 0)
+        return (self.host_weights or 0) + swapped_out + inputs
 
     @property
     def total(self) -> int:
@@ -108,7 +119,12 @@ class MemoryPlan:
 
     def describe(self) -> str:
         auto = f"; blocks_to_swap auto: {self.swapped or 'none'}" if self.auto_swap else ""
-        return f"memory plan: ≈ {size(self.total)} on the device ({self.breakdown()}{auto}; planned, not measured)"
+        host = "" if self.host_weights is None else (
+            f"; ≈ {size(self.host)} in host memory (the models off the device"
+            f"{', the swapped blocks' if self.swapped else ''}"
+            f"{', the inputs of the checkpointed blocks' if self.offloaded else ''})")
+        return (f"memory plan: ≈ {size(self.total)} on the device ({self.breakdown()}{auto}; planned, not "
+                f"measured){host}")
 
     def refusal(self, available: int) -> str | None:
         """Why the run will not fit in `available` bytes and the fewest of these that make it fit, in this order:
@@ -201,6 +217,12 @@ def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Mo
     tokens = batch_size * (latent_values if unet_values else latent_values // PATCH_TOKENS + text_tokens)
     block_bytes = tuple(sum(tensor.numel() * tensor.element_size() for tensor in [*block.parameters(), *block.buffers()]
                             if not tensor.requires_grad) for block in blocks)
+    host_weights = None
+    if device.type != "cpu":  # the swapped blocks' weights are the plan's `host` already
+        counted = {tensor.untyped_storage().data_ptr() for block in blocks[len(blocks) - swapped:] if swapped
+                   for tensor in [*block.parameters(), *block.buffers()]}
+        host_weights = sum(module_bytes(module, torch.device("cpu"), counted) for module in frozen)
     plan = MemoryPlan(weights, weight_values, other, adapters, tokens, width, len(blocks), activation_bytes,
-                      checkpointing, saved_per_block or 0.0, block_bytes, offloaded=offloaded, unet_values=unet_values or (0.0, 0.0))
+                      checkpointing, saved_per_block or 0.0, block_bytes, offloaded=offloaded, host_weights=host_weights,
+                      unet_values=unet_values or (0.0, 0.0))
     return plan.with_swap(swapped) if swapped else plan

@@ -154,3 +154,31 @@ def test_cpu_offload_checkpointing_is_planned_and_offered_where_it_makes_the_run
     assert "its inputs in host memory" in offloaded.describe()
     refusal = plan.refusal((offloaded.total + plan.total) // 2)
     assert "it would fit with cpu_offload_checkpointing on (≈" in refusal
+
+
+def test_the_plan_counts_the_host_memory_of_what_is_off_the_device() -> None:
+    """Planned for a GPU with every model still in host memory: the device gets no weights, the host all of them,
+    the swapped blocks once, and with cpu_offload_checkpointing each block's input; a CPU run has no separate host."""
+    from lora_core.training.memory_plan import plan_memory
+
+    pipeline = build_tiny_flux(seed=0)
+    backend = FluxBackend(pipeline)
+    network = LoRANetwork.create(backend.adapter_targets("attention", False), "lora", 4, 4)
+    frozen, blocks = backend.frozen_modules(), backend.checkpoint_blocks()
+    for module in frozen:
+        module.requires_grad_(False)  # as the loop freezes them
+    everything = sum(tensor_bytes(module) for module in frozen)
+
+    def planned(device: str, swapped: int = 0, offloaded: bool = False) -> MemoryPlan:
+        return plan_memory(frozen, blocks, network, torch.device(device), 64, 77, 1, 4, True, "adamw",
+                           FLUX.saved_activations, swapped, offloaded=offloaded)
+
+    plan = planned("cuda")
+    assert plan.weights == plan.other_models == 0 and plan.host == everything
+    assert f"≈ {plan.host / 2**20:.0f} MiB in host memory (the models off the device)" in plan.describe()
+    swapped = planned("cuda", swapped=1)
+    assert swapped.host == everything and swapped.swapped_in == 2 * tensor_bytes(blocks[-1])
+    assert "the swapped blocks" in swapped.describe()
+    offloaded = planned("cuda", offloaded=True)
+    assert offloaded.host == everything + len(blocks) * plan.tokens * plan.width * 4
+    assert planned("cpu").host_weights is None and "host memory" not in planned("cpu").describe()
