@@ -235,6 +235,8 @@ class TrainingOptions:
             "flow_matching": ("LORA_FLOW_MATCHING_OPTIONS", {"tooltip": "From Flow Matching Options (SD3, Flux). Unconnected: that node's defaults."}),
             "blocks_to_swap": setting_input("blocks_to_swap"),
             "cpu_offload_checkpointing": setting_input("cpu_offload_checkpointing"),
+            "ema_decay": setting_input("ema_decay"),
+            "ema_start_step": setting_input("ema_start_step"),
         }}
 
     def options(self, flow_matching=None, **options):

@@ -83,6 +83,13 @@ class TrainingConfig:
                                             allowed="0 or a number of steps")
     keep_best: bool = setting(False, "End with the weights of the lowest validation loss (early stopping always "
                                      "does).", widget=Widget())
+    ema_decay: float = setting(0.0, "Keep an exponential moving average of the LoRA's weights (0: off; 0.999 is "
+                                    "usual): after each step it moves 1 − decay of the way to them. Validation, "
+                                    "samples, checkpoints and the saved LoRA use the average.", minimum=0.0, below=1.0,
+                               allowed="0 (off) or from 0 to below 1", widget=Widget(maximum=0.99999, step=0.0001))
+    ema_start_step: int = setting(0, "The average starts as the weights after this step (0: the initial weights) and "
+                                     "follows every later step; before it, validation and samples use the weights "
+                                     "themselves.", minimum=0, allowed="0 or a step", widget=Widget(maximum=100000))
     loss_smoothing: float = setting(0.9, "smoothing of the displayed training loss only", minimum=0.0, below=1.0,
                                     allowed="from 0 to below 1", cli=False)
     text_encoder_lr: float | None = setting(None, "the text encoder LoRA's learning rate (default: the learning "
@@ -224,6 +231,7 @@ class TrainingConfig:
             "max_grad_norm": self.max_grad_norm,
             "seed": self.seed,
             "validate_every_n_steps": self.validation_every or None,
+            "ema_decay": self.ema_decay or None,
         }
 
 

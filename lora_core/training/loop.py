@@ -9,7 +9,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from . import cpu_convolution
 from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
 from .distributed import Distributed
+from .ema import WeightAverage
 from .encoded import EncodedDataset
 from .memory_plan import MemoryPlan, plan_memory
 from .objectives import Objective
@@ -261,8 +262,9 @@ def train(
                              if config.validation_every else ([], False))
     batches = dataset.batches(config.batch_size, torch.Generator().manual_seed(config.seed + 1), distributed.rank,
                               distributed.world_size, exclude=held_images if held_out else ())
+    average = WeightAverage(network, config.ema_decay, config.ema_start_step) if config.ema_decay else None
     state = TrainerState(run_identity(config, dataset, distributed.world_size), network, optimizer, precision.scaler(),
-                         torch.Generator().manual_seed(config.seed), batches)
+                         torch.Generator().manual_seed(config.seed), batches, average)
     if resume_state is not None:
         check_resumable(resume_state, state.identity, config.steps)
         state.load_state_dict(resume_state)
@@ -287,10 +289,12 @@ def train(
     # the text encoders and VAE off a GPU while the denoiser trains, where their outputs are cached
     parked = backend.parkable_modules() if backend.device.type == "cuda" and encoded.text_cache else []
 
+    averaged = average.applied if average else nullcontext  # the network as validation, samples and files see it
+
     def validation_loss() -> float:
         network.eval()
         try:
-            with precision.autocast():
+            with precision.autocast(), averaged():
                 return validation.loss(objective, encoded, backend.predict)
         finally:
             network.train()
@@ -307,7 +311,7 @@ def train(
                            encoded.largest_latent_values(), encoded.longest_text(), config.batch_size,
                            (precision.autocast_dtype or precision.base_dtype).itemsize, config.gradient_checkpointing,
                            config.optimizer, backend.saved_activations(), swapped, backend.unet_activations(),
-                           config.cpu_offload_checkpointing)
+                           config.cpu_offload_checkpointing, average is not None)
         available = None
         if backend.device.type == "cuda":
             # what PyTorch already holds here, weights and cached blocks, is this run's too
@@ -353,6 +357,8 @@ def train(
             else:
                 optimizer.step()
             scheduler.step()
+            if average:
+                average.update(step)
 
             smoothed = state.record_step(step_loss, learning_rate, config.loss_smoothing)
             report = StepReport(step, config.steps, step_loss, smoothed, learning_rate, time.perf_counter() - started)
@@ -360,13 +366,15 @@ def train(
                 report.validation_loss = validation_loss()
                 state.record_validation(report.validation_loss, keep_best)
             if config.sample_every and step % config.sample_every == 0:
-                with moved(parked, backend.device):
+                with moved(parked, backend.device), averaged():
                     report.samples = sample(backend, network, config)
                 result.samples.append((step, report.samples))
             if checkpointer is not None and checkpointer.due(step) and distributed.is_main:
                 result.seconds = time.perf_counter() - started
                 with distributed.shielded():  # finished even if the launcher stops this rank meanwhile
-                    report.checkpoint = checkpointer.save(network, step, state.state_dict())
+                    saved_state = state.state_dict()
+                    with averaged():
+                        report.checkpoint = checkpointer.save(network, step, saved_state)
             if distributed.any(callback is not None and callback(report) is False):
                 result.stop_reason = "cancelled"
                 break
@@ -377,6 +385,8 @@ def train(
         network.eval()
     if state.best_weights is not None:
         network.load_state_dict(state.best_weights)
+    elif average:
+        average.load_into_network()
     result.seconds = time.perf_counter() - started
     return result
 

@@ -198,11 +198,13 @@ def first_convolution_width(unet: nn.Module) -> int:
 def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Module, device: torch.device,
                 latent_values: int, text_tokens: int, batch_size: int, activation_bytes: int, checkpointing: bool,
                 optimizer: str, saved_per_block: float | None, swapped: int = 0,
-                unet_values: tuple[float, float] | None = None, offloaded: bool = False) -> MemoryPlan:
+                unet_values: tuple[float, float] | None = None, offloaded: bool = False,
+                averaged: bool = False) -> MemoryPlan:
     """The plan for a run whose largest latent holds `latent_values` values per channel (frames × height × width)
     and longest caption `text_tokens` tokens; `frozen` lists the denoiser first, then the other models;
     `saved_per_block` is a transformer family's, `unet_values` a UNet family's (both None: activations not planned);
-    the last `swapped` blocks are to be swapped (planned before they are, with every block where it is now)."""
+    the last `swapped` blocks are to be swapped (planned before they are, with every block where it is now);
+    `averaged`: an EMA of the LoRA's weights is kept."""
     seen: set[int] = set()
     weights = module_bytes(frozen[0], device, seen)
     weights += sum(tensor.numel() * tensor.element_size() for block in blocks[len(blocks) - swapped:] if swapped
@@ -211,7 +213,7 @@ def plan_memory(frozen: list[nn.Module], blocks: list[nn.Module], network: nn.Mo
     weight_values = sum(tensor.numel() for tensor in [*frozen[0].parameters(), *frozen[0].buffers()])
     other = sum(module_bytes(module, device, seen) for module in frozen[1:])
     lora_values = sum(parameter.numel() for parameter in network.parameters() if parameter.requires_grad)
-    adapters = lora_values * (8 + OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8))
+    adapters = lora_values * (8 + OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8) + 4 * averaged)  # EMA: fp32
     width = (first_convolution_width(frozen[0]) if unet_values else
              block_width(blocks[0]) if saved_per_block is not None and blocks else 0)
     tokens = batch_size * (latent_values if unet_values else latent_values // PATCH_TOKENS + text_tokens)

@@ -14,6 +14,7 @@ from ..data.dataset import BatchSampler, ImageFolderDataset
 from ..formats.files import tensor_bytes
 from ..network import LoRANetwork
 from .config import FLOW_MATCHING_SETTINGS, TrainingConfig, TrainingError
+from .ema import WeightAverage
 from .plots import smoothing_step
 
 STATE_FORMAT = 2
@@ -21,7 +22,8 @@ STATE_FORMAT = 2
 RESUMABLE_SETTINGS = (
     "learning_rate", "batch_size", "gradient_accumulation", "optimizer", "lr_scheduler", "lr_warmup_steps",
     "lr_scheduler_cycles", "lr_scheduler_power", "seed", "text_encoder_lr", "mixed_precision", "min_snr_gamma", "prior_loss_weight",
-    "noise_offset", "max_grad_norm", "validation_every", "validation_images", "validation_timesteps",
+    "noise_offset", "max_grad_norm", "validation_every", "validation_images", "validation_timesteps", "ema_decay",
+    "ema_start_step",
     *FLOW_MATCHING_SETTINGS,
 )
 
@@ -92,8 +94,10 @@ class TrainerState:
     """The run's stateful parts and its history; the scheduler is not saved: it is rebuilt for the run's steps."""
 
     def __init__(self, identity: dict, network: LoRANetwork, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, noise_generator: torch.Generator, batches: BatchSampler) -> None:
+                 scaler: torch.amp.GradScaler | None, noise_generator: torch.Generator, batches: BatchSampler,
+                 average: WeightAverage | None = None) -> None:
         self.identity, self.network, self.optimizer, self.scaler = identity, network, optimizer, scaler
+        self.average = average  # the EMA of the weights, which validation judges
         self.noise_generator, self.batches = noise_generator, batches
         self.result = TrainingResult()
         self.smoothed = 0.0  # running mean of the training loss, for display
@@ -113,13 +117,15 @@ class TrainerState:
         return smoothed
 
     def record_validation(self, loss: float, keep_best: bool) -> None:
-        """Add a validation loss; a new lowest one becomes the best (and its weights are kept if asked)."""
+        """Add a validation loss; a new lowest one becomes the best (and its weights, the EMA's where there is one,
+        are kept if asked)."""
         result = self.result
         result.validation.append((self.step, loss))
         if result.best_loss is None or loss < result.best_loss:
             result.best_step, result.best_loss, self.stale_evaluations = self.step, loss, 0
             if keep_best:
-                self.best_weights = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+                self.best_weights = (self.average.averaged_state_dict() if self.average else
+                                     {k: v.detach().clone() for k, v in self.network.state_dict().items()})
         else:
             self.stale_evaluations += 1
 
@@ -129,7 +135,9 @@ class TrainerState:
             "format": STATE_FORMAT,
             "identity": self.identity,
             "step": self.step,
-            "network": self.network.state_dict(),
+            "network": {k: v.detach().clone() for k, v in self.network.state_dict().items()},  # not the EMA's,
+            # which a checkpoint's LoRA file is written with while this is saved
+            "average": self.average.state_dict() if self.average else None,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "noise_generator": self.noise_generator.get_state(),
@@ -144,6 +152,11 @@ class TrainerState:
 
     def load_state_dict(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
+        if self.average:
+            if state.get("average") is None:
+                raise TrainingError("the checkpoint was trained without ema_decay, so it has no average of the weights "
+                                    "to continue: resume with ema_decay 0, or start a new run")
+            self.average.load_state_dict(state["average"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

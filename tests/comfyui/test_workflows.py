@@ -122,7 +122,7 @@ SAVED_FLOW_MATCHING = {"timestep_sampling": "uniform", "flow_shift": 3.1, "logit
                        "loss_weighting": "cosmap", "flux_guidance": 2.5}
 # Flow Matching Options' settings added after that layout, which the old node never had: Train LoRA uses their defaults
 NEWER_THAN_THE_OLD_LAYOUT = ("edit_prompt", "min_sigma", "max_sigma")
-OPTIONS_NEWER_THAN_THE_OLD_LAYOUT = ("blocks_to_swap", "cpu_offload_checkpointing")  # Training Options' likewise
+OPTIONS_NEWER_THAN_THE_OLD_LAYOUT = ("blocks_to_swap", "cpu_offload_checkpointing", "ema_decay", "ema_start_step")  # Training Options' likewise
 
 
 def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy_object_info) -> None:
