@@ -92,6 +92,7 @@ class LoadDataset:
             "regularization_caption": setting_input("regularization_caption"),
             "control_images": setting_input("control_images"),
             **{name: setting_input(name) for name in DATASET_VIDEO},
+            "loss_mask": setting_input("loss_mask"),
         }}
 
     @classmethod

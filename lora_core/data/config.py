@@ -12,6 +12,7 @@ class DatasetError(LoRALabError, ValueError):
     """Raised for a dataset that cannot be used; the message names the path and the fix."""
 
 
+LOSS_MASKS = ("none", "masks", "alpha")
 PROBABILITY = {"minimum": 0.0, "maximum": 1.0, "allowed": "a probability from 0 to 1",
                "widget": Widget(step=0.01)}
 
@@ -57,6 +58,13 @@ class DatasetConfig:
                                           "<stem>_1 … for several), fitted to the image's size and mirrored with it; "
                                           "the model sees it as its reference and learns the edit. An image without "
                                           "its reference is refused.", widget=Widget())
+    loss_mask: str = setting("none", "Weigh each pixel's loss (kohya's masked loss). masks: a same-stem grey image "
+                                     "in the masks/ folder beside each image, of the image's size (white: full "
+                                     "weight, black: none). alpha: the image's own alpha channel (an image without "
+                                     "one weighs every pixel fully). Each mask is fitted and mirrored with its image "
+                                     "and averaged down to the latent grid. A missing, wrongly sized or all-black "
+                                     "mask is refused, named; class images weigh every pixel fully.",
+                             choices=LOSS_MASKS, allowed=f"one of {LOSS_MASKS}", widget=Widget())
     frames: int = setting(1, "Frames of each video clip (mp4, webm, mov, mkv, gif among the images, captioned by the "
                              "same stem rules): video models take 4k+1 (Wan, HunyuanVideo: 17, 33, 49, 81); images "
                              "train as one-frame videos. At 1 the clips are skipped, each named: images only.",

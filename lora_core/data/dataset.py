@@ -11,17 +11,19 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .buckets import Size, bucket_sizes, fit, select_bucket
 from .captions import LEGACY_ENCODINGS, augment_caption, decode_caption
 from .config import DatasetConfig, DatasetError
-from .images import DatasetWarning, load_image, to_tensor
+from .images import DatasetWarning, load_image, load_image_and_alpha, to_tensor
 from .videos import VIDEO_EXTENSIONS, read_frames, window_starts
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CONTROL_FOLDER = "control"  # with control_images: the reference images of the folder's images, by stem
+MASK_FOLDER = "masks"  # with loss_mask "masks": the loss masks of the folder's images, by stem
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -38,6 +40,7 @@ class Example:
     scaled_size: Size  # (width, height) it was scaled to before the centre crop to `bucket`
     regularization: bool = False  # a class image for prior preservation, not an image of the concept
     references: tuple[torch.Tensor, ...] = ()  # uint8 [3, H, W] like `pixels`: edit pairs' reference images
+    mask: torch.Tensor | None = None  # uint8 [1, H, W] like `pixels`: the loss mask (None: every pixel counts fully)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -169,6 +172,14 @@ class ImageFolderDataset:
         pixels = self.examples[image].pixels.float() / 127.5 - 1.0
         return pixels.flip(-1) if flip else pixels
 
+    def image_mask(self, image: int, flip: bool = False) -> torch.Tensor | None:
+        """Float32 [1, H, W] loss weights in [0, 1] of distinct image `image`, mirrored with it; None: no mask."""
+        mask = self.examples[image].mask
+        if mask is None:
+            return None
+        mask = mask.float() / 255
+        return mask.flip(-1) if flip else mask
+
     def reference_pixels(self, image: int, flip: bool = False) -> list[torch.Tensor]:
         """Float32 [3, H, W] pixels in [-1, 1] of each reference image of `image` (edit pairs), mirrored with it."""
         references = [reference.float() / 127.5 - 1.0 for reference in self.examples[image].references]
@@ -222,7 +233,8 @@ class ImageFolderDataset:
         folders = [(root, root.resolve().name, 1)]
         for child in sorted(root.iterdir()):
             if child.is_dir() and not child.name.startswith("."):
-                if not (self.config.control_images and child.name == CONTROL_FOLDER):
+                if not ((self.config.control_images and child.name == CONTROL_FOLDER)
+                        or (self.config.loss_mask == "masks" and child.name == MASK_FOLDER)):
                     folders.append((child, child.name, _folder_repeats(child.name)))
         return folders
 
@@ -234,7 +246,7 @@ class ImageFolderDataset:
         except OSError as error:
             return self._skip(path, f"caption file {caption_path} is unreadable ({error})")
         try:
-            image = load_image(path, self.config.max_image_pixels)
+            image, alpha = load_image_and_alpha(path, self.config.max_image_pixels)
             bucket, scaled = select_bucket(image.width, image.height, self.buckets, self.config)
             pixels = to_tensor(fit(image, bucket, scaled))
         except Exception as error:  # PIL raises many exception types for broken files
@@ -242,11 +254,14 @@ class ImageFolderDataset:
         references = ()
         if self.config.control_images and not regularization:
             references = tuple(self._load_reference(reference, bucket) for reference in _reference_files(path))
+        mask = None
+        if self.config.loss_mask != "none" and not regularization:
+            mask = self._load_mask(path, image.size, alpha, bucket, scaled)
         captioned = bool(caption_text)
         caption = (caption_text if captioned else default_caption).replace("{token}", self.config.token)
         return Example(path=path, caption=caption, pixels=pixels, repeats=repeats, captioned=captioned,
                        original_size=image.size, scaled_size=scaled, regularization=regularization,
-                       references=references)
+                       references=references, mask=mask)
 
     def _load_clip(self, path: Path, repeats: int, default_caption: str, regularization: bool) -> list[Example]:
         """The windows of `frames` frames of video clip `path` (frame_stride / target_fps, frame_extraction), each an
@@ -259,6 +274,9 @@ class ImageFolderDataset:
             return []
         if config.control_images:
             self._skip(path, "a video clip: edit pairs (control_images) are images")
+            return []
+        if config.loss_mask != "none":
+            self._skip(path, f"a video clip: loss masks (loss_mask {config.loss_mask}) are for images")
             return []
         caption_path = path.with_suffix(config.caption_extension)
         try:
@@ -302,6 +320,32 @@ class ImageFolderDataset:
                                "it or remove its image from the dataset.") from error
         _, scaled = select_bucket(image.width, image.height, [bucket], replace(self.config, no_upscale=False))
         return to_tensor(fit(image, bucket, scaled))
+
+    def _load_mask(self, path: Path, size: Size, alpha: Image.Image | None, bucket: Size, scaled: Size
+                   ) -> torch.Tensor | None:
+        """The loss mask of image `path` (of `size` before fitting): its masks/ image or its alpha channel, fitted to
+        the image's bucket as the image is; None for an image without alpha (every pixel counts)."""
+        if self.config.loss_mask == "alpha":
+            source, what = alpha, f"the alpha channel of {path}"
+            if alpha is None:
+                return None
+        else:
+            mask_path = _mask_file(path)
+            what = f"mask {mask_path}"
+            try:
+                with Image.open(mask_path) as opened:
+                    source = ImageOps.exif_transpose(opened).convert("L")
+            except Exception as error:  # a mask that cannot be read trains nothing it was meant to
+                raise DatasetError(f"{what} cannot be read ({error or type(error).__name__}); replace it, or remove "
+                                   "its image from the dataset") from error
+            if source.size != size:
+                raise DatasetError(f"{what} is {source.width}x{source.height} and its image {path} is "
+                                   f"{size[0]}x{size[1]}: make the mask the image's size")
+        mask = torch.from_numpy(np.asarray(fit(source, bucket, scaled), dtype=np.uint8).copy())[None]
+        if not mask.any():
+            raise DatasetError(f"{what} is black everywhere in the {bucket[0]}x{bucket[1]} crop that trains, so the "
+                               "image would teach nothing: paint white where it should count, or remove the image")
+        return mask
 
     @staticmethod
     def _read_caption(caption_path: Path) -> str:
@@ -348,6 +392,17 @@ def _reference_files(path: Path) -> list[Path]:
         f"{path} has no reference image: with control_images each image needs {folder / path.stem}.png (any of "
         f"{', '.join(IMAGE_EXTENSIONS)}), or {path.stem}_0.png, {path.stem}_1.png … there for several; add it, or "
         "turn control_images off to train on the images alone.")
+
+
+def _mask_file(path: Path) -> Path:
+    """The loss mask of image `path`: `masks/<stem>.<ext>` beside it; a DatasetError naming it when there is none."""
+    folder = path.parent / MASK_FOLDER
+    found = [mask for mask in ([] if not folder.is_dir() else _image_files(folder)) if mask.stem == path.stem]
+    if not found:
+        raise DatasetError(f"{path} has no loss mask: with loss_mask masks each image needs {folder / path.stem}.png "
+                           f"(any of {', '.join(IMAGE_EXTENSIONS)}), grey, of the image's size; add it, or set "
+                           "loss_mask none")
+    return found[0]
 
 
 def _image_files(folder: Path, others: tuple[str, ...] = ()) -> list[Path]:

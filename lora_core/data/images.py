@@ -25,6 +25,11 @@ class DatasetWarning(UserWarning):
 def load_image(path: Path, max_image_pixels: int) -> Image.Image:
     """The image at `path` as RGB in sRGB, upright; raises ValueError for one larger than `max_image_pixels`
     (checked from the header, before decoding) or one whose ICC profile cannot be applied."""
+    return load_image_and_alpha(path, max_image_pixels)[0]
+
+
+def load_image_and_alpha(path: Path, max_image_pixels: int) -> tuple[Image.Image, Image.Image | None]:
+    """`load_image`'s RGB (transparent pixels composited on white) and the image's alpha channel (None: opaque)."""
     with Image.open(path) as image:
         if image.width * image.height > max_image_pixels:
             raise ValueError(
@@ -36,7 +41,7 @@ def load_image(path: Path, max_image_pixels: int) -> Image.Image:
     colour, alpha = split_alpha(image)
     profile = profile and embedded_profile(colour, profile, path)
     rgb = to_srgb(colour, profile) if profile else colour.convert("RGB")
-    return rgb if alpha is None else Image.composite(rgb, Image.new("RGB", rgb.size, WHITE), alpha)
+    return (rgb, None) if alpha is None else (Image.composite(rgb, Image.new("RGB", rgb.size, WHITE), alpha), alpha)
 
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file as load_tensors
 
 from ..backend import (
@@ -18,6 +19,12 @@ from ..backend import (
 )
 from ..data.dataset import Batch, ImageFolderDataset
 from ..formats.files import save_file, tensor_bytes
+
+
+def latent_grid(mask: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """A [1, H, W] pixel mask averaged over each latent cell: [1, h, w], or [1, 1, h, w] for a video latent's frame."""
+    mask = F.interpolate(mask[None], size=latent.shape[-2:], mode="area")[0].to(latent.device)
+    return mask.reshape(1, *[1] * (latent.dim() - 3), *mask.shape[-2:])
 
 
 class EncodedDataset:
@@ -45,6 +52,9 @@ class EncodedDataset:
                 for image in range(dataset.num_images) if dataset.examples[image].references
                 for flip in flips
             }
+            # loss masks averaged down to each latent's grid, [1, (frames,) h, w] (kohya's masked loss)
+            self.masks = {key: latent_grid(mask, self.latents[key]) for key in self.latents
+                          if (mask := dataset.image_mask(*key)) is not None}
             # edit pairs whose text encoder sees the references (Qwen-Image-Edit): the text of each (image, flip)
             self.text_per_image = backend.text_sees_references and bool(self.reference_latents)
             if not cache_text:
@@ -90,6 +100,17 @@ class EncodedDataset:
 
     def batch_latents(self, batch: Batch) -> torch.Tensor:
         return self.stacked(list(zip(batch.images, batch.flipped)))
+
+    def batch_masks(self, batch: Batch) -> torch.Tensor | None:
+        return self.stacked_masks(list(zip(batch.images, batch.flipped)))
+
+    def stacked_masks(self, keys: list[tuple[int, bool]]) -> torch.Tensor | None:
+        """The loss masks of these (image, flipped) pairs as one batch (ones for an image without one); None where
+        the dataset has none."""
+        if not self.masks:
+            return None
+        return torch.stack([self.masks[key] if key in self.masks else
+                            torch.ones_like(self.latents[key][:1]) for key in keys])
 
     def batch_conditioning(self, batch: Batch) -> Conditioning:
         return self.conditioning(list(zip(batch.images, batch.flipped)), batch.captions)

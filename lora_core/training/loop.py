@@ -156,9 +156,10 @@ def offloaded(forward: Callable, host: torch.device) -> Callable:
 
 def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torch.Tensor, conditioning: Conditioning,
                    generator: torch.Generator, rank: int = 0, world_size: int = 1,
-                   weights: torch.Tensor | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The objective's mean loss on `latents` with noise and times drawn from `generator`, each sample's loss
-    multiplied by its entry of `weights` first if given (kohya's prior-loss weighting of class images).
+    multiplied by its entry of `weights` first if given (kohya's prior-loss weighting of class images), each latent
+    value's error by `mask` where given (the loss masks, `EncodedDataset.batch_masks`).
 
     With data-parallel ranks, `latents` are rank `rank`'s share of a global batch `world_size` times as large: noise
     and timesteps are drawn for the whole global batch, as one process would, and this rank's share kept.
@@ -167,7 +168,7 @@ def diffusion_loss(backend: TrainingBackend, objective: Objective, latents: torc
     noise, times = objective.draw((size * world_size, *latents.shape[1:]), generator,
                                   slice(rank * size, (rank + 1) * size))
     predict = functools.partial(backend.predict, conditioning=conditioning)
-    losses = objective.loss(predict, latents, noise, times)
+    losses = objective.loss(predict, latents, noise, times, mask)
     return (losses if weights is None else losses * weights.to(losses.device)).mean()
 
 
@@ -191,7 +192,7 @@ class BatchLoss(nn.Module):
                                 for regularization in batch.regularization]) if any(batch.regularization) else None
         return diffusion_loss(self.backend, self.objective, self.encoded.batch_latents(batch),
                               self.encoded.batch_conditioning(batch), self.generator, self.distributed.rank,
-                              self.distributed.world_size, weights)
+                              self.distributed.world_size, weights, self.encoded.batch_masks(batch))
 
 
 def parameter_groups(network: LoRANetwork, config: TrainingConfig) -> list[dict]:

@@ -81,13 +81,15 @@ class DiscreteObjective:
         timesteps = torch.randint(0, self.num_timesteps, (shape[0],), generator=generator)
         return noise[part], timesteps[part]
 
-    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-             ) -> torch.Tensor:
-        """The weighted MSE between `predict`'s output and the target, one value per sample (fp32)."""
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted MSE between `predict`'s output and the target, one value per sample (fp32); each latent value's
+        error times `mask`'s weight where given (kohya's masked loss: the mean over every value)."""
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         alpha_bar = self.alphas_cumprod[timesteps]
         noisy, target = noised_and_target(latents, noise, alpha_bar.reshape(-1, 1, 1, 1), self.prediction_type)
-        loss = F.mse_loss(predict(noisy, timesteps).float(), target, reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(predict(noisy, timesteps).float(), target, reduction="none")
+        loss = (error if mask is None else error * mask).mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(alpha_bar, self.min_snr_gamma, self.prediction_type)
         return loss
@@ -265,10 +267,10 @@ class FlowMatchingObjective:
             return flux_shifted_sigmas(sigma, mu)
         return shifted_sigmas(sigma, self.shift) if self.shift != 1 else sigma
 
-    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, predict: Predict, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted MSE between `predict`'s velocity and ε − x0 (preconditioned: between x_σ − σ·velocity and x0),
-        one value per sample (fp32)."""
+        one value per sample (fp32); each latent value's error times `mask`'s weight where given."""
         noise, sigmas = noise.to(latents.device), sigmas.to(latents.device, torch.float32)
         per_sample = sigmas.reshape(-1, *[1] * (latents.dim() - 1))
         noisy, target = flow_noised_and_target(latents, noise, per_sample)
@@ -276,6 +278,8 @@ class FlowMatchingObjective:
         if self.precondition_outputs:
             prediction, target = prediction * -per_sample + noisy.float(), latents.float()
         error = F.mse_loss(prediction, target, reduction="none")
+        if mask is not None:
+            error = error * mask
         return error.flatten(1).mean(dim=1) * sd3_loss_weight(sigmas, self.weighting)
 
 

@@ -56,7 +56,7 @@ def dataset_identity(dataset: ImageFolderDataset) -> dict[str, str]:
     digest = hashlib.sha256(repr(dataset.config).encode())
     for example in dataset.examples:
         digest.update(f"{example.caption}\0{example.repeats}\0{example.regularization}\0".encode())
-        for pixels in (example.pixels, *example.references):
+        for pixels in (example.pixels, *example.references, *([] if example.mask is None else [example.mask])):
             digest.update(tensor_bytes(pixels))
     return {"name": dataset.root.name, "hash": digest.hexdigest()}
 

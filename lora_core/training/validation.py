@@ -60,6 +60,7 @@ class ValidationSet:
                 keys = [self.keys[i] for i in part]
                 conditioning = encoded.conditioning(keys, [self.captions[i] for i in part])
                 losses = objective.loss(lambda noisy, t: predict(noisy, t, conditioning), encoded.stacked(keys),
-                                        torch.stack([self.noise[i] for i in part]), self.timesteps[part])
+                                        torch.stack([self.noise[i] for i in part]), self.timesteps[part],
+                                        encoded.stacked_masks(keys))
                 total += losses.sum().item()
         return total / len(self.keys)
