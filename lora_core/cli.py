@@ -1,4 +1,4 @@
-"""`python -m lora_core train | generate | demo`: the engine from a shell, on a diffusers pipeline folder."""
+"""`python -m lora_core train | generate | check | demo`: the engine from a shell, on a diffusers pipeline folder."""
 from __future__ import annotations
 
 import argparse
@@ -323,6 +323,35 @@ def command_extract(args: argparse.Namespace) -> None:
     write_lora(weights, args, reports)
 
 
+def command_check(args: argparse.Namespace) -> None:
+    from .families import backend_class, version_family
+    from .formats.check import LoRACheck, ModuleCheck, check_modules, describe_file, file_modules
+    from .formats.files import read_safetensors
+
+    tensors, metadata = read_safetensors(args.lora)
+    layout, families, told_by = describe_file(tensors, metadata)
+    if args.base is None:  # the file alone: every module unchecked
+        check = LoRACheck(layout, families, told_by, "none given", "", "no loader (pass --base)",
+                          tuple(ModuleCheck(name) for name in file_modules(tensors)))
+        blocks = check.blocks()
+        print(json.dumps(check.as_dict()) if args.json else "\n".join(
+            [check.text().splitlines()[1], f"{len(check.modules)} modules in {len(blocks)} blocks: "
+             + ", ".join(f"{block.name} ({block.modules})" for block in blocks)]))
+        return
+    pipeline = load_pipeline(Path(args.base), "cpu", args.base_dtype)
+    backend = backend_class(pipeline)(pipeline)
+    model_family = version_family(backend.model_info()["version"]).name
+    try:
+        named = backend.network_tensors(tensors)
+    except (LoRALabError, ValueError, KeyError) as error:  # another family's file the family's renaming cannot read
+        modules = [ModuleCheck(name, f"the {model_family} loader cannot read the file: {error}")
+                   for name in file_modules(tensors)]
+    else:
+        modules = check_modules(named, backend.loadable_modules())
+    check = LoRACheck(layout, families, told_by, model_family, model_family, "lora_core's loader", tuple(modules))
+    print(json.dumps(check.as_dict()) if args.json else check.text())
+
+
 def command_demo(args: argparse.Namespace) -> None:
     from .demo.demo import run_demo
 
@@ -441,6 +470,15 @@ def parser() -> argparse.ArgumentParser:
     rank_options(extract)
     output_options(extract, "the .safetensors file to write")
     extract.set_defaults(run=command_extract)
+
+    check = commands.add_parser("check", help="which family a LoRA file is for, which of its modules a base applies "
+                                "or ignores (by block) and how much they change it", allow_abbrev=False)
+    check.add_argument("--lora", required=True, help="any .safetensors LoRA file, LoRA Lab's or downloaded")
+    check.add_argument("--base", help="a diffusers pipeline folder to check the file against (none: the file alone)")
+    check.add_argument("--base-dtype", default="bf16", help="the dtype the base is loaded in on the CPU (bf16, fp16, "
+                       "fp32; fp8 or fp8_e5m2 for the denoiser): norms are taken per layer in fp32")
+    check.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    check.set_defaults(run=command_check)
 
     demo = commands.add_parser("demo", help="the offline demo: the shipped tiny SD1.x base learns a new shape")
     demo.add_argument("--out", required=True)

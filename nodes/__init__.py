@@ -1,5 +1,5 @@
 """LoRA Lab's ComfyUI nodes (V1 API): thin adapters over `lora_core`."""
-from .lora_nodes import ApplyLoRA, LoadLoRA, SaveLoRA
+from .lora_nodes import ApplyLoRA, CheckLoRA, LoadLoRA, SaveLoRA
 from .toolbox_nodes import ExtractLoRA, MergeLoRAs, ResizeLoRA
 from .train_nodes import (
     FlowMatchingOptions, InjectLoRA, LoadDataset, TrainingOptions, TrainingOptionsWithFlowMatching, TrainLoRA,
@@ -17,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraLab_SaveLoRA": SaveLoRA,
     "LoraLab_LoadLoRA": LoadLoRA,
     "LoraLab_ApplyLoRA": ApplyLoRA,
+    "LoraLab_CheckLoRA": CheckLoRA,
     "LoraLab_ResizeLoRA": ResizeLoRA,
     "LoraLab_MergeLoRAs": MergeLoRAs,
     "LoraLab_ExtractLoRA": ExtractLoRA,
@@ -32,6 +33,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLab_SaveLoRA": "Save LoRA (LoRA Lab)",
     "LoraLab_LoadLoRA": "Load LoRA (LoRA Lab)",
     "LoraLab_ApplyLoRA": "Apply LoRA (LoRA Lab)",
+    "LoraLab_CheckLoRA": "Check LoRA (LoRA Lab)",
     "LoraLab_ResizeLoRA": "Resize LoRA (LoRA Lab)",
     "LoraLab_MergeLoRAs": "Merge LoRAs (LoRA Lab)",
     "LoraLab_ExtractLoRA": "Extract LoRA (LoRA Lab)",

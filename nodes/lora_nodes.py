@@ -1,7 +1,8 @@
-"""Save LoRA, Load LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
+"""Save LoRA, Load LoRA, Check LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
 from __future__ import annotations
 
-from ..lora_core.formats.files import SAVE_PRECISION, LoRAFileError, LoRAWeights
+from ..lora_core.formats.files import SAVE_PRECISION, LoRAFileError, LoRAWeights, read_safetensors
+from .checks import check_lora, saved_file_verdict
 from .patches import apply_lora, apply_lora_by_block
 from .paths import lora_files, loras_root, next_lora_path, resolve_lora
 from .widgets import setting_input
@@ -23,9 +24,12 @@ class SaveLoRA:
             "lora": ("LORA", {"tooltip": "From Train LoRA or Load LoRA."}),
             "filename_prefix": ("STRING", {"default": "lora_lab", "tooltip": "Saved as models/loras/<prefix>_00001_.safetensors with the next free number; 'folder/name' saves in a subfolder."}),
             "precision": setting_input(SAVE_PRECISION),  # save_precision; named so on the node since its first version
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "The MODEL the LoRA was trained on: the saved file is read back, applied by ComfyUI's core loader and each layer's output on a random input compared with the trained LoRA's; the verdict shows on the node."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP it was trained with, to check a text-encoder LoRA's layers too."}),
         }}
 
-    def save(self, lora: LoRAWeights, filename_prefix: str, precision: str):
+    def save(self, lora: LoRAWeights, filename_prefix: str, precision: str, model=None, clip=None):
         weights = lora.converted(precision)
         for _ in range(SAVE_ATTEMPTS):  # another prompt may take the same number meanwhile: take the next one
             path = next_lora_path(filename_prefix)
@@ -39,7 +43,13 @@ class SaveLoRA:
             raise LoRAFileError(f"could not find a free file name for {filename_prefix!r} in {loras_root()}")
         name = path.relative_to(loras_root()).as_posix()
         saved = {"filename": name, "bytes": path.stat().st_size}
-        return {"ui": {"text": [f"{name} ({saved['bytes'] / 1e6:.2f} MB)"], "lora_lab_saved": [saved]}}
+        if model is not None:  # the file is saved whatever the check finds
+            try:
+                saved["verdict"] = saved_file_verdict(model, clip, lora, LoRAWeights.load(path), precision)
+            except Exception as error:  # noqa: BLE001 — reported on the node; the saved file stays
+                saved["verdict"] = f"check FAILED: {type(error).__name__}: {error}"
+        text = [f"{name} ({saved['bytes'] / 1e6:.2f} MB)", *([saved["verdict"]] if "verdict" in saved else [])]
+        return {"ui": {"text": text, "lora_lab_saved": [saved]}}
 
 
 class LoadLoRA:
@@ -58,6 +68,32 @@ class LoadLoRA:
 
     def load(self, lora_name: str):
         return (LoRAWeights.load(resolve_lora(lora_name)),)
+
+
+class CheckLoRA:
+    DESCRIPTION = ("Reports which family and layout a LoRA file is for, which of its modules ComfyUI's core loader "
+                   "applies to this MODEL (and CLIP) and which it ignores, by block with their names, and how much the "
+                   "applied ones change each block's weights (‖ΔW‖/‖W‖ at strength 1).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    OUTPUT_TOOLTIPS = ("The report as text: verdict, file, one line per block, the ignored modules.",)
+    OUTPUT_NODE = True
+    FUNCTION = "check"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to check the LoRA against."}),
+            "lora_name": (lora_files(), {"tooltip": "Any .safetensors LoRA in models/loras, LoRA Lab's or downloaded (never unpickled)."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "The text encoder, to check the file's text-encoder modules; unconnected, they count as ignored."}),
+        }}
+
+    def check(self, model, lora_name: str, clip=None):
+        report = check_lora(model, clip, LoRAWeights(*read_safetensors(resolve_lora(lora_name))))
+        text = report.text()
+        return {"ui": {"text": [text], "lora_lab_check": [report.as_dict()]}, "result": (text,)}
 
 
 class ApplyLoRA:

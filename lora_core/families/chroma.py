@@ -17,7 +17,13 @@ from torch import nn
 from ..backend import Conditioning
 from ..targets import TargetError, TargetPreset
 from ..training.objectives import FlowMatchingObjective
-from .family import BlockLayout, Family
+from .family import (
+    BFL_DOUBLE_BLOCKS,
+    BFL_SINGLE_BLOCKS,
+    DIFFUSERS_SINGLE_BLOCKS,
+    BlockLayout,
+    Family,
+)
 from .flow import flow_objective, transformer_presets
 from .flux import BFL_ATTENTION, BFL_BLOCKS, FLUX_ATTENTION, FLUX_MLP, BflBackend
 
@@ -45,7 +51,8 @@ CHROMA = Family(
         (re.compile(r"(?:transformer|diffusion_model)\.transformer_blocks\.(\d+)\."), "D"),
         (re.compile(r"(?:transformer|diffusion_model)\.single_transformer_blocks\.(\d+)\."), "S"))),
     comfy_variants={"ChromaRadiance": "Chroma Radiance (pixel space)"}, flow=True, sample_cfg=4.0,
-    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_"})  # ai-toolkit's
+    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_"},  # ai-toolkit's
+    file_markers=(BFL_DOUBLE_BLOCKS, BFL_SINGLE_BLOCKS, DIFFUSERS_SINGLE_BLOCKS, r"distilled_guidance_layer"))
 
 
 class ChromaBackend(BflBackend):

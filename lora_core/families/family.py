@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from ..targets import TargetPreset
 
 TEXT_ENCODER_BLOCK = "BASE"  # block weights' name of the text encoders' block
+# `Family.file_markers` several families share: Black Forest Labs' double/single blocks (Flux.1, Chroma, HunyuanVideo
+# in ComfyUI's names), their modulation layers (which Chroma lacks), diffusers' single blocks and joint attention
+BFL_DOUBLE_BLOCKS = r"double_blocks_\d+_(img|txt)_(attn|mlp)"
+BFL_SINGLE_BLOCKS = r"single_blocks_\d+_(linear[12]|modulation)"
+BFL_MODULATION = r"double_blocks_\d+_(img|txt)_mod"
+DIFFUSERS_SINGLE_BLOCKS = r"single_transformer_blocks_\d+_"
+DIFFUSERS_JOINT_ATTENTION = r"(?<!single_)transformer_blocks_\d+_attn_add_[qkv]_proj"
 
 
 def numbered(prefix: str, indices: Iterable[int]) -> tuple[str, ...]:
@@ -78,6 +85,10 @@ class Family:
     unet_activations: tuple[float, float] = (0.0, 0.0)  # a UNet's: values per latent position and channel of its
     # first level autograd keeps in a step, its backward's transients included, without and with gradient
     # checkpointing (measured; zeros: a transformer)
+    file_markers: tuple[str, ...] = ()  # patterns of module names (lowercase, dots as "_") that files for this
+    # family's layers hold, in its own, kohya's and other trainers' layouts: Check LoRA names the family whose patterns
+    # a file matches most (`lora_core.formats.check`)
+    context_width: int = 0  # a UNet's cross-attention context width, which its files' attn2 key layers take in
     sample_cfg: float = 7.0  # the nodes' sample images: KSampler's cfg and scheduler
     sample_scheduler: str = "normal"
 

@@ -16,7 +16,15 @@ from ..functional.dora import output_norm
 from ..network import grouped_by_module
 from ..targets import TargetPreset, kohya_name
 from ..training.objectives import FlowMatchingObjective
-from .family import BlockLayout, Family
+from .family import (
+    BFL_DOUBLE_BLOCKS,
+    BFL_MODULATION,
+    BFL_SINGLE_BLOCKS,
+    DIFFUSERS_JOINT_ATTENTION,
+    DIFFUSERS_SINGLE_BLOCKS,
+    BlockLayout,
+    Family,
+)
 from .flow import (
     CLIP_L_PREFIX,
     DIFFUSERS_PREFIXES,
@@ -61,7 +69,9 @@ FLUX = Family(
         (re.compile(r"lora_unet_single_blocks_(\d+)(_|$)"), "S"),
         (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "D"),
         (re.compile(r"transformer\.single_transformer_blocks\.(\d+)\."), "S"))),
-    flow=True, guidance=True, reference_images=1, sample_cfg=1.0, sample_scheduler="simple")
+    flow=True, guidance=True, reference_images=1, sample_cfg=1.0, sample_scheduler="simple",
+    file_markers=(BFL_DOUBLE_BLOCKS, BFL_SINGLE_BLOCKS, BFL_MODULATION, DIFFUSERS_SINGLE_BLOCKS, DIFFUSERS_JOINT_ATTENTION,
+                  r"guidance_in_"))
 
 # Factors of the adapters that fuse exactly along a fused layer's output rows (LoRA, DoRA, LoHa):
 OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # [out, rank]: block-diagonal in the fused layer

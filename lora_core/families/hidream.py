@@ -55,7 +55,8 @@ HIDREAM = Family(
         (re.compile(r"(?:transformer|diffusion_model)\.double_stream_blocks\.(\d+)\."), "D"),
         (re.compile(r"(?:transformer|diffusion_model)\.single_stream_blocks\.(\d+)\."), "S"))),
     flow=True, text_extras=("conditioning_llama3",), file_module_prefix="diffusion_model.", sample_cfg=5.0,
-    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"})
+    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"},
+    file_markers=(r"double_stream_blocks_\d+_", r"single_stream_blocks_\d+_"))
 
 Tensors = dict[str, torch.Tensor]
 

@@ -20,7 +20,14 @@ from torch import nn
 from ..backend import Conditioning
 from ..targets import TargetError, kohya_name
 from ..training.objectives import FlowMatchingObjective
-from .family import BlockLayout, Family
+from .family import (
+    BFL_DOUBLE_BLOCKS,
+    BFL_MODULATION,
+    BFL_SINGLE_BLOCKS,
+    DIFFUSERS_SINGLE_BLOCKS,
+    BlockLayout,
+    Family,
+)
 from .flow import (
     VideoBackend,
     flow_objective,
@@ -64,7 +71,9 @@ HUNYUAN_VIDEO = Family(
                     "HunyuanImage21Refiner": "the HunyuanImage 2.1 refiner"},
     flow=True, guidance=True, frame_step=4, file_module_prefix="diffusion_model.", file_paths=HUNYUAN_NAMES,
     sample_cfg=1.0, sample_scheduler="simple",
-    file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"})  # diffusion-pipe's; diffusers'
+    file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"},  # diffusion-pipe's; diffusers'
+    file_markers=(BFL_DOUBLE_BLOCKS, BFL_SINGLE_BLOCKS, BFL_MODULATION, DIFFUSERS_SINGLE_BLOCKS, r"token_refiner",
+                  r"guidance_in_"))
 
 
 class HunyuanVideoBackend(BflBackend, VideoBackend):

@@ -58,7 +58,8 @@ LUMINA2 = Family(
         (re.compile(r"(?:transformer|diffusion_model)\.context_refiner\.(\d+)\."), "C"),
         (re.compile(r"(?:transformer|diffusion_model)\.layers\.(\d+)\."), "L"))),
     flow=True, text_mask_condition=True, caption_template=SYSTEM_PROMPT + " <Prompt Start> {}", sample_cfg=4.0,
-    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_"})  # diffusion-pipe's
+    sample_scheduler="simple", file_prefixes={"diffusion_model.": "lora_unet_"},  # diffusion-pipe's
+    file_markers=(r"layers_\d+_attention_(qkv|out)", r"(noise|context)_refiner_\d+_", r"layers_\d+_feed_forward_"))
 
 
 def nextdit_layers(transformer: nn.Module) -> dict[str, tuple[str, ...]]:

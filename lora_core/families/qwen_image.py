@@ -24,7 +24,7 @@ from ..backend import REFERENCE_LATENTS, Conditioning, concatenated
 from ..settings import Setting, Widget
 from ..targets import TargetError
 from ..training.objectives import FlowMatchingObjective
-from .family import BlockLayout, Family
+from .family import DIFFUSERS_JOINT_ATTENTION, BlockLayout, Family
 from .flow import FlowBackend, flow_objective, from_diffusers_naming, transformer_presets
 
 if TYPE_CHECKING:
@@ -72,8 +72,9 @@ QWEN_IMAGE = Family(
         (re.compile(r"(?:transformer|diffusion_model)\.transformer_blocks\.(\d+)\."), "T"))),
     flow=True, patched_input=4, reference_images=3, edit_prompts=EDIT_PROMPTS, sample_cfg=2.5,
     sample_scheduler="simple",
-    file_prefixes={"transformer.": "lora_unet_", "diffusion_model.": "lora_unet_"})  # diffusers'; ai-toolkit's,
-# diffusion-pipe's and ComfyUI-converted musubi-tuner files
+    # diffusers'; ai-toolkit's, diffusion-pipe's and ComfyUI-converted musubi-tuner files
+    file_prefixes={"transformer.": "lora_unet_", "diffusion_model.": "lora_unet_"},
+    file_markers=(r"transformer_blocks_\d+_(img|txt)_(mlp|mod)", DIFFUSERS_JOINT_ATTENTION))
 
 
 EDIT_PROMPT = Setting(

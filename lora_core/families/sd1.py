@@ -23,6 +23,9 @@ from ..targets import (
 from .family import TEXT_ENCODER_BLOCK, BlockLayout, Family, numbered
 
 UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")  # ComfyUI's (LDM) UNet, SD1.x to SDXL
+# A UNet's layers in diffusers' and the LDM paths, and the CLIP text encoder's (SD1.x to SDXL alike)
+UNET_MARKERS = (r"(down|up)_blocks_\d+_(attentions|resnets)_\d+_", r"(input|output)_blocks_\d+_\d+_", r"mid(dle)?_block_",
+                r"^lora_te\d?_text_model_encoder_layers_")
 # IN/OUT numbers are the LDM UNet's input_blocks/output_blocks indices: 17 blocks with attention, or all 26
 SD1_BLOCKS = BlockLayout(
     "SD1.x",
@@ -41,13 +44,14 @@ SD1 = Family(
     "SD1.x", "sd_v1", "stable-diffusion-v1", __name__, "DiffusersBackend", ("StableDiffusionPipeline",),
     {"SD15": "SD1.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_l": TEXT_ENCODER_PREFIX},
     SD1_BLOCKS, comfy_variants={"SD15_instructpix2pix": "SD1.x instruct-pix2pix"}, ldm_names=False,
+    file_markers=UNET_MARKERS, context_width=768,
     unet_activations=(324.0, 142.0))  # measured on SD1.5's UNet at 512 px (docs/benchmarks.md)
 # SD2.x: the same pipeline and backend (which tells the versions apart by the UNet), OpenCLIP-H as ComfyUI's clip_h
 SD2 = Family(
     "SD2.x", "sd_v2", "stable-diffusion-v2-512", __name__, "DiffusersBackend", (),
     {"SD20": "SD2.x"}, "UNetModel", UNET_BLOCKS, UNET_PRESETS, UNET_PRESETS, {"clip_h": TEXT_ENCODER_PREFIX},
     SD1_BLOCKS, comfy_variants={"SD21UnclipL": "SD2.1 unCLIP", "SD21UnclipH": "SD2.1 unCLIP"},
-    modelspec_v="stable-diffusion-v2-768-v", ldm_names=False,
+    modelspec_v="stable-diffusion-v2-768-v", ldm_names=False, file_markers=UNET_MARKERS, context_width=1024,
     unet_activations=SD1.unet_activations)  # SD1's widths and levels: planned with SD1.5's, not measured
 
 

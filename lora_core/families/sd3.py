@@ -16,7 +16,7 @@ from torch import nn
 from ..backend import Conditioning
 from ..targets import TargetPreset, all_adaptable, find_targets, kohya_name, kohya_paths
 from ..training.objectives import FlowMatchingObjective
-from .family import BlockLayout, Family
+from .family import DIFFUSERS_JOINT_ATTENTION, BlockLayout, Family
 from .flow import (
     CLIP_L_PREFIX,
     FlowBackend,
@@ -54,7 +54,8 @@ SD3 = Family(
     BlockLayout("SD3", groups=("J",), patterns=((re.compile(r"lora_unet_joint_blocks_(\d+)(_|$)"), "J"),
                                                 (re.compile(r"lora_unet_transformer_blocks_(\d+)(_|$)"), "J"),
                                                 (re.compile(r"transformer\.transformer_blocks\.(\d+)\."), "J"))),
-    diffusers_files=True, adm=True, flow=True, precondition_outputs=True, sample_cfg=5.0, sample_scheduler="simple")
+    diffusers_files=True, adm=True, flow=True, precondition_outputs=True, sample_cfg=5.0, sample_scheduler="simple",
+    file_markers=(r"joint_blocks_\d+_(x|context)_block_", DIFFUSERS_JOINT_ATTENTION))
 
 Tensors = dict[str, torch.Tensor]
 FilePart = tuple[str, "tuple[int, int] | None"]  # a file's module name, and the rows of the fused layer it holds

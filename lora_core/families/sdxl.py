@@ -28,7 +28,7 @@ from ..targets import (
     named_for_kohya,
 )
 from .family import TEXT_ENCODER_BLOCK, BlockLayout, Family, numbered
-from .sd1 import UNET_BLOCKS, DiffusersBackend
+from .sd1 import UNET_BLOCKS, UNET_MARKERS, DiffusersBackend
 
 # SGM names of the layers inside a res block, by diffusers' names (ComfyUI's UNET_MAP_RESNET)
 RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
@@ -45,6 +45,7 @@ SDXL = Family(
                          (TEXT_ENCODER_BLOCK, *numbered("IN", range(9)), "MID", *numbered("OUT", range(9))))),
     comfy_variants={"SDXLRefiner": "SDXL Refiner", "SDXL_instructpix2pix": "SDXL instruct-pix2pix"},
     modelspec_implementation="https://github.com/Stability-AI/generative-models", adm=True,
+    file_markers=(*UNET_MARKERS, r"^lora_te[12]_"), context_width=2048,
     unet_activations=(585.0, 250.0))  # measured on SDXL's UNet at 512 px (docs/benchmarks.md)
 
 

@@ -64,7 +64,8 @@ WAN = Family(
                     "WAN22_S2V": "Wan 2.2 speech-to-video", "WAN22_Animate": "Wan 2.2 Animate"},
     flow=True, frame_step=4, file_module_prefix="diffusion_model.", saved_activations=22.0, sample_cfg=5.0,
     sample_scheduler="simple",
-    file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"})  # diffusion-pipe's; diffusers'
+    file_prefixes={"diffusion_model.": "lora_unet_", "transformer.": "lora_unet_"},  # diffusion-pipe's; diffusers'
+    file_markers=(r"^(lora_unet_|diffusion_model_|transformer_)?blocks_\d+_(self_attn|cross_attn|ffn|attn[12])_",))
 # Wan's own layer names (ComfyUI's, and the files') for diffusers' paths inside and outside the blocks
 WAN_NAMES = ((r"\.attn1\.to_out\.0$", ".self_attn.o"), (r"\.attn1\.to_([qkv])$", r".self_attn.\1"),
              (r"\.attn2\.to_out\.0$", ".cross_attn.o"), (r"\.attn2\.to_([qkv])$", r".cross_attn.\1"),

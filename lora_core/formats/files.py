@@ -168,18 +168,22 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
-def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors LoRA file. Pickles are refused, never opened."""
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of any safetensors file, whatever it names. Pickles are refused, never opened."""
     path = Path(path)
     if not path.is_file():
         raise LoRAFileError(f"{path}: no such LoRA file")
     refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as stream:
-            metadata = stream.metadata() or {}
-            tensors = {key: stream.get_tensor(key) for key in stream.keys()}
+            return {key: stream.get_tensor(key) for key in stream.keys()}, stream.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         raise LoRAFileError(f"{path} is not a valid safetensors file ({error}); the file is damaged or not a LoRA") from error
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors LoRA file, in a layout LoRA Lab reads. Pickles are refused, never opened."""
+    tensors, metadata = read_safetensors(path)
     malformed = [key for key in tensors if "." not in key]
     if malformed:
         raise LoRAFileError(f"{path} has keys without a module name, for example {malformed[:3]}: not a LoRA file")
