@@ -9,19 +9,28 @@ from contextlib import contextmanager
 from typing import Any
 
 import comfy.lora
+import comfy.sd
 import comfy.utils
 import torch
 
 from ..lora_core.adapters.base import dense_weight
-from ..lora_core.formats.check import LoRACheck, ModuleCheck, describe_file, file_modules
-from ..lora_core.formats.files import SAVE_DTYPES, LoRAWeights
+from ..lora_core.formats.check import (
+    LoRACheck,
+    ModuleCheck,
+    describe_file,
+    file_modules,
+)
+from ..lora_core.formats.files import LoRAWeights
 from ..lora_core.network import LoRANetwork
 from .comfy_backend import ComfyBackend, config_family, model_family
-from .patches import original_weight, with_weight
+from .patches import apply_lora, original_weight, with_weight
 
 NOT_LOADED = "lora key not loaded: "  # ComfyUI's log line for a file key its key map has no layer for
 CORE_LOADER = "ComfyUI's core loader (as Load LoRA and Apply LoRA apply it)"
 OUTPUT_SEED = 0  # the random input each layer's outputs are compared on
+# How far a loader's ΔW·x may be from the trained one's, relative to it: the diffs Apply LoRA hands ComfyUI for DoRA
+# are rounded to a 16-bit weight's dtype (≤ 0.4 % in bf16); a wrong name, scale, transpose or alpha is ≥ 10 %
+LOADER_TOLERANCE = 0.01
 
 
 class Records(logging.Handler):
@@ -83,12 +92,6 @@ class CoreLoader:
         return next((owner for owner, keys in self.accepted.items() if patch_key in keys
                      or weight_key(patch_key) in keys), None)
 
-    def weight(self, owner: str, key: str) -> torch.Tensor:
-        """The true weight `key` in fp32 (a scaled-fp8 layer's scale applied), without any LoRA's patch."""
-        patcher = self.patchers[owner]
-        layer = comfy.utils.get_attr(patcher.model, key.rpartition(".")[0])
-        return dense_weight(with_weight(layer, original_weight(patcher, key)))
-
     def delta(self, patch_key: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """ΔW of one file module at strength 1 through ComfyUI's `calculate_weight`, the weight (the slice a fused
         layer's piece patches), and what ComfyUI logged while merging it."""
@@ -96,10 +99,9 @@ class CoreLoader:
         patched, base = self.patched[owner], self.patchers[owner]
         new = patched.patches[key][len(base.patches.get(key, [])):]
         patch = new[self.order[key].index(patch_key)]
-        weight = self.weight(owner, key)
-        calculate_weight = getattr(comfy.lora, "calculate_weight", patched.calculate_weight)  # 0.3.x; 2024
+        weight = true_weight(base, key)
         with logged() as records:
-            merged = calculate_weight([patch], weight.clone(), key)
+            merged = calculate_weight(patched, [patch], weight.clone(), key)
         delta = merged.float() - weight
         if isinstance(patch_key, tuple) and len(patch_key) > 1 and patch_key[1] is not None:
             dimension, start, size = patch_key[1][:3]
@@ -127,10 +129,18 @@ def check_lora(model: Any, clip: Any, weights: LoRAWeights) -> LoRACheck:
     it on MODEL and CLIP, with ‖ΔW‖² and ‖W‖² at strength 1."""
     layout, families, told_by = describe_file(weights.tensors, weights.metadata)
     loader = CoreLoader(model, clip, weights.tensors)
+    grouped = file_modules(loader.tensors)
+    kept = {}  # ComfyUI keeps one patch per weight from a file: that of the last module its key map lists
+    for name, patch_key in loader.key_map.items():
+        if name in grouped:
+            kept[patch_key] = name
     modules = []
-    for name, tensors in file_modules(loader.tensors).items():
+    for name, tensors in grouped.items():
         patch_key = loader.module_key(name)
-        if patch_key is None:
+        if patch_key is not None and kept.get(patch_key, name) != name:
+            modules.append(ModuleCheck(name, f"{kept[patch_key]} patches the same weight ({weight_key(patch_key)}), "
+                                             "and ComfyUI keeps one patch per weight from a file: that one"))
+        elif patch_key is None:
             modules.append(ModuleCheck(name, "no layer of this model has this name in ComfyUI's key map (ComfyUI "
                                              "logs 'lora key not loaded')"))
         elif patch_key not in loader.loaded:
@@ -145,6 +155,31 @@ def check_lora(model: Any, clip: Any, weights: LoRAWeights) -> LoRACheck:
                 modules.append(ModuleCheck(name, "", float(delta.square().sum()), float(weight.square().sum())))
     described, family = model_names(model)
     return LoRACheck(layout, families, told_by, described, family, CORE_LOADER, tuple(modules))
+
+
+def calculate_weight(patcher: Any, patches: list, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """ComfyUI's own merge of `patches` into `weight` (0.3.x's `comfy.lora`, 2024's ModelPatcher method)."""
+    return getattr(comfy.lora, "calculate_weight", patcher.calculate_weight)(patches, weight, key)
+
+
+def true_weight(patcher: Any, key: str) -> torch.Tensor:
+    """The weight `key` in fp32 (a scaled-fp8 layer's scale applied), without any LoRA's patch."""
+    layer = comfy.utils.get_attr(patcher.model, key.rpartition(".")[0])
+    return dense_weight(with_weight(layer, original_weight(patcher, key)))
+
+
+def added_deltas(pairs: list[tuple[Any, Any]]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ΔW of every weight the `after` patchers patch beyond their `before`, merged by ComfyUI, and what it logged."""
+    deltas, problems = {}, []
+    for before, after in pairs:
+        for key, entries in after.patches.items():
+            new = entries[len(before.patches.get(key, [])):]
+            if new:
+                weight = true_weight(before, key)
+                with logged() as records:
+                    deltas[key] = calculate_weight(after, new, weight.clone(), key).float() - weight
+                problems += [record.getMessage() for record in records]
+    return deltas, problems
 
 
 @torch.no_grad()
@@ -162,47 +197,59 @@ def trained_deltas(model: Any, clip: Any, trained: LoRAWeights) -> dict[str, tor
     return {keys[name][0]: adapter.merged_weight(1.0) - adapter.base_weight() for name, adapter in network.items()}
 
 
-def tolerance(precision: str) -> float:
-    """The largest relative difference a file saved in `precision` may show: rounding both factors."""
-    return 8 * torch.finfo(SAVE_DTYPES[precision]).eps + 1e-6
-
-
-@torch.no_grad()
-def saved_file_verdict(model: Any, clip: Any, trained: LoRAWeights, saved: LoRAWeights, precision: str) -> str:
-    """Whether the saved file, read back and applied by ComfyUI's core loader, gives each layer the output the
-    trained adapters give it on one random input: ‖ΔW_file·x − ΔW_trained·x‖ / ‖ΔW_trained·x‖ per layer."""
-    expected = trained_deltas(model, clip, trained)
-    loader = CoreLoader(model, clip, saved.tensors)
-    found: dict[str, torch.Tensor] = {}
-    problems = []
-    for patch_key in loader.loaded:
-        if loader.owner(patch_key) is None:
-            continue
-        delta, _, logged_problems = loader.delta(patch_key)
-        problems += logged_problems
-        key = weight_key(patch_key)
-        found[key] = found[key] + delta if key in found else delta
-    missing = sorted(expected.keys() - found.keys())
-    extra = sorted(found.keys() - expected.keys())
+def compared(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], problems: list[str] = ()
+             ) -> tuple[float, list[str]]:
+    """The largest ‖ΔW_found·x − ΔW_expected·x‖ / ‖ΔW_expected·x‖ over the layers on one random input x each,
+    and what makes the two differ beyond LOADER_TOLERANCE (nothing: they agree)."""
     generator = torch.Generator().manual_seed(OUTPUT_SEED)
-    worst, worst_key = 0.0, ""
+    worst, worst_key, reasons = 0.0, "", list(problems[:3])
     for key in sorted(expected.keys() & found.keys()):
         want, got = expected[key].flatten(1), found[key].flatten(1)
         if want.shape != got.shape:
-            problems.append(f"{key}: ComfyUI's ΔW has shape {tuple(got.shape)}, the trained {tuple(want.shape)}")
+            reasons.append(f"{key}: ComfyUI's ΔW has shape {tuple(got.shape)}, the trained {tuple(want.shape)}")
             continue
         x = torch.randn(want.shape[1], generator=generator)
         size = float((want @ x).norm())
         difference = float((got @ x - want @ x).norm()) / size if size else float((got @ x).norm())
         if difference > worst:
             worst, worst_key = difference, key
-    limit = tolerance(precision)
-    counts = f"{len(found)} of {len(expected)} trained layers"
-    if missing or extra or problems or worst > limit:
-        reasons = ([f"missing from the file as ComfyUI reads it: {', '.join(missing[:3])}"] if missing else []) + \
-                  ([f"patched but not trained: {', '.join(extra[:3])}"] if extra else []) + problems[:3] + \
-                  ([f"largest output difference {worst:.2e} in {worst_key} (a {precision} file rounds to "
-                    f"≤ {limit:.0e})"] if worst > limit else [])
-        return f"check FAILED: ComfyUI's loader gives {counts} outputs unlike the trained LoRA: " + "; ".join(reasons)
-    return (f"checked: through ComfyUI's loader the file gives {counts} the trained LoRA's outputs on a random input "
-            f"(largest difference {worst:.1e}, within {precision} rounding)")
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing:
+        reasons.append(f"{len(missing)} trained layers are not patched, e.g. {missing[0]}")
+    if extra:
+        reasons.append(f"{len(extra)} layers are patched that were not trained, e.g. {extra[0]}")
+    if worst > LOADER_TOLERANCE:
+        reasons.append(f"outputs differ by up to {worst:.1%} of the LoRA's effect, in {worst_key}")
+    return worst, reasons
+
+
+@torch.no_grad()
+def saved_file_verdict(model: Any, clip: Any, trained: LoRAWeights, saved: LoRAWeights, precision: str) -> str:
+    """Whether the saved file, read back and applied by ComfyUI's core loader, gives each trained layer the output
+    the trained adapters give it on one random input; for DoRA, through Apply LoRA too (the core loader's DoRA math
+    is not the trained one)."""
+    expected = trained_deltas(model, clip, trained.converted(precision))  # the file's rounding on both sides
+    rounding = ""
+    if precision != "float32":
+        lost = compared(trained_deltas(model, clip, trained), expected)[0]
+        rounding = f"; saving as {precision} changes them by up to {lost:.1e} of the LoRA's effect (float32: none)"
+
+    def pairs(patched_model: Any, patched_clip: Any) -> list[tuple[Any, Any]]:
+        return [(model, patched_model), *([(clip.patcher, patched_clip.patcher)] if clip is not None else [])]
+
+    core = compared(expected, *added_deltas(pairs(*comfy.sd.load_lora_for_models(model, clip, saved.tensors, 1.0,
+                                                                                   1.0))))
+    layers = f"all {len(expected)} trained layers"
+    if not any(key.endswith(".dora_scale") for key in saved.tensors):
+        if core[1]:
+            return "check FAILED: through ComfyUI's loader the file is not the trained LoRA: " + "; ".join(core[1])
+        return (f"checked: read back through ComfyUI's loader, the file gives {layers} the trained LoRA's outputs on "
+                f"a random input (largest difference {core[0]:.1e}){rounding}")
+    applied = compared(expected, *added_deltas(pairs(*apply_lora(model, clip, saved, 1.0, 1.0))))
+    if applied[1]:
+        return "check FAILED: through Apply LoRA the file is not the trained DoRA: " + "; ".join(applied[1])
+    core_text = ("ComfyUI's core Load LoRA gives them too" if not core[1] else
+                 f"ComfyUI's core Load LoRA does not ({core[1][-1]}: its DoRA math is not the trained one), so "
+                 "apply this file with Apply LoRA")
+    return (f"checked: read back through Apply LoRA, the file gives {layers} the trained DoRA's outputs on a random "
+            f"input (largest difference {applied[0]:.1e}); {core_text}{rounding}")

@@ -1,7 +1,8 @@
 // LoRA Lab's front-end extension: a panel drawn with canvas at the bottom of the pack's nodes, after they run.
 // - Train LoRA: the memory plan before the first step (`lora_lab.train.plan`), then a live loss chart, fed by the
 //   `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
-// - Save LoRA: the saved file's name and size; Load Dataset: the image and caption counts.
+// - Save LoRA: the saved file's name, size and check; Check LoRA: its verdict and blocks; Load Dataset: the image and
+//   caption counts.
 // After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs:
 // into the first graph the page shows, which the legacy front end loads before `setup` and the current ones after.
 import { app } from "../../scripts/app.js";
@@ -15,12 +16,22 @@ const MARGIN = 8;
 const NOTE_LINE_HEIGHT = 16;
 const MIN_CHART_WIDTH = 340;
 const HISTORY_ITEMS = 32;
+const WRAP_COLUMNS = 56;
 
-/** The lines a Save LoRA or Load Dataset node shows for its `ui` output, by node type. */
+/** The lines a Save LoRA, Check LoRA or Load Dataset node shows for its `ui` output, by node type. */
 const NOTES = {
   LoraLab_SaveLoRA: (output) => {
     const saved = output.lora_lab_saved?.[0];
-    return saved && [`saved ${saved.filename}`, formatSize(saved.bytes)];
+    return saved && [`saved ${saved.filename}`, formatSize(saved.bytes), ...wrapped(saved.verdict ?? "")];
+  },
+  LoraLab_CheckLoRA: (output) => {
+    const check = output.lora_lab_check?.[0];
+    return check && [
+      ...wrapped(check.verdict),
+      ...wrapped(`file: ${check.layout}; for ${check.families.join(" or ") || "an unknown family"}`),
+      ...check.blocks.map((block) => `${block.name}: ${block.applied}/${block.modules}`
+        + (block.relative_change === null ? "" : `, ‖ΔW‖/‖W‖ ${(100 * block.relative_change).toFixed(2)} %`)),
+    ];
   },
   LoraLab_LoadDataset: (output) => {
     const found = output.lora_lab_dataset?.[0];
@@ -31,6 +42,17 @@ const NOTES = {
     ];
   },
 };
+
+/** A long line as lines of at most WRAP_COLUMNS characters, broken at spaces. */
+function wrapped(text) {
+  const lines = [];
+  for (const word of text.split(" ").filter(Boolean)) {
+    const last = lines.length - 1;
+    if (last >= 0 && lines[last].length + 1 + word.length <= WRAP_COLUMNS) lines[last] += ` ${word}`;
+    else lines.push(word);
+  }
+  return lines;
+}
 
 function formatSize(bytes) {
   return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(2)} MB` : `${(bytes / 1e3).toFixed(1)} kB`;

@@ -294,8 +294,10 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         saved = outputs[NODE_IDS["LoraLab_SaveLoRA"]]["lora_lab_saved"][0]
         assert saved["filename"] == TRAINED
         assert saved["bytes"] == (comfy.loras_dir / TRAINED).stat().st_size
-        assert page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"]) == [
-            f"saved {TRAINED}", size_text(saved["bytes"])]
+        note = page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"])
+        assert note[:2] == [f"saved {TRAINED}", size_text(saved["bytes"])]
+        assert " ".join(note[2:]) == saved["verdict"] and saved["verdict"].startswith("checked: ")  # the workflow's
+        # Save LoRA has the trained MODEL and CLIP: it checks the file
         found = outputs[NODE_IDS["LoraLab_LoadDataset"]]["lora_lab_dataset"][0]
         assert found["images"] == 4
         dataset_note = page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_LoadDataset"])

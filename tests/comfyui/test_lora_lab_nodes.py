@@ -15,7 +15,7 @@ from .harness import TEST_CHECKPOINT, ComfyError, ComfyServer, output_images, pr
 
 NODES = ["LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_Train", "LoraLab_TrainingOptions2", "LoraLab_FlowMatchingOptions",
          "LoraLab_TrainingOptions", "LoraLab_TrainLoRA",
-         "LoraLab_SaveLoRA", "LoraLab_LoadLoRA", "LoraLab_ApplyLoRA"]
+         "LoraLab_SaveLoRA", "LoraLab_LoadLoRA", "LoraLab_ApplyLoRA", "LoraLab_CheckLoRA"]
 DATASET = "lora_lab_concept"
 
 
