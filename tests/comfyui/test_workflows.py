@@ -148,6 +148,9 @@ def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy
                               if name not in OPTIONS_NEWER_THAN_THE_OLD_LAYOUT},
                            **{name: value for name, value in flow_defaults.items()
                               if name not in (*SAVED_FLOW_MATCHING, *NEWER_THAN_THE_OLD_LAYOUT)}}
+    save_id, save = by_type["new"]["LoraLab_SaveLoRA"]  # its check's MODEL and CLIP came later: as the loader's
+    assert (save.pop("model"), save.pop("clip")) == ([by_type["new"]["UNETLoader"][0], 0],
+                                                     [by_type["new"]["DualCLIPLoader"][0], 0])
     assert by_type["old"] == by_type["new"]
 
 
