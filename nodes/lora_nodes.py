@@ -1,7 +1,10 @@
 """Save LoRA, Load LoRA, Check LoRA and Apply LoRA: LoRA files in ComfyUI's `models/loras`, applied with its patch mechanism."""
 from __future__ import annotations
 
+from comfy.cli_args import args
+
 from ..lora_core.formats.files import SAVE_PRECISION, LoRAFileError, LoRAWeights, read_safetensors
+from ..lora_core.formats.workflow import with_graph, without_graph
 from .checks import check_lora, saved_file_verdict
 from .patches import apply_lora, apply_lora_by_block
 from .paths import lora_files, loras_root, next_lora_path, resolve_lora
@@ -12,7 +15,8 @@ SAVE_ATTEMPTS = 100
 
 
 class SaveLoRA:
-    DESCRIPTION = "Writes the LoRA to models/loras in kohya format, so ComfyUI's Load LoRA, A1111 and diffusers read it."
+    DESCRIPTION = ("Writes the LoRA to models/loras in kohya format, so ComfyUI's Load LoRA, A1111 and diffusers read it, "
+                   "with this graph in its metadata: dropped on the canvas, the file loads the workflow that made it.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
     OUTPUT_NODE = True
@@ -27,10 +31,17 @@ class SaveLoRA:
         }, "optional": {
             "model": ("MODEL", {"tooltip": "The MODEL the LoRA was trained on: the saved file is read back, applied by ComfyUI's core loader and each layer's output on a random input compared with the trained LoRA's; the verdict shows on the node."}),
             "clip": ("CLIP", {"tooltip": "The CLIP it was trained with, to check a text-encoder LoRA's layers too."}),
-        }}
+            "store_workflow": ("BOOLEAN", {"default": True, "tooltip": "Stores this graph in the file's metadata as ComfyUI stores it in images (the prompt, and the UI workflow the front end sends), absolute paths and embedded files taken out: dropping the file on the canvas loads it. Off, or with ComfyUI's --disable-metadata, the file holds no graph (not even one a loaded LoRA brought)."}),
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
-    def save(self, lora: LoRAWeights, filename_prefix: str, precision: str, model=None, clip=None):
-        weights = lora.converted(precision)
+    def save(self, lora: LoRAWeights, filename_prefix: str, precision: str, model=None, clip=None,
+             store_workflow: bool = True, prompt=None, extra_pnginfo=None):
+        if store_workflow and not args.disable_metadata:
+            weights, stored = with_graph(lora.converted(precision), prompt, (extra_pnginfo or {}).get("workflow"))
+        else:
+            weights = without_graph(lora.converted(precision))
+            stored = "stored no workflow: " + ("store_workflow is off" if not store_workflow else
+                                               "ComfyUI runs with --disable-metadata")
         for _ in range(SAVE_ATTEMPTS):  # another prompt may take the same number meanwhile: take the next one
             path = next_lora_path(filename_prefix)
             try:
@@ -42,13 +53,13 @@ class SaveLoRA:
         else:
             raise LoRAFileError(f"could not find a free file name for {filename_prefix!r} in {loras_root()}")
         name = path.relative_to(loras_root()).as_posix()
-        saved = {"filename": name, "bytes": path.stat().st_size}
+        saved = {"filename": name, "bytes": path.stat().st_size, "workflow": stored}
         if model is not None:  # the file is saved whatever the check finds
             try:
                 saved["verdict"] = saved_file_verdict(model, clip, lora, LoRAWeights.load(path), precision)
             except Exception as error:  # noqa: BLE001 — reported on the node; the saved file stays
                 saved["verdict"] = f"check FAILED: {type(error).__name__}: {error}"
-        text = [f"{name} ({saved['bytes'] / 1e6:.2f} MB)", *([saved["verdict"]] if "verdict" in saved else [])]
+        text = [f"{name} ({saved['bytes'] / 1e6:.2f} MB)", stored, *([saved["verdict"]] if "verdict" in saved else [])]
         return {"ui": {"text": text, "lora_lab_saved": [saved]}}
 
 

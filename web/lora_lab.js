@@ -1,8 +1,10 @@
 // LoRA Lab's front-end extension: a panel drawn with canvas at the bottom of the pack's nodes, after they run.
 // - Train LoRA: the memory plan before the first step (`lora_lab.train.plan`), then a live loss chart, fed by the
 //   `lora_lab.train.step` / `lora_lab.train.done` events the node sends;
-// - Save LoRA: the saved file's name, size and check; Check LoRA: its verdict and blocks; Load Dataset: the image and
-//   caption counts.
+// - Save LoRA: the saved file's name, size, the graph stored in it and its check; Check LoRA: its verdict and
+//   blocks; Load Dataset: the image and caption counts.
+// A LoRA file dropped on the canvas needs nothing here: Save LoRA stores the graph under the metadata keys that the
+// front ends' own drop handler reads from a .safetensors file (`workflow`, else `prompt`).
 // After a page reload, the tab's last run is read back from /history, since ComfyUI does not restore node outputs:
 // into the first graph the page shows, which the legacy front end loads before `setup` and the current ones after.
 import { app } from "../../scripts/app.js";
@@ -22,7 +24,8 @@ const WRAP_COLUMNS = 56;
 const NOTES = {
   LoraLab_SaveLoRA: (output) => {
     const saved = output.lora_lab_saved?.[0];
-    return saved && [`saved ${saved.filename}`, formatSize(saved.bytes), ...wrapped(saved.verdict ?? "")];
+    return saved && [`saved ${saved.filename}`, formatSize(saved.bytes), ...wrapped(saved.workflow ?? ""),
+                     ...wrapped(saved.verdict ?? "")];
   },
   LoraLab_CheckLoRA: (output) => {
     const check = output.lora_lab_check?.[0];

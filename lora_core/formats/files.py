@@ -49,26 +49,29 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[bytes]]:
-    """The safetensors header and the data blocks, keys sorted so that equal inputs give equal bytes.
+def header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors header, length prefix included, keys sorted so that equal inputs give equal bytes.
 
     (safetensors' own writer orders metadata by a per-process hash, so two identical saves differ.)
     """
-    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    blocks, offset = [], 0
+    entries: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
     for name in sorted(tensors):
         tensor = tensors[name]
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise LoRAFileError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        data = tensor_bytes(tensor)
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]
-        }
-        blocks.append(data)
-        offset += len(data)
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded, blocks
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[bytes]]:
+    """The header and the data blocks of a safetensors file."""
+    return header(tensors, metadata), [tensor_bytes(tensors[name]) for name in sorted(tensors)]
 
 
 def data_hash(tensors: dict[str, torch.Tensor]) -> str:

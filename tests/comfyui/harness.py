@@ -280,10 +280,14 @@ class ComfyServer:
         """URLs of the frontend JavaScript files, the packs' `WEB_DIRECTORY` ones included."""
         return self.get_json("/extensions")
 
-    def queue_prompt(self, api_graph: dict) -> str:
-        """Queues an API-format graph and returns its prompt id; raises ComfyError with ComfyUI's reasons if refused."""
+    def queue_prompt(self, api_graph: dict, extra_pnginfo: dict | None = None) -> str:
+        """Queues an API-format graph and returns its prompt id; raises ComfyError with ComfyUI's reasons if refused.
+        `extra_pnginfo` is what a front end sends with it (`{"workflow": its UI graph}`)."""
+        body = {"prompt": api_graph, "client_id": self.client_id}
+        if extra_pnginfo is not None:
+            body["extra_data"] = {"extra_pnginfo": extra_pnginfo}
         try:
-            answer = json.loads(self._request("POST", "/prompt", {"prompt": api_graph, "client_id": self.client_id}))
+            answer = json.loads(self._request("POST", "/prompt", body))
         except urllib.error.HTTPError as error:
             body = error.read().decode(errors="replace")
             if error.code == 400:
@@ -337,9 +341,9 @@ class ComfyServer:
             time.sleep(POLL_SECONDS)
         raise ComfyError(f"prompt {prompt_id} did not end within {timeout:.0f} s of interrupting{self._log_tail()}")
 
-    def run(self, api_graph: dict, timeout: float = 120.0) -> dict:
+    def run(self, api_graph: dict, timeout: float = 120.0, extra_pnginfo: dict | None = None) -> dict:
         """Queues the graph, waits, and returns the history entry; raises ComfyError unless it succeeded."""
-        entry = self.wait(self.queue_prompt(api_graph), timeout)
+        entry = self.wait(self.queue_prompt(api_graph, extra_pnginfo), timeout)
         status = prompt_status(entry)
         if not status.ok:
             raise ComfyError(f"prompt ended with {status.state} in node {status.node_id} ({status.node_type}): "

@@ -6,6 +6,7 @@ Needs `scripts/setup_browser.sh` (Chromium and Playwright); skipped without it, 
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from lora_core.formats.files import read_safetensors
 
 try:
     from playwright.sync_api import sync_playwright
@@ -104,11 +107,33 @@ def load_shrunk_workflow(page, steps: int = TRAINING_OVERRIDES["LoraLab_Train"][
     }""", [workflow, overrides])
 
 
-def queue_in_page(page) -> str:
-    """Presses Queue the way the button does (`app.queuePrompt`) and returns the prompt id ComfyUI answered."""
+def queue_in_page(page) -> tuple[str, dict]:
+    """Presses Queue the way the button does (`app.queuePrompt`); returns the prompt id ComfyUI answered and the UI
+    workflow the front end sent with the prompt."""
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST") as answer:
         page.evaluate("app.queuePrompt(0)")
-    return answer.value.json()["prompt_id"]
+    sent = answer.value.request.post_data_json
+    return answer.value.json()["prompt_id"], sent["extra_data"]["extra_pnginfo"]["workflow"]
+
+
+def drop_file(page, path: Path) -> None:
+    """Drops the file on the empty canvas, as dragging it from the desktop does."""
+    page.evaluate("""async ([name, encoded]) => {
+        const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name));
+        const canvas = app.canvas.canvas;
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            canvas.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true, cancelable: true,
+                                                      clientX: 5, clientY: canvas.getBoundingClientRect().bottom - 5}));
+        }
+    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+
+
+def graph_nodes(workflow: dict) -> list[tuple]:
+    """A UI workflow's nodes as (id, type, widget values), and its links, to compare two graphs by."""
+    nodes = sorted((node["id"], node["type"], json.dumps(node.get("widgets_values"))) for node in workflow["nodes"])
+    return [nodes, sorted(map(tuple, workflow["links"]))]
 
 
 def show_nodes(page) -> None:
@@ -264,7 +289,7 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
     try:
         load_shrunk_workflow(page)
         widget_values = saved_widget_values(page)
-        prompt_id = queue_in_page(page)
+        prompt_id, sent_workflow = queue_in_page(page)
         page.wait_for_function("(id) => LoraLab.chart(id)?.received.length > 0", arg=TRAIN, timeout=600_000)
         live = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
         assert live["summary"] is None, "the chart must fill while the node trains, not only at the end"
@@ -296,7 +321,8 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         assert saved["bytes"] == (comfy.loras_dir / TRAINED).stat().st_size
         note = page.evaluate("(id) => LoraLab.note(id)", NODE_IDS["LoraLab_SaveLoRA"])
         assert note[:2] == [f"saved {TRAINED}", size_text(saved["bytes"])]
-        assert " ".join(note[2:]) == saved["verdict"] and saved["verdict"].startswith("checked: ")  # the workflow's
+        assert " ".join(note[2:4]) == saved["workflow"]
+        assert " ".join(note[4:]) == saved["verdict"] and saved["verdict"].startswith("checked: ")  # the workflow's
         # Save LoRA has the trained MODEL and CLIP: it checks the file
         found = outputs[NODE_IDS["LoraLab_LoadDataset"]]["lora_lab_dataset"][0]
         assert found["images"] == 4
@@ -323,6 +349,16 @@ def test_training_is_charted_live_in_the_node_and_restored_after_a_reload(browse
         assert chart_pixels(page, SMOOTHED_RGB) > 50
         page.screenshot(path=str(ARTIFACTS / "train_lora_browser_reloaded.png"))
         assert log.pack_errors() == []
+
+        # The file holds the workflow it was trained with: dropped on an empty canvas, it loads that graph.
+        assert saved["workflow"] == "stored the workflow (drop the file on the canvas to load it)"
+        assert json.loads(read_safetensors(comfy.loras_dir / TRAINED)[1]["workflow"]) == sent_workflow
+        page.evaluate("app.graph.clear()")
+        drop_file(page, comfy.loras_dir / TRAINED)
+        page.wait_for_function("(id) => app.graph.getNodeById(id)?.type === 'LoraLab_Train'", arg=TRAIN,
+                               timeout=30_000)
+        assert graph_nodes(page.evaluate("app.graph.serialize()")) == graph_nodes(sent_workflow)
+        assert log.pack_errors() == []
     finally:
         page.close()
 
@@ -331,7 +367,7 @@ def test_a_cancelled_training_keeps_its_chart_and_says_so(browser, comfy: ComfyS
     page, log = open_app(browser, comfy)
     try:
         load_shrunk_workflow(page, steps=500)
-        prompt_id = queue_in_page(page)
+        prompt_id, _ = queue_in_page(page)
         page.wait_for_function("(id) => LoraLab.chart(id)?.received.length >= 2", arg=TRAIN, timeout=600_000)
         assert comfy.cancel(prompt_id)["status"]["status_str"] == "error"
         page.wait_for_function("(id) => LoraLab.chart(id).halted", arg=TRAIN, timeout=60_000)

@@ -151,6 +151,7 @@ def test_a_workflow_saved_before_flow_matching_options_keeps_every_setting(comfy
     save_id, save = by_type["new"]["LoraLab_SaveLoRA"]  # its check's MODEL and CLIP came later: as the loader's
     assert (save.pop("model"), save.pop("clip")) == ([by_type["new"]["UNETLoader"][0], 0],
                                                      [by_type["new"]["DualCLIPLoader"][0], 0])
+    assert save.pop("store_workflow") is True  # added later still: the old node's file stores it too (its default)
     assert by_type["old"] == by_type["new"]
 
 
