@@ -20,6 +20,7 @@ from .settings import add_arguments, parsed_settings
 from .training.checkpoints import CHECKPOINT_SETTINGS
 from .training.config import TRAINING_SETTINGS, TrainingConfig
 from .training.distributed import DEFAULT_TIMEOUT_SECONDS, Distributed, is_peer_failure
+from .training.sweep import SWEEP_SETTINGS, check_sweep, parse_sweep
 
 
 def file_sha256(path: Path) -> str:
@@ -108,15 +109,21 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
 
     from .data.config import DatasetConfig
     from .data.dataset import ImageFolderDataset
-    from .formats.files import load_lora, save_lora
+    from .formats.files import save_lora
     from .formats.metadata import lora_metadata
-    from .network import LoRANetwork
     from .training.checkpoints import Checkpointer, load_state
     from .training.loop import TrainingDiverged, train
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; choose another --out or pass --overwrite")
+    config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
+    variants = parse_sweep(**parsed_settings(args, SWEEP_SETTINGS))
+    if variants:
+        if distributed.enabled or args.resume_state:
+            raise SystemExit("error: a sweep trains its variants one after another in one process, each from its "
+                             "start: run it without torchrun/accelerate and without --resume-state")
+        check_sweep(variants, config, continues_a_lora=bool(args.start_from_lora))
     swap = args.blocks_to_swap  # None: auto, which swaps blocks of a base loaded onto the device whole
     if swap != 0 and args.qlora:
         raise SystemExit("error: --blocks-to-swap moves full-precision blocks between host and device; with --qlora "
@@ -138,13 +145,10 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     backend = make_backend(pipeline, args, name=Path(args.base).name, model_hash=unet_hash(Path(args.base)))
     dataset = ImageFolderDataset(args.data, DatasetConfig(**parsed_settings(args, DATASET_SETTINGS)),
                                  regularization_root=args.regularization_folder)
-    if args.start_from_lora:
-        network, _ = load_lora(args.start_from_lora, backend.loadable_modules(),
-                               network_tensors=backend.network_tensors)
-    else:
-        adapters = NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS))
-        network = LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder),
-                                     adapters.algorithm, adapters.rank, adapters.alpha, args.seed)
+    if variants:
+        sweep_and_save(args, backend, dataset, config, variants, out)
+        return
+    network = new_network(args, backend)
     if args.fsdp:  # after the adapters, which read the base's weights whole when they are made (DoRA's magnitude)
         from .families import denoisers, place_except
         from .training.memory_plan import size
@@ -162,7 +166,6 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
                   f"{size(whole)} of weights", flush=True)
     network.to(backend.device)
     backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now, not at saving
-    config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
 
     def metadata(steps: int) -> dict[str, str]:
         return lora_metadata(network, config, backend, dataset, steps, title=out.stem)
@@ -187,13 +190,8 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
                 validation_loss = f"{report.validation_loss:.4f}"
             bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", val=validation_loss, lr=f"{report.learning_rate:.2e}")
             bar.update(1)
-            for index, image in enumerate(report.samples if is_main and report.samples else []):
-                name = f"{out.stem}-sample-step{report.step:08d}-{index}"
-                if isinstance(image, list):  # a clip: an animated WEBP at the dataset's frame rate
-                    image[0].save(out.parent / f"{name}.webp", save_all=True, append_images=image[1:], loop=0,
-                                  duration=round(1000 / (dataset.config.target_fps or SAMPLE_FPS)), quality=90)
-                else:
-                    image.save(out.parent / f"{name}.png")
+            if is_main:
+                save_samples(report, out, dataset)
 
         try:
             result = train(backend, network, dataset, config, callback=show, checkpointer=checkpointer,
@@ -212,6 +210,89 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
         print(json.dumps({"file": str(out), **{k: v for k, v in result.as_dict().items() if k not in hidden}}))
     if result.stop_reason == "diverged":
         raise SystemExit(1)
+
+
+def new_network(args: argparse.Namespace, backend, variant=None):
+    """The adapters to train: those of --start-from-lora, or new ones as the network options (and a sweep's
+    `variant`: its rank and alpha) say."""
+    from .formats.files import load_lora
+    from .network import LoRANetwork
+
+    if args.start_from_lora:
+        network, _ = load_lora(args.start_from_lora, backend.loadable_modules(), network_tensors=backend.network_tensors)
+        return network
+    adapters = NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS))
+    if variant is not None:
+        adapters = variant.adapters(adapters)
+    return LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder), adapters.algorithm,
+                              adapters.rank, adapters.alpha, args.seed)
+
+
+def save_samples(report, out: Path, dataset) -> None:
+    """A step's sample images beside `out`: `<stem>-sample-step00000100-0.png`, a clip as an animated WEBP."""
+    for index, image in enumerate(report.samples or []):
+        name = f"{out.stem}-sample-step{report.step:08d}-{index}"
+        if isinstance(image, list):  # a clip: an animated WEBP at the dataset's frame rate
+            image[0].save(out.parent / f"{name}.webp", save_all=True, append_images=image[1:], loop=0,
+                          duration=round(1000 / (dataset.config.target_fps or SAMPLE_FPS)), quality=90)
+        else:
+            image.save(out.parent / f"{name}.png")
+
+
+def sweep_and_save(args: argparse.Namespace, backend, dataset, config: TrainingConfig, variants: list,
+                   out: Path) -> None:
+    """Train each variant of the sweep in turn on the dataset encoded once; each is saved as
+    `<out stem>-<variant>.safetensors` when it finishes (an interrupted sweep keeps those), the best by validation
+    loss as `out`, and the chart of every variant's validation loss as `<out stem>-sweep.png`."""
+    from tqdm import tqdm
+
+    from .formats.files import LoRAWeights
+    from .formats.metadata import lora_metadata
+    from .training.checkpoints import Checkpointer
+    from .training.plots import sweep_chart
+    from .training.sweep import sweep
+
+    paths = {variant: out.with_name(f"{out.stem}-{variant.slug}.safetensors") for variant in variants}
+    chart = out.with_name(f"{out.stem}-sweep.png")
+    taken = [path for path in (*paths.values(), chart) if path.exists()]
+    if taken and not args.overwrite:
+        raise SystemExit(f"error: {taken[0]} exists; choose another --out or pass --overwrite")
+
+    def weights(each) -> LoRAWeights:
+        metadata = lora_metadata(each.network, each.variant.config(config), backend, dataset, each.result.steps,
+                                 title=paths[each.variant].stem)
+        return LoRAWeights.from_network(each.network, metadata, args.save_precision, backend.file_tensors)
+
+    def save_variant(each) -> None:
+        weights(each).save(paths[each.variant], overwrite=args.overwrite)
+        bar.write(json.dumps({"variant": each.variant.label, "file": str(paths[each.variant]),
+                              "validation_loss": each.validation_loss, "steps": each.result.steps}))
+
+    def checkpointer_for(variant, network) -> Checkpointer | None:
+        if not args.checkpoint_every:
+            return None
+        run, stem = variant.config(config), paths[variant].stem
+        return Checkpointer(out.parent, args.checkpoint_every, args.keep_checkpoints, stem,
+                            lambda steps: lora_metadata(network, run, backend, dataset, steps, title=stem),
+                            args.save_precision)
+
+    def show(variant, index: int, report) -> None:
+        bar.set_description(f"variant {index + 1}/{len(variants)}")
+        bar.set_postfix(loss=f"{report.smoothed_loss:.4f}", lr=f"{report.learning_rate:.2e}")
+        bar.update(1)
+        save_samples(report, paths[variant], dataset)
+
+    with tqdm(total=sum(variant.config(config).steps for variant in variants), unit="step") as bar:
+        result = sweep(backend, lambda variant: new_network(args, backend, variant).to(backend.device), dataset,
+                       config, variants, callback=show, finished=save_variant, checkpointer_for=checkpointer_for,
+                       memory_plan=lambda plan: bar.write(plan.describe()))
+    best = result.best
+    weights(best).save(out, overwrite=args.overwrite)
+    sweep_chart([(each.variant.label, each.result.validation) for each in result.variants],
+                result.variants.index(best)).save(chart)
+    print(json.dumps({"file": str(out), "best": best.variant.label, "validation_loss": best.validation_loss,
+                      "chart": str(chart), "variants": {each.variant.label: str(paths[each.variant])
+                                                        for each in result.variants}}))
 
 
 def command_generate(args: argparse.Namespace) -> None:
@@ -393,7 +474,7 @@ def parser() -> argparse.ArgumentParser:
                        help="a checkpoint's .state.safetensors: continue that run exactly where it stopped")
     for old, new in RENAMED_OPTIONS.items():
         train.add_argument(old, action=Renamed, new=new, help=argparse.SUPPRESS)
-    add_arguments(train, CHECKPOINT_SETTINGS + TRAINING_SETTINGS)
+    add_arguments(train, CHECKPOINT_SETTINGS + TRAINING_SETTINGS + SWEEP_SETTINGS)
     train.add_argument("--qlora", action="store_true", help="hold the UNet's Linear weights in 4-bit NF4 (bitsandbytes), "
                        "quantized on the CPU before the base moves to --device")
     train.add_argument("--base-dtype", default="auto", help="the dtype the denoiser and text encoders are loaded in: "

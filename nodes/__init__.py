@@ -2,7 +2,7 @@
 from .lora_nodes import ApplyLoRA, CheckLoRA, LoadLoRA, SaveLoRA
 from .toolbox_nodes import ExtractLoRA, MergeLoRAs, ResizeLoRA
 from .train_nodes import (
-    FlowMatchingOptions, InjectLoRA, LoadDataset, TrainingOptions, TrainingOptionsWithFlowMatching, TrainLoRA,
+    FlowMatchingOptions, InjectLoRA, LoadDataset, Sweep, TrainingOptions, TrainingOptionsWithFlowMatching, TrainLoRA,
     TrainLoRAAllSettings,
 )
 
@@ -12,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraLab_Train": TrainLoRA,
     "LoraLab_TrainingOptions2": TrainingOptions,
     "LoraLab_FlowMatchingOptions": FlowMatchingOptions,
+    "LoraLab_Sweep": Sweep,
     "LoraLab_TrainingOptions": TrainingOptionsWithFlowMatching,
     "LoraLab_TrainLoRA": TrainLoRAAllSettings,
     "LoraLab_SaveLoRA": SaveLoRA,
@@ -28,6 +29,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLab_Train": "Train LoRA (LoRA Lab)",
     "LoraLab_TrainingOptions2": "Training Options (LoRA Lab)",
     "LoraLab_FlowMatchingOptions": "Flow Matching Options (LoRA Lab)",
+    "LoraLab_Sweep": "Sweep (LoRA Lab)",
     "LoraLab_TrainingOptions": "Training Options, SD3/Flux settings on the node (LoRA Lab, old layout)",
     "LoraLab_TrainLoRA": "Train LoRA, all settings (LoRA Lab, old layout)",
     "LoraLab_SaveLoRA": "Save LoRA (LoRA Lab)",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from ..lora_core.training.checkpoints import (
     Checkpointer,
     load_state,
 )
-from ..lora_core.training.config import FLOW_MATCHING_SETTINGS, TRAINING_SETTINGS
+from ..lora_core.training.config import FLOW_MATCHING_SETTINGS, TRAINING_SETTINGS, TrainingError
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
-from ..lora_core.training.plots import loss_curve, smooth
+from ..lora_core.training.plots import loss_curve, smooth, sweep_chart
+from ..lora_core.training.sweep import SWEEP_SETTINGS, Variant, VariantResult, check_sweep, parse_sweep
+from ..lora_core.training.sweep import sweep as train_variants
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
 from .paths import (
@@ -139,7 +142,8 @@ class NetworkSpec:
     adapters: NetworkConfig
     start: LoRAWeights | None
 
-    def build(self, backend: ComfyBackend, seed: int) -> LoRANetwork:
+    def build(self, backend: ComfyBackend, seed: int, variant: Variant | None = None) -> LoRANetwork:
+        """Fresh adapters (a sweep's `variant` may set their rank and alpha), or the continued LoRA's."""
         if self.start is not None:
             tensors = backend.network_tensors(self.start.tensors)
             network, _ = LoRANetwork.from_tensors(tensors, backend.loadable_modules(), strict=True)
@@ -148,7 +152,7 @@ class NetworkSpec:
                     if name.startswith(TEXT_ENCODER_PREFIX):
                         adapter.requires_grad_(False)
             return network
-        adapters = self.adapters
+        adapters = variant.adapters(self.adapters) if variant else self.adapters
         return LoRANetwork.create(backend.adapter_targets(adapters.target, adapters.train_text_encoder),
                                   adapters.algorithm, adapters.rank, adapters.alpha, seed)
 
@@ -301,15 +305,42 @@ def no_samples_image(size: int) -> torch.Tensor:
     return to_image_batch([picture])
 
 
+class Sweep:
+    DESCRIPTION = ("Makes Train LoRA train one variant per value listed (learning rate, rank with its alpha, steps; "
+                   "every combination of the lists given), one after another on the dataset encoded once, each with "
+                   "its own validation loss and early stopping. Train LoRA then outputs the best by validation loss, "
+                   "every variant's LoRA, and one chart of their validation losses.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LORA_SWEEP",)
+    RETURN_NAMES = ("sweep",)
+    OUTPUT_TOOLTIPS = ("For Train LoRA's sweep input.",)
+    FUNCTION = "sweep"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {each.name: widget_input(each) for each in SWEEP_SETTINGS}}
+
+    def sweep(self, **lists):
+        variants = parse_sweep(**lists)
+        if not variants:
+            raise TrainingError("Sweep lists no value: give learning rates, ranks or steps, comma-separated, or "
+                                "disconnect it")
+        return (variants,)
+
+
 class TrainLoRA:
     DESCRIPTION = ("Trains the LoRA on the dataset with the model's own noise schedule. The base model is left as it was. "
-                   "Connect Training Options for the other settings.")
+                   "Connect Training Options for the other settings, Sweep to train several variants.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples")
-    OUTPUT_TOOLTIPS = ("The trained LoRA, for Save LoRA or Apply LoRA.", "MODEL with the LoRA applied at strength 1, for a preview.",
-                       "CLIP with the LoRA applied at strength 1.", "The training loss per step and the validation loss.",
-                       "The sample images of every sample step, in order (a video model's: each clip's frames; an image saying so when sampling is off).")
+    RETURN_TYPES = ("LORA", "MODEL", "CLIP", "IMAGE", "IMAGE", "LORA")
+    RETURN_NAMES = ("lora", "model", "clip", "loss_curve", "samples", "loras")
+    OUTPUT_IS_LIST = (False, False, False, False, False, True)
+    OUTPUT_TOOLTIPS = ("The trained LoRA (a sweep's best by validation loss), for Save LoRA or Apply LoRA.",
+                       "MODEL with that LoRA applied at strength 1, for a preview.",
+                       "CLIP with that LoRA applied at strength 1.",
+                       "The training loss per step and the validation loss; a sweep's: every variant's validation loss.",
+                       "The sample images of every sample step, in order, a sweep's variant after variant (a video model's: each clip's frames; an image saying so when sampling is off).",
+                       "Every variant's LoRA of a sweep, as a list: a node it feeds runs once per variant (Save LoRA saves each). Without a sweep, the one LoRA.")
     FUNCTION = "train"
 
     @classmethod
@@ -330,12 +361,13 @@ class TrainLoRA:
             "optional": {
                 "options": ("LORA_TRAINING_OPTIONS", {"tooltip": "From Training Options: scheduler, accumulation, validation, precision, checkpoints and more. Unconnected: that node's defaults."}),
                 "resume_state": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings and dataset (steps may grow)."}),
+                "sweep": ("LORA_SWEEP", {"tooltip": "From Sweep: one variant per value listed, trained in turn on the dataset encoded once (needs Training Options' validation_every). Cancel keeps the variants already finished, saved as models/loras/<checkpoint_prefix>-<variant>_00001_.safetensors."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, sample_every,
-              sample_prompts, options=None, resume_state="none", unique_id=None):
+              sample_prompts, options=None, resume_state="none", sweep=None, unique_id=None):
         options = {**OPTION_DEFAULTS, **(options or {})}
         widgets = {**options, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
                    "optimizer": optimizer, "seed": seed % 2**63, "sample_every": sample_every,
@@ -346,52 +378,111 @@ class TrainLoRA:
             text_encoder_lr=text_encoder_learning_rate(options),
             latent_cache_dir=str(latent_cache_folder()) if options["cache_latents_on_disk"] else None,
         )
+        if sweep:
+            check_sweep(sweep, config, continues_a_lora=network.start is not None)
+            if resume_state != "none":
+                raise TrainingError("resume_state continues one run, and Sweep trains several: disconnect Sweep to "
+                                    "resume, or set resume_state to none")
+        variants = sweep or [Variant()]
+        runs = [variant.config(config) for variant in variants]
         backend = ComfyBackend(network.model, network.clip, vae, sample_size=dataset.config.resolution,
                                guidance=options["flux_guidance"], edit_prompt=options["edit_prompt"])
         state = load_state(resolve_lora(resume_state)) if resume_state != "none" else None
-        bar = comfy.utils.ProgressBar(steps)
+        total = sum(run.steps for run in runs)
+        before = [0, *accumulate(run.steps for run in runs)]  # the steps of the variants before each
+        bar = comfy.utils.ProgressBar(total)
 
-        def on_step(report: StepReport) -> None:
+        def on_step(index: int, report: StepReport) -> bool:
+            if sweep and comfy.model_management.processing_interrupted():
+                return False  # the sweep stops, keeping the variants already finished; raised below
             comfy.model_management.throw_exception_if_processing_interrupted()
             first = report.samples[0] if report.samples else None  # a clip shows its first frame
             preview = ("PNG", first[0] if isinstance(first, list) else first, 512) if first else None  # loss: web/
-            bar.update_absolute(report.step, report.total_steps, preview)
+            bar.update_absolute(before[index] + report.step, total, preview)
             send_event("lora_lab.train.step", {
                 "node": unique_id, "step": report.step, "total": report.total_steps, "loss": report.loss,
                 "smoothed": report.smoothed_loss, "lr": report.learning_rate, "elapsed": report.elapsed,
                 "validation_loss": report.validation_loss,
+                "variant": f"variant {index + 1}/{len(variants)}: {variants[index].label}" if sweep else None,
             })
+            return True
 
-        def metadata(steps: int) -> dict[str, str]:
-            return lora_metadata(lora_network, config, backend, dataset, steps)
+        def saved_weights(each: VariantResult) -> LoRAWeights:
+            metadata = lora_metadata(each.network, each.variant.config(config), backend, dataset, each.result.steps)
+            return LoRAWeights.from_network(each.network, metadata, file_tensors=backend.file_tensors)
 
-        checkpointer = None
-        if options["checkpoint_every"]:
+        def checkpointer_for(variant: Variant, lora_network: LoRANetwork) -> Checkpointer | None:
+            if not options["checkpoint_every"]:
+                return None
             prefix = check_name(options["checkpoint_prefix"], "checkpoint prefix")
-            folder = next_lora_path(prefix).parent
-            checkpointer = Checkpointer(folder, options["checkpoint_every"], options["keep_checkpoints"],
-                                        Path(prefix).name, metadata)
-        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
-            lora_network = network.build(backend, config.seed).to(backend.device)
+            run = variant.config(config)
+            return Checkpointer(next_lora_path(prefix).parent, options["checkpoint_every"], options["keep_checkpoints"],
+                                Path(prefix).name + (f"-{variant.slug}" if sweep else ""),
+                                lambda steps: lora_metadata(lora_network, run, backend, dataset, steps))
+
+        def build(variant: Variant) -> LoRANetwork:
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors need it off
+                return network.build(backend, config.seed, variant).to(backend.device)
+
         def show_plan(plan) -> None:  # before the first step; a run that will not fit a GPU is refused after it
             logging.info("LoRA Lab: %s", plan.describe())
             send_event("lora_lab.train.plan", {"node": unique_id, "text": plan.describe()})
 
-        result = train(backend, lora_network, dataset, config, callback=on_step, checkpointer=checkpointer,
-                       resume_state=state, memory_plan=show_plan)  # encodes the dataset, then loads the denoiser
-        weights = LoRAWeights.from_network(lora_network, metadata(result.steps), file_tensors=backend.file_tensors)
+        if sweep:  # encodes the dataset once, then trains each variant
+            finished = []
+
+            def variant_done(each: VariantResult) -> None:
+                finished.append(each)
+                logging.info("LoRA Lab: sweep variant %d/%d (%s) finished after %d steps: validation loss %.6g",
+                             len(finished), len(sweep), each.variant.label, each.result.steps, each.validation_loss)
+
+            try:
+                swept = train_variants(backend, build, dataset, config, sweep, finished=variant_done,
+                                       callback=lambda _, index, report: on_step(index, report),
+                                       checkpointer_for=checkpointer_for, memory_plan=show_plan)
+            finally:  # Cancel, seen at a step or raised while sampling: the finished variants are saved first
+                if comfy.model_management.processing_interrupted():
+                    keep_finished(finished, options["checkpoint_prefix"], saved_weights)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            best = swept.best
+        else:
+            lora_network = build(Variant())
+            result = train(backend, lora_network, dataset, config, callback=lambda report: on_step(0, report),
+                           checkpointer=checkpointer_for(Variant(), lora_network), resume_state=state,
+                           memory_plan=show_plan)  # encodes the dataset, then loads the denoiser
+            finished = [VariantResult(Variant(), lora_network, result, config.keep_best)]
+            best = finished[0]
+        loras = [saved_weights(each) for each in finished]
+        weights = loras[finished.index(best)]
         model, clip = apply_lora(network.model, network.clip, weights, 1.0, 1.0)
+        result = best.result
         history = loss_history(result.losses, smooth(result.losses, config.loss_smoothing))  # bounded for /history
-        summary = {"steps": result.steps, "total": config.steps, **history,
+        summary = {"steps": result.steps, "total": best.variant.config(config).steps, **history,
                    "best_step": result.best_step, "best_loss": result.best_loss, "stop_reason": result.stop_reason,
                    "seconds": result.seconds, "validation": result.validation,
                    "validation_held_out": result.validation_held_out, "memory_plan": result.memory_plan}
+        if sweep:
+            summary["sweep"] = [{"variant": each.variant.label, "validation_loss": each.validation_loss,
+                                 "steps": each.result.steps, "stop_reason": each.result.stop_reason,
+                                 "best": each is best} for each in finished]
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
-        curve = to_image_batch([loss_curve(result.losses, result.validation)])
-        samples = [frame for _, images in result.samples for image in images  # a clip: its frames in order
-                   for frame in (image if isinstance(image, list) else [image])]
+        curve = to_image_batch([sweep_chart([(each.variant.label, each.result.validation) for each in finished],
+                                            finished.index(best)) if sweep else
+                                loss_curve(result.losses, result.validation)])
+        samples = [frame for each in finished for _, images in each.result.samples for image in images  # a clip:
+                   for frame in (image if isinstance(image, list) else [image])]  # its frames in order
         samples = to_image_batch(samples) if samples else no_samples_image(dataset.config.resolution)
-        return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve, samples)}
+        return {"ui": {"lora_lab_training": [summary]}, "result": (weights, model, clip, curve, samples, loras)}
+
+
+def keep_finished(finished: list[VariantResult], checkpoint_prefix: str, saved_weights) -> None:
+    """A cancelled sweep's finished variants, saved next to the checkpoints so that Cancel loses none of them."""
+    prefix = check_name(checkpoint_prefix, "checkpoint prefix")
+    for each in finished:
+        path = next_lora_path(f"{prefix}-{each.variant.slug}")
+        saved_weights(each).save(path)
+        logging.warning("LoRA Lab: the sweep was cancelled; its finished variant %s is saved as %s",
+                        each.variant.label, path)
 
 
 LEGACY_REQUIRED = ("network", "dataset", "vae", "steps", "learning_rate", "batch_size", "gradient_accumulation",
@@ -427,4 +518,4 @@ class TrainLoRAAllSettings(TrainLoRA):
         else:
             options.update(text_encoder_lr="custom", text_encoder_custom_lr=text_encoder_lr)
         return super().train(network, dataset, vae, steps, learning_rate, batch_size, optimizer, seed, sample_every,
-                             sample_prompts, options, resume_state, unique_id)
+                             sample_prompts, options, resume_state=resume_state, unique_id=unique_id)

@@ -56,7 +56,7 @@ export class LossChart {
    */
   reset() {
     [this.steps, this.losses, this.smoothed, this.received, this.validation] = [[], [], [], [], []];
-    Object.assign(this, { total: 0, lr: null, elapsed: 0, summary: null, halted: null });
+    Object.assign(this, { total: 0, lr: null, elapsed: 0, summary: null, halted: null, variant: null });
   }
 
   get lastStep() {
@@ -67,8 +67,9 @@ export class LossChart {
    * One `lora_lab.train.step` event; a step that does not follow the last one starts a new run.
    * `validation_loss` is a number on the steps where the validation loss was evaluated, else null or absent.
    */
-  addStep({ step, total, loss, smoothed, lr, elapsed, validation_loss }) {
-    if (this.summary || step <= this.lastStep) this.reset();
+  addStep({ step, total, loss, smoothed, lr, elapsed, validation_loss, variant }) {
+    if (this.summary || step <= this.lastStep || (variant ?? null) !== this.variant) this.reset();
+    this.variant = variant ?? null; // a sweep's "variant 2/3: learning_rate 0.0003"
     this.steps.push(step);
     this.losses.push(loss);
     this.smoothed.push(smoothed);
@@ -112,10 +113,12 @@ export class LossChart {
       return [`memory plan: ${this.plannedTotal ?? "?"} on the training device${when}`, breakdown];
     }
     if (this.summary) {
-      const { steps, best_step, best_loss, stop_reason, seconds } = this.summary;
+      const { steps, best_step, best_loss, stop_reason, seconds, sweep } = this.summary;
+      const best = sweep?.find((variant) => variant.best);
       return [
         `${steps} / ${this.total} steps, ${stop_reason.replace("_", " ")} in ${formatDuration(seconds)}${planned}`,
-        `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}`,
+        best ? `best of ${sweep.length} variants: ${best.variant}, validation ${best.validation_loss.toPrecision(4)}`
+          : `best smoothed loss ${best_loss.toPrecision(4)} at step ${best_step}`,
       ];
     }
     const remaining = (this.elapsed / this.lastStep) * (this.total - this.lastStep);
@@ -124,7 +127,8 @@ export class LossChart {
         `smoothed ${this.smoothed[last].toPrecision(4)}`,
       this.halted
         ? `${this.halted} after ${formatDuration(this.elapsed)}`
-        : `lr ${this.lr.toExponential(2)}   elapsed ${formatDuration(this.elapsed)}   ETA ${formatDuration(remaining)}`,
+        : `${this.variant ? `${this.variant}   ` : ""}lr ${this.lr.toExponential(2)}   elapsed `
+          + `${formatDuration(this.elapsed)}   ETA ${formatDuration(remaining)}`,
     ];
   }
 

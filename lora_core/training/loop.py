@@ -214,6 +214,7 @@ def train(
     resume_state: dict | None = None,
     distributed: Distributed | None = None,
     memory_plan: Callable[[MemoryPlan], None] | None = None,
+    encoded: EncodedDataset | None = None,
 ) -> TrainingResult:
     """Train `network` on `dataset` through `backend`; the callback may return False to stop after any step.
 
@@ -222,6 +223,7 @@ def train(
     `checkpointer` saves checkpoints; `resume_state` (from `checkpoints.load_state`) continues a run where its
     checkpoint left it. `memory_plan` is called with the run's memory plan once the dataset is encoded, before the
     first step; on a CUDA device a run the plan says will not fit is refused then, naming what would make it fit.
+    `encoded` is the dataset already encoded for this backend, seed and caching (a sweep's variants share it).
 
     `distributed` (from `Distributed.from_environment()`) trains data-parallel: every rank runs this with the same
     settings on its share of each global batch of `batch_size × world_size × gradient_accumulation`, DDP averages
@@ -279,8 +281,7 @@ def train(
     started = time.perf_counter() - result.seconds
 
     with torch.inference_mode(False), frozen(backend.frozen_modules()):
-        encoded = EncodedDataset(backend, dataset, config.seed, not (network.has_text_encoder or
-                                 dataset.config.augments_captions), config.latent_cache_dir)
+        encoded = encode(backend, network, dataset, config) if encoded is None else encoded
         validation = ValidationSet.build(dataset, held_images, held_out, objective, encoded, config.seed,
                                          config.validation_timesteps, config.batch_size) if held_images else None
         batch_loss = distributed.wrap(  # in DistributedDataParallel where there are several ranks
@@ -390,6 +391,15 @@ def train(
         average.load_into_network()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def encode(backend: TrainingBackend, network: LoRANetwork, dataset: ImageFolderDataset, config: TrainingConfig
+           ) -> EncodedDataset:
+    """The dataset's latents, and its captions' text-encoder outputs where the text encoder is frozen and the captions
+    fixed, as a run with `config` encodes them before its first step."""
+    with torch.inference_mode(False), frozen(backend.frozen_modules()):
+        return EncodedDataset(backend, dataset, config.seed, not (network.has_text_encoder or
+                              dataset.config.augments_captions), config.latent_cache_dir)
 
 
 @contextmanager

@@ -85,3 +85,45 @@ def image_grid(images: Sequence[Image.Image], labels: Sequence[str], label_heigh
         grid.paste(image.convert("RGB").resize((width, height)), (column * width, 0))
         draw.text((column * width + 2, height + 2), label, fill="black", font=ImageFont.load_default())
     return grid
+
+
+SERIES_COLORS = ((30, 90, 200), (220, 90, 20), (40, 150, 60), (180, 40, 160), (200, 30, 40), (20, 160, 170),
+                 (120, 90, 40), (110, 110, 110))
+
+
+def sweep_chart(series: Sequence[tuple[str, Sequence[tuple[int, float]]]], best: int, width: int = 640,
+                height: int = 360) -> Image.Image:
+    """Each variant's validation loss against the step (step 0: the untrained network), one colour each, with a
+    legend of their labels; the `best`-th's line is drawn thicker and its label says so."""
+    legend_height = 14 * len(series) + 4
+    image = Image.new("RGB", (width, height + legend_height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    left, top, right, bottom = MARGIN_LEFT, MARGIN_TOP, width - MARGIN_RIGHT, height - MARGIN_BOTTOM
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    draw.text((left, 8), f"validation loss of {len(series)} variants", fill="black", font=font)
+    points = [point for _, validation in series for point in validation]
+    if not points:
+        draw.text((left + 8, top + 8), "no validation loss yet", fill="gray", font=font)
+        return image
+    low, high = min(loss for _, loss in points), max(loss for _, loss in points)
+    span, last = (high - low) or 1.0, max(step for step, _ in points) or 1
+    for fraction in (0.0, 0.5, 1.0):
+        y = bottom - (bottom - top) * fraction
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((4, y - 6), f"{low + span * fraction:.4g}", fill="black", font=font)
+    draw.text((left, bottom + 8), "0", fill="black", font=font)
+    draw.text((right - 24, bottom + 8), str(last), fill="black", font=font)
+    draw.text(((left + right) // 2 - 12, bottom + 8), "step", fill="black", font=font)
+    for index, (label, validation) in enumerate(series):
+        color = SERIES_COLORS[index % len(SERIES_COLORS)]
+        line = [(left + (right - left) * step / last, bottom - (bottom - top) * (loss - low) / span)
+                for step, loss in validation]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=3 if index == best else 1)
+        for x, y in line:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        y = height + 14 * index
+        draw.rectangle((left, y + 3, left + 10, y + 11), fill=color)
+        draw.text((left + 16, y), label + ("  (best)" if index == best else ""), fill="black", font=font)
+    return image

@@ -14,7 +14,7 @@ from lora_core.demo.demo import make_concept_images
 from .harness import TEST_CHECKPOINT, ComfyError, ComfyServer, output_images, prompt_status
 
 NODES = ["LoraLab_LoadDataset", "LoraLab_InjectLoRA", "LoraLab_Train", "LoraLab_TrainingOptions2", "LoraLab_FlowMatchingOptions",
-         "LoraLab_TrainingOptions", "LoraLab_TrainLoRA",
+         "LoraLab_TrainingOptions", "LoraLab_TrainLoRA", "LoraLab_Sweep",
          "LoraLab_SaveLoRA", "LoraLab_LoadLoRA", "LoraLab_ApplyLoRA", "LoraLab_CheckLoRA"]
 DATASET = "lora_lab_concept"
 

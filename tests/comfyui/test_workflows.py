@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_core.demo.demo import make_concept_images
@@ -107,6 +109,38 @@ def test_a_workflow_saved_before_training_options_loads_and_trains_the_same_lora
         files.append(load_file(comfy.loras_dir / saved))
     assert files[0].keys() == files[1].keys()
     assert all(np.array_equal(files[0][key].numpy(), files[1][key].numpy()) for key in files[0])
+
+
+# 3 learning rates × 4 steps, evaluated at steps 2 and 4, sampled at step 4
+SWEEP_OVERRIDES = {**TRAINING_OVERRIDES, "LoraLab_Train": {"steps": 4, "sample_every": 4},
+                   "LoraLab_TrainingOptions2": {"lr_warmup_steps": 0, "sample_steps": 4, "validation_every": 2}}
+
+
+def test_the_sweep_workflow_trains_a_variant_per_learning_rate_and_outputs_the_best(comfy, comfy_object_info,
+                                                                                   shipped_names) -> None:
+    graph = load("sweep_learning_rate.json", comfy_object_info, SWEEP_OVERRIDES)
+    [train_id] = [i for i, node in graph.items() if node["class_type"] == "LoraLab_Train"]
+    saves = {node["inputs"]["lora"][1]: i for i, node in graph.items() if node["class_type"] == "LoraLab_SaveLoRA"}
+    entry = comfy.run(graph, timeout=900)
+    summary = entry["outputs"][train_id]["lora_lab_training"][0]
+    rates = ["0.0001", "0.0003", "0.001"]
+    assert [variant["variant"] for variant in summary["sweep"]] == [f"learning_rate {rate}" for rate in rates]
+    best = min(range(3), key=lambda index: summary["sweep"][index]["validation_loss"])
+    assert [variant["best"] for variant in summary["sweep"]] == [index == best for index in range(3)]
+
+    every = [saved["filename"] for saved in entry["outputs"][saves[5]]["lora_lab_saved"]]  # the `loras` list output
+    assert len(every) == 3
+    files = [load_file(comfy.loras_dir / name) for name in every]
+    assert all(float(safe_open(comfy.loras_dir / name, "pt").metadata()["ss_learning_rate"]) == float(rate)
+               for name, rate in zip(every, rates))
+    [best_name] = [saved["filename"] for saved in entry["outputs"][saves[0]]["lora_lab_saved"]]
+    best_file = load_file(comfy.loras_dir / best_name)
+    assert all(torch.equal(best_file[key], files[best][key]) for key in best_file)
+    assert not all(torch.equal(files[0][key], files[2][key]) for key in files[0]), "the variants differ"
+    assert len(output_images(entry, samples_preview(graph))) == 3, "one sample per variant, at its step 4"
+    [curve] = [i for i, node in graph.items() if node["class_type"] == "PreviewImage"
+               and node["inputs"]["images"] == [train_id, 3]]
+    assert len(output_images(entry, curve)) == 1, "one chart of every variant's validation loss"
 
 
 def with_defaults(inputs: dict, node_info: dict) -> dict:

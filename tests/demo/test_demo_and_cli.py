@@ -185,6 +185,26 @@ def test_qlora_quantizes_the_denoiser_before_the_base_moves(demo: Path, monkeypa
     assert calls == [("quantize", "cpu"), ("to", ("cpu",))]
 
 
+def test_cli_sweep_saves_every_variant_the_best_as_out_and_a_variant_equals_its_run_alone(demo: Path, tmp_path) -> None:
+    common = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--resolution", "32",
+              "--rank", "4", "--save-dtype", "float32", "--steps", "3", "--validation-every", "3"]
+    out = tmp_path / "sweep.safetensors"
+    summary = json.loads(run(*common, "--out", str(out), "--sweep-learning-rate", "1e-3, 1e-2",
+                             "--sweep-rank", "4, 8/4").stdout.strip().splitlines()[-1])
+    assert list(summary["variants"]) == ["learning_rate 0.001, rank 4", "learning_rate 0.001, rank 8/4",
+                                         "learning_rate 0.01, rank 4", "learning_rate 0.01, rank 8/4"]
+    assert Image.open(summary["chart"]).size[0] > 0
+    files = {label: load_file(path)[0] for label, path in summary["variants"].items()}
+    best, _ = load_file(out)
+    assert all(np.array_equal(best[key].numpy(), files[summary["best"]][key].numpy()) for key in best)
+    alone = tmp_path / "alone.safetensors"
+    run(*common, "--out", str(alone), "--lr", "1e-2", "--rank", "8", "--alpha", "4")
+    alone_tensors, _ = load_file(alone)
+    swept = files["learning_rate 0.01, rank 8/4"]
+    assert alone_tensors.keys() == swept.keys()
+    assert all(np.array_equal(alone_tensors[key].numpy(), swept[key].numpy()) for key in swept)
+
+
 def test_cli_resume_continues_a_checkpointed_run_to_the_same_lora(demo: Path, tmp_path) -> None:
     common = ["train", "--base", str(demo / "base"), "--data", str(demo / "dataset"), "--resolution", "32",
               "--rank", "4", "--flip", "--shuffle-tags", "--save-dtype", "float32", "--lr", "0.005"]

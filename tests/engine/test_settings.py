@@ -18,6 +18,7 @@ from lora_core.network_config import EXTRACT_TARGET, NETWORK_SETTINGS, NetworkCo
 from lora_core.settings import Setting, parsed_settings
 from lora_core.training.checkpoints import CHECKPOINT_SETTINGS
 from lora_core.training.config import TRAINING_SETTINGS
+from lora_core.training.sweep import SWEEP_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = ROOT / ".cache" / "comfyui-0.3.64"
@@ -75,7 +76,7 @@ def test_dataset_network_and_save_options_carry_their_declared_defaults_and_help
     args, actions = parser().parse_args(REQUIRED), train_options()
     assert DatasetConfig(**parsed_settings(args, DATASET_SETTINGS)) == DatasetConfig()
     assert NetworkConfig(**parsed_settings(args, NETWORK_SETTINGS)) == NetworkConfig()
-    for setting in DATASET_SETTINGS + NETWORK_SETTINGS + (SAVE_PRECISION, REGULARIZATION_FOLDER):
+    for setting in DATASET_SETTINGS + NETWORK_SETTINGS + SWEEP_SETTINGS + (SAVE_PRECISION, REGULARIZATION_FOLDER):
         if not setting.cli:
             assert setting.name not in actions
             continue
@@ -148,7 +149,8 @@ def node_inputs() -> dict:
 def declared_widgets() -> list[tuple[str, str, Setting]]:
     """(node, input, setting) of every input a node makes from a declared setting."""
     shown = [("TrainLoRA", "TrainingOptions", "FlowMatchingOptions"), TRAINING_SETTINGS + CHECKPOINT_SETTINGS,
-             ("LoadDataset",), DATASET_SETTINGS + (REGULARIZATION_FOLDER,), ("InjectLoRA",), NETWORK_SETTINGS]
+             ("LoadDataset",), DATASET_SETTINGS + (REGULARIZATION_FOLDER,), ("InjectLoRA",), NETWORK_SETTINGS,
+             ("Sweep",), SWEEP_SETTINGS]
     widgets = [(node, setting.name, setting) for nodes, settings in zip(shown[::2], shown[1::2]) for node in nodes
                for setting in settings if setting.widget is not None]
     return widgets + [("SaveLoRA", "precision", SAVE_PRECISION), ("ExtractLoRA", "target", EXTRACT_TARGET)]
