@@ -380,6 +380,7 @@ class TrainLoRA:
         )
         if sweep:
             check_sweep(sweep, config, continues_a_lora=network.start is not None)
+            check_name(options["checkpoint_prefix"], "checkpoint prefix")  # where Cancel keeps the finished variants
             if resume_state != "none":
                 raise TrainingError("resume_state continues one run, and Sweep trains several: disconnect Sweep to "
                                     "resume, or set resume_state to none")
