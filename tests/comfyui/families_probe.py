@@ -747,7 +747,7 @@ def train_and_load(backend_module, model, clip, vae, family: str, work_dir: Path
         output = TrainLoRA().train(network, dataset, vae, steps, 1e-2, 1, "AdamW", 0, 0,
                                    "a photo of sks", options)
         seconds = time.perf_counter() - started
-        weights, trained_model, trained_clip, _, _ = output["result"]
+        weights, trained_model, trained_clip = output["result"][:3]
         summary = output["ui"]["lora_lab_training"][0]
         # before any clone with the LoRA loads (ComfyUI patches the shared weights in place while one is loaded)
         unchanged = (tensors_digest(model.model.diffusion_model) == unet_before

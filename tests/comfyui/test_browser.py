@@ -429,3 +429,30 @@ def test_the_validation_loss_is_drawn_and_a_long_run_comes_back_from_its_bounded
         assert log.pack_errors() == []
     finally:
         page.close()
+
+
+def test_a_sweep_charts_each_variant_in_turn_and_names_the_best(browser, comfy) -> None:
+    """The events Train LoRA sends for a sweep: each variant's steps from 1 with its label, then the best's summary."""
+    page, log = open_app(browser, comfy)
+    try:
+        load_shrunk_workflow(page)
+        labels = ["learning_rate 0.0001", "learning_rate 0.001"]
+        for index, label in enumerate(labels):
+            variant = f"variant {index + 1}/2: {label}"
+            send_events(page, [("lora_lab.train.step", {
+                "node": TRAIN, "step": step, "total": 6, "loss": 1 / step, "smoothed": 1 / step, "lr": 1e-4,
+                "elapsed": step, "validation_loss": None, "variant": variant}) for step in range(1, 4 + index)])
+            chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+            assert chart["steps"] == list(range(1, 4 + index)), "each variant's chart starts from its step 1"
+            assert chart["status"][1].startswith(f"{variant}   lr 1.00e-4"), chart["status"]
+        sweep = [{"variant": label, "validation_loss": loss, "steps": 6, "stop_reason": "completed", "best": best}
+                 for label, loss, best in ((labels[0], 0.5, False), (labels[1], 0.25, True))]
+        summary = {"steps": 6, "total": 6, "losses": [1 / s for s in range(1, 7)], "smoothed": [1 / s for s in range(1, 7)],
+                   "best_step": 6, "best_loss": 0.25, "stop_reason": "completed", "seconds": 6.0,
+                   "validation": [[0, 1.0], [6, 0.25]], "sweep": sweep}
+        send_events(page, [("lora_lab.train.done", {"node": TRAIN, **summary})])
+        chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
+        assert chart["status"][1] == f"best of 2 variants: {labels[1]}, validation 0.2500", chart["status"]
+        assert log.pack_errors() == []
+    finally:
+        page.close()
