@@ -120,9 +120,9 @@ def train_and_save(args: argparse.Namespace, distributed: Distributed) -> None:
     config = TrainingConfig(**parsed_settings(args, TRAINING_SETTINGS))
     variants = parse_sweep(**parsed_settings(args, SWEEP_SETTINGS))
     if variants:
-        if distributed.enabled or args.resume_state:
+        if distributed.enabled or args.resume_state or args.fsdp:
             raise SystemExit("error: a sweep trains its variants one after another in one process, each from its "
-                             "start: run it without torchrun/accelerate and without --resume-state")
+                             "start: run it without torchrun/accelerate, --fsdp and --resume-state")
         check_sweep(variants, config, continues_a_lora=bool(args.start_from_lora))
     swap = args.blocks_to_swap  # None: auto, which swaps blocks of a base loaded onto the device whole
     if swap != 0 and args.qlora:
@@ -250,8 +250,10 @@ def sweep_and_save(args: argparse.Namespace, backend, dataset, config: TrainingC
     from .formats.metadata import lora_metadata
     from .training.checkpoints import Checkpointer
     from .training.plots import sweep_chart
-    from .training.sweep import sweep
+    from .training.sweep import sweep, validation_warning
 
+    if warning := validation_warning(dataset, config):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     paths = {variant: out.with_name(f"{out.stem}-{variant.slug}.safetensors") for variant in variants}
     chart = out.with_name(f"{out.stem}-sweep.png")
     taken = [path for path in (*paths.values(), chart) if path.exists()]
@@ -282,10 +284,16 @@ def sweep_and_save(args: argparse.Namespace, backend, dataset, config: TrainingC
         bar.update(1)
         save_samples(report, paths[variant], dataset)
 
+    def make_network(variant):
+        network = new_network(args, backend, variant).to(backend.device)
+        backend.file_tensors(network.kohya_tensors())  # a layout the family's files cannot hold fails now
+        return network
+
     with tqdm(total=sum(variant.config(config).steps for variant in variants), unit="step") as bar:
-        result = sweep(backend, lambda variant: new_network(args, backend, variant).to(backend.device), dataset,
-                       config, variants, callback=show, finished=save_variant, checkpointer_for=checkpointer_for,
-                       memory_plan=lambda plan: bar.write(plan.describe()))
+        result = sweep(backend, make_network, dataset, config, variants, callback=show, finished=save_variant,
+                       checkpointer_for=checkpointer_for, memory_plan=lambda plan: bar.write(plan.describe()))
+    for variant, reason in result.diverged:
+        print(f"warning: sweep variant {variant.label} diverged and is left out: {reason}", file=sys.stderr)
     best = result.best
     weights(best).save(out, overwrite=args.overwrite)
     sweep_chart([(each.variant.label, each.result.validation) for each in result.variants],

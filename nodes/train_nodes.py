@@ -34,7 +34,14 @@ from ..lora_core.training.checkpoints import (
 from ..lora_core.training.config import FLOW_MATCHING_SETTINGS, TRAINING_SETTINGS, TrainingError
 from ..lora_core.training.loop import StepReport, TrainingConfig, train
 from ..lora_core.training.plots import loss_curve, smooth, sweep_chart
-from ..lora_core.training.sweep import SWEEP_SETTINGS, Variant, VariantResult, check_sweep, parse_sweep
+from ..lora_core.training.sweep import (
+    SWEEP_SETTINGS,
+    Variant,
+    VariantResult,
+    check_sweep,
+    parse_sweep,
+    validation_warning,
+)
 from ..lora_core.training.sweep import sweep as train_variants
 from .comfy_backend import ComfyBackend, ComfyBackendError
 from .patches import apply_lora
@@ -361,7 +368,7 @@ class TrainLoRA:
             "optional": {
                 "options": ("LORA_TRAINING_OPTIONS", {"tooltip": "From Training Options: scheduler, accumulation, validation, precision, checkpoints and more. Unconnected: that node's defaults."}),
                 "resume_state": (["none", *training_states()], {"default": "none", "tooltip": "Continue an interrupted run from a checkpoint's .state file, with the same settings and dataset (steps may grow)."}),
-                "sweep": ("LORA_SWEEP", {"tooltip": "From Sweep: one variant per value listed, trained in turn on the dataset encoded once (needs Training Options' validation_every). Cancel keeps the variants already finished, saved as models/loras/<checkpoint_prefix>-<variant>_00001_.safetensors."}),
+                "sweep": ("LORA_SWEEP", {"tooltip": "From Sweep: one variant per value listed, trained in turn on the dataset encoded once (needs Training Options' validation_every); a variant that diverges is left out. Cancel or an error keeps the variants already finished, saved as models/loras/<checkpoint_prefix>-<variant>_00001_.safetensors."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -430,21 +437,26 @@ class TrainLoRA:
             send_event("lora_lab.train.plan", {"node": unique_id, "text": plan.describe()})
 
         if sweep:  # encodes the dataset once, then trains each variant
+            if warning := validation_warning(dataset, config):
+                logging.warning("LoRA Lab: %s", warning)
             finished = []
 
             def variant_done(each: VariantResult) -> None:
                 finished.append(each)
                 logging.info("LoRA Lab: sweep variant %d/%d (%s) finished after %d steps: validation loss %.6g",
-                             len(finished), len(sweep), each.variant.label, each.result.steps, each.validation_loss)
+                             variants.index(each.variant) + 1, len(sweep), each.variant.label, each.result.steps,
+                             each.validation_loss)
 
             try:
                 swept = train_variants(backend, build, dataset, config, sweep, finished=variant_done,
                                        callback=lambda _, index, report: on_step(index, report),
                                        checkpointer_for=checkpointer_for, memory_plan=show_plan)
-            finally:  # Cancel, seen at a step or raised while sampling: the finished variants are saved first
-                if comfy.model_management.processing_interrupted():
-                    keep_finished(finished, options["checkpoint_prefix"], saved_weights)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            except BaseException:  # Cancel raised while sampling, an error: the finished variants are kept first
+                keep_finished(finished, options["checkpoint_prefix"], saved_weights)
+                raise
+            if swept.stop_reason == "cancelled":  # Cancel seen at a step
+                keep_finished(finished, options["checkpoint_prefix"], saved_weights)
+                comfy.model_management.throw_exception_if_processing_interrupted()
             best = swept.best
         else:
             lora_network = build(Variant())
@@ -465,7 +477,10 @@ class TrainLoRA:
         if sweep:
             summary["sweep"] = [{"variant": each.variant.label, "validation_loss": each.validation_loss,
                                  "steps": each.result.steps, "stop_reason": each.result.stop_reason,
-                                 "best": each is best} for each in finished]
+                                 "best": each is best} for each in finished] + [
+                {"variant": variant.label, "validation_loss": None, "stop_reason": "diverged", "reason": reason,
+                 "best": False} for variant, reason in swept.diverged]
+            summary["warning"] = validation_warning(dataset, config)
         send_event("lora_lab.train.done", {"node": unique_id, **summary})
         curve = to_image_batch([sweep_chart([(each.variant.label, each.result.validation) for each in finished],
                                             finished.index(best)) if sweep else
@@ -477,13 +492,17 @@ class TrainLoRA:
 
 
 def keep_finished(finished: list[VariantResult], checkpoint_prefix: str, saved_weights) -> None:
-    """A cancelled sweep's finished variants, saved next to the checkpoints so that Cancel loses none of them."""
+    """A stopped sweep's finished variants, saved next to the checkpoints so that Cancel or an error loses none."""
     prefix = check_name(checkpoint_prefix, "checkpoint prefix")
     for each in finished:
-        path = next_lora_path(f"{prefix}-{each.variant.slug}")
-        saved_weights(each).save(path)
-        logging.warning("LoRA Lab: the sweep was cancelled; its finished variant %s is saved as %s",
-                        each.variant.label, path)
+        try:
+            path = next_lora_path(f"{prefix}-{each.variant.slug}")
+            saved_weights(each).save(path)
+        except Exception:  # logged; the other variants are still saved
+            logging.exception("LoRA Lab: the sweep stopped, and its finished variant %s could not be saved",
+                              each.variant.label)
+            continue
+        logging.warning("LoRA Lab: the sweep stopped; its finished variant %s is saved as %s", each.variant.label, path)
 
 
 LEGACY_REQUIRED = ("network", "dataset", "vae", "steps", "learning_rate", "batch_size", "gradient_accumulation",

@@ -86,14 +86,15 @@ export class LossChart {
   finish(summary) {
     const { losses } = summary;
     const steps = summary.loss_steps ?? losses.map((_, index) => index + 1);
-    const receivedAll = this.steps.length === summary.steps && this.lastStep === summary.steps;
+    // a sweep's summary is its best variant's, which need not be the variant whose steps came last
+    const receivedAll = !summary.sweep && this.steps.length === summary.steps && this.lastStep === summary.steps;
     if (!receivedAll) {
       this.steps = [...steps];
       this.losses = [...losses];
       this.smoothed = [...summary.smoothed];
     }
     if (summary.validation) this.validation = summary.validation.map(([step, loss]) => [step, loss]);
-    this.total = Math.max(this.total, summary.steps);
+    this.total = summary.sweep ? summary.total : Math.max(this.total, summary.steps);
     this.elapsed = summary.seconds;
     this.summary = summary;
     this.plan = summary.memory_plan || this.plan;

@@ -17,12 +17,15 @@ GRAPH_KEYS = ("prompt", "workflow")
 FRONT_END_READ_BYTES = 4 * 1024 * 1024  # the front ends look for the header in a dropped file's first 4 MiB
 PATH_REMOVED = "[absolute path removed]"
 FILE_REMOVED = "[embedded file removed]"
-# A path from a root: C:\ or C:/, \\server, ~/, file://, or /a/… (or a lone /a ending the text), where a word or a
-# path begins: after the start, a space, a quote, '=', '(', '[', ',' or ';', up to a space, a quote, ',' or ';'. So
-# URLs (https://…), relative names (loras/x.safetensors) and text such as "and/or" or "1/2" stay.
-ABSOLUTE_PATH = re.compile(r"""(?<![^\s"'=(\[,;])(?:file://|[A-Za-z]:[\\/]|\\\\(?=\w)|~[\\/]|/(?=[^\s/]+(?:/|$)))"""
-                           r"""[^\s"'<>|,;]*""")
-DATA_URL = re.compile(r"\s*data:[\w.+-]+/[\w.+-]+[^,]*;base64,", re.IGNORECASE)
+# A path from a root: C:\ or C:/, \\server or //server, ~/, file://, or /a/… (or a lone /a ending the text) with a
+# letter or digit in its first part, where no word, '.', '/' or '\' comes just before, up to a space, a quote, '<',
+# '>', '|', ',', ';' or '`'. So URLs (https://…), relative names (loras/x.safetensors) and text such as "and/or",
+# "1/2" or /\/\/\ stay.
+ROOT = r"""(?:(?i:file)://|[A-Za-z]:[\\/]|\\\\(?=\w)|(?<!:)//(?=\w)|~[\\/]|/(?=[^\s/]*\w[^\s/]*(?:/|$)))"""
+ABSOLUTE_PATH = re.compile(r"(?<![\w./\\])" + ROOT + r"""[^\s"'<>|,;`]*""", re.MULTILINE)
+# a one-line value that is a path: all of it goes, spaces included (C:\Users\John Smith\…)
+WHOLE_PATH = re.compile(r"\s*" + ROOT + r"[^\n]*$")
+DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+[^,\s]*;base64,[A-Za-z0-9+/=]*", re.IGNORECASE)
 
 
 def node_label(where: str, value: dict) -> str:
@@ -43,10 +46,12 @@ def scrubbed(value: Any, where: str, removed: list[tuple[str, str]]) -> Any:
         return [scrubbed(item, where, removed) for item in value]
     if not isinstance(value, str):
         return value
-    if DATA_URL.match(value):
-        removed.append(("embedded files", where))
-        return FILE_REMOVED
-    clean, paths = ABSOLUTE_PATH.subn(PATH_REMOVED, value)
+    clean, files = DATA_URL.subn(FILE_REMOVED, value)
+    removed.extend([("embedded files", where)] * files)
+    if WHOLE_PATH.match(clean):
+        removed.append(("absolute paths", where))
+        return PATH_REMOVED
+    clean, paths = ABSOLUTE_PATH.subn(PATH_REMOVED, clean)
     removed.extend([("absolute paths", where)] * paths)
     return clean
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..data.dataset import ImageFolderDataset
 from ..network import LoRANetwork
@@ -16,8 +16,9 @@ from ..network_config import NetworkConfig
 from ..settings import Setting, Widget
 from .checkpoints import Checkpointer
 from .config import TrainingConfig, TrainingError
-from .loop import encode, train
+from .loop import TrainingDiverged, encode, train
 from .state import TrainingResult
+from .validation import HELD_OUT_FACTOR, validation_images
 
 SWEEP_SETTINGS = (
     Setting("sweep_learning_rate", str, "", "Learning rates to train a variant with each, comma-separated "
@@ -111,21 +112,48 @@ class VariantResult:
 @dataclass
 class SweepResult:
     variants: list[VariantResult]  # those that finished, in order
+    diverged: list[tuple[Variant, str]] = field(default_factory=list)  # and why, left out of the best
     stop_reason: str = "completed"  # or "cancelled": the variant then training was dropped
 
     @property
     def best(self) -> VariantResult:
+        if not self.variants:
+            raise TrainingError("no variant of the sweep finished: " + "; ".join(
+                f"{variant.label}: {reason}" for variant, reason in self.diverged))
         return min(self.variants, key=lambda each: each.validation_loss)
 
 
 def check_sweep(variants: list[Variant], config: TrainingConfig, continues_a_lora: bool = False) -> None:
-    """Refuse a sweep that cannot pick its best or whose variants cannot differ as asked, naming the fix."""
+    """Refuse, before anything trains, a sweep that cannot pick its best or a variant whose settings its run would
+    refuse, naming the fix."""
     if not config.validation_every:
         raise TrainingError("a sweep picks its best variant by the validation loss: set validation_every (and "
                             "validation_images) so that each variant is evaluated")
     if continues_a_lora and any(variant.rank is not None for variant in variants):
         raise TrainingError("sweep_rank: a continued LoRA keeps the rank of its file; clear sweep_rank, or start "
                             "new adapters")
+    labels = [variant.label for variant in variants]
+    if len(set(labels)) < len(labels):
+        raise TrainingError(f"the sweep has two variants named alike ({', '.join(labels)}): give values that differ "
+                            "in their first 6 digits")
+    for variant in variants:
+        run = variant.config(config)
+        try:
+            run.validate()
+        except TrainingError as error:
+            raise TrainingError(f"sweep variant {variant.label}: {error}") from None
+        if not 0 <= run.lr_warmup_steps < run.steps:
+            raise TrainingError(f"sweep variant {variant.label}: lr_warmup_steps = {run.lr_warmup_steps} must be "
+                                f"below its {run.steps} steps; lower lr_warmup_steps or the shortest sweep_steps")
+
+
+def validation_warning(dataset: ImageFolderDataset, config: TrainingConfig) -> str | None:
+    """Why a sweep's best may be its most overfit variant, where the dataset is too small to hold images out."""
+    if validation_images(dataset, config.validation_images, config.seed)[1]:
+        return None
+    return (f"the dataset has too few images to hold {config.validation_images} out of training (it needs "
+            f"{HELD_OUT_FACTOR}× as many): the validation loss is measured on training images, so the sweep's best "
+            "is the variant that fits them best, which favours overfitting; add images or lower validation_images")
 
 
 def sweep(
@@ -136,26 +164,39 @@ def sweep(
     memory_plan: Callable | None = None,
 ) -> SweepResult:
     """Train each variant in turn on `dataset` encoded once. `make_network(variant)` builds a variant's fresh adapters
-    (on the backend's device, with the run's seed); `callback(variant, index, report)` is each step's, and False
-    stops the sweep, keeping the variants already finished; `finished` gets each one as it ends;
-    `checkpointer_for(variant, network)` gives a variant's checkpointer (each needs a name of its own). A continued
-    LoRA's caller checks its sweep first (`check_sweep`)."""
+    with the run's seed; all are built before the first step, as a run alone builds its own (they wait on the CPU).
+    `callback(variant, index, report)` is each step's, and False stops the sweep, keeping the variants already
+    finished; `finished` gets each one as it ends; `checkpointer_for(variant, network)` gives a variant's checkpointer
+    (each needs a name of its own). A variant that diverges is recorded and the sweep goes on. A continued LoRA's
+    caller checks its sweep first (`check_sweep`)."""
     check_sweep(variants, config)
-    first = make_network(variants[0])
-    encoded = encode(backend, first, dataset, config)
+    networks = [make_network(variant).to("cpu") for variant in variants]
+    checkpointers = [checkpointer_for(variant, network) if checkpointer_for else None
+                     for variant, network in zip(variants, networks)]
+    for checkpointer in checkpointers:
+        if checkpointer is not None:
+            checkpointer.check_fresh()  # refused now, not after the variants before it trained
+    encoded = encode(backend, networks[0], dataset, config)
     done = SweepResult([])
-    for index, variant in enumerate(variants):
-        network = first if index == 0 else make_network(variant)
+    for index, (variant, network, checkpointer) in enumerate(zip(variants, networks, checkpointers)):
         run = variant.config(config)
         step = None if callback is None else (
             lambda report, variant=variant, index=index: callback(variant, index, report))
-        result = train(backend, network, dataset, run, callback=step, memory_plan=memory_plan, encoded=encoded,
-                       checkpointer=checkpointer_for(variant, network) if checkpointer_for else None)
-        if result.stop_reason == "cancelled":
+        try:
+            result = train(backend, network.to(backend.device), dataset, run, callback=step, memory_plan=memory_plan,
+                           encoded=encoded, checkpointer=checkpointer)
+        except TrainingDiverged as error:
+            done.diverged.append((variant, str(error)))
+            network.to("cpu")
+            continue
+        if result.stop_reason == "cancelled" and result.steps < run.steps:
             done.stop_reason = "cancelled"
             break
         each = VariantResult(variant, network.to("cpu"), result, run.keep_best or bool(run.early_stopping_patience))
         done.variants.append(each)
         if finished is not None:
             finished(each)
+        if result.stop_reason == "cancelled":  # at its last step: this variant is whole, the next ones are not
+            done.stop_reason = "cancelled"
+            break
     return done

@@ -440,10 +440,10 @@ def test_a_sweep_charts_each_variant_in_turn_and_names_the_best(browser, comfy) 
         for index, label in enumerate(labels):
             variant = f"variant {index + 1}/2: {label}"
             send_events(page, [("lora_lab.train.step", {
-                "node": TRAIN, "step": step, "total": 6, "loss": 1 / step, "smoothed": 1 / step, "lr": 1e-4,
-                "elapsed": step, "validation_loss": None, "variant": variant}) for step in range(1, 4 + index)])
+                "node": TRAIN, "step": step, "total": 6, "loss": 2 / step, "smoothed": 2 / step, "lr": 1e-4,
+                "elapsed": step, "validation_loss": None, "variant": variant}) for step in range(1, 4 + 3 * index)])
             chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
-            assert chart["steps"] == list(range(1, 4 + index)), "each variant's chart starts from its step 1"
+            assert chart["steps"] == list(range(1, 4 + 3 * index)), "each variant's chart starts from its step 1"
             assert chart["status"][1].startswith(f"{variant}   lr 1.00e-4"), chart["status"]
         sweep = [{"variant": label, "validation_loss": loss, "steps": 6, "stop_reason": "completed", "best": best}
                  for label, loss, best in ((labels[0], 0.5, False), (labels[1], 0.25, True))]
@@ -453,6 +453,8 @@ def test_a_sweep_charts_each_variant_in_turn_and_names_the_best(browser, comfy) 
         send_events(page, [("lora_lab.train.done", {"node": TRAIN, **summary})])
         chart = page.evaluate("(id) => LoraLab.chart(id)", TRAIN)
         assert chart["status"][1] == f"best of 2 variants: {labels[1]}, validation 0.2500", chart["status"]
+        assert_close(chart["losses"], summary["losses"])  # the best variant's curve, though the last one sent 6 steps
+        assert chart["total"] == 6
         assert log.pack_errors() == []
     finally:
         page.close()

@@ -32,11 +32,17 @@ def sweep_graph(dataset: str, comfy_object_info: dict, sweep: dict, **options) -
     return graph
 
 
-def test_cancel_keeps_the_finished_variants(comfy: ComfyServer, comfy_object_info, dataset, new_loras) -> None:
-    graph = sweep_graph(dataset, comfy_object_info, {"sweep_steps": "1, 2, 5000"})
+@pytest.mark.parametrize("sampling", [False, True], ids=["between steps", "while sampling"])
+def test_cancel_keeps_the_finished_variants(comfy: ComfyServer, comfy_object_info, dataset, new_loras,
+                                            sampling) -> None:
+    """Seen at a step, or raised by ComfyUI's sampler (a sample every step, 30 sampling steps: most of the time)."""
+    graph = sweep_graph(dataset, comfy_object_info, {"sweep_steps": "1, 2, 5000"},
+                        **({"sample_steps": 30} if sampling else {}))
+    graph["4"]["inputs"]["sample_every"] = int(sampling)
+    logged_before = len(comfy.log_text())
     prompt_id = comfy.queue_prompt(graph)
     deadline = time.monotonic() + 300
-    while "sweep variant 2/3 (steps 2) finished" not in comfy.log_text():
+    while "sweep variant 2/3 (steps 2) finished" not in comfy.log_text()[logged_before:]:
         assert time.monotonic() < deadline, comfy.log_text()[-3000:]
         time.sleep(0.5)
     entry = comfy.cancel(prompt_id)
@@ -46,7 +52,8 @@ def test_cancel_keeps_the_finished_variants(comfy: ComfyServer, comfy_object_inf
     for name, steps in zip(kept, ("1", "2")):
         with safe_open(comfy.loras_dir / name, "pt") as stream:
             assert stream.metadata()["ss_max_train_steps"] == steps
-    assert "its finished variant steps 2 is saved as" in comfy.log_text()
+        (comfy.loras_dir / name).unlink()  # the other case saves under the same names
+    assert "the sweep stopped; its finished variant steps 2 is saved as" in comfy.log_text()[logged_before:]
 
 
 @pytest.mark.parametrize(("sweep", "options", "problem"), [

@@ -21,9 +21,17 @@ REMOVED = [
     ("file:///tmp/x.png", PATH_REMOVED),
     ("a photo like /home/me/x.png, in the style of ~/art", f"a photo like {PATH_REMOVED}, in the style of {PATH_REMOVED}"),
     ("data:image/png;base64,iVBORw0KGgo=", FILE_REMOVED),
+    ("C:\\Users\\John Smith\\Pictures\\in.png", PATH_REMOVED),  # a path with spaces, as a whole value
+    ("/Volumes/Macintosh HD/Users/jane/cats", PATH_REMOVED),
+    ("FILE:///C:/photos/x.png", PATH_REMOVED),
+    ("//nas/photos/jane.png", PATH_REMOVED),
+    ("models in `/home/jane/ComfyUI/models`\nand more", f"models in `{PATH_REMOVED}`\nand more"),
+    ("<lora:/home/jane/x.safetensors:0.8>, a cat", f"<lora:{PATH_REMOVED}>, a cat"),
+    ("see ![](data:image/png;base64,AAAA) here", f"see ![]({FILE_REMOVED}) here"),
 ]
 KEPT = ["loras/sks_dog.safetensors", "sks dog and/or cat, 1/2 scale", "https://example.org/a/b.png", "my_dataset",
-        "12/05/2026", "w/ friends", "/", "", "text with a : colon"]
+        "12/05/2026", "w/ friends", "/", "", "text with a : colon", "1girl, blush, /\\/\\/\\, smile",
+        "/imagine a cat", "see https://example.org/a and file.txt"]
 
 
 def lora() -> LoRAWeights:
